@@ -1,0 +1,163 @@
+"""Layers as pure functions: an ``*_init`` that builds parameters from a key, and an apply function.
+
+Initialisers follow torch.nn's defaults (weights and biases uniform in +-1/sqrt(fan_in)) so a model
+behaves like its nn.Module twin from the first step. Apply functions never mutate their inputs:
+:func:`batch_norm` in training mode returns the new running statistics as a new state dict.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fnclass import random
+
+
+def _fan_in_uniform(key, shape, fan_in):
+    """Uniform in +-1/sqrt(fan_in): torch.nn's default for Conv2d and Linear weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return random.uniform(key, shape, low=-bound, high=bound)
+
+
+def conv_init(key, in_channels: int, out_channels: int, kernel_size: int, *, bias: bool = False) -> dict:
+    """Parameters of a 2-d convolution: ``weight`` (out, in, k, k) and optionally ``bias`` (out,)."""
+    k_weight, k_bias = random.split(key)
+    fan_in = in_channels * kernel_size * kernel_size
+    params = {"weight": _fan_in_uniform(k_weight, (out_channels, in_channels, kernel_size, kernel_size), fan_in)}
+    if bias:
+        params["bias"] = _fan_in_uniform(k_bias, (out_channels,), fan_in)
+    return params
+
+
+def conv(params: dict, x: torch.Tensor, *, stride: int = 1, padding: int | str = "same") -> torch.Tensor:
+    """2-d convolution of an NCHW batch (``padding="same"`` keeps the spatial size at stride 1)."""
+    if padding == "same":
+        padding = params["weight"].shape[-1] // 2
+    return F.conv2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
+
+
+def linear_init(key, in_features: int, out_features: int, *, bias: bool = True) -> dict:
+    """Parameters of a dense layer: ``weight`` (out, in) and optionally ``bias`` (out,)."""
+    k_weight, k_bias = random.split(key)
+    params = {"weight": _fan_in_uniform(k_weight, (out_features, in_features), in_features)}
+    if bias:
+        params["bias"] = _fan_in_uniform(k_bias, (out_features,), in_features)
+    return params
+
+
+def linear(params: dict, x: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias`` over the last axis."""
+    return F.linear(x, params["weight"], params.get("bias"))
+
+
+def batch_norm_init(channels: int) -> tuple[dict, dict]:
+    """BatchNorm ``(params, state)``: ``scale``/``bias`` are learned, ``mean``/``var`` are running statistics."""
+    params = {"scale": torch.ones(channels), "bias": torch.zeros(channels)}
+    state = {"mean": torch.zeros(channels), "var": torch.ones(channels)}
+    return params, state
+
+
+def batch_norm(params: dict, state: dict, x: torch.Tensor, *, train: bool, momentum: float = 0.1,
+               eps: float = 1e-5) -> tuple[torch.Tensor, dict]:
+    """Batch normalisation over all axes but the channel axis 1; returns ``(y, new_state)``.
+
+    In training mode the batch statistics normalise ``x`` and the running statistics move towards them
+    (``new = (1 - momentum) * old + momentum * batch``, unbiased variance, as torch.nn.BatchNorm2d); the
+    input ``state`` is left untouched. In eval mode the running statistics normalise and the state is
+    returned as it came.
+    """
+    if not train:
+        y = F.batch_norm(x, state["mean"], state["var"], params["scale"], params["bias"], False, 0.0, eps)
+        return y, state
+    # F.batch_norm updates running statistics in place; it gets copies, which become the new state.
+    mean, var = state["mean"].clone(), state["var"].clone()
+    y = F.batch_norm(x, mean, var, params["scale"], params["bias"], True, momentum, eps)
+    return y, {"mean": mean, "var": var}
+
+
+def layer_norm_init(features: int) -> dict:
+    """LayerNorm parameters ``scale`` and ``bias`` over the last axis."""
+    return {"scale": torch.ones(features), "bias": torch.zeros(features)}
+
+
+def layer_norm(params: dict, x: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
+    """Layer normalisation over the last axis."""
+    return F.layer_norm(x, params["scale"].shape, params["scale"], params["bias"], eps)
+
+
+def attention_init(key, dim: int) -> dict:
+    """Multi-head attention parameters: a fused ``qkv`` projection (3*dim, dim) and an output ``proj``.
+
+    The layout matches torch.nn.MultiheadAttention: ``qkv.weight`` is its ``in_proj_weight`` (rows q, k,
+    v) and ``proj`` its ``out_proj``.
+    """
+    k_qkv, k_proj = random.split(key)
+    qkv = {"weight": _xavier_uniform(k_qkv, (3 * dim, dim), fan_in=dim, fan_out=dim),
+           "bias": torch.zeros(3 * dim)}
+    proj = {"weight": _fan_in_uniform(k_proj, (dim, dim), dim), "bias": torch.zeros(dim)}
+    return {"qkv": qkv, "proj": proj}
+
+
+def _xavier_uniform(key, shape, *, fan_in, fan_out):
+    """Glorot uniform, as torch.nn.MultiheadAttention initialises its input projection."""
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return random.uniform(key, shape, low=-bound, high=bound)
+
+
+def attention(params: dict, tokens: torch.Tensor, *, heads: int, impl: str = "sdpa") -> torch.Tensor:
+    """Multi-head self-attention over a (N, L, C) sequence; returns (N, L, C).
+
+    ``impl="sdpa"`` uses ``F.scaled_dot_product_attention`` (fused kernels); ``impl="math"`` spells out
+    ``softmax(q k^T / sqrt(d)) v``, which vectorises better under ``torch.func.vmap``.
+    """
+    n, length, dim = tokens.shape
+    qkv = linear(params["qkv"], tokens).reshape(n, length, 3, heads, dim // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        weights = torch.softmax(q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5), dim=-1)
+        out = weights @ v
+    return linear(params["proj"], out.transpose(1, 2).reshape(n, length, dim))
+
+
+def spatial_attention_init(key, channels: int) -> dict:
+    """A pre-norm residual self-attention block over the positions of a feature map."""
+    return {"norm": layer_norm_init(channels), **attention_init(key, channels)}
+
+
+def spatial_attention(params: dict, x: torch.Tensor, *, heads: int, impl: str = "sdpa") -> torch.Tensor:
+    """Refine an NCHW feature map: every position attends to every other, ``x + attn(norm(x))``."""
+    n, c, h, w = x.shape
+    tokens = x.flatten(2).transpose(1, 2)
+    tokens = tokens + attention(params, layer_norm(params["norm"], tokens), heads=heads, impl=impl)
+    return tokens.transpose(1, 2).reshape(n, c, h, w)
+
+
+def dropout(key, x: torch.Tensor, rate: float, *, train: bool) -> torch.Tensor:
+    """Zero each element with probability ``rate`` (scaling the rest by 1/(1-rate)) when training."""
+    if not train or rate == 0.0:
+        return x
+    keep = random.uniform(key.to(x.device), x.shape) >= rate
+    return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def max_pool(x: torch.Tensor, size: int = 2) -> torch.Tensor:
+    """Non-overlapping max pooling of an NCHW batch."""
+    return F.max_pool2d(x, size)
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the spatial axes: (N, C, H, W) -> (N, C)."""
+    return x.mean(dim=(2, 3))
+
+
+def global_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """Max over the spatial axes: (N, C, H, W) -> (N, C)."""
+    return x.amax(dim=(2, 3))
+
+
+relu = F.relu
+gelu = F.gelu

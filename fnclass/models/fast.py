@@ -1,0 +1,78 @@
+"""A compact residual net with one attention layer, shaped like the fastest CIFAR-10 trainers (airbench).
+
+A 3x3 stem, then one block per entry of ``widths``: ``conv -> max-pool 2 -> BN -> GELU`` followed by a
+residual ``conv -> BN -> GELU``, so the resolution goes 32 -> 16 -> 8 -> 4. Self-attention refines the
+4x4 map after the stages in ``attn_after``; the head is a global max-pool and a bias-free linear layer.
+``fast`` (widths 64/256/256, stem 32) has about 2.2M parameters; ``tiny`` (32/64/128, stem 16) is the
+same shape sized for a CPU.
+"""
+
+from __future__ import annotations
+
+from fnclass import layers, random
+from fnclass.config import ModelConfig
+
+
+def _conv_bn_init(key, in_channels, out_channels):
+    """A bias-free 3x3 convolution and its BatchNorm: ``(params, state)``."""
+    bn_params, bn_state = layers.batch_norm_init(out_channels)
+    return {"conv": layers.conv_init(key, in_channels, out_channels, 3), "bn": bn_params}, {"bn": bn_state}
+
+
+def _conv_bn(params, state, x, *, pool, train, momentum):
+    """``gelu(bn(pool(conv(x))))``; returns ``(y, new_state)``."""
+    x = layers.conv(params["conv"], x)
+    if pool:
+        x = layers.max_pool(x)
+    x, bn = layers.batch_norm(params["bn"], state["bn"], x, train=train, momentum=momentum)
+    return layers.gelu(x), {"bn": bn}
+
+
+def build(config: ModelConfig):
+    """``Model(init, apply)`` for a resolved ``fast`` or ``tiny`` config."""
+    from fnclass.models import Model
+
+    widths = config.widths
+    attn_sites = [stage for stage in config.attn_after for _ in range(config.attn_layers)]
+
+    def init(key):
+        k_stem, k_blocks, k_attn, k_head = random.split(key, 4)
+        params, state = {}, {}
+        params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, config.stem_width)
+        params["blocks"], state["blocks"] = [], []
+        in_channels = config.stem_width
+        for i, width in enumerate(widths):
+            k1, k2 = random.split(random.fold_in(k_blocks, i))
+            p1, s1 = _conv_bn_init(k1, in_channels, width)
+            p2, s2 = _conv_bn_init(k2, width, width)
+            params["blocks"].append({"conv1": p1, "conv2": p2})
+            state["blocks"].append({"conv1": s1, "conv2": s2})
+            in_channels = width
+        attn_keys = random.split(k_attn, max(len(attn_sites), 1))
+        params["attn"] = [layers.spatial_attention_init(attn_keys[j], widths[stage])
+                          for j, stage in enumerate(attn_sites)]
+        params["head"] = layers.linear_init(k_head, widths[-1], config.num_classes, bias=False)
+        return params, state
+
+    def apply(params, state, images, *, train, key=None):
+        momentum = config.bn_momentum
+        x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, momentum=momentum)
+        new_state = {"stem": stem, "blocks": []}
+        attn_index = 0
+        for i, (block_params, block_state) in enumerate(zip(params["blocks"], state["blocks"])):
+            x, s1 = _conv_bn(block_params["conv1"], block_state["conv1"], x, pool=True, train=train,
+                             momentum=momentum)
+            y, s2 = _conv_bn(block_params["conv2"], block_state["conv2"], x, pool=False, train=train,
+                             momentum=momentum)
+            x = x + y
+            new_state["blocks"].append({"conv1": s1, "conv2": s2})
+            while attn_index < len(attn_sites) and attn_sites[attn_index] == i:
+                x = layers.spatial_attention(params["attn"][attn_index], x, heads=config.attn_heads,
+                                             impl=config.attn_impl)
+                attn_index += 1
+        features = layers.global_max_pool(x)
+        if config.dropout > 0.0 and train:
+            features = layers.dropout(key, features, config.dropout, train=train)
+        return layers.linear(params["head"], features), new_state
+
+    return Model(init, apply)

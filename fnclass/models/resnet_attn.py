@@ -1,0 +1,99 @@
+"""The paper's model: a CIFAR ResNet (basic blocks) whose low-resolution maps are refined by self-attention.
+
+The stem is a 3x3 convolution (no max-pool, as is usual for 32x32 inputs); stage ``i`` has
+``depths[i]`` basic blocks of width ``widths[i]``, the first of each stage after the first halving the
+resolution. After every stage listed in ``attn_after`` come ``attn_layers`` pre-norm self-attention
+blocks over the spatial positions. The head is global average pooling, dropout and a linear layer.
+"""
+
+from __future__ import annotations
+
+from fnclass import layers, random
+from fnclass.config import ModelConfig
+
+
+def _conv_bn_init(key, in_channels, out_channels, kernel_size):
+    """A bias-free convolution followed by BatchNorm: ``({"conv", "bn"}, {"bn"})``."""
+    bn_params, bn_state = layers.batch_norm_init(out_channels)
+    return {"conv": layers.conv_init(key, in_channels, out_channels, kernel_size), "bn": bn_params}, {"bn": bn_state}
+
+
+def _block_init(key, in_channels, out_channels, stride):
+    """A basic residual block; a 1x1 projection shortcut when the shape changes."""
+    k1, k2, k3 = random.split(key, 3)
+    params = {"conv1": layers.conv_init(k1, in_channels, out_channels, 3),
+              "conv2": layers.conv_init(k2, out_channels, out_channels, 3)}
+    params["bn1"], bn1_state = layers.batch_norm_init(out_channels)
+    params["bn2"], bn2_state = layers.batch_norm_init(out_channels)
+    state = {"bn1": bn1_state, "bn2": bn2_state}
+    if stride != 1 or in_channels != out_channels:
+        params["shortcut"], state["shortcut"] = _conv_bn_init(k3, in_channels, out_channels, 1)
+    return params, state
+
+
+def _block(params, state, x, *, stride, train, momentum):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; returns ``(y, new_state)``."""
+    y = layers.conv(params["conv1"], x, stride=stride, padding=1)
+    y, bn1 = layers.batch_norm(params["bn1"], state["bn1"], y, train=train, momentum=momentum)
+    y = layers.conv(params["conv2"], layers.relu(y))
+    y, bn2 = layers.batch_norm(params["bn2"], state["bn2"], y, train=train, momentum=momentum)
+    new_state = {"bn1": bn1, "bn2": bn2}
+    shortcut = x
+    if "shortcut" in params:
+        shortcut = layers.conv(params["shortcut"]["conv"], x, stride=stride, padding=0)
+        shortcut, bn = layers.batch_norm(params["shortcut"]["bn"], state["shortcut"]["bn"], shortcut,
+                                         train=train, momentum=momentum)
+        new_state["shortcut"] = {"bn": bn}
+    return layers.relu(y + shortcut), new_state
+
+
+def build(config: ModelConfig):
+    """``Model(init, apply)`` for a resolved ``resnet_attn`` config."""
+    from fnclass.models import Model
+
+    widths, depths = config.widths, config.depths
+    attn_sites = [stage for stage in config.attn_after for _ in range(config.attn_layers)]
+
+    def init(key):
+        k_stem, k_stages, k_attn, k_head = random.split(key, 4)
+        params, state = {}, {}
+        params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, widths[0], 3)
+        params["stages"], state["stages"] = [], []
+        in_channels = widths[0]
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            keys = random.split(random.fold_in(k_stages, i), depth)
+            blocks = [_block_init(keys[j], in_channels if j == 0 else width, width,
+                                  2 if (i > 0 and j == 0) else 1) for j in range(depth)]
+            params["stages"].append({"blocks": [p for p, _ in blocks]})
+            state["stages"].append({"blocks": [s for _, s in blocks]})
+            in_channels = width
+        attn_keys = random.split(k_attn, max(len(attn_sites), 1))
+        params["attn"] = [layers.spatial_attention_init(attn_keys[j], widths[stage])
+                          for j, stage in enumerate(attn_sites)]
+        params["head"] = layers.linear_init(k_head, widths[-1], config.num_classes)
+        return params, state
+
+    def apply(params, state, images, *, train, key=None):
+        momentum = config.bn_momentum
+        x = layers.conv(params["stem"]["conv"], images)
+        x, stem_bn = layers.batch_norm(params["stem"]["bn"], state["stem"]["bn"], x, train=train, momentum=momentum)
+        x = layers.relu(x)
+        new_state = {"stem": {"bn": stem_bn}, "stages": []}
+        attn_index = 0
+        for i, (stage_params, stage_state) in enumerate(zip(params["stages"], state["stages"])):
+            block_states = []
+            for j, (block_params, block_state) in enumerate(zip(stage_params["blocks"], stage_state["blocks"])):
+                stride = 2 if (i > 0 and j == 0) else 1
+                x, block_state = _block(block_params, block_state, x, stride=stride, train=train, momentum=momentum)
+                block_states.append(block_state)
+            new_state["stages"].append({"blocks": block_states})
+            while attn_index < len(attn_sites) and attn_sites[attn_index] == i:
+                x = layers.spatial_attention(params["attn"][attn_index], x, heads=config.attn_heads,
+                                             impl=config.attn_impl)
+                attn_index += 1
+        features = layers.global_avg_pool(x)
+        if config.dropout > 0.0 and train:
+            features = layers.dropout(key, features, config.dropout, train=train)
+        return layers.linear(params["head"], features), new_state
+
+    return Model(init, apply)

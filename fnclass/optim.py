@@ -1,0 +1,316 @@
+"""Optax-style optimizers: gradient transformations over pytrees, and learning-rate schedules.
+
+A :class:`Transform` is a pair ``init(params) -> opt_state`` and ``update(grads, opt_state, params) ->
+(updates, opt_state)``; optimizers are chains of transforms and :func:`apply_updates` adds the updates
+to the parameters. The arithmetic uses multi-tensor ``torch._foreach_*`` kernels, like torch.optim's
+``foreach`` implementation. Nothing here mutates its inputs: in-place foreach calls only touch lists
+freshly allocated in the same function. A schedule is a function of the step count (a tensor or an
+int) and returns the value for that step; the count lives in the optimizer state, so a restored state
+continues exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import optree
+import torch
+
+Schedule = Callable[[Any], Any]
+
+
+class Transform(NamedTuple):
+    """A gradient transformation: ``init(params) -> state``, ``update(grads, state, params) -> (updates, state)``."""
+
+    init: Callable
+    update: Callable
+
+
+def _count_like(params) -> torch.Tensor:
+    """A zero int64 step counter on the parameters' device."""
+    leaves = optree.tree_leaves(params)
+    return torch.zeros((), dtype=torch.int64, device=leaves[0].device if leaves else None)
+
+
+def _zeros_like(params):
+    """A tree of zeros shaped like ``params``."""
+    return optree.tree_map(torch.zeros_like, params)
+
+
+def _leaves(tree) -> list[torch.Tensor]:
+    """The tree's leaves as a list, in optree order."""
+    return optree.tree_leaves(tree)
+
+
+def _like(tree, leaves: list[torch.Tensor]):
+    """A tree with ``tree``'s structure and the given leaves."""
+    return optree.tree_unflatten(optree.tree_structure(tree), leaves)
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Apply transforms one after another; the state is the tuple of their states.
+
+    Args:
+      *transforms: the transforms, first applied first.
+
+    Returns:
+      One transform.
+    """
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def update(grads, state, params=None):
+        new_state = []
+        for transform, inner in zip(transforms, state):
+            grads, inner = transform.update(grads, inner, params)
+            new_state.append(inner)
+        return grads, tuple(new_state)
+
+    return Transform(init, update)
+
+
+def scale(factor: float) -> Transform:
+    """Multiply updates by a constant."""
+    def update(grads, state, params=None):
+        return _like(grads, torch._foreach_mul(_leaves(grads), factor)), state
+    return Transform(lambda params: {}, update)
+
+
+def scale_by_schedule(schedule: Schedule) -> Transform:
+    """Multiply updates by ``schedule(count)``, where ``count`` is the number of updates made so far."""
+    def init(params):
+        return {"count": _count_like(params)}
+
+    def update(grads, state, params=None):
+        factor = schedule(state["count"])
+        return _like(grads, torch._foreach_mul(_leaves(grads), factor)), {"count": state["count"] + 1}
+
+    return Transform(init, update)
+
+
+def scale_by_learning_rate(learning_rate: float | Schedule) -> Transform:
+    """Multiply updates by ``-learning_rate`` (a constant or a schedule of the step)."""
+    if callable(learning_rate):
+        return scale_by_schedule(lambda count: -learning_rate(count))
+    return scale(-learning_rate)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+    """Adam's preconditioning: bias-corrected ``m / (sqrt(v) + eps)`` (Kingma & Ba, 2015)."""
+    def init(params):
+        return {"count": _count_like(params), "mu": _zeros_like(params), "nu": _zeros_like(params)}
+
+    def update(grads, state, params=None):
+        g = _leaves(grads)
+        mu = torch._foreach_lerp(_leaves(state["mu"]), g, 1.0 - b1)
+        nu = torch._foreach_mul(_leaves(state["nu"]), b2)
+        torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
+        count = state["count"] + 1
+        exponent = count.to(torch.float64 if count.device.type == "cpu" else torch.float32)
+        bias_correction1 = (1.0 - b1 ** exponent).to(torch.float32)
+        bias_correction2_sqrt = (1.0 - b2 ** exponent).sqrt().to(torch.float32)
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div(mu, denom)
+        torch._foreach_div_(updates, bias_correction1)
+        new_state = {"count": count, "mu": _like(grads, mu), "nu": _like(grads, nu)}
+        return _like(grads, updates), new_state
+
+    return Transform(init, update)
+
+
+def trace(decay: float, nesterov: bool = False) -> Transform:
+    """Momentum: ``t = g + decay * t``; the update is ``t`` (or ``g + decay * t`` with Nesterov), as torch SGD."""
+    def init(params):
+        return {"trace": _zeros_like(params)}
+
+    def update(grads, state, params=None):
+        g = _leaves(grads)
+        new_trace = torch._foreach_mul(_leaves(state["trace"]), decay)
+        torch._foreach_add_(new_trace, g)
+        updates = torch._foreach_add(g, new_trace, alpha=decay) if nesterov else new_trace
+        return _like(grads, updates), {"trace": _like(grads, new_trace)}
+
+    return Transform(init, update)
+
+
+def add_decayed_weights(weight_decay: float, mask: Callable[[Any], Any] | None = None) -> Transform:
+    """Add ``weight_decay * param`` to each update: decoupled weight decay when chained before the lr.
+
+    Args:
+      weight_decay: the coefficient.
+      mask: optional function of the params returning a tree of bools (True: decay this leaf).
+    """
+    def update(grads, state, params=None):
+        g, p = _leaves(grads), _leaves(params)
+        if mask is None:
+            return _like(grads, torch._foreach_add(g, p, alpha=weight_decay)), state
+        keep = _leaves(mask(params))
+        decayed = [grad + weight_decay * param if decay else grad for grad, param, decay in zip(g, p, keep)]
+        return _like(grads, decayed), state
+    return Transform(lambda params: {}, update)
+
+
+def clip_by_global_norm(max_norm: float) -> Transform:
+    """Scale all updates down together so that their joint L2 norm is at most ``max_norm`` (as torch's clip_grad_norm_)."""
+    def update(grads, state, params=None):
+        g = _leaves(grads)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return _like(grads, torch._foreach_mul(g, factor)), state
+    return Transform(lambda params: {}, update)
+
+
+def apply_updates(params, updates):
+    """Return ``params + updates`` leaf by leaf (a new tree; ``params`` is not modified).
+
+    Args:
+      params: the parameter tree.
+      updates: a tree of the same structure, as returned by a transform's ``update``.
+
+    Returns:
+      The new parameter tree.
+    """
+    return _like(params, torch._foreach_add(_leaves(params), _leaves(updates)))
+
+
+def adam(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+    """Adam, equal to ``torch.optim.Adam`` (no weight decay).
+
+    Args:
+      learning_rate: a constant or a schedule of the step.
+      b1: decay of the first-moment average.
+      b2: decay of the second-moment average.
+      eps: added to the root of the second moment.
+
+    Returns:
+      The optimizer as a Transform.
+    """
+    return chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
+
+
+def adamw(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-2, mask: Callable | None = None) -> Transform:
+    """AdamW (decoupled weight decay, Loshchilov & Hutter), equal to ``torch.optim.AdamW``.
+
+    Args:
+      learning_rate: a constant or a schedule of the step; it also scales the decay, as in torch.
+      b1, b2, eps: as for :func:`adam`.
+      weight_decay: the decay coefficient.
+      mask: optional function of the params returning a tree of bools (True: decay this leaf).
+
+    Returns:
+      The optimizer as a Transform.
+    """
+    return chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay, mask),
+                 scale_by_learning_rate(learning_rate))
+
+
+def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool = False,
+        weight_decay: float = 0.0, mask: Callable | None = None) -> Transform:
+    """SGD with optional (Nesterov) momentum and decoupled weight decay.
+
+    With ``weight_decay=0`` it equals ``torch.optim.SGD(momentum=..., nesterov=...)``. The decay is
+    decoupled (``param -= lr * weight_decay * param``), not added to the gradient before momentum.
+
+    Args:
+      learning_rate: a constant or a schedule of the step.
+      momentum: the momentum coefficient (0 for plain SGD).
+      nesterov: use Nesterov momentum.
+      weight_decay: the decoupled decay coefficient.
+      mask: optional function of the params returning a tree of bools (True: decay this leaf).
+
+    Returns:
+      The optimizer as a Transform.
+    """
+    parts = [trace(momentum, nesterov)] if momentum else []
+    if weight_decay:
+        parts.append(add_decayed_weights(weight_decay, mask))
+    return chain(*parts, scale_by_learning_rate(learning_rate))
+
+
+nesterov_sgd = functools.partial(sgd, nesterov=True)
+
+
+def constant_schedule(value: float) -> Schedule:
+    """The same value at every step."""
+    return lambda count: value
+
+
+def piecewise_linear(steps: list[float], values: list[float]) -> Schedule:
+    """Linear interpolation between ``(steps[i], values[i])`` points, constant outside them.
+
+    Args:
+      steps: increasing step numbers.
+      values: the value at each of those steps.
+
+    Returns:
+      A schedule returning a float32 tensor.
+    """
+    xs = torch.tensor(steps, dtype=torch.float64)
+    ys = torch.tensor(values, dtype=torch.float64)
+
+    def schedule(count):
+        c = torch.as_tensor(count).to(torch.float64)
+        x, y = xs.to(c.device), ys.to(c.device)
+        c = c.clamp(x[0], x[-1])
+        i = torch.searchsorted(x, c.reshape(1), right=True).clamp(1, len(x) - 1)[0]
+        x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+        fraction = torch.where(x1 > x0, (c - x0) / (x1 - x0).clamp(min=1e-12), torch.ones_like(c))
+        return (y0 + fraction * (y1 - y0)).to(torch.float32)
+
+    return schedule
+
+
+def linear_warmup(peak: float, warmup_steps: int, init_value: float = 0.0) -> Schedule:
+    """Rise linearly from ``init_value`` to ``peak`` over ``warmup_steps``, then stay at ``peak``."""
+    return piecewise_linear([0, max(warmup_steps, 1)], [init_value, peak])
+
+
+def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
+    """Half a cosine from ``init_value`` down to ``alpha * init_value`` over ``decay_steps``, then constant."""
+    def schedule(count):
+        c = torch.as_tensor(count).to(torch.float64).clamp(0, decay_steps)
+        cosine = 0.5 * (1.0 + torch.cos(math.pi * c / decay_steps))
+        return (init_value * ((1.0 - alpha) * cosine + alpha)).to(torch.float32)
+    return schedule
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, init_value: float = 0.0,
+                  end_value: float = 0.0) -> Schedule:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to ``end_value`` at ``total_steps``.
+
+    Args:
+      peak: the value reached at the end of warm-up.
+      warmup_steps: steps of linear warm-up (0 for none).
+      total_steps: the step at which the decay ends.
+      init_value: the value at step 0.
+      end_value: the value from ``total_steps`` on.
+
+    Returns:
+      A schedule returning a float32 tensor.
+    """
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(count):
+        c = torch.as_tensor(count).to(torch.float64)
+        warm = init_value + (peak - init_value) * c / max(warmup_steps, 1)
+        progress = ((c - warmup_steps) / decay_steps).clamp(0.0, 1.0)
+        cool = end_value + (peak - end_value) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+        return torch.where(c < warmup_steps, warm, cool).to(torch.float32)
+
+    return schedule
+
+
+def one_cycle(peak: float, total_steps: int, pct_start: float = 0.25, div_factor: float = 25.0,
+              final_div_factor: float = 1e4) -> Schedule:
+    """The triangular one-cycle policy (Smith, 2018), as used by the fast CIFAR-10 trainers.
+
+    Linear from ``peak / div_factor`` up to ``peak`` over the first ``pct_start`` of the run, then
+    linear down to ``peak / (div_factor * final_div_factor)`` at ``total_steps``.
+    """
+    start = peak / div_factor
+    return piecewise_linear([0, pct_start * total_steps, total_steps], [start, peak, start / final_div_factor])

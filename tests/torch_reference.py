@@ -1,0 +1,151 @@
+"""Stateful torch.nn twins of fnclass's models: the reference the functional code is checked against.
+
+Module attribute names mirror the pytree paths, so a flat fnclass path maps to a state_dict key by
+renaming only the leaf names (BatchNorm ``scale`` -> ``weight``, ``mean`` -> ``running_mean``,
+attention ``qkv`` -> ``mha.in_proj_*``, ``proj`` -> ``mha.out_proj``). Used by tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from fnclass import tree
+from fnclass.config import ModelConfig
+
+_RENAMES = [
+    (r"\.qkv\.weight$", ".mha.in_proj_weight"),
+    (r"\.qkv\.bias$", ".mha.in_proj_bias"),
+    (r"\.proj\.", ".mha.out_proj."),
+    (r"\.scale$", ".weight"),
+    (r"\.mean$", ".running_mean"),
+    (r"\.var$", ".running_var"),
+]
+
+
+def torch_name(path: str) -> str:
+    """The state_dict key of the nn.Module twin for an fnclass flat path."""
+    for pattern, replacement in _RENAMES:
+        path = re.sub(pattern, replacement, path)
+    return path
+
+
+class ConvBN(nn.Module):
+    def __init__(self, cin, cout, k, stride=1, padding=None):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        u = self.norm(t)
+        t = t + self.mha(u, u, u, need_weights=False)[0]
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = ConvBN(cin, cout, 1, stride, 0) if (stride != 1 or cin != cout) else None
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        s = self.shortcut.bn(self.shortcut.conv(x)) if self.shortcut is not None else x
+        return torch.relu(y + s)
+
+
+class Stage(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+
+class ResNetAttn(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.cfg = cfg
+        self.stem = ConvBN(3, cfg.widths[0], 3)
+        stages, cin = [], cfg.widths[0]
+        for i, (w, d) in enumerate(zip(cfg.widths, cfg.depths)):
+            stages.append(Stage([BasicBlock(cin if j == 0 else w, w, 2 if i > 0 and j == 0 else 1) for j in range(d)]))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.sites = [s for s in cfg.attn_after for _ in range(cfg.attn_layers)]
+        self.attn = nn.ModuleList([SpatialAttention(cfg.widths[s], cfg.attn_heads) for s in self.sites])
+        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem.bn(self.stem.conv(x)))
+        for i, stage in enumerate(self.stages):
+            for block in stage.blocks:
+                x = block(x)
+            for j, site in enumerate(self.sites):
+                if site == i:
+                    x = self.attn[j](x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class FastBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = ConvBN(cin, cout, 3)
+        self.conv2 = ConvBN(cout, cout, 3)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.conv1.bn(nn.functional.max_pool2d(self.conv1.conv(x), 2)))
+        return x + nn.functional.gelu(self.conv2.bn(self.conv2.conv(x)))
+
+
+class Fast(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.stem = ConvBN(3, cfg.stem_width, 3)
+        blocks, cin = [], cfg.stem_width
+        for w in cfg.widths:
+            blocks.append(FastBlock(cin, w))
+            cin = w
+        self.blocks = nn.ModuleList(blocks)
+        self.sites = [s for s in cfg.attn_after for _ in range(cfg.attn_layers)]
+        self.attn = nn.ModuleList([SpatialAttention(cfg.widths[s], cfg.attn_heads) for s in self.sites])
+        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes, bias=False)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.stem.bn(self.stem.conv(x)))
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            for j, site in enumerate(self.sites):
+                if site == i:
+                    x = self.attn[j](x)
+        return self.head(x.amax(dim=(2, 3)))
+
+
+def reference_module(cfg: ModelConfig, params, state) -> nn.Module:
+    """The nn.Module twin of ``cfg``'s model, holding copies of ``params`` and ``state``."""
+    module = ResNetAttn(cfg) if cfg.name == "resnet_attn" else Fast(cfg)
+    flat = {torch_name(k): v for k, v in {**tree.flatten_paths(params), **tree.flatten_paths(state)}.items()}
+    own = module.state_dict()
+    expected = {k for k in own if not k.endswith("num_batches_tracked")}
+    assert expected == set(flat), (sorted(expected - set(flat))[:5], sorted(set(flat) - expected)[:5])
+    module.load_state_dict({**own, **{k: v.clone() for k, v in flat.items()}})
+    return module
+
+
+def module_grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameter gradients keyed by state_dict name."""
+    return {name: p.grad for name, p in module.named_parameters()}
