@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -155,7 +156,7 @@ def add_decayed_weights(weight_decay: float, mask: Callable[[Any], Any] | None =
 
 
 def clip_by_global_norm(max_norm: float) -> Transform:
-    """Scale all updates down together so that their joint L2 norm is at most ``max_norm`` (as torch's clip_grad_norm_)."""
+    """Scale all updates together so that their joint L2 norm is at most ``max_norm`` (as clip_grad_norm_)."""
     def update(grads, state, params=None):
         g = _leaves(grads)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))

@@ -1,0 +1,124 @@
+"""Every layer against its torch.nn counterpart holding the same weights."""
+
+import pytest
+import torch
+from torch import nn
+
+from fnclass import layers, random
+
+
+def test_conv_matches_conv2d():
+    params = layers.conv_init(random.key(0), 3, 8, 3, bias=True)
+    ref = nn.Conv2d(3, 8, 3, padding=1)
+    ref.load_state_dict(params)
+    x = torch.randn(4, 3, 10, 10)
+    torch.testing.assert_close(layers.conv(params, x), ref(x))
+    expected = nn.functional.conv2d(x, ref.weight, ref.bias, 2)
+    torch.testing.assert_close(layers.conv(params, x, stride=2, padding=0), expected)
+
+
+def test_init_matches_torch_default_bounds():
+    params = layers.conv_init(random.key(0), 16, 32, 3, bias=True)
+    bound = 1 / (16 * 9) ** 0.5
+    assert params["weight"].abs().max() <= bound and params["weight"].abs().max() > 0.95 * bound
+    assert abs(params["weight"].std().item() - bound / 3**0.5) < 0.05 * bound
+
+
+def test_linear_matches_linear():
+    params = layers.linear_init(random.key(1), 5, 7)
+    ref = nn.Linear(5, 7)
+    ref.load_state_dict(params)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(layers.linear(params, x), ref(x))
+
+
+def _bn_pair(channels=6):
+    params, state = layers.batch_norm_init(channels)
+    params = {"scale": torch.rand(channels) + 0.5, "bias": torch.randn(channels)}
+    state = {"mean": torch.randn(channels), "var": torch.rand(channels) + 0.5}
+    ref = nn.BatchNorm2d(channels, momentum=0.1)
+    ref.load_state_dict({"weight": params["scale"], "bias": params["bias"], "running_mean": state["mean"],
+                         "running_var": state["var"], "num_batches_tracked": torch.tensor(0)})
+    return params, state, ref
+
+
+def test_batch_norm_train_matches_and_does_not_mutate():
+    params, state, ref = _bn_pair()
+    before = {k: v.clone() for k, v in state.items()}
+    x = torch.randn(8, 6, 5, 5) * 3 + 1
+    y, new_state = layers.batch_norm(params, state, x, train=True, momentum=0.1)
+    torch.testing.assert_close(y, ref.train()(x))
+    torch.testing.assert_close(new_state["mean"], ref.running_mean)
+    torch.testing.assert_close(new_state["var"], ref.running_var)
+    for k in state:
+        assert torch.equal(state[k], before[k]), "input state was mutated"
+
+
+def test_batch_norm_eval_uses_running_statistics():
+    params, state, ref = _bn_pair()
+    x = torch.randn(8, 6, 5, 5)
+    y, new_state = layers.batch_norm(params, state, x, train=False)
+    torch.testing.assert_close(y, ref.eval()(x))
+    assert new_state is state
+
+
+def test_batch_norm_train_under_grad():
+    params, state, ref = _bn_pair()
+    x = torch.randn(8, 6, 5, 5)
+
+    def loss(p):
+        y, s = layers.batch_norm(p, state, x, train=True)
+        return (y ** 3).sum(), s
+    grads, new_state = torch.func.grad(loss, has_aux=True)(params)
+    (ref.train()(x) ** 3).sum().backward()
+    torch.testing.assert_close(grads["scale"], ref.weight.grad)
+    torch.testing.assert_close(grads["bias"], ref.bias.grad)
+    torch.testing.assert_close(new_state["var"], ref.running_var)
+
+
+def test_layer_norm_matches():
+    params = {"scale": torch.rand(9), "bias": torch.randn(9)}
+    ref = nn.LayerNorm(9)
+    ref.load_state_dict({"weight": params["scale"], "bias": params["bias"]})
+    x = torch.randn(4, 3, 9)
+    torch.testing.assert_close(layers.layer_norm(params, x), ref(x))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_attention_matches_multihead_attention(impl):
+    dim, heads = 16, 4
+    params = layers.attention_init(random.key(2), dim)
+    params["qkv"]["bias"] = torch.randn(3 * dim)
+    params["proj"]["bias"] = torch.randn(dim)
+    ref = nn.MultiheadAttention(dim, heads, batch_first=True)
+    ref.load_state_dict({"in_proj_weight": params["qkv"]["weight"], "in_proj_bias": params["qkv"]["bias"],
+                         "out_proj.weight": params["proj"]["weight"], "out_proj.bias": params["proj"]["bias"]})
+    x = torch.randn(3, 10, dim)
+    torch.testing.assert_close(layers.attention(params, x, heads=heads, impl=impl),
+                               ref(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_attention_is_residual_over_positions():
+    params = layers.spatial_attention_init(random.key(3), 8)
+    x = torch.randn(2, 8, 4, 4)
+    y = layers.spatial_attention(params, x, heads=2)
+    tokens = x.flatten(2).transpose(1, 2)
+    expected = tokens + layers.attention(params, layers.layer_norm(params["norm"], tokens), heads=2)
+    torch.testing.assert_close(y, expected.transpose(1, 2).reshape(2, 8, 4, 4))
+
+
+def test_dropout_is_keyed_and_scaled():
+    x = torch.ones(100_000)
+    a = layers.dropout(random.key(0), x, 0.25, train=True)
+    assert torch.equal(a, layers.dropout(random.key(0), x, 0.25, train=True))
+    assert not torch.equal(a, layers.dropout(random.key(1), x, 0.25, train=True))
+    assert abs((a == 0).float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(a[a != 0], torch.tensor(1 / 0.75))
+    assert layers.dropout(random.key(0), x, 0.25, train=False) is x
+
+
+def test_pooling():
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(layers.max_pool(x), nn.MaxPool2d(2)(x))
+    torch.testing.assert_close(layers.global_avg_pool(x), nn.AdaptiveAvgPool2d(1)(x).flatten(1))
+    torch.testing.assert_close(layers.global_max_pool(x), nn.AdaptiveMaxPool2d(1)(x).flatten(1))

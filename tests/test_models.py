@@ -1,0 +1,114 @@
+"""Models against their stateful torch.nn twins (tests/torch_reference.py) with the same weights."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fnclass
+from fnclass import losses, tree
+from fnclass.config import ConfigError, ModelConfig
+from tests.torch_reference import module_grads, reference_module, torch_name
+
+SMALL_RESNET = ModelConfig(name="resnet_attn", widths=(16, 32, 32), depths=(1, 2, 1), attn_after=(1, 2),
+                           attn_layers=1, attn_heads=4)
+CONFIGS = {"resnet_attn": SMALL_RESNET, "tiny": ModelConfig(name="tiny"),
+           "fast": ModelConfig(name="fast", widths=(16, 32, 32), stem_width=8)}
+
+
+def _checksum(name: str) -> str:
+    params, state = fnclass.build_model(ModelConfig(name=name)).init(fnclass.key(123))
+    return ",".join(f"{leaf.double().sum().item():.17g}" for leaf in tree.tree_leaves((params, state)))
+
+
+@pytest.mark.parametrize("name", ["tiny", "fast"])
+def test_init_is_bit_identical_across_processes(name):
+    code = f"from tests.test_models import _checksum; print(_checksum({name!r}))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == _checksum(name)
+
+
+def test_init_depends_on_key():
+    model = fnclass.build_model(ModelConfig(name="tiny"))
+    a, _ = model.init(fnclass.key(0))
+    b, _ = model.init(fnclass.key(1))
+    assert not torch.equal(a["head"]["weight"], b["head"]["weight"])
+
+
+@pytest.mark.parametrize("name", ["resnet_attn", "fast", "tiny"])
+def test_default_shapes_dtypes_and_paths(name):
+    model = fnclass.build_model(ModelConfig(name=name))
+    params, state = model.init(fnclass.key(0))
+    assert all(leaf.dtype == torch.float32 for leaf in tree.tree_leaves((params, state)))
+    logits, new_state = model.apply(params, state, torch.randn(2, 3, 32, 32), train=True)
+    assert logits.shape == (2, 10) and logits.dtype == torch.float32
+    assert tree.tree_structure(new_state) == tree.tree_structure(state)
+    paths = tree.flatten_paths(params)
+    assert "stem.conv.weight" in paths and "attn.0.qkv.weight" in paths
+    expected = {"resnet_attn": (10e6, 16e6), "fast": (2.0e6, 2.5e6), "tiny": (0.2e6, 0.5e6)}[name]
+    assert expected[0] < tree.num_params(params) < expected[1]
+
+
+def test_resnet_paths_follow_stages_and_blocks():
+    params, state = fnclass.build_model(ModelConfig(name="resnet_attn")).init(fnclass.key(0))
+    assert "stages.1.blocks.0.bn1.scale" in tree.flatten_paths(params)
+    assert "stages.1.blocks.0.shortcut.conv.weight" in tree.flatten_paths(params)
+    assert "stages.1.blocks.0.bn1.mean" in tree.flatten_paths(state)
+
+
+def _relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_loss_gradients_and_state_match_torch_nn(name):
+    cfg = CONFIGS[name]
+    model = fnclass.build_model(cfg)
+    params, state = model.init(fnclass.key(7))
+    reference = reference_module(cfg, params, state).train()
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+    def loss_fn(p):
+        logits, new_state = model.apply(p, state, images, train=True)
+        return losses.cross_entropy(logits, labels), new_state
+
+    grads, (loss, new_state) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
+    ref_loss = torch.nn.functional.cross_entropy(reference(images), labels)
+    ref_loss.backward()
+    assert _relative_error(loss, ref_loss) < 1e-5
+    ref_grads = module_grads(reference)
+    flat = tree.flatten_paths(grads)
+    assert {torch_name(k) for k in flat} == set(ref_grads)
+    for path, grad in flat.items():
+        assert _relative_error(grad, ref_grads[torch_name(path)]) < 1e-5, path
+    ref_state = reference.state_dict()
+    for path, value in tree.flatten_paths(new_state).items():
+        torch.testing.assert_close(value, ref_state[torch_name(path)], rtol=1e-5, atol=1e-6)
+    # Eval mode uses the running statistics, as nn.Module.eval() does.
+    logits, _ = model.apply(params, new_state, images, train=False)
+    torch.testing.assert_close(logits, reference.eval()(images), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_needs_and_uses_the_key():
+    cfg = ModelConfig(name="tiny", dropout=0.5)
+    model = fnclass.build_model(cfg)
+    params, state = model.init(fnclass.key(0))
+    x = torch.randn(4, 3, 32, 32)
+    a, _ = model.apply(params, state, x, train=True, key=fnclass.key(1))
+    b, _ = model.apply(params, state, x, train=True, key=fnclass.key(1))
+    c, _ = model.apply(params, state, x, train=True, key=fnclass.key(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(name="vgg"), "model.name"),
+    (dict(widths=(16, 32), depths=(1,)), "model.depths"),
+    (dict(attn_after=(5,)), "model.attn_after"),
+    (dict(attn_heads=3), "model.attn_heads"),
+    (dict(dropout=1.0), "model.dropout"),
+])
+def test_model_config_validation_names_the_key(change, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ModelConfig(**{"name": "resnet_attn", **change}).validate()
