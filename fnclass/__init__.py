@@ -5,11 +5,20 @@ Optax-style ``Transform(init, update)`` pairs, and a training step is ``torch.fu
 plus a functional update over one ``TrainState`` pytree.
 """
 
-from fnclass.models import Model, build_model
-from fnclass.random import fold_in, key, split
-from fnclass.train import TrainState, create_train_state, make_eval_step, make_train_step
+__version__ = "0.1.0"  # before the imports below: fnclass.train records it
 
-__version__ = "0.1.0"
+from fnclass.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from fnclass.models import Model, build_model  # noqa: E402
+from fnclass.random import fold_in, key, split  # noqa: E402
+from fnclass.train import (  # noqa: E402
+    TrainState,
+    create_train_state,
+    make_eval_step,
+    make_train_step,
+    train_and_evaluate,
+)
 
-__all__ = ["Model", "TrainState", "build_model", "create_train_state", "fold_in", "key", "make_eval_step",
-           "make_train_step", "split", "__version__"]
+__all__ = [
+    "Checkpoint", "Model", "TrainState", "__version__", "build_model", "create_train_state", "fold_in", "key",
+    "load_checkpoint", "make_eval_step", "make_train_step", "split", "train_and_evaluate",
+]

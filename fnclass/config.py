@@ -9,9 +9,12 @@ an unknown key, a wrong type or an impossible value.
 from __future__ import annotations
 
 import dataclasses
+import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -77,6 +80,135 @@ class ModelConfig:
         _check(0.0 <= cfg.dropout < 1.0, "model.dropout", cfg.dropout, "a number in [0, 1)")
 
 
+
+DATASETS = ("cifar10", "cifar100")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how training batches are augmented."""
+
+    dataset: str = "cifar10"  # names the cache folder ~/.cache/fnclass/<dataset> and the download
+    data_dir: str | None = None  # a canonical .npy folder; else --data-dir, $FNCLASS_DATA, the cache
+    train_limit: int | None = None  # use only the first N training images (quick runs, tests)
+    test_limit: int | None = None  # use only the first N test images
+    crop_padding: int = 4  # random-crop translation in pixels (the paper's crop+flip recipe)
+    pad_mode: str = "reflect"  # "reflect" or "zeros" padding for the crop
+    flip: bool = True  # random horizontal flips
+    cutout: int = 0  # side of a random square set to zero (0: off)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values."""
+        _check(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {', '.join(DATASETS)}")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"data.{name}", value, "a positive integer (or leave it out)")
+        _check(0 <= self.crop_padding <= 16, "data.crop_padding", self.crop_padding, "an integer in 0..16")
+        _check(self.pad_mode in ("reflect", "zeros"), "data.pad_mode", self.pad_mode, '"reflect" or "zeros"')
+        _check(0 <= self.cutout <= 32, "data.cutout", self.cutout, "an integer in 0..32")
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "warmup_cosine", "one_cycle")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer and its learning-rate schedule."""
+
+    name: str = "adam"  # adam, adamw or sgd
+    lr: float = 1e-3  # the peak learning rate (the paper: Adam at 1e-3)
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.999  # Adam's second-moment decay
+    eps: float = 1e-8
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only
+    weight_decay: float = 0.0  # decoupled (AdamW-style for adamw and sgd); not applied to BN and biases
+    clip_norm: float = 0.0  # clip the global gradient norm (0: off)
+    schedule: str = "warmup_cosine"  # constant, warmup_cosine or one_cycle
+    warmup_epochs: float = 1.0  # linear warm-up length (one_cycle: its rising part)
+    final_lr_fraction: float = 0.01  # the lr at the end, as a fraction of the peak
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values."""
+        _check(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
+        _check(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", (self.b1, self.b2), "numbers in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "a positive number")
+        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0 (0 turns clipping off)")
+        _check(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "a number >= 0")
+        _check(0 <= self.final_lr_fraction <= 1, "optim.final_lr_fraction", self.final_lr_fraction,
+               "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to train and evaluate."""
+
+    epochs: int = 100  # the paper's length
+    batch_size: int = 128  # the paper's batch
+    seed: int = 0
+    label_smoothing: float = 0.0
+    precision: str = "fp32"  # "bf16" autocasts on CUDA (params and BN statistics stay float32)
+    compile: bool = False  # compile the whole step; pays on a GPU, not on a CPU
+    channels_last: bool = False  # channels-last images (faster convolutions on recent GPUs)
+    eval_batch_size: int = 1000
+    tta: bool = False  # report flip test-time-augmented accuracy
+    log_every_steps: int = 50  # metrics.jsonl line and progress-bar loss every N steps (0: epoch ends only)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values."""
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "a positive integer")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
+        _check(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, '"fp32" or "bf16"')
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
+        _check(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written (``last`` at every epoch end and on Ctrl-C; ``best`` on a new best)."""
+
+    every_steps: int = 0  # also write last.safetensors every N steps (0: epoch ends only)
+    keep_best: bool = True  # write best.safetensors whenever test accuracy improves
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values."""
+        _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run's configuration, one section per dataclass."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def validate(self) -> Config:
+        """Check every section; returns self so calls chain."""
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        if self.data.train_limit is not None:
+            _check(self.train.batch_size <= self.data.train_limit, "train.batch_size", self.train.batch_size,
+                   f"at most data.train_limit = {self.data.train_limit}")
+        return self
+
+    def resolved(self) -> Config:
+        """A copy with the model's per-name defaults filled in."""
+        return dataclasses.replace(self, model=self.model.resolved())
+
+
+SECTIONS = ("model", "data", "optim", "train", "checkpoint")
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a one-line :class:`ConfigError` unless ``ok``."""
     if not ok:
@@ -123,3 +255,105 @@ def section_from_dict(cls: type, data: dict, section: str) -> Any:
     return cls(**values)
 
 
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config` from nested dicts (a parsed TOML document)."""
+    try:
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section [{unknown[0]}]: allowed sections are {', '.join(SECTIONS)}")
+        sections = {}
+        for name, cls in zip(SECTIONS, (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig)):
+            table = data.get(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{name}] must be a table of keys, got {table!r}")
+            sections[name] = section_from_dict(cls, table, name)
+        return Config(**sections).validate()
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (the value as TOML, or a bare string) into ``(["section", "key"], value)``."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set optim.lr=3e-4")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return dotted.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` overrides to a parsed TOML document (a new dict; the input is not modified)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) != 2:
+            raise ConfigError(f"--set {text!r}: expected exactly section.key, e.g. optim.lr")
+        data.setdefault(path[0], {})
+        if not isinstance(data[path[0]], dict):
+            raise ConfigError(f"--set {text!r}: [{path[0]}] is not a table")
+        data[path[0]][path[1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate.
+
+    Args:
+      path: a TOML file with the sections [model], [data], [optim], [train], [checkpoint].
+      overrides: ``section.key=value`` strings applied on top.
+
+    Returns:
+      The validated Config (model defaults not yet filled; see :meth:`Config.resolved`).
+
+    Raises:
+      ConfigError: one line naming the file, the key and what is allowed.
+    """
+    data, source = {}, "defaults"
+    if path is not None:
+        path, source = Path(path), str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file (the shipped ones are in configs/)")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    try:
+        data = apply_overrides(data, list(overrides))
+    except ConfigError as error:
+        raise ConfigError(str(error)) from None
+    return config_from_dict(data, source + (" with --set" if overrides else ""))
+
+
+def config_to_dict(config: Config) -> dict:
+    """The config as nested plain dicts (tuples as lists, ``None`` values left out: TOML has no null)."""
+    out = {}
+    for name in SECTIONS:
+        section = dataclasses.asdict(getattr(config, name))
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items() if v is not None}
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value (the types a config holds: bool, int, float, str, list of those)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def config_to_toml(config: Config) -> str:
+    """The config as a TOML document that :func:`load_config` reads back to an equal Config."""
+    lines = []
+    for name, section in config_to_dict(config).items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in section.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -3,10 +3,17 @@
 ``train_images.npy`` (N, H, W, 3) uint8 RGB, ``train_labels.npy`` (N,) integers, the same for ``test_*``,
 and ``classes.txt`` with one class name a line in label order. Arrays are loaded without pickle and
 validated, then kept as uint8 tensors; batches are cut and normalised on the device.
+
+Writing (:func:`write_dataset`, :func:`prepare`) and finding (:func:`resolve_data_dir`) such folders also lives
+here; the files are plain ``.npy`` arrays and text, never pickles.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import secrets
 from pathlib import Path
 from typing import NamedTuple
 
@@ -123,3 +130,389 @@ def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float3
     std_t = torch.as_tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     x = images.permute(0, 3, 1, 2).to(dtype) * (1.0 / 255.0)
     return (x - mean_t) / std_t
+
+
+TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_TEST_FRACTION = 0.2  # CIFAR's own ratio is 1/6; 0.2 is the usual hold-out and gives "every 5th file"
+
+
+def _check_classes(folder: Path, classes) -> tuple[str, ...]:
+    """Class names that survive a round trip through ``classes.txt`` (one a line, stripped, unique)."""
+    classes = tuple(classes)
+    where = folder / "classes.txt"
+    if len(classes) < 2:
+        raise DataError(f"{where}: expected at least 2 class names, got {len(classes)}")
+    for name in classes:
+        if not isinstance(name, str) or name.strip() != name or len(name.splitlines()) != 1:
+            raise DataError(f"{where}: a class name must be non-empty one-line text without surrounding spaces, "
+                            f"got {name!r}")
+    if len(set(classes)) != len(classes):
+        duplicates = sorted({name for name in classes if classes.count(name) > 1})
+        raise DataError(f"{where}: class names must be unique, repeated: {', '.join(duplicates)}")
+    return classes
+
+
+def _write_temp(folder: Path, name: str, content: np.ndarray | str) -> Path:
+    """Write ``content`` to a fresh hidden file beside ``folder / name`` and return its path."""
+    temp = folder / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        # "xb" rather than tempfile: the file gets the umask's permissions, not tempfile's 0600.
+        with open(temp, "xb") as handle:
+            if isinstance(content, str):
+                handle.write(content.encode("utf-8"))
+            else:
+                np.save(handle, content, allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def write_dataset(folder: str | Path, train_images, train_labels, test_images, test_labels, classes) -> Path:
+    """Validate a dataset and write it atomically in the canonical format.
+
+    Every file is first written to a hidden temporary file in ``folder`` and then moved into place with
+    ``os.replace``, ``train_images.npy`` last: a failed or interrupted write leaves any existing files
+    intact and no half-written ``train_images.npy``, the file that marks a complete folder.
+
+    Args:
+      folder: the output folder (created if needed).
+      train_images: uint8 array (N, H, W, 3), RGB.
+      train_labels: integer array (N,), values in ``0..len(classes) - 1``; stored as int64.
+      test_images: uint8 array (M, H, W, 3) with the same H and W.
+      test_labels: integer array (M,).
+      classes: class names in label order.
+
+    Returns:
+      ``folder`` as a Path.
+
+    Raises:
+      DataError: for invalid arrays or class names, or when a file cannot be written.
+    """
+    folder = Path(folder)
+    classes = _check_classes(folder, classes)
+    arrays = {}
+    for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        images, labels = np.asarray(images), np.asarray(labels)
+        _check_split(folder, split, images, labels, len(classes))
+        if len(images) == 0:
+            raise DataError(f"{folder / f'{split}_images.npy'}: the {split} split needs at least one image")
+        arrays[f"{split}_images.npy"] = np.ascontiguousarray(images)
+        arrays[f"{split}_labels.npy"] = labels.astype(np.int64)
+    if arrays["train_images.npy"].shape[1:] != arrays["test_images.npy"].shape[1:]:
+        raise DataError(f"{folder}: train images are {arrays['train_images.npy'].shape[1:]} but test images are "
+                        f"{arrays['test_images.npy'].shape[1:]}")
+    contents = {"classes.txt": "".join(f"{name}\n" for name in classes)}
+    contents.update((name, arrays[name]) for name in ("test_labels.npy", "test_images.npy", "train_labels.npy",
+                                                      "train_images.npy"))
+    temps: dict[str, Path] = {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in contents.items():
+            temps[name] = _write_temp(folder, name, content)
+        for name, temp in temps.items():
+            os.replace(temp, folder / name)
+    except OSError as error:
+        raise DataError(f"cannot write {folder}: {error}; choose another output folder") from None
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+    return folder
+
+
+class _Unavailable(Exception):
+    """torchvision could not provide a dataset; the message says why and where it looked."""
+
+
+def _torchvision_split(name: str, root: Path, *, train: bool, download: bool):
+    """One split as a torchvision dataset object (``.data`` uint8 NHWC, ``.targets``, ``.classes``)."""
+    import torchvision.datasets
+
+    dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+    try:
+        # torchvision's own files are pickles; this is torchvision reading its own download. What we write
+        # from them is plain .npy and text.
+        return dataset_class(str(root), train=train, download=download)
+    except OSError as error:  # urllib's URLError, socket timeouts, connection resets
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _Unavailable(f"{name} is not in {root} and downloading it failed ({reason}): "
+                           "the machine seems offline") from None
+    except RuntimeError as error:
+        if not download:
+            raise _Unavailable(f"{name} is not in {root} and downloading is off") from None
+        raise _Unavailable(f"torchvision could not read {name} from {root} ({error})") from None
+
+
+def _write_torchvision(name: str, out_dir: Path, root: Path, *, download: bool) -> Path:
+    """Both splits from torchvision (kept in ``root``) written to ``out_dir``; raises :class:`_Unavailable`."""
+    train = _torchvision_split(name, root, train=True, download=download)
+    test = _torchvision_split(name, root, train=False, download=download)
+    return write_dataset(out_dir, train.data, train.targets, test.data, test.targets, train.classes)
+
+
+def prepare_torchvision(name: str, out_dir: str | Path, *, download_root: str | Path | None = None,
+                        download: bool = True) -> Path:
+    """Fetch CIFAR-10 or CIFAR-100 through torchvision and write it in the canonical format.
+
+    The images keep torchvision's order (the original batches, already a class mix) and its train/test split;
+    CIFAR-100 uses the 100 fine labels.
+
+    Args:
+      name: ``"cifar10"`` or ``"cifar100"``.
+      out_dir: where the canonical files go.
+      download_root: where torchvision keeps (or looks for) its own download; default ``out_dir / "torchvision"``.
+      download: download when ``download_root`` does not hold the data yet.
+
+    Returns:
+      ``out_dir`` as a Path.
+
+    Raises:
+      DataError: for an unknown name, or when the data is neither in ``download_root`` nor downloadable.
+    """
+    if name not in TORCHVISION_DATASETS:
+        raise DataError(f"unknown dataset {name!r}: expected {' or '.join(TORCHVISION_DATASETS)}")
+    out_dir = Path(out_dir)
+    root = Path(download_root) if download_root is not None else out_dir / "torchvision"
+    try:
+        return _write_torchvision(name, out_dir, root, download=download)
+    except _Unavailable as problem:
+        raise DataError(f"cannot prepare {name}: {problem}; run `fnclass data prepare {name} --out DIR` on a "
+                        "machine with the data or internet access and copy DIR here, or point --data-dir at a "
+                        "folder in the canonical format") from None
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    """The sub-folders of ``folder`` sorted by name, hidden ones (``.git``) left out."""
+    return sorted((path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")),
+                  key=lambda path: path.name)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files directly in ``folder``, sorted by name; an empty class is an error."""
+    files = sorted((path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
+                    and path.suffix.lower() in IMAGE_SUFFIXES), key=lambda path: path.name)
+    if not files:
+        raise DataError(f"{folder} holds no {'/'.join(IMAGE_SUFFIXES)} images: every class folder needs at least one")
+    return files
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """Decode one image file to uint8 RGB of shape (size, size, 3)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path} is not a readable image ({error}); delete or replace it") from None
+    if image.size != (size, size):
+        # LANCZOS: Pillow's sharpest filter for shrinking photos to a few dozen pixels, and antialiased
+        # (Pillow widens its support by the reduction factor), so small textures do not alias.
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _is_test_file(index: int, test_fraction: float) -> bool:
+    """Whether the ``index``-th (0-based) sorted file of a class is held out: floor(n * f) of every first n are."""
+    # The epsilon keeps products such as 100 * 0.29 = 28.999... on the intended side of the integer.
+    return math.floor((index + 1) * test_fraction + 1e-9) > math.floor(index * test_fraction + 1e-9)
+
+
+def prepare_image_folder(src: str | Path, out_dir: str | Path, *, size: int = 32,
+                         test_fraction: float | None = None) -> Path:
+    """Import a folder of images, one sub-folder per class, into the canonical format.
+
+    Classes are the sub-folder names in sorted order (label 0 is the first). Each class folder's ``.png``,
+    ``.jpg`` and ``.jpeg`` files are read with Pillow (EXIF rotation applied), converted to RGB and, when
+    their size differs, resized to ``size`` x ``size`` with Lanczos filtering (non-square images are
+    stretched, not cropped). Hidden files, other file types and nested folders are ignored.
+
+    Splits: when ``src`` has ``train/`` and ``test/`` sub-folders, each holding the same class folders, those
+    are the splits. Otherwise each class is split on its own by a fixed rule: sort its files by name, and
+    the i-th file (1-based) goes to test when ``floor(i * f) > floor((i - 1) * f)`` for ``f = test_fraction``
+    (default 0.2). That holds out exactly ``floor(n * f)`` of a class's n files, evenly spread: with 0.2,
+    the 5th, 10th, 15th... file. Each split is then shuffled with ``numpy.random.default_rng(0)``, so any
+    leading slice is a fair class mix; the same folder always gives the same bytes.
+
+    Args:
+      src: the image folder.
+      out_dir: where the canonical files go.
+      size: side of the square output images in pixels.
+      test_fraction: share of each class held out for test, in (0, 1); only without train/ and test/.
+
+    Returns:
+      ``out_dir`` as a Path.
+
+    Raises:
+      DataError: when ``src`` is not a folder or holds no classes, a class folder has no images, an image
+        cannot be decoded (the message names the file), or a split would be empty.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"{src} is not a folder: expected one sub-folder of images per class, or train/ and test/ "
+                        "folders holding such sub-folders")
+    if size < 1:
+        raise DataError(f"image size must be a positive number of pixels, got {size}")
+    has_train, has_test = (src / "train").is_dir(), (src / "test").is_dir()
+    if has_train != has_test:
+        raise DataError(f"{src} has a {'train' if has_train else 'test'}/ folder but no "
+                        f"{'test' if has_train else 'train'}/ folder: give both, or one folder per class")
+    files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+    if has_train:
+        if test_fraction is not None:
+            raise DataError(f"{src} already has train/ and test/ folders: leave out the test fraction")
+        classes = [folder.name for folder in _class_folders(src / "train")]
+        test_classes = [folder.name for folder in _class_folders(src / "test")]
+        if classes != test_classes:
+            raise DataError(f"{src}: train/ and test/ must hold the same class folders; only in train/: "
+                            f"{sorted(set(classes) - set(test_classes))}, only in test/: "
+                            f"{sorted(set(test_classes) - set(classes))}")
+        for split in files:
+            for label, name in enumerate(classes):
+                files[split] += [(path, label) for path in _image_files(src / split / name)]
+    else:
+        fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        if not 0 < fraction < 1:
+            raise DataError(f"the test fraction must lie strictly between 0 and 1, got {fraction}")
+        classes = [folder.name for folder in _class_folders(src)]
+        for label, name in enumerate(classes):
+            for index, path in enumerate(_image_files(src / name)):
+                files["test" if _is_test_file(index, fraction) else "train"].append((path, label))
+    if len(classes) < 2:
+        raise DataError(f"{src} holds {len(classes)} class folder(s): expected one sub-folder of images per class, "
+                        "at least 2")
+    for split, pairs in files.items():
+        if not pairs:
+            raise DataError(f"{src}: the {split} split would be empty; add images or change the test fraction")
+    arrays = {}
+    for split, pairs in files.items():
+        order = np.random.default_rng(0).permutation(len(pairs))
+        images = np.stack([_read_image(pairs[i][0], size) for i in order])
+        arrays[split] = images, np.array([pairs[i][1] for i in order], dtype=np.int64)
+    return write_dataset(out_dir, *arrays["train"], *arrays["test"], classes)
+
+
+def prepare(source: str | Path, out_dir: str | Path, *, size: int | None = None, test_fraction: float | None = None,
+            download: bool = True) -> Path:
+    """Write a canonical data folder from ``"cifar10"``, ``"cifar100"`` or an image folder (what the CLI calls).
+
+    A name goes to :func:`prepare_torchvision` (``size`` and ``test_fraction`` do not apply: CIFAR comes as
+    32x32 with its own split); anything else is a path for :func:`prepare_image_folder` (``size`` default 32).
+    A folder that happens to be called ``cifar10`` is reached as ``./cifar10``.
+    """
+    if str(source) in TORCHVISION_DATASETS:
+        if size not in (None, 32) or test_fraction is not None:
+            raise DataError(f"the image size and test fraction apply to image folders; {source} comes as 32x32 "
+                            "images with its own train/test split")
+        return prepare_torchvision(str(source), out_dir, download=download)
+    return prepare_image_folder(source, out_dir, size=32 if size is None else size, test_fraction=test_fraction)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file as hex, read in chunks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def dataset_info(folder: str | Path) -> dict:
+    """Describe a canonical data folder: counts, statistics, shape and checksums.
+
+    Args:
+      folder: a data folder in the canonical format (validated as :func:`load_dataset` does).
+
+    Returns:
+      A JSON-ready dict: ``folder``, ``classes`` (label order), ``image_shape`` ``[H, W, 3]``, ``counts``
+      (``{"train": [...], "test": [...]}``, images per class in label order), ``train_size``, ``test_size``,
+      ``mean`` and ``std`` (per RGB channel of the train images in [0, 1]), ``sha256`` (file name -> hex for
+      the five files) and ``sha256_all``: the SHA-256 of their ``sha256sum`` listing in :data:`FILES` order,
+      so ``sha256sum train_images.npy train_labels.npy test_images.npy test_labels.npy classes.txt | sha256sum``
+      prints it too.
+
+    Raises:
+      DataError: when the folder is missing or malformed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder: expected a data folder with {', '.join(FILES)}")
+    dataset = load_dataset(folder)
+    mean, std = channel_stats(dataset.train_images)
+    sha256 = {name: file_sha256(folder / name) for name in FILES}
+    listing = "".join(f"{sha256[name]}  {name}\n" for name in FILES)
+    return {
+        "folder": str(folder),
+        "classes": list(dataset.classes),
+        "image_shape": list(dataset.train_images.shape[1:]),
+        "counts": {split: torch.bincount(labels, minlength=len(dataset.classes)).tolist()
+                   for split, labels in (("train", dataset.train_labels), ("test", dataset.test_labels))},
+        "train_size": len(dataset.train_labels),
+        "test_size": len(dataset.test_labels),
+        "mean": list(mean),
+        "std": list(std),
+        "sha256": sha256,
+        "sha256_all": hashlib.sha256(listing.encode("utf-8")).hexdigest(),
+    }
+
+
+def cache_dir(dataset: str) -> Path:
+    """The per-user cache folder for ``dataset``: ``$XDG_CACHE_HOME/fnclass/<dataset>``, else ``~/.cache/...``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fnclass" / dataset
+
+
+def _is_data_folder(folder: Path) -> bool:
+    """A folder counts as canonical when it has ``train_images.npy`` (written last by :func:`write_dataset`)."""
+    return (folder / "train_images.npy").is_file()
+
+
+def resolve_data_dir(data_dir: str | Path | None, dataset: str, *, download: bool = True) -> Path:
+    """Find the data folder for ``dataset``, downloading CIFAR into the cache when nothing else has it.
+
+    Looks, in order, at ``data_dir`` (when given it must be a data folder: no falling through), then
+    ``$FNCLASS_DATA``, then :func:`cache_dir`. When none has ``train_images.npy`` and ``dataset`` is cifar10 or
+    cifar100 and ``download`` is true, it runs :func:`prepare_torchvision` into the cache folder, with
+    torchvision's own download in ``<cache folder>/torchvision``.
+
+    Args:
+      data_dir: an explicit folder (the CLI's ``--data-dir``), or None.
+      dataset: the dataset name (``DataConfig.dataset``); names the cache folder.
+      download: allow the download.
+
+    Returns:
+      The folder to load.
+
+    Raises:
+      DataError: one line naming the places looked in and the ``fnclass data prepare`` command.
+    """
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        if not _is_data_folder(folder):
+            raise DataError(f"data folder {folder} has no train_images.npy: point --data-dir at a folder with "
+                            f"{', '.join(FILES)}, or write one with `fnclass data prepare`")
+        return folder
+    looked = []
+    from_env = os.environ.get("FNCLASS_DATA")
+    if from_env:
+        folder = Path(from_env).expanduser()
+        if _is_data_folder(folder):
+            return folder
+        looked.append(f"$FNCLASS_DATA={folder}")
+    else:
+        looked.append("$FNCLASS_DATA (not set)")
+    cache = cache_dir(dataset)
+    if _is_data_folder(cache):
+        return cache
+    looked.append(str(cache))
+    source = dataset if dataset in TORCHVISION_DATASETS else "IMAGE_FOLDER"
+    fix = (f"run `fnclass data prepare {source} --out {cache}` (on a machine with the data or internet access, "
+           "then copy the folder here), or pass --data-dir with a folder in the canonical format")
+    if dataset not in TORCHVISION_DATASETS:
+        raise DataError(f"no {dataset} data found (looked in {', '.join(looked)}); {fix}")
+    if not download:
+        raise DataError(f"no {dataset} data found (looked in {', '.join(looked)}) and downloading is off; {fix}")
+    try:
+        return _write_torchvision(dataset, cache, cache / "torchvision", download=True)
+    except _Unavailable as problem:
+        raise DataError(f"no {dataset} data found (looked in {', '.join(looked)}); {problem}; {fix}") from None

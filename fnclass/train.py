@@ -1,15 +1,25 @@
-"""Training state and the pure train and eval steps built on ``torch.func.grad_and_value``."""
+"""Training: the TrainState pytree, the pure train and eval steps built on ``torch.func.grad_and_value``,
+and the training program ``train_and_evaluate`` that the ``fnclass train`` command calls."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
+import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from fnclass import optim, random
-from fnclass.models import Model
+from fnclass import __version__, data, optim, random, tree
+from fnclass.augment import augment
+from fnclass.checkpoint import restore_train_state, save_checkpoint, write_atomic
+from fnclass.config import Config, ConfigError, OptimConfig, config_to_toml
+from fnclass.losses import cross_entropy, per_example_cross_entropy
+from fnclass.models import Model, build_model
 
 
 class TrainState(NamedTuple):
@@ -118,3 +128,316 @@ def make_eval_step(model: Model, *, compile: bool = False, precision: str = "fp3
         return logits.float()
 
     return torch.compile(evaluate) if compile else evaluate
+
+
+def create_schedule(config: OptimConfig, steps_per_epoch: int, epochs: int) -> optim.Schedule:
+    """The learning-rate schedule an :class:`OptimConfig` describes, over ``steps_per_epoch * epochs`` steps.
+
+    ``warmup_cosine`` rises linearly from 0 over the warm-up and follows a cosine down to
+    ``lr * final_lr_fraction``; ``one_cycle`` is triangular, from and back to ``lr * final_lr_fraction``.
+    """
+    total = steps_per_epoch * epochs
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    low = config.lr * config.final_lr_fraction
+    if config.schedule == "constant":
+        return optim.constant_schedule(config.lr)
+    if config.schedule == "warmup_cosine":
+        return optim.warmup_cosine(config.lr, warmup, total, end_value=low)
+    return optim.piecewise_linear([0, warmup, total], [low, config.lr, low])
+
+
+def create_optimizer(config: OptimConfig, steps_per_epoch: int, epochs: int) -> optim.Transform:
+    """The optimizer an :class:`OptimConfig` describes, with its schedule (see :func:`create_schedule`).
+
+    Weight decay (decoupled) applies to weight matrices and convolution filters only, not to
+    BatchNorm/LayerNorm scales or biases.
+    """
+    schedule = create_schedule(config, steps_per_epoch, epochs)
+    decay_mask = lambda params: tree.tree_map(lambda p: p.ndim > 1, params)
+    parts = [optim.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+    if config.name in ("adam", "adamw"):
+        parts.append(optim.scale_by_adam(config.b1, config.b2, config.eps))
+    elif config.momentum:
+        parts.append(optim.trace(config.momentum, config.nesterov))
+    if config.weight_decay:
+        parts.append(optim.add_decayed_weights(config.weight_decay, decay_mask))
+    parts.append(optim.scale_by_learning_rate(schedule))
+    return optim.chain(*parts)
+
+
+class Reporter:
+    """Receives a run's progress; the CLI renders it, the library itself prints nothing."""
+
+    def start(self, info: dict) -> None:
+        """Called once with the run's facts (device, sizes, steps, resumed step)."""
+
+    def step(self, info: dict) -> None:
+        """Called after every step with ``step``, ``epoch``, ``epoch_step``, ``steps_per_epoch``, ``lr``,
+        ``images_per_second`` and, on logging steps, ``loss``."""
+
+    def epoch(self, row: dict) -> None:
+        """Called after each epoch's evaluation with the metrics.jsonl row."""
+
+    def end(self, summary: dict) -> None:
+        """Called once with the summary.json contents."""
+
+
+class TrainingInterrupted(Exception):
+    """Training was stopped with Ctrl-C; ``last.safetensors`` holds the state at ``step``."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; saved {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, labels: torch.Tensor, *,
+                     mean, std, batch_size: int, tta: bool = False) -> dict:
+    """Logits-based metrics over a whole uint8 split: loss, accuracy, per-class accuracy (and TTA accuracy).
+
+    Returns a dict of Python numbers plus ``predictions`` (an int64 tensor on the CPU).
+    """
+    loss_sum = torch.zeros((), device=images.device)
+    predictions, tta_predictions = [], []
+    for start in range(0, len(images), batch_size):
+        x = data.normalize(images[start:start + batch_size], mean, std)
+        y = labels[start:start + batch_size]
+        logits = eval_step(params, state, x)
+        loss_sum += per_example_cross_entropy(logits, y).sum()
+        predictions.append(logits.argmax(dim=-1))
+        if tta:
+            both = logits.softmax(-1) + eval_step(params, state, x.flip(3)).softmax(-1)
+            tta_predictions.append(both.argmax(dim=-1))
+    predictions = torch.cat(predictions)
+    correct = predictions == labels
+    per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, correct.float())
+    counts = torch.bincount(labels, minlength=len(per_class)).clamp(min=1)
+    result = {"loss": loss_sum.item() / len(labels), "accuracy": correct.float().mean().item(),
+              "per_class_accuracy": (per_class / counts).tolist(), "predictions": predictions.cpu()}
+    if tta:
+        result["tta_accuracy"] = (torch.cat(tta_predictions) == labels).float().mean().item()
+    return result
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write a JSON file atomically."""
+    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    """Append one line to metrics.jsonl (flushed, so a crash loses at most the line being written)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the metrics lines logged up to ``step`` (a resumed run replays the rest)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    """Draw loss and accuracy per epoch from metrics.jsonl into a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = [r for r in rows if r.get("kind") == "epoch"]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in rows], label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
+    ax_acc.plot(epochs, [r["test_accuracy"] for r in rows], label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_path, buffer.getvalue())
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
+                       download: bool = True, resume: bool = False, reporter: Reporter | None = None) -> dict:
+    """Train and evaluate a model as ``config`` says, writing the run directory ``workdir``.
+
+    The run directory gets ``config.toml`` (resolved), ``metrics.jsonl``, ``summary.json``,
+    ``checkpoints/last.safetensors`` and ``best.safetensors``, and ``plots/curves.png``. Every random
+    choice derives from ``train.seed`` and the step number, so a resumed run (``resume=True``, from
+    ``checkpoints/last.safetensors``) replays the same batches and ends with the same parameters.
+
+    Args:
+      config: the validated run config.
+      workdir: the run directory (created if needed).
+      data_dir: a canonical data folder; else the config's, ``$FNCLASS_DATA`` or the cache.
+      device: ``auto``, ``cpu`` or ``cuda``.
+      download: allow fetching CIFAR-10/100 through torchvision when no data folder has it.
+      resume: continue from the run directory's last checkpoint.
+      reporter: receives progress (see :class:`Reporter`).
+
+    Returns:
+      The summary dict (also written to ``summary.json``).
+
+    Raises:
+      TrainingInterrupted: on Ctrl-C, after writing ``last.safetensors``.
+    """
+    reporter = reporter or Reporter()
+    config = config.resolved()
+    workdir = Path(workdir)
+    dev = pick_device(device)
+    folder = data.resolve_data_dir(data_dir or config.data.data_dir, config.data.dataset, download=download)
+    dataset = data.load_dataset(folder, train_limit=config.data.train_limit, test_limit=config.data.test_limit)
+    if len(dataset.classes) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes = {config.model.num_classes} but {folder} has "
+                          f"{len(dataset.classes)} classes: set model.num_classes = {len(dataset.classes)}")
+    mean, std = data.channel_stats(dataset.train_images)
+    train_images, train_labels = dataset.train_images.to(dev), dataset.train_labels.to(dev)
+    test_images, test_labels = dataset.test_images.to(dev), dataset.test_labels.to(dev)
+
+    n_train, batch_size = len(train_images), config.train.batch_size
+    steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: static shapes
+    total_steps = steps_per_epoch * config.train.epochs
+    model = build_model(config.model)
+    optimizer = create_optimizer(config.optim, steps_per_epoch, config.train.epochs)
+    train_state = create_train_state(model, optimizer, random.key(config.train.seed))
+    checkpoints, metrics_path = workdir / "checkpoints", workdir / "metrics.jsonl"
+    if resume:
+        train_state = restore_train_state(checkpoints / "last.safetensors", train_state)
+        _truncate_jsonl(metrics_path, int(train_state.step))
+    else:
+        metrics_path.unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_atomic(workdir / "config.toml", config_to_toml(config).encode())
+    train_state = tree.tree_to(train_state, dev)
+
+    loss_fn = functools.partial(cross_entropy, label_smoothing=config.train.label_smoothing)
+    options = dict(compile=config.train.compile, precision=config.train.precision,
+                   channels_last=config.train.channels_last)
+    train_step = make_train_step(model, loss_fn, optimizer, **options)
+    eval_step = make_eval_step(model, **options)
+    schedule = create_schedule(config.optim, steps_per_epoch, config.train.epochs)
+    order_root, step_root = random.split(train_state.key)
+    save = functools.partial(save_checkpoint, config=config, classes=dataset.classes, mean=mean, std=std)
+    start_step = int(train_state.step)
+    best = _best_so_far(metrics_path)
+    reporter.start({"device": str(dev), "data_dir": str(folder), "train_images": n_train,
+                    "test_images": len(test_images), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                    "num_params": tree.num_params(train_state.params), "start_step": start_step,
+                    "config": config, "workdir": str(workdir)})
+    train_seconds, compile_seconds, images_seen = 0.0, 0.0, 0
+    last_eval = None
+    step = start_step
+    try:
+        for epoch in range(start_step // steps_per_epoch, config.train.epochs):
+            order = random.permutation(random.fold_in(order_root, epoch), n_train)
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+            epoch_images, epoch_start = 0, time.perf_counter()
+            for epoch_step in range(step - epoch * steps_per_epoch, steps_per_epoch):
+                tick = time.perf_counter()
+                step_key = random.fold_in(step_root, step)
+                aug_key, model_key = random.split(step_key)
+                idx = order[epoch_step * batch_size:(epoch_step + 1) * batch_size]
+                images = augment(aug_key, data.normalize(train_images[idx], mean, std), config.data)
+                train_state, metrics = train_step(train_state, (images, train_labels[idx]), model_key)
+                loss_sum += metrics["loss"] * batch_size
+                correct += metrics["correct"]
+                step += 1
+                epoch_images += batch_size
+                log = config.train.log_every_steps and step % config.train.log_every_steps == 0
+                if dev.type == "cuda" and (log or step == start_step + 1):
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - tick
+                if step == start_step + 1 and config.train.compile:
+                    compile_seconds = elapsed  # the first call compiles; count it apart from training
+                else:
+                    train_seconds += elapsed
+                    images_seen += batch_size
+                info = {"step": step, "epoch": epoch, "epoch_step": epoch_step + 1, "steps_per_epoch": steps_per_epoch,
+                        "lr": float(schedule(step - 1)),
+                        "images_per_second": epoch_images / max(time.perf_counter() - epoch_start, 1e-9)}
+                if log:
+                    info["loss"] = metrics["loss"].item()
+                    _append_jsonl(metrics_path, {"kind": "step", "step": step, "epoch": epoch,
+                                                 "loss": info["loss"], "lr": info["lr"]})
+                reporter.step(info)
+                if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+                    save(checkpoints / "last.safetensors", train_state)
+            epoch_seconds = time.perf_counter() - epoch_start
+            last_eval = evaluate_dataset(eval_step, train_state.params, train_state.state, test_images, test_labels,
+                                         mean=mean, std=std, batch_size=config.train.eval_batch_size,
+                                         tta=config.train.tta)
+            steps_done = max(epoch_images // batch_size, 1)
+            seen = steps_done * batch_size
+            row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
+                   "train_accuracy": correct.item() / seen, "test_loss": last_eval["loss"],
+                   "test_accuracy": last_eval["accuracy"], "lr": float(schedule(step - 1)),
+                   "seconds": epoch_seconds}
+            if config.train.tta:
+                row["test_accuracy_tta"] = last_eval["tta_accuracy"]
+            _append_jsonl(metrics_path, row)
+            save(checkpoints / "last.safetensors", train_state)
+            if best is None or row["test_accuracy"] > best:
+                best = row["test_accuracy"]
+                if config.checkpoint.keep_best:
+                    save(checkpoints / "best.safetensors", train_state)
+            reporter.epoch(row)
+    except KeyboardInterrupt:
+        save(checkpoints / "last.safetensors", train_state)
+        raise TrainingInterrupted(int(train_state.step), checkpoints / "last.safetensors") from None
+
+    if last_eval is None:  # resumed a finished run: evaluate what is there
+        last_eval = evaluate_dataset(eval_step, train_state.params, train_state.state, test_images, test_labels,
+                                     mean=mean, std=std, batch_size=config.train.eval_batch_size, tta=config.train.tta)
+        best = max(best or 0.0, last_eval["accuracy"])
+    summary = {
+        "test_accuracy": last_eval["accuracy"], "best_test_accuracy": best, "test_loss": last_eval["loss"],
+        "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+        "images_per_second": images_seen / train_seconds if train_seconds else None,
+        "steps": int(train_state.step), "epochs": config.train.epochs, "resumed_from_step": start_step or None,
+        "device": _device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
+        "seed": config.train.seed, "num_params": tree.num_params(train_state.params),
+        "model": config.model.name, "data_dir": str(folder), "train_images": n_train, "test_images": len(test_images),
+        "per_class_accuracy": dict(zip(dataset.classes, last_eval["per_class_accuracy"])),
+        "run_dir": str(workdir),
+    }
+    if config.train.tta:
+        summary["test_accuracy_tta"] = last_eval["tta_accuracy"]
+    _write_json(workdir / "summary.json", summary)
+    plot_curves(metrics_path, workdir / "plots" / "curves.png")
+    reporter.end(summary)
+    return summary
+
+
+def _best_so_far(metrics_path: Path) -> float | None:
+    """The best test accuracy logged in metrics.jsonl so far (for a resumed run)."""
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    accuracies = [r["test_accuracy"] for r in rows if r.get("kind") == "epoch"]
+    return max(accuracies) if accuracies else None
+
+
+def _device_name(device: torch.device) -> str:
+    """A readable name of the device (the GPU's model on CUDA)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"

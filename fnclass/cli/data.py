@@ -1,0 +1,92 @@
+"""``fnclass data``: write and inspect data folders in the canonical ``.npy`` format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from fnclass.cli import one_line_errors
+from fnclass.data import DEFAULT_TEST_FRACTION, dataset_info, prepare
+
+
+@click.group()
+def data() -> None:
+    """Write and inspect data folders (.npy arrays plus classes.txt).
+
+    \b
+    Examples:
+      fnclass data prepare cifar10 --out ~/.cache/fnclass/cifar10
+      fnclass data info ../shared/data/cifar10
+    """
+
+
+@data.command("prepare")
+@click.argument("source")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the five files into (created if needed).")
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="Side of the square images in pixels, for image folders.  [default: 32]")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Share of each class held out for test, for image folders without train/ and test/ "
+                   f"(every 5th sorted file at 0.2).  [default: {DEFAULT_TEST_FRACTION}]")
+@click.option("--no-download", is_flag=True, help="cifar10/cifar100: fail instead of downloading.")
+@one_line_errors
+def prepare_command(source: str, out_dir: Path, size: int | None, test_fraction: float | None,
+                    no_download: bool) -> None:
+    """Write a data folder from cifar10, cifar100 or an image folder.
+
+    SOURCE is cifar10 or cifar100 (through torchvision, downloaded into OUT/torchvision unless already
+    there) or a folder with one sub-folder of PNG/JPEG images per class, optionally inside train/ and
+    test/ folders. Images are converted to RGB and resized to SIZE x SIZE.
+
+    \b
+    Examples:
+      fnclass data prepare cifar10 --out ~/.cache/fnclass/cifar10
+      fnclass data prepare ./flowers --out data/flowers --size 32 --test-fraction 0.2
+    """
+    folder = prepare(source, out_dir, size=size, test_fraction=test_fraction, download=not no_download)
+    click.echo(f"wrote {folder} (see `fnclass data info {folder}`)")
+
+
+@data.command("info")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@one_line_errors
+def info_command(folder: Path, as_json: bool) -> None:
+    """Show class counts, mean/std, image shape and checksums.
+
+    \b
+    Examples:
+      fnclass data info ../shared/data/cifar10
+      fnclass data info ../shared/data/cifar10 --json
+    """
+    summary = dataset_info(folder)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _render_info(summary, Console(highlight=False))
+
+
+def _render_info(summary: dict, console: Console) -> None:
+    """Counts per class as a table, then shape, statistics and ``sha256sum``-style checksum lines."""
+    table = Table(title=escape(summary["folder"]), show_footer=True)
+    table.add_column("label", "total", justify="right")
+    table.add_column("class")
+    table.add_column("train", str(summary["train_size"]), justify="right")
+    table.add_column("test", str(summary["test_size"]), justify="right")
+    for label, (name, train, test) in enumerate(zip(summary["classes"], summary["counts"]["train"],
+                                                    summary["counts"]["test"])):
+        table.add_row(str(label), escape(name), str(train), str(test))
+    console.print(table)
+    console.print(f"image shape  {' x '.join(map(str, summary['image_shape']))}")
+    console.print(f"train mean   {' '.join(f'{value:.4f}' for value in summary['mean'])}  (RGB, in [0, 1])")
+    console.print(f"train std    {' '.join(f'{value:.4f}' for value in summary['std'])}")
+    console.print("sha256", style="bold")
+    for name, digest in summary["sha256"].items():
+        console.print(f"{digest}  {escape(name)}", soft_wrap=True)
+    console.print(f"{summary['sha256_all']}  (all five: SHA-256 of the five lines above)", soft_wrap=True)

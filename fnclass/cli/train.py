@@ -1,0 +1,276 @@
+"""``fnclass train``, ``fnclass eval`` and ``fnclass info``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fnclass.checkpoint import file_sha256, load_checkpoint
+from fnclass.cli import UsageProblem, one_line_errors
+from fnclass.config import config_to_dict, load_config
+from fnclass.data import load_split, resolve_data_dir
+from fnclass.train import (
+    Reporter,
+    TrainingInterrupted,
+    evaluate_dataset,
+    make_eval_step,
+    pick_device,
+    train_and_evaluate,
+)
+from fnclass.tree import num_params, tree_to
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+COLUMNS = [("epoch", 5, "{:d}"), ("train loss", 10, "{:.4f}"), ("train acc", 9, "{:.2%}"),
+           ("test loss", 9, "{:.4f}"), ("test acc", 8, "{:.2%}"), ("lr", 9, "{:.2e}"), ("seconds", 7, "{:.1f}")]
+
+
+def _row(values) -> str:
+    """One fixed-width line of the epoch table."""
+    return "  ".join(str(v).rjust(width) for v, (_, width, _) in zip(values, COLUMNS))
+
+
+class RichReporter(Reporter):
+    """Progress bar while an epoch runs, a table row per epoch, a summary panel at the end."""
+
+    def __init__(self, console: Console, *, mode: str):
+        self.console, self.mode = console, mode
+        self.progress = None
+        self.task = None
+        self.loss = float("nan")
+
+    def start(self, info):
+        if self.mode != "normal":
+            return
+        cfg = info["config"]
+        resumed = f", resuming at step {info['start_step']}" if info["start_step"] else ""
+        self.console.print(
+            f"fnclass train: {cfg.model.name} ({info['num_params'] / 1e6:.2f}M parameters) on {info['device']}, "
+            f"{info['train_images']} train / {info['test_images']} test images from {info['data_dir']}, "
+            f"{info['steps_per_epoch']} steps/epoch x {cfg.train.epochs} epochs{resumed} -> {info['workdir']}",
+            highlight=False)
+        self.console.print(_row([name for name, _, _ in COLUMNS]), style="bold", highlight=False)
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("{task.fields[ips]:,.0f} img/s"), TextColumn("loss {task.fields[loss]:.3f}"),
+                TextColumn("lr {task.fields[lr]:.2e}"), TimeRemainingColumn(), console=self.console, transient=True)
+            self.progress.start()
+
+    def step(self, info):
+        if self.progress is None:
+            return
+        self.loss = info.get("loss", self.loss)
+        if self.task is None or info["epoch_step"] == 1 and self.progress.tasks[0].fields["epoch"] != info["epoch"] + 1:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task("train", total=info["steps_per_epoch"], epoch=info["epoch"] + 1,
+                                               ips=0.0, loss=self.loss, lr=info["lr"])
+        self.progress.update(self.task, completed=info["epoch_step"], ips=info["images_per_second"],
+                             loss=self.loss, lr=info["lr"])
+
+    def epoch(self, row):
+        if self.mode != "normal":
+            return
+        values = [fmt.format(row[key]) for key, (_, _, fmt) in zip(
+            ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"], COLUMNS)]
+        self.console.print(_row(values), highlight=False)
+
+    def end(self, summary):
+        if self.progress is not None:
+            self.progress.stop()
+        if self.mode == "json":
+            click.echo(json.dumps(summary))
+            return
+        lines = [f"final test accuracy  {summary['test_accuracy']:.2%}",
+                 f"best test accuracy   {summary['best_test_accuracy']:.2%}"]
+        if "test_accuracy_tta" in summary:
+            lines.append(f"with flip TTA        {summary['test_accuracy_tta']:.2%}")
+        ips = summary["images_per_second"]
+        lines += [f"training time        {summary['train_seconds']:.1f} s"
+                  + (f" (+{summary['compile_seconds']:.1f} s compile)" if summary["compile_seconds"] else ""),
+                  f"throughput           {ips:,.0f} images/s" if ips else "throughput           -",
+                  f"device               {summary['device']}, torch {summary['torch_version']}",
+                  f"run directory        {summary['run_dir']}"]
+        self.console.print(Panel("\n".join(lines), title="summary", expand=False), highlight=False)
+        if self.mode == "normal":
+            self.console.print(_per_class_table(summary["per_class_accuracy"]))
+
+
+def _per_class_table(per_class: dict) -> Table:
+    """A table of test accuracy per class."""
+    table = Table(title="test accuracy per class")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, accuracy in per_class.items():
+        table.add_row(name, f"{accuracy:.2%}")
+    return table
+
+
+def _default_config_path(device: str) -> tuple[Path, str]:
+    """fast.toml on a GPU, cpu.toml on the CPU, and the sentence that says so."""
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    path = CONFIG_DIR / ("fast.toml" if on_gpu else "cpu.toml")
+    return path, f"no --config given: using {path} ({'GPU' if on_gpu else 'CPU'})"
+
+
+def _differences(given, recorded) -> list[str]:
+    """``section.key: given vs recorded`` for every key where two configs differ."""
+    a, b = config_to_dict(given), config_to_dict(recorded)
+    return [f"{section}.{key} = {a[section].get(key)!r} here but {b[section].get(key)!r} in the run"
+            for section in a for key in sorted(set(a[section]) | set(b[section]))
+            if a[section].get(key) != b[section].get(key)]
+
+
+def _resume_config(run_dir: Path, config_path, overrides, out):
+    """The recorded config of a run to resume, after checking that the given options agree with it."""
+    recorded_path = run_dir / "config.toml"
+    if not (run_dir / "checkpoints" / "last.safetensors").is_file() or not recorded_path.is_file():
+        raise UsageProblem(f"--resume {run_dir}: no config.toml and checkpoints/last.safetensors there; "
+                           "give the directory of a run that has saved a checkpoint")
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise UsageProblem(f"--out {out} differs from --resume {run_dir}: a resumed run continues in its own folder")
+    recorded = load_config(recorded_path)
+    if config_path is not None or overrides:
+        given = load_config(config_path if config_path is not None else recorded_path, overrides).resolved()
+        differences = _differences(given, recorded.resolved())
+        if differences:
+            raise UsageProblem(f"--resume {run_dir}: {differences[0]}; drop that option to continue the run as it was"
+                               " (or start a new run with --out)")
+    return recorded
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config (default: configs/fast.toml on a GPU, configs/cpu.toml on the CPU).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. optim.lr=3e-4.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default runs/NAME-TIME).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), help="Shorthand for --set train.seed=N.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (else $FNCLASS_DATA, then the cache).")
+@click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
+@click.option("--quiet", is_flag=True, help="Print only the summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the summary, as one JSON object.")
+@one_line_errors
+def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, quiet, as_json):
+    """Train a model on CIFAR and write a run directory.
+
+    \b
+    Example:
+      fnclass train --config configs/cpu.toml --data-dir ../shared/data/cifar10 --out runs/cpu
+    """
+    console = Console(stderr=as_json)
+    overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
+    if resume is not None:
+        config = _resume_config(resume, config_path, overrides, out)
+        workdir = resume
+    else:
+        if config_path is None:
+            config_path, note = _default_config_path(device)
+            if not (quiet or as_json):
+                console.print(note, highlight=False)
+        config = load_config(config_path, overrides)
+        workdir = out or Path("runs") / f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (workdir / "checkpoints" / "last.safetensors").exists():
+            raise UsageProblem(f"--out {workdir} already holds a run: continue it with --resume {workdir} "
+                               "or choose another --out")
+    reporter = RichReporter(console, mode="json" if as_json else "quiet" if quiet else "normal")
+    try:
+        train_and_evaluate(config, workdir, data_dir=data_dir, device=device, download=not no_download,
+                           resume=resume is not None, reporter=reporter)
+    except TrainingInterrupted as stop:
+        if reporter.progress is not None:
+            reporter.progress.stop()
+        click.echo(f"interrupted at step {stop.step}: saved {stop.checkpoint}; continue with "
+                   f"`fnclass train --resume {workdir}`", err=True)
+        raise SystemExit(130) from None
+
+
+@click.command(name="eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--tta", is_flag=True, help="Also report flip test-time-augmented accuracy.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (else $FNCLASS_DATA, then the cache).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of the split.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@one_line_errors
+def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_json):
+    """Evaluate a checkpoint on a data split.
+
+    \b
+    Example:
+      fnclass eval runs/cpu/checkpoints/best.safetensors --tta --data-dir ../shared/data/cifar10
+    """
+    ckpt = load_checkpoint(checkpoint)
+    dev = pick_device(device)
+    folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
+    images, labels = load_split(folder, split, limit=limit)
+    if int(labels.max()) >= len(ckpt.classes):
+        raise UsageProblem(f"{folder}: labels go up to {int(labels.max())} but the checkpoint knows "
+                           f"{len(ckpt.classes)} classes; evaluate on the data set it was trained on")
+    params, state = tree_to((ckpt.params, ckpt.state), dev)
+    result = evaluate_dataset(make_eval_step(ckpt.model), params, state, images.to(dev), labels.to(dev),
+                              mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size, tta=tta)
+    output = {"checkpoint": str(checkpoint), "split": split, "images": len(labels), "loss": result["loss"],
+              "accuracy": result["accuracy"],
+              "per_class_accuracy": dict(zip(ckpt.classes, result["per_class_accuracy"]))}
+    if tta:
+        output["accuracy_tta"] = result["tta_accuracy"]
+    if as_json:
+        click.echo(json.dumps(output))
+        return
+    console = Console()
+    lines = [f"{split} images  {len(labels)}", f"loss         {result['loss']:.4f}",
+             f"accuracy     {result['accuracy']:.2%}"]
+    if tta:
+        lines.append(f"flip TTA     {result['tta_accuracy']:.2%}")
+    console.print(Panel("\n".join(lines), title=str(checkpoint), expand=False), highlight=False)
+    console.print(_per_class_table(output["per_class_accuracy"]))
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
+@one_line_errors
+def info(checkpoint, as_json):
+    """Show what a checkpoint holds (model, step, classes, normalisation).
+
+    \b
+    Example:
+      fnclass info runs/cpu/checkpoints/last.safetensors
+    """
+    ckpt = load_checkpoint(checkpoint)
+    facts = {"file": str(checkpoint), "sha256": file_sha256(checkpoint), "bytes": Path(checkpoint).stat().st_size,
+             "model": ckpt.config.model.name, "num_params": num_params(ckpt.params), "step": ckpt.step,
+             "classes": list(ckpt.classes), "mean": list(ckpt.mean), "std": list(ckpt.std),
+             "fnclass_version": ckpt.metadata.get("fnclass_version"),
+             "has_optimizer_state": any(k.startswith("opt_state.") for k in ckpt.tensors),
+             "config": dataclasses.asdict(ckpt.config)}
+    if as_json:
+        click.echo(json.dumps(facts, default=list))
+        return
+    table = Table(title=str(checkpoint), show_header=False)
+    for key in ("model", "num_params", "step", "classes", "mean", "std", "fnclass_version", "has_optimizer_state",
+                "bytes", "sha256"):
+        value = facts[key]
+        if key in ("mean", "std"):
+            value = ", ".join(f"{v:.4f}" for v in value)
+        elif key == "classes":
+            value = ", ".join(value)
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+__all__ = ["train", "evaluate", "info"]

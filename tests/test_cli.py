@@ -1,0 +1,144 @@
+"""`fnclass train`, `eval` and `info` end to end on real CIFAR-10 subsets, through click's CliRunner."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import safetensors.torch
+from click.testing import CliRunner
+
+from fnclass.cli import main
+from fnclass.config import load_config
+from fnclass.train import Reporter, TrainingInterrupted, train_and_evaluate
+
+QUICK = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "data.train_limit=600",
+         "data.test_limit=200", "train.epochs=2", "train.batch_size=100", "train.log_every_steps=2"]
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def quick_run(cifar_dir, tmp_path_factory):
+    """One short CLI training run shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(out), *_sets(QUICK)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_writes_the_run_directory(quick_run):
+    out, output = quick_run
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "checkpoints/last.safetensors",
+                 "checkpoints/best.safetensors", "plots/curves.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_accuracy", "best_test_accuracy", "train_seconds", "images_per_second", "device",
+                "torch_version", "fnclass_version", "seed", "num_params"):
+        assert key in summary
+    assert 0.0 <= summary["test_accuracy"] <= summary["best_test_accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4, 6, 8, 10, 12]
+    assert load_config(out / "config.toml") == load_config("configs/cpu.toml", QUICK).resolved()
+    assert "summary" in output and "test accuracy per class" in output
+    assert (out / "plots/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_and_info_read_the_checkpoint(quick_run, cifar_dir):
+    out, _ = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    result = CliRunner().invoke(main, ["eval", str(out / "checkpoints/last.safetensors"), "--data-dir",
+                                       str(cifar_dir), "--limit", "200", "--json", "--tta"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.output)
+    assert evaluation["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert 0.0 <= evaluation["accuracy_tta"] <= 1.0
+    installed = shutil.which("fnclass")
+    assert installed, "the fnclass entry point is not installed"
+    proc = subprocess.run([installed, "info", str(out / "checkpoints/last.safetensors"), "--json"],
+                          capture_output=True, text=True, check=True)
+    facts = json.loads(proc.stdout)
+    assert facts["step"] == 12 and facts["model"] == "tiny" and facts["has_optimizer_state"]
+
+
+class _StopAt(Reporter):
+    def __init__(self, step):
+        self.stop_step = step
+
+    def step(self, info):
+        if info["step"] == self.stop_step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(cifar_dir, tmp_path):
+    config = load_config(None, QUICK)
+    train_and_evaluate(config, tmp_path / "straight", data_dir=str(cifar_dir))
+    with pytest.raises(TrainingInterrupted) as stop:
+        train_and_evaluate(config, tmp_path / "broken", data_dir=str(cifar_dir), reporter=_StopAt(8))
+    assert stop.value.step == 8  # mid-way through the second epoch
+    summary = train_and_evaluate(config, tmp_path / "broken", data_dir=str(cifar_dir), resume=True)
+    assert summary["resumed_from_step"] == 8
+    straight = safetensors.torch.load_file(tmp_path / "straight/checkpoints/last.safetensors")
+    resumed = safetensors.torch.load_file(tmp_path / "broken/checkpoints/last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert (straight[name] == resumed[name]).all(), name
+    lines = (tmp_path / "broken/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [
+        json.loads(line)["step"] for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_disagreeing_options(quick_run):
+    out, _ = quick_run
+    result = CliRunner().invoke(main, ["train", "--resume", str(out), *_sets(QUICK), "--set", "optim.lr=0.5"])
+    assert result.exit_code == 2
+    assert "optim.lr = 0.5 here but" in result.stderr and "in the run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_out_directory_with_a_run_is_not_overwritten(quick_run):
+    out, _ = quick_run
+    before = (out / "checkpoints/last.safetensors").read_bytes()
+    result = CliRunner().invoke(main, ["train", "--out", str(out), *_sets(QUICK)])
+    assert result.exit_code == 2 and "--resume" in result.output
+    assert (out / "checkpoints/last.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--set", "optim.lr=-1"], "optim.lr = -1.0 is not allowed"),
+    (["train", "--set", "model.nme=tiny"], "unknown key model.nme"),
+    (["train", "--device", "tpu"], "Invalid value for '--device'"),
+    (["train", "--bogus"], "No such option"),
+    (["train", "--config", "missing.toml"], "no such config file"),
+    (["train", "--data-dir", "/nonexistent/data", *_sets(QUICK)], "/nonexistent/data"),
+    (["eval"], "Missing argument"),
+    (["info", "/nonexistent/ck.safetensors"], "no such checkpoint file"),
+])
+def test_bad_input_is_one_line_with_exit_code_2(args, message, tmp_path):
+    result = CliRunner().invoke(main, args + (["--out", str(tmp_path / "run")] if args[0] == "train" else []))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+def test_truncated_checkpoint_is_one_line_and_left_alone(quick_run, tmp_path):
+    out, _ = quick_run
+    bad = tmp_path / "cut.safetensors"
+    payload = (out / "checkpoints/last.safetensors").read_bytes()[:1000]
+    bad.write_bytes(payload)
+    for command in (["info", str(bad)], ["eval", str(bad)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and "truncated" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert bad.read_bytes() == payload
+
+
+def test_short_real_run_beats_40_percent(cifar_dir, tmp_path):
+    config = load_config("configs/cpu.toml", ["data.train_limit=10000", "data.test_limit=2000", "train.epochs=4",
+                                              "train.batch_size=128", "optim.warmup_epochs=1"])
+    summary = train_and_evaluate(config, tmp_path / "run", data_dir=str(cifar_dir))
+    assert summary["steps"] == 4 * (10000 // 128)
+    assert summary["test_accuracy"] > 0.40
