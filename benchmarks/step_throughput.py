@@ -44,8 +44,8 @@ from tests.torch_reference import reference_module  # noqa: E402
 LEARNING_RATE = 1e-3  # Adam's usual default; the value does not change the step's cost
 
 # Per-device defaults: a batch that keeps a GPU busy without waiting on the host, and one a 2-core
-# CPU steps through in under a second; compile and bf16 by default only where they pay off. Rounds
-# are short and many because shared CPUs change speed within seconds (a throttled VM ran 10x slower).
+# CPU steps through in under a second; compile and bf16 by default only where they pay off. CPU
+# rounds are short (and --rounds many) because a shared VM's CPU can slow down 10x within seconds.
 _DEVICE_DEFAULTS = {
     "cuda": dict(batch_size=512, steps=50, warmup=10, compile=True, precision="bf16"),
     "cpu": dict(batch_size=128, steps=3, warmup=2, compile=False, precision="fp32"),
@@ -129,7 +129,7 @@ def stateful_runner(config: ModelConfig, train_state: fnclass.TrainState, batch,
                     compile: bool, precision: str, channels_last: bool) -> Callable[[], None]:
     """A function that runs one idiomatic nn.Module + torch.optim.Adam step per call."""
     module = reference_module(config, train_state.params, train_state.state).to(device).train()
-    if channels_last:
+    if channels_last:  # the idiom converts the weights too; the functional step converts only the images
         module = module.to(memory_format=torch.channels_last)
     # The fused CUDA kernel is what a tuned stateful loop would use; foreach is torch's default elsewhere.
     kernel = {"fused": True} if compile and device.type == "cuda" else {"foreach": True}

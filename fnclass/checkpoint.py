@@ -105,10 +105,9 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        payload = path.read_bytes()
-        tensors = safetensors.torch.load(payload)
         with safetensors.safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # safetensors raises several types for truncated or garbled files
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(error)}); it may be "
                               "truncated or corrupted: use another checkpoint or re-run training") from None

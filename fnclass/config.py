@@ -154,9 +154,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     precision: str = "fp32"  # "bf16" autocasts on CUDA (params and BN statistics stay float32)
     compile: bool = False  # compile the whole step; pays on a GPU, not on a CPU
-    channels_last: bool = False  # channels-last images (faster convolutions on recent GPUs)
+    channels_last: bool = False  # channels-last images (faster convolutions on GPUs and with oneDNN on CPUs)
     eval_batch_size: int = 1000
-    tta: bool = False  # report flip test-time-augmented accuracy
+    tta: bool = False  # also report flip test-time-augmented accuracy after the last epoch
     log_every_steps: int = 50  # metrics.jsonl line and progress-bar loss every N steps (0: epoch ends only)
 
     def validate(self) -> None:

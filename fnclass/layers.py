@@ -1,7 +1,7 @@
 """Layers as pure functions: an ``*_init`` that builds parameters from a key, and an apply function.
 
 Initialisers follow torch.nn's defaults (weights and biases uniform in +-1/sqrt(fan_in)) so a model
-behaves like its nn.Module twin from the first step. Apply functions never mutate their inputs:
+behaves like its torch.nn twin from the first step. Apply functions never mutate their inputs:
 :func:`batch_norm` in training mode returns the new running statistics as a new state dict.
 """
 

@@ -179,7 +179,7 @@ def apply_updates(params, updates):
 
 
 def adam(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
-    """Adam, equal to ``torch.optim.Adam`` (no weight decay).
+    """Adam, numerically equal to PyTorch's Adam (no weight decay).
 
     Args:
       learning_rate: a constant or a schedule of the step.
@@ -195,7 +195,7 @@ def adam(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, ep
 
 def adamw(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 1e-2, mask: Callable | None = None) -> Transform:
-    """AdamW (decoupled weight decay, Loshchilov & Hutter), equal to ``torch.optim.AdamW``.
+    """AdamW (decoupled weight decay, Loshchilov & Hutter), numerically equal to PyTorch's AdamW.
 
     Args:
       learning_rate: a constant or a schedule of the step; it also scales the decay, as in torch.
@@ -214,7 +214,7 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
         weight_decay: float = 0.0, mask: Callable | None = None) -> Transform:
     """SGD with optional (Nesterov) momentum and decoupled weight decay.
 
-    With ``weight_decay=0`` it equals ``torch.optim.SGD(momentum=..., nesterov=...)``. The decay is
+    With ``weight_decay=0`` it equals PyTorch's SGD with the same momentum. The decay is
     decoupled (``param -= lr * weight_decay * param``), not added to the gradient before momentum.
 
     Args:

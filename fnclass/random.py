@@ -86,8 +86,12 @@ def fold_in(key: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
     Returns:
       A new key, independent of ``key`` for practical purposes.
     """
-    data = torch.as_tensor(data, dtype=torch.int64, device=key.device) & _MASK32
-    return _mix(_mix(key ^ data) + torch.tensor([3, 5], device=key.device) & _MASK32)
+    if isinstance(data, torch.Tensor):
+        data = data.to(device=key.device, dtype=torch.int64)
+    # Python ints enter as kernel scalars and the lane offsets are made on the key's device: no host-to-
+    # device copy, which on CUDA would make the host wait for the GPU at every step.
+    lanes = torch.arange(2, device=key.device, dtype=torch.int64) * 2 + 3
+    return _mix(_mix(key ^ (data & _MASK32)) + lanes & _MASK32)
 
 
 def uniform(key: torch.Tensor, shape, *, low: float = 0.0, high: float = 1.0,

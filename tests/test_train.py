@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fnclass
-from fnclass import data, losses, optim, random, tree
+from fnclass import data, losses, optim, random, train, tree
 from fnclass.config import ModelConfig
 from tests.torch_reference import reference_module, torch_name
 
@@ -41,6 +41,19 @@ def test_train_step_matches_stateful_module_and_torch_sgd():
     reference = module.state_dict()
     for path, value in {**tree.flatten_paths(ts.params), **tree.flatten_paths(ts.state)}.items():
         torch.testing.assert_close(value, reference[torch_name(path)], rtol=1e-4, atol=1e-5)
+
+
+def test_eager_gradient_equals_torch_func():
+    model = fnclass.build_model(SMALL)
+    params, state = model.init(fnclass.key(4))
+    images, labels = _batch(1)
+
+    def loss_and_aux(p, s, x, y, key):
+        logits, new_state = model.apply(p, s, x, train=True, key=key)
+        return losses.cross_entropy(logits, y), (new_state, logits.detach())
+    ours = train._eager_grad_and_value(loss_and_aux)(params, state, images, labels, None)
+    reference = torch.func.grad_and_value(loss_and_aux, has_aux=True)(params, state, images, labels, None)
+    assert tree.tree_allclose(ours, reference, rtol=1e-6, atol=1e-7)
 
 
 def test_train_step_does_not_mutate_its_input():
