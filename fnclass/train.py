@@ -7,6 +7,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -408,14 +409,16 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
                     save(checkpoints / "last.safetensors", train_state)
             epoch_seconds = time.perf_counter() - epoch_start
+            train_loss = loss_sum.item() / max(epoch_images, 1)
+            if not math.isfinite(train_loss):  # checked before saving: the last good checkpoint stays
+                raise ConfigError(f"training diverged: the train loss is {train_loss} in epoch {epoch + 1}; lower "
+                                  f"optim.lr (now {config.optim.lr}) or set optim.clip_norm")
             final_epoch = epoch + 1 == config.train.epochs
             last_eval = evaluate_dataset(eval_step, train_state.params, train_state.state, test_images, test_labels,
                                          mean=mean_t, std=std_t, batch_size=config.train.eval_batch_size,
                                          tta=config.train.tta and final_epoch)
-            steps_done = max(epoch_images // batch_size, 1)
-            seen = steps_done * batch_size
-            row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
-                   "train_accuracy": correct.item() / seen, "test_loss": last_eval["loss"],
+            row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": train_loss,
+                   "train_accuracy": correct.item() / max(epoch_images, 1), "test_loss": last_eval["loss"],
                    "test_accuracy": last_eval["accuracy"], "lr": float(schedule(step - 1)),
                    "seconds": epoch_seconds}
             if "tta_accuracy" in last_eval:
@@ -433,7 +436,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
 
     if last_eval is None:  # resumed a finished run: evaluate what is there
         last_eval = evaluate_dataset(eval_step, train_state.params, train_state.state, test_images, test_labels,
-                                     mean=mean_t, std=std_t, batch_size=config.train.eval_batch_size, tta=config.train.tta)
+                                     mean=mean_t, std=std_t, batch_size=config.train.eval_batch_size,
+                                     tta=config.train.tta)
         best = max(best or 0.0, last_eval["accuracy"])
     summary = {
         "test_accuracy": last_eval["accuracy"], "best_test_accuracy": best, "test_loss": last_eval["loss"],

@@ -100,9 +100,20 @@ class RichReporter(Reporter):
                   f"throughput           {ips:,.0f} images/s" if ips else "throughput           -",
                   f"device               {summary['device']}, torch {summary['torch_version']}",
                   f"run directory        {summary['run_dir']}"]
-        self.console.print(Panel("\n".join(lines), title="summary", expand=False), highlight=False)
-        if self.mode == "normal":
-            self.console.print(_per_class_table(summary["per_class_accuracy"]))
+        _show(self.console, "summary", lines, summary["per_class_accuracy"] if self.mode == "normal" else None)
+
+
+def _show(console: Console, title: str, lines: list[str], per_class: dict | None) -> None:
+    """A panel and a per-class table on a terminal; the same facts as plain lines anywhere else."""
+    if not console.is_terminal:
+        for line in lines:
+            console.print(line, highlight=False)
+        for name, accuracy in (per_class or {}).items():
+            console.print(f"accuracy {name:<20} {accuracy:.2%}", highlight=False)
+        return
+    console.print(Panel("\n".join(lines), title=title, expand=False), highlight=False)
+    if per_class:
+        console.print(_per_class_table(per_class))
 
 
 def _per_class_table(per_class: dict) -> Table:
@@ -231,13 +242,11 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
     if as_json:
         click.echo(json.dumps(output))
         return
-    console = Console()
     lines = [f"{split} images  {len(labels)}", f"loss         {result['loss']:.4f}",
              f"accuracy     {result['accuracy']:.2%}"]
     if tta:
         lines.append(f"flip TTA     {result['tta_accuracy']:.2%}")
-    console.print(Panel("\n".join(lines), title=str(checkpoint), expand=False), highlight=False)
-    console.print(_per_class_table(output["per_class_accuracy"]))
+    _show(Console(), str(checkpoint), lines, output["per_class_accuracy"])
 
 
 @click.command()

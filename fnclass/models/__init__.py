@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+from fnclass import layers, random
 from fnclass.config import ModelConfig
 
 
@@ -36,4 +37,31 @@ def build_model(config: ModelConfig) -> Model:
     return builders[config.name](config)
 
 
-__all__ = ["Model", "build_model"]
+def attention_init(key, config: ModelConfig) -> list[dict]:
+    """Parameters of every self-attention block: ``attn_layers`` after each stage in ``attn_after``."""
+    sites = _attention_sites(config)
+    keys = random.split(key, max(len(sites), 1))
+    return [layers.spatial_attention_init(keys[j], config.widths[stage]) for j, stage in enumerate(sites)]
+
+
+def refine(attn_params: list[dict], x, stage: int, config: ModelConfig):
+    """Apply the self-attention blocks placed after ``stage`` to the feature map ``x``."""
+    for j, site in enumerate(_attention_sites(config)):
+        if site == stage:
+            x = layers.spatial_attention(attn_params[j], x, heads=config.attn_heads, impl=config.attn_impl)
+    return x
+
+
+def classify(head_params: dict, features, config: ModelConfig, *, train: bool, key=None):
+    """The classifier head: dropout (when training and configured) then a linear layer."""
+    if config.dropout > 0.0 and train:
+        features = layers.dropout(key, features, config.dropout, train=train)
+    return layers.linear(head_params, features)
+
+
+def _attention_sites(config: ModelConfig) -> list[int]:
+    """The stage after which each attention block sits, in order."""
+    return [stage for stage in config.attn_after for _ in range(config.attn_layers)]
+
+
+__all__ = ["Model", "attention_init", "build_model", "classify", "refine"]

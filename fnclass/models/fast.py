@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from fnclass import layers, random
 from fnclass.config import ModelConfig
+from fnclass.models import Model, attention_init, classify, refine
 
 
 def _conv_bn_init(key, in_channels, out_channels):
@@ -30,10 +31,7 @@ def _conv_bn(params, state, x, *, pool, train, momentum):
 
 def build(config: ModelConfig):
     """``Model(init, apply)`` for a resolved ``fast`` or ``tiny`` config."""
-    from fnclass.models import Model
-
     widths = config.widths
-    attn_sites = [stage for stage in config.attn_after for _ in range(config.attn_layers)]
 
     def init(key):
         k_stem, k_blocks, k_attn, k_head = random.split(key, 4)
@@ -48,9 +46,7 @@ def build(config: ModelConfig):
             params["blocks"].append({"conv1": p1, "conv2": p2})
             state["blocks"].append({"conv1": s1, "conv2": s2})
             in_channels = width
-        attn_keys = random.split(k_attn, max(len(attn_sites), 1))
-        params["attn"] = [layers.spatial_attention_init(attn_keys[j], widths[stage])
-                          for j, stage in enumerate(attn_sites)]
+        params["attn"] = attention_init(k_attn, config)
         params["head"] = layers.linear_init(k_head, widths[-1], config.num_classes, bias=False)
         return params, state
 
@@ -58,7 +54,6 @@ def build(config: ModelConfig):
         momentum = config.bn_momentum
         x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, momentum=momentum)
         new_state = {"stem": stem, "blocks": []}
-        attn_index = 0
         for i, (block_params, block_state) in enumerate(zip(params["blocks"], state["blocks"])):
             x, s1 = _conv_bn(block_params["conv1"], block_state["conv1"], x, pool=True, train=train,
                              momentum=momentum)
@@ -66,13 +61,8 @@ def build(config: ModelConfig):
                              momentum=momentum)
             x = x + y
             new_state["blocks"].append({"conv1": s1, "conv2": s2})
-            while attn_index < len(attn_sites) and attn_sites[attn_index] == i:
-                x = layers.spatial_attention(params["attn"][attn_index], x, heads=config.attn_heads,
-                                             impl=config.attn_impl)
-                attn_index += 1
-        features = layers.global_max_pool(x)
-        if config.dropout > 0.0 and train:
-            features = layers.dropout(key, features, config.dropout, train=train)
-        return layers.linear(params["head"], features), new_state
+            x = refine(params["attn"], x, i, config)
+        logits = classify(params["head"], layers.global_max_pool(x), config, train=train, key=key)
+        return logits, new_state
 
     return Model(init, apply)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fnclass import layers, random
 from fnclass.config import ModelConfig
+from fnclass.models import Model, attention_init, classify, refine
 
 
 def _conv_bn_init(key, in_channels, out_channels, kernel_size):
@@ -49,10 +50,7 @@ def _block(params, state, x, *, stride, train, momentum):
 
 def build(config: ModelConfig):
     """``Model(init, apply)`` for a resolved ``resnet_attn`` config."""
-    from fnclass.models import Model
-
     widths, depths = config.widths, config.depths
-    attn_sites = [stage for stage in config.attn_after for _ in range(config.attn_layers)]
 
     def init(key):
         k_stem, k_stages, k_attn, k_head = random.split(key, 4)
@@ -67,9 +65,7 @@ def build(config: ModelConfig):
             params["stages"].append({"blocks": [p for p, _ in blocks]})
             state["stages"].append({"blocks": [s for _, s in blocks]})
             in_channels = width
-        attn_keys = random.split(k_attn, max(len(attn_sites), 1))
-        params["attn"] = [layers.spatial_attention_init(attn_keys[j], widths[stage])
-                          for j, stage in enumerate(attn_sites)]
+        params["attn"] = attention_init(k_attn, config)
         params["head"] = layers.linear_init(k_head, widths[-1], config.num_classes)
         return params, state
 
@@ -79,7 +75,6 @@ def build(config: ModelConfig):
         x, stem_bn = layers.batch_norm(params["stem"]["bn"], state["stem"]["bn"], x, train=train, momentum=momentum)
         x = layers.relu(x)
         new_state = {"stem": {"bn": stem_bn}, "stages": []}
-        attn_index = 0
         for i, (stage_params, stage_state) in enumerate(zip(params["stages"], state["stages"])):
             block_states = []
             for j, (block_params, block_state) in enumerate(zip(stage_params["blocks"], stage_state["blocks"])):
@@ -87,13 +82,8 @@ def build(config: ModelConfig):
                 x, block_state = _block(block_params, block_state, x, stride=stride, train=train, momentum=momentum)
                 block_states.append(block_state)
             new_state["stages"].append({"blocks": block_states})
-            while attn_index < len(attn_sites) and attn_sites[attn_index] == i:
-                x = layers.spatial_attention(params["attn"][attn_index], x, heads=config.attn_heads,
-                                             impl=config.attn_impl)
-                attn_index += 1
-        features = layers.global_avg_pool(x)
-        if config.dropout > 0.0 and train:
-            features = layers.dropout(key, features, config.dropout, train=train)
-        return layers.linear(params["head"], features), new_state
+            x = refine(params["attn"], x, i, config)
+        logits = classify(params["head"], layers.global_avg_pool(x), config, train=train, key=key)
+        return logits, new_state
 
     return Model(init, apply)
