@@ -1,0 +1,333 @@
+"""Per-example gradient analysis: ``torch.func.vmap`` over ``torch.func.grad``, chunked and streamed.
+
+The loss analysed is each example's plain cross-entropy (no label smoothing, no weight decay) unless a
+``loss_fn`` says otherwise, and the model runs with ``train=False``: BatchNorm normalises with its running
+statistics, so an example's gradient depends on that example alone and is well defined.
+
+Statistics are streamed chunk by chunk and never hold N x P numbers: per-example loss, gradient norm
+(total and per layer group), cosine to the mean gradient, the mean gradient, and the gradient noise scale
+``B_simple = tr(Sigma) / |G|^2`` of McCandlish et al. (2018), "An Empirical Model of Large-Batch Training",
+overall and per layer group, with unbiased estimates of ``tr(Sigma)`` and ``|G|^2``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optree
+import torch
+
+from fnclass import data, tree
+from fnclass.checkpoint import load_checkpoint, write_atomic
+from fnclass.losses import per_example_cross_entropy
+from fnclass.models import Model, build_model
+from fnclass.train import pick_device
+
+LOSS_DESCRIPTION = ("per-example cross-entropy without label smoothing or weight decay; BatchNorm in eval mode "
+                    "(running statistics), so each example's gradient depends on that example alone")
+
+
+def layer_group(path: str) -> str:
+    """The layer group of a flat parameter path: its first component, with the index for lists
+    (``stages.1.blocks.0.conv1.weight`` -> ``stages.1``, ``head.weight`` -> ``head``)."""
+    parts = path.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def make_per_example_grad_fn(model: Model, state, *, loss_fn: Callable = per_example_cross_entropy) -> Callable:
+    """``fn(params, images, labels) -> (grads, (losses, logits))`` with a leading batch axis on every output.
+
+    Args:
+      model: the model.
+      state: its state (BatchNorm running statistics), used as is.
+      loss_fn: ``loss_fn(logits, labels) -> (N,)`` per-example losses.
+    """
+    def example_loss(params, image, label):
+        logits, _ = model.apply(params, state, image[None], train=False)
+        return loss_fn(logits, label[None])[0], logits[0].detach()
+
+    return torch.func.vmap(torch.func.grad_and_value(example_loss, has_aux=True), in_dims=(None, 0, 0))
+
+
+def _chunks(n: int, chunk_size: int | None):
+    """Slices of ``range(n)`` of at most ``chunk_size`` (one slice when None)."""
+    step = n if not chunk_size else chunk_size
+    return [slice(start, min(start + step, n)) for start in range(0, n, max(step, 1))]
+
+
+def per_example_grads(model: Model, params, state, images: torch.Tensor, labels: torch.Tensor, *,
+                      chunk_size: int | None = None, loss_fn: Callable = per_example_cross_entropy):
+    """Per-example gradients of the loss, a pytree shaped like ``params`` with a leading batch axis.
+
+    Args:
+      model: the model.
+      params: its parameters.
+      state: its state; BatchNorm uses these running statistics (``train=False``).
+      images: (N, C, H, W) float images as ``Checkpoint.preprocess`` returns them.
+      labels: (N,) int64 labels.
+      chunk_size: examples per vmap call (None: all at once). Results do not depend on it.
+      loss_fn: per-example loss ``(logits, labels) -> (N,)``; default plain cross-entropy.
+
+    Returns:
+      The tree of (N, *param.shape) gradients. This holds N x P numbers: use
+      :func:`gradient_statistics` for large N.
+    """
+    grad_fn = make_per_example_grad_fn(model, state, loss_fn=loss_fn)
+    parts = [grad_fn(params, images[s], labels[s])[0] for s in _chunks(len(images), chunk_size)]
+    return optree.tree_map(lambda *leaves: torch.cat(leaves), *parts)
+
+
+def _bytes_saved_for_backward(model: Model, params, state, image: torch.Tensor) -> int:
+    """Bytes of activations one example saves for its backward pass (measured with saved-tensor hooks)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    leaves = [leaf.detach().requires_grad_() for leaf in tree.tree_leaves(params)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.apply(tree.tree_unflatten(tree.tree_structure(params), leaves), state, image[None], train=False)
+    return total
+
+
+def memory_budget(device: torch.device) -> int:
+    """Default budget for per-example work: half the free GPU memory, or a quarter of the available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+def auto_chunk_size(model: Model, params, state, image: torch.Tensor, *, max_memory: int | None = None,
+                    limit: int | None = None) -> int:
+    """The largest chunk whose per-example gradients and activations fit ``max_memory`` bytes.
+
+    Each example costs its gradient (P floats) three times over (the gradient, the vmapped backward's
+    temporaries, the statistics' products) plus twice the activations it saves for backward.
+    """
+    budget = max_memory if max_memory is not None else memory_budget(image.device)
+    per_example = 3 * 4 * tree.num_params(params) + 2 * _bytes_saved_for_backward(model, params, state, image)
+    size = max(1, budget // max(per_example, 1))
+    return int(min(size, limit)) if limit else int(size)
+
+
+def _group_names(params) -> tuple[list[str], list[str]]:
+    """Each leaf's layer group, in leaf order, and the distinct groups in first-seen order."""
+    leaf_groups = [layer_group(path) for path in tree.flatten_paths(params)]
+    return leaf_groups, list(dict.fromkeys(leaf_groups))
+
+
+def noise_scale(sum_sq_norms: float, mean_grad_sq_norm: float, n: int) -> dict:
+    """``B_simple = tr(Sigma) / |G|^2`` from ``sum_i |g_i|^2`` and ``|mean_i g_i|^2`` over ``n`` examples.
+
+    Unbiased: ``tr(Sigma) = (sum_i |g_i|^2 - n |g_mean|^2) / (n - 1)`` and
+    ``|G|^2 = |g_mean|^2 - tr(Sigma) / n``. ``b_simple`` is ``inf`` when the estimate of ``|G|^2`` is not
+    positive (the mean gradient is lost in the noise).
+    """
+    trace = (sum_sq_norms - n * mean_grad_sq_norm) / max(n - 1, 1)
+    signal = mean_grad_sq_norm - trace / n
+    return {"trace_sigma": trace, "mean_grad_sq_norm": signal, "b_simple": trace / signal if signal > 0 else math.inf}
+
+
+def gradient_statistics(model: Model, params, state, images: torch.Tensor, labels: torch.Tensor, *,
+                        chunk_size: int | None = None, loss_fn: Callable = per_example_cross_entropy,
+                        cosine: bool = True, progress: Callable | None = None) -> dict:
+    """Streaming per-example gradient statistics over a whole split, one chunk in memory at a time.
+
+    Args:
+      model, params, state: the model to analyse (BatchNorm in eval mode).
+      images: (N, C, H, W) float images as ``Checkpoint.preprocess`` returns them.
+      labels: (N,) int64 labels.
+      chunk_size: examples per vmap call (None: all at once); see :func:`auto_chunk_size`.
+      loss_fn: per-example loss; default plain cross-entropy.
+      cosine: also compute each example's cosine to the mean gradient (a second pass over the data).
+      progress: called with the number of examples done after each chunk of each pass.
+
+    Returns:
+      A dict: ``per_example`` (CPU tensors of shape (N,): ``loss``, ``grad_norm``, ``predicted``, ``cos_to_mean``
+      and ``group_norms`` per layer group), ``mean_grad`` (a tree like params), ``noise_scale`` (overall) and
+      ``group_noise_scale`` (per group), ``groups`` and ``num_examples``.
+    """
+    grad_fn = make_per_example_grad_fn(model, state, loss_fn=loss_fn)
+    leaf_groups, groups = _group_names(params)
+    n = len(images)
+    chunks = _chunks(n, chunk_size)
+    sums = [torch.zeros_like(leaf) for leaf in tree.tree_leaves(params)]
+    losses, predicted, group_sq = [], [], {group: [] for group in groups}
+    for part in chunks:
+        grads, (loss, logits) = grad_fn(params, images[part], labels[part])
+        leaves = tree.tree_leaves(grads)
+        per_leaf_sq = [leaf.flatten(1).pow(2).sum(1) for leaf in leaves]
+        for group in groups:
+            group_sq[group].append(sum(sq for sq, g in zip(per_leaf_sq, leaf_groups) if g == group))
+        for total, leaf in zip(sums, leaves):
+            total += leaf.sum(0)
+        losses.append(loss.detach())
+        predicted.append(logits.argmax(-1))
+        if progress:
+            progress(part.stop)
+    mean_leaves = [total / n for total in sums]
+    group_sq = {group: torch.cat(values) for group, values in group_sq.items()}
+    total_sq = sum(group_sq.values())
+    mean_sq = {group: sum(float(m.pow(2).sum()) for m, g in zip(mean_leaves, leaf_groups) if g == group)
+               for group in groups}
+    per_example = {"loss": torch.cat(losses).cpu(), "grad_norm": total_sq.sqrt().cpu(),
+                   "predicted": torch.cat(predicted).cpu(),
+                   "group_norms": {group: values.sqrt().cpu() for group, values in group_sq.items()}}
+    if cosine:
+        mean_norm = math.sqrt(sum(mean_sq.values()))
+        dots = []
+        for part in chunks:
+            grads, _ = grad_fn(params, images[part], labels[part])
+            dots.append(sum((leaf.flatten(1) * mean.flatten()).sum(1)
+                            for leaf, mean in zip(tree.tree_leaves(grads), mean_leaves)))
+            if progress:
+                progress(n + part.stop)
+        per_example["cos_to_mean"] = (torch.cat(dots).cpu() / (per_example["grad_norm"] * mean_norm).clamp(min=1e-30))
+    return {
+        "per_example": per_example,
+        "mean_grad": tree.tree_unflatten(tree.tree_structure(params), mean_leaves),
+        "noise_scale": noise_scale(float(total_sq.sum()), sum(mean_sq.values()), n),
+        "group_noise_scale": {g: noise_scale(float(group_sq[g].sum()), mean_sq[g], n) for g in groups},
+        "groups": groups,
+        "num_examples": n,
+    }
+
+
+def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = "train", limit: int | None = None,
+                       chunk_size: int | str = "auto", max_memory: int | None = None, top: int = 64,
+                       device: str = "auto", download: bool = True, progress: Callable | None = None) -> dict:
+    """Per-example gradient analysis of a checkpoint on a data split, written to ``out_dir``.
+
+    Writes ``per_example.csv`` (index, label, predicted, loss, grad_norm, one column per layer group,
+    cos_to_mean), ``report.json`` (every aggregate), ``top_examples.png`` (the ``top`` highest-norm
+    examples with true and predicted labels) and ``norms.png`` (gradient-norm histograms per class).
+    Attention runs through its explicit ``math`` path here, which vectorises under vmap (fused SDPA kernels
+    have no batching rule); the parameters and the function are the same.
+
+    Returns:
+      The report dict (also ``report.json``), with ``top_indices`` added.
+    """
+    ckpt = load_checkpoint(checkpoint_path)
+    dev = pick_device(device)
+    folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
+    raw_images, labels = data.load_split(folder, split, limit=limit)
+    model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+    params, state = tree.tree_to((ckpt.params, ckpt.state), dev)
+    images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(model, params, state, images[0], max_memory=max_memory, limit=len(images))
+    start = time.perf_counter()
+    stats = gradient_statistics(model, params, state, images, labels, chunk_size=chunk_size, progress=progress)
+    seconds = time.perf_counter() - start
+    report = build_report(stats, labels.cpu(), ckpt.classes, split=split, chunk_size=chunk_size, seconds=seconds,
+                          checkpoint=str(checkpoint_path), top=top)
+    out_dir = Path(out_dir)
+    write_outputs(out_dir, stats, labels.cpu(), raw_images, ckpt.classes, report)
+    return report
+
+
+def build_report(stats: dict, labels: torch.Tensor, classes, *, split: str, chunk_size, seconds: float,
+                 checkpoint: str, top: int) -> dict:
+    """The aggregates of :func:`gradient_statistics` as plain JSON-ready numbers."""
+    per = stats["per_example"]
+    sq_total = float(per["grad_norm"].pow(2).sum())
+    shares = {g: float(norms.pow(2).sum()) / sq_total if sq_total else 0.0 for g, norms in per["group_norms"].items()}
+    per_class = {}
+    for index, name in enumerate(classes):
+        mask = labels == index
+        if mask.any():
+            per_class[name] = {"count": int(mask.sum()), "mean_grad_norm": float(per["grad_norm"][mask].mean()),
+                               "mean_loss": float(per["loss"][mask].mean()),
+                               "accuracy": float((per["predicted"][mask] == index).float().mean())}
+    order = torch.argsort(per["grad_norm"], descending=True)
+    return {
+        "checkpoint": checkpoint, "split": split, "num_examples": stats["num_examples"], "loss": LOSS_DESCRIPTION,
+        "mean_loss": float(per["loss"].mean()), "accuracy": float((per["predicted"] == labels).float().mean()),
+        "mean_grad_norm": float(per["grad_norm"].mean()), "noise_scale": stats["noise_scale"],
+        "group_noise_scale": stats["group_noise_scale"], "group_norm_share": shares, "per_class": per_class,
+        "chunk_size": chunk_size, "seconds": seconds,
+        "examples_per_second": stats["num_examples"] / seconds if seconds else None,
+        "top_indices": order[:top].tolist(),
+    }
+
+
+def write_outputs(out_dir, stats: dict, labels: torch.Tensor, raw_images: torch.Tensor, classes, report: dict) -> None:
+    """per_example.csv, report.json, top_examples.png and norms.png, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per = stats["per_example"]
+    groups = list(per["group_norms"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["index", "label", "predicted", "loss", "grad_norm", *[f"norm_{g}" for g in groups],
+                     "cos_to_mean"])
+    cos = per.get("cos_to_mean")
+    for i in range(stats["num_examples"]):
+        writer.writerow([i, int(labels[i]), int(per["predicted"][i]), f"{float(per['loss'][i]):.6g}",
+                         f"{float(per['grad_norm'][i]):.6g}",
+                         *[f"{float(per['group_norms'][g][i]):.6g}" for g in groups],
+                         f"{float(cos[i]):.6g}" if cos is not None else ""])
+    write_atomic(out_dir / "per_example.csv", buffer.getvalue().encode())
+    write_atomic(out_dir / "report.json", (json.dumps(report, indent=2, default=float) + "\n").encode())
+    _plot_top_examples(out_dir / "top_examples.png", raw_images, labels, per, classes, report["top_indices"])
+    _plot_norms(out_dir / "norms.png", labels, per["grad_norm"], classes)
+
+
+def _save_figure(fig, path) -> None:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def _plot_top_examples(path, raw_images, labels, per, classes, indices) -> None:
+    """The highest-norm examples as an image grid titled ``true / predicted``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 8
+    rows = max(1, math.ceil(len(indices) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, indices):
+        true, guess = classes[int(labels[index])], classes[int(per["predicted"][index])]
+        ax.imshow(raw_images[index].numpy())
+        ax.set_title(f"#{index}\n{true} / {guess}", fontsize=7, color="black" if true == guess else "red")
+    fig.suptitle("highest per-example gradient norms (true / predicted)", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _plot_norms(path, labels, norms, classes) -> None:
+    """Histograms of per-example gradient norms, one per class, on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    positive = norms.clamp(min=1e-12)
+    bins = torch.logspace(math.log10(float(positive.min())), math.log10(float(positive.max()) * 1.0001), 40)
+    for index, name in enumerate(classes):
+        mask = labels == index
+        if mask.any():
+            ax.hist(positive[mask].numpy(), bins=bins.numpy(), histtype="step", label=name)
+    ax.set(xscale="log", xlabel="per-example gradient norm", ylabel="examples", title="gradient norms per class")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save_figure(fig, path)
