@@ -152,3 +152,28 @@ def test_short_real_run_beats_40_percent(cifar_dir, tmp_path):
     summary = train_and_evaluate(config, tmp_path / "run", data_dir=str(cifar_dir))
     assert summary["steps"] == 4 * (10000 // 128)
     assert summary["test_accuracy"] > 0.40
+
+
+def test_grads_command_writes_its_report(quick_run, cifar_dir, tmp_path):
+    out, _ = quick_run
+    result = CliRunner().invoke(main, ["grads", str(out / "checkpoints/last.safetensors"), "--data-dir",
+                                       str(cifar_dir), "--limit", "40", "--chunk-size", "16", "--top", "8", "--out", str(tmp_path / "g"),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["num_examples"] == 40 and report["chunk_size"] == 16 and len(report["top_indices"]) == 8
+    assert abs(sum(report["group_norm_share"].values()) - 1.0) < 1e-6
+    assert "cross-entropy without label smoothing" in report["loss"]
+    for name in ("per_example.csv", "report.json", "top_examples.png", "norms.png"):
+        assert (tmp_path / "g" / name).is_file()
+    table = CliRunner().invoke(main, ["grads", str(out / "checkpoints/last.safetensors"), "--data-dir",
+                                      str(cifar_dir), "--limit", "20", "--max-memory", "50MB", "--out",
+                                      str(tmp_path / "g2")])
+    assert table.exit_code == 0 and "noise scale" in table.output and "layer groups" in table.output
+
+
+@pytest.mark.parametrize("flag, value", [("--chunk-size", "lots"), ("--max-memory", "2 potatoes")])
+def test_grads_bad_flags_are_one_line(quick_run, flag, value):
+    out, _ = quick_run
+    result = CliRunner().invoke(main, ["grads", str(out / "checkpoints/last.safetensors"), flag, value])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1 and flag in result.stderr
