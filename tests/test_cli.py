@@ -157,8 +157,8 @@ def test_short_real_run_beats_40_percent(cifar_dir, tmp_path):
 def test_grads_command_writes_its_report(quick_run, cifar_dir, tmp_path):
     out, _ = quick_run
     result = CliRunner().invoke(main, ["grads", str(out / "checkpoints/last.safetensors"), "--data-dir",
-                                       str(cifar_dir), "--limit", "40", "--chunk-size", "16", "--top", "8", "--out", str(tmp_path / "g"),
-                                       "--json"])
+                                       str(cifar_dir), "--limit", "40", "--chunk-size", "16", "--top", "8",
+                                       "--out", str(tmp_path / "g"), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["num_examples"] == 40 and report["chunk_size"] == 16 and len(report["top_indices"]) == 8
