@@ -158,6 +158,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     tta: bool = False  # also report flip test-time-augmented accuracy after the last epoch
     log_every_steps: int = 50  # metrics.jsonl line and progress-bar loss every N steps (0: epoch ends only)
+    grad_stats_every: int = 0  # log noise scale and per-layer gradient norms of a probe batch every N steps (0: off)
+    grad_stats_examples: int = 256  # size of that fixed probe batch (the first training images, not augmented)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -168,6 +170,8 @@ class TrainConfig:
         _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, '"fp32" or "bf16"')
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
         _check(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps, "an integer >= 0")
+        _check(self.grad_stats_every >= 0, "train.grad_stats_every", self.grad_stats_every, "an integer >= 0")
+        _check(self.grad_stats_examples >= 2, "train.grad_stats_examples", self.grad_stats_examples, "an integer >= 2")
 
 
 @dataclass(frozen=True)

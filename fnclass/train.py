@@ -362,6 +362,18 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     eval_step = make_eval_step(model, **options)
     schedule = create_schedule(config.optim, steps_per_epoch, config.train.epochs)
     order_root, step_root = random.split(train_state.key)
+    probe = slice(0, min(config.train.grad_stats_examples, n_train))
+    probe_images, probe_labels = data.normalize(train_images[probe], mean_t, std_t), train_labels[probe]
+
+    def probe_gradient_statistics(ts: TrainState) -> dict:
+        """Noise scale and per-layer-group gradient norms of the fixed probe batch (BatchNorm in eval mode)."""
+        from fnclass.analysis import gradient_statistics
+
+        stats = gradient_statistics(model, ts.params, ts.state, probe_images, probe_labels, cosine=False,
+                                    chunk_size=config.train.eval_batch_size)
+        return {"noise_scale": stats["noise_scale"]["b_simple"],
+                "grad_norm": float(stats["per_example"]["grad_norm"].mean()),
+                "group_grad_norms": {g: float(n.mean()) for g, n in stats["per_example"]["group_norms"].items()}}
     save = functools.partial(save_checkpoint, config=config, classes=dataset.classes, mean=mean, std=std)
     start_step = int(train_state.step)
     best = _best_so_far(metrics_path)
@@ -405,6 +417,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                     info["loss"] = metrics["loss"].item()
                     _append_jsonl(metrics_path, {"kind": "step", "step": step, "epoch": epoch,
                                                  "loss": info["loss"], "lr": info["lr"]})
+                if config.train.grad_stats_every and step % config.train.grad_stats_every == 0:
+                    _append_jsonl(metrics_path, {"kind": "grad_stats", "step": step, "epoch": epoch,
+                                                 **probe_gradient_statistics(train_state)})
                 reporter.step(info)
                 if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
                     save(checkpoints / "last.safetensors", train_state)

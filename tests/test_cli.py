@@ -48,6 +48,16 @@ def test_train_writes_the_run_directory(quick_run):
     assert (out / "plots/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_grad_stats_during_training_are_logged(cifar_dir, tmp_path):
+    config = load_config(None, QUICK + ["train.grad_stats_every=3", "train.grad_stats_examples=16"])
+    train_and_evaluate(config, tmp_path / "run", data_dir=str(cifar_dir))
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    stats = [r for r in rows if r["kind"] == "grad_stats"]
+    assert [r["step"] for r in stats] == [3, 6, 9, 12]
+    assert set(stats[0]["group_grad_norms"]) == {"stem", "blocks.0", "blocks.1", "blocks.2", "attn.0", "head"}
+    assert all(r["grad_norm"] > 0 for r in stats)
+
+
 def test_eval_and_info_read_the_checkpoint(quick_run, cifar_dir):
     out, _ = quick_run
     summary = json.loads((out / "summary.json").read_text())

@@ -170,10 +170,12 @@ def _resume_config(run_dir: Path, config_path, overrides, out):
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (else $FNCLASS_DATA, then the cache).")
 @click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
+@click.option("--grad-stats-every", type=click.IntRange(min=1),
+              help="Shorthand for --set train.grad_stats_every=N: log the gradient noise scale every N steps.")
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary, as one JSON object.")
 @one_line_errors
-def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, quiet, as_json):
+def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, grad_stats_every, quiet, as_json):
     """Train a model on CIFAR and write a run directory.
 
     \b
@@ -182,6 +184,7 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
     """
     console = Console(stderr=as_json)
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
+    overrides += [f"train.grad_stats_every={grad_stats_every}"] if grad_stats_every is not None else []
     if resume is not None:
         config = _resume_config(resume, config_path, overrides, out)
         workdir = resume
