@@ -9,7 +9,6 @@ renamed, so an existing checkpoint is never left half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -118,15 +117,6 @@ def _first_line(error: Exception) -> str:
     """An exception's message cut to its first line."""
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _metadata_json(path, metadata: dict, name: str):

@@ -14,10 +14,10 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fnclass.checkpoint import file_sha256, load_checkpoint
+from fnclass.checkpoint import load_checkpoint
 from fnclass.cli import UsageProblem, one_line_errors
 from fnclass.config import config_to_dict, load_config
-from fnclass.data import load_split, resolve_data_dir
+from fnclass.data import file_sha256, load_split, resolve_data_dir
 from fnclass.train import (
     Reporter,
     TrainingInterrupted,
