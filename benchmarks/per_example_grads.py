@@ -20,14 +20,16 @@ with respect to every parameter, BatchNorm in eval mode (running statistics), as
 
 Each result is checked once against the naive loop (max relative error: the largest absolute difference
 of a parameter's gradients over the largest absolute gradient of that parameter, maximised over
-parameters). After its first call each variant is timed in rounds of one call each, in a rotating order.
-On a CPU a 256x256 matmul probe runs before and after every call, because a shared VM's cores can slow
-down tenfold for minutes: a call counts as steady when both probes reach 70% of the best probe of the run,
-and the table gives the median over steady calls (over all calls when none is steady).
+parameters); a max-pool whose two largest inputs tie, or nearly, can route one example's gradient elsewhere
+under other rounding (sdpa, compiled), which shows as an error near 1e-3. After its first call each
+variant is timed in rounds of one call each, in a rotating order. On a CPU a 512x512 matmul probe runs
+before and after every call, because a shared VM's cores can slow down tenfold for minutes: a call counts
+as steady when both probes reach 70% of the best probe of the run, and the table gives the median over
+steady calls (over all calls when none is steady).
 
 Peak memory against chunk size: ``fnclass.analysis.per_example_grads(..., chunk_size=K)`` for each K,
-each in a fresh process on a CPU (peak resident set size from ``getrusage``, and its rise above the
-process's peak before the call) and with ``torch.cuda.max_memory_allocated`` on CUDA.
+each in a fresh process on a CPU (peak resident set size, ``VmHWM``) and in this one with
+``torch.cuda.max_memory_allocated`` on CUDA; "rise" is the peak above the peak after a one-example call.
 """
 
 from __future__ import annotations

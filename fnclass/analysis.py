@@ -81,8 +81,13 @@ def per_example_grads(model: Model, params, state, images: torch.Tensor, labels:
       :func:`gradient_statistics` for large N.
     """
     grad_fn = make_per_example_grad_fn(model, state, loss_fn=loss_fn)
-    parts = [grad_fn(params, images[s], labels[s])[0] for s in _chunks(len(images), chunk_size)]
-    return optree.tree_map(lambda *leaves: torch.cat(leaves), *parts)
+    # Chunks are written into one preallocated output, so the peak is the output plus one chunk.
+    out = optree.tree_map(lambda p: p.new_empty((len(images), *p.shape)), params)
+    for part in _chunks(len(images), chunk_size):
+        grads = grad_fn(params, images[part], labels[part])[0]
+        for target, chunk in zip(tree.tree_leaves(out), tree.tree_leaves(grads)):
+            target[part] = chunk
+    return out
 
 
 def _bytes_saved_for_backward(model: Model, params, state, image: torch.Tensor) -> int:
