@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import time
@@ -29,7 +28,7 @@ from fnclass import data, tree
 from fnclass.checkpoint import load_checkpoint, write_atomic
 from fnclass.losses import per_example_cross_entropy
 from fnclass.models import Model, build_model
-from fnclass.train import pick_device
+from fnclass.train import pick_device, save_figure, write_json
 
 LOSS_DESCRIPTION = ("per-example cross-entropy without label smoothing or weight decay; BatchNorm in eval mode "
                     "(running statistics), so each example's gradient depends on that example alone")
@@ -282,19 +281,9 @@ def write_outputs(out_dir, stats: dict, labels: torch.Tensor, raw_images: torch.
                          *[f"{float(per['group_norms'][g][i]):.6g}" for g in groups],
                          f"{float(cos[i]):.6g}" if cos is not None else ""])
     write_atomic(out_dir / "per_example.csv", buffer.getvalue().encode())
-    write_atomic(out_dir / "report.json", (json.dumps(report, indent=2, default=float) + "\n").encode())
+    write_json(out_dir / "report.json", report)
     _plot_top_examples(out_dir / "top_examples.png", raw_images, labels, per, classes, report["top_indices"])
     _plot_norms(out_dir / "norms.png", labels, per["grad_norm"], classes)
-
-
-def _save_figure(fig, path) -> None:
-    """Write a matplotlib figure as PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
 
 
 def _plot_top_examples(path, raw_images, labels, per, classes, indices) -> None:
@@ -315,7 +304,7 @@ def _plot_top_examples(path, raw_images, labels, per, classes, indices) -> None:
         ax.set_title(f"#{index}\n{true} / {guess}", fontsize=7, color="black" if true == guess else "red")
     fig.suptitle("highest per-example gradient norms (true / predicted)", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_norms(path, labels, norms, classes) -> None:
@@ -335,4 +324,4 @@ def _plot_norms(path, labels, norms, classes) -> None:
     ax.set(xscale="log", xlabel="per-example gradient norm", ylabel="examples", title="gradient norms per class")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)

@@ -251,9 +251,9 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
     return result
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    """Write a JSON file atomically."""
-    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+def write_json(path: Path, payload: dict) -> None:
+    """Write a JSON file atomically (numbers that are not plain floats, such as tensors' items, as floats)."""
+    write_atomic(path, (json.dumps(payload, indent=2, default=float) + "\n").encode())
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
@@ -292,11 +292,17 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    save_figure(fig, out_path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
@@ -467,7 +473,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     }
     if "tta_accuracy" in last_eval:
         summary["test_accuracy_tta"] = last_eval["tta_accuracy"]
-    _write_json(workdir / "summary.json", summary)
+    write_json(workdir / "summary.json", summary)
     plot_curves(metrics_path, workdir / "plots" / "curves.png")
     reporter.end(summary)
     return summary
