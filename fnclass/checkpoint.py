@@ -2,7 +2,7 @@
 
 Tensor keys are the flat paths of the TrainState: ``params.stem.conv.weight``, ``state.stem.bn.mean``,
 ``opt_state.0.mu.stem.conv.weight``, ``step``, ``key``. The metadata holds the resolved config, the class
-names, the normalisation and the fnclass version, each as JSON. Restoring builds the skeleton with the
+names, the input size, the normalisation and the fnclass version, each as JSON. Restoring builds the skeleton with the
 model's ``init`` and fills it; nothing is ever unpickled. Files are written to a temporary name and
 renamed, so an existing checkpoint is never left half-written.
 """
@@ -40,6 +40,7 @@ class Checkpoint(NamedTuple):
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    input_size: tuple[int, int]
     step: int
     metadata: dict
     tensors: dict[str, torch.Tensor]
@@ -67,7 +68,8 @@ def write_atomic(path: str | Path, payload: bytes) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, mean, std) -> None:
+def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, mean, std,
+                    input_size: tuple[int, int]) -> None:
     """Write a TrainState (params, model state, optimizer state, step, key) and its metadata.
 
     Args:
@@ -77,6 +79,7 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
       classes: the class names, in label order.
       mean: per-channel normalisation mean.
       std: per-channel normalisation std.
+      input_size: the (height, width) of the training images.
     """
     flat = tree.flatten_paths(train_state._asdict())
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}
@@ -85,6 +88,7 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
         "config": json.dumps(config_to_dict(config)),
         "classes": json.dumps(list(classes)),
         "normalization": json.dumps({"mean": list(mean), "std": list(std)}),
+        "input_size": json.dumps(list(input_size)),
         "fnclass_version": _version(),
         "step": str(int(train_state.step)),
     }
@@ -108,12 +112,12 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # safetensors raises several types for truncated or garbled files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(error)}); it may be "
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(error)}); it may be "
                               "truncated or corrupted: use another checkpoint or re-run training") from None
     return tensors, metadata
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     """An exception's message cut to its first line."""
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
@@ -147,21 +151,51 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an fnclass checkpoint (format {metadata.get('format')!r}, "
                               f"expected {FORMAT!r})")
+    config, classes, mean, std, input_size = read_model_metadata(path, metadata)
+    model = build_model(config.model)
+    params, state = restore_model(path, model, tensors)
+    return Checkpoint(model, params, state, config, classes, mean, std, input_size, int(metadata.get("step", 0)),
+                      metadata, tensors)
+
+
+def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], tuple, tuple, tuple[int, int]]:
+    """The validated config, class names, normalisation mean/std and input size stored in a file's metadata."""
     try:
         config = config_from_dict(_metadata_json(path, metadata, "config"), f"{path} metadata").resolved()
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
+    classes = _metadata_json(path, metadata, "classes")
     normalization = _metadata_json(path, metadata, "normalization")
-    classes = tuple(_metadata_json(path, metadata, "classes"))
-    model = build_model(config.model)
-    skeleton_params, skeleton_state = model.init(torch.zeros(2, dtype=torch.int64))
-    params = _restore(path, skeleton_params, tensors, "params.")
-    state = _restore(path, skeleton_state, tensors, "state.")
-    return Checkpoint(model, params, state, config, classes, tuple(normalization["mean"]),
-                      tuple(normalization["std"]), int(metadata.get("step", 0)), metadata, tensors)
+    # Checkpoints written before the input size was recorded all came from 32x32 CIFAR data.
+    input_size = _metadata_json(path, {"input_size": "[32, 32]", **metadata}, "input_size")
+    try:
+        mean, std = (tuple(float(v) for v in normalization[name]) for name in ("mean", "std"))
+        ok = (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+              and len(classes) == config.model.num_classes and len(mean) == len(std) == 3 and min(std) > 0
+              and isinstance(input_size, list) and len(input_size) == 2
+              and all(isinstance(v, int) and 1 <= v <= 4096 for v in input_size))
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: metadata 'classes', 'normalization' or 'input_size' is malformed or "
+                              "disagrees with the config (the file was altered); export the checkpoint again")
+    return config, tuple(classes), mean, std, (input_size[0], input_size[1])
 
 
-def _restore(path, skeleton, tensors: dict, prefix: str):
+def restore_model(path, model: Model, tensors: dict, dtype: torch.dtype | None = None):
+    """``(params, state)`` of ``model`` filled from the ``params.*`` and ``state.*`` tensors of a file.
+
+    The skeleton is built on the meta device, so a tampered config cannot make this allocate memory
+    before the tensors are checked against it. ``dtype`` is the floating dtype the tensors must have
+    (default: the model's own).
+    """
+    with torch.device("meta"):
+        skeleton_params, skeleton_state = model.init(torch.zeros(2, dtype=torch.int64))
+    return (_restore(path, skeleton_params, tensors, "params.", dtype),
+            _restore(path, skeleton_state, tensors, "state.", dtype))
+
+
+def _restore(path, skeleton, tensors: dict, prefix: str, dtype: torch.dtype | None = None):
     """Fill ``skeleton`` with the tensors stored under ``prefix``; a mismatch is a CheckpointError."""
     flat = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
@@ -169,8 +203,9 @@ def _restore(path, skeleton, tensors: dict, prefix: str):
     except ValueError as error:
         raise CheckpointError(f"{path}: tensors do not fit the model in its config ({error})") from None
     for leaf, reference in zip(tree.tree_leaves(restored), tree.tree_leaves(skeleton)):
-        if leaf.dtype != reference.dtype:
-            raise CheckpointError(f"{path}: expected {reference.dtype} tensors, found {leaf.dtype}")
+        expected = dtype if dtype is not None and reference.is_floating_point() else reference.dtype
+        if leaf.dtype != expected:
+            raise CheckpointError(f"{path}: expected {expected} tensors, found {leaf.dtype}")
     return restored
 
 

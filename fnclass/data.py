@@ -299,8 +299,8 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """Decode one image file to uint8 RGB of shape (size, size, 3)."""
+def read_image(path: Path, size: int | tuple[int, int]) -> np.ndarray:
+    """Decode one PNG/JPEG file to uint8 RGB of shape (height, width, 3); an int ``size`` means a square."""
     from PIL import Image, ImageOps
 
     try:
@@ -308,10 +308,11 @@ def _read_image(path: Path, size: int) -> np.ndarray:
             image = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"{path} is not a readable image ({error}); delete or replace it") from None
-    if image.size != (size, size):
+    height, width = (size, size) if isinstance(size, int) else size
+    if image.size != (width, height):
         # LANCZOS: Pillow's sharpest filter for shrinking photos to a few dozen pixels, and antialiased
         # (Pillow widens its support by the reduction factor), so small textures do not alias.
-        image = image.resize((size, size), Image.Resampling.LANCZOS)
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -390,7 +391,7 @@ def prepare_image_folder(src: str | Path, out_dir: str | Path, *, size: int = 32
     arrays = {}
     for split, pairs in files.items():
         order = np.random.default_rng(0).permutation(len(pairs))
-        images = np.stack([_read_image(pairs[i][0], size) for i in order])
+        images = np.stack([read_image(pairs[i][0], size) for i in order])
         arrays[split] = images, np.array([pairs[i][1] for i in order], dtype=np.int64)
     return write_dataset(out_dir, *arrays["train"], *arrays["test"], classes)
 

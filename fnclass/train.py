@@ -380,7 +380,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
         return {"noise_scale": stats["noise_scale"]["b_simple"],
                 "grad_norm": float(stats["per_example"]["grad_norm"].mean()),
                 "group_grad_norms": {g: float(n.mean()) for g, n in stats["per_example"]["group_norms"].items()}}
-    save = functools.partial(save_checkpoint, config=config, classes=dataset.classes, mean=mean, std=std)
+    save = functools.partial(save_checkpoint, config=config, classes=dataset.classes, mean=mean, std=std,
+                             input_size=tuple(train_images.shape[1:3]))
     start_step = int(train_state.step)
     best = _best_so_far(metrics_path)
     reporter.start({"device": str(dev), "data_dir": str(folder), "train_images": n_train,

@@ -25,7 +25,8 @@ def _train_state():
 
 
 def _save(path, ts):
-    checkpoint.save_checkpoint(path, ts, config=CONFIG, classes=[f"c{i}" for i in range(10)], mean=MEAN, std=STD)
+    checkpoint.save_checkpoint(path, ts, config=CONFIG, classes=[f"c{i}" for i in range(10)], mean=MEAN, std=STD,
+                               input_size=(32, 32))
 
 
 def test_round_trip_restores_everything(tmp_path):

@@ -2,7 +2,9 @@
 
 Module attribute names mirror the pytree paths, so a flat fnclass path maps to a state_dict key by
 renaming only the leaf names (BatchNorm ``scale`` -> ``weight``, ``mean`` -> ``running_mean``,
-attention ``qkv`` -> ``mha.in_proj_*``, ``proj`` -> ``mha.out_proj``). Used by tests and benchmarks.
+attention ``qkv`` -> ``mha.in_proj_*``, ``proj`` -> ``mha.out_proj``). Used by tests and benchmarks, and
+as the independent implementation that runs an exported safetensors file in a Python where fnclass cannot
+be imported: the module classes need only torch and a resolved model config (any object with its fields).
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ import re
 
 import torch
 from torch import nn
-
-from fnclass import tree
-from fnclass.config import ModelConfig
 
 _RENAMES = [
     (r"\.qkv\.weight$", ".mha.in_proj_weight"),
@@ -75,9 +74,8 @@ class Stage(nn.Module):
 
 
 class ResNetAttn(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__()
-        cfg = cfg.resolved()
         self.cfg = cfg
         self.stem = ConvBN(3, cfg.widths[0], 3)
         stages, cin = [], cfg.widths[0]
@@ -112,9 +110,8 @@ class FastBlock(nn.Module):
 
 
 class Fast(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__()
-        cfg = cfg.resolved()
         self.stem = ConvBN(3, cfg.stem_width, 3)
         blocks, cin = [], cfg.stem_width
         for w in cfg.widths:
@@ -135,15 +132,26 @@ class Fast(nn.Module):
         return self.head(x.amax(dim=(2, 3)))
 
 
-def reference_module(cfg: ModelConfig, params, state) -> nn.Module:
-    """The nn.Module twin of ``cfg``'s model, holding copies of ``params`` and ``state``."""
-    module = ResNetAttn(cfg) if cfg.name == "resnet_attn" else Fast(cfg)
-    flat = {torch_name(k): v for k, v in {**tree.flatten_paths(params), **tree.flatten_paths(state)}.items()}
+def build_module(cfg) -> nn.Module:
+    """The nn.Module twin (fresh weights) of a resolved model config."""
+    return ResNetAttn(cfg) if cfg.name == "resnet_attn" else Fast(cfg)
+
+
+def load_flat(module: nn.Module, flat: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy flat fnclass paths (``stem.conv.weight``, ``stem.bn.mean``, ...) into the module's state_dict."""
+    flat = {torch_name(k): v for k, v in flat.items()}
     own = module.state_dict()
     expected = {k for k in own if not k.endswith("num_batches_tracked")}
     assert expected == set(flat), (sorted(expected - set(flat))[:5], sorted(set(flat) - expected)[:5])
     module.load_state_dict({**own, **{k: v.clone() for k, v in flat.items()}})
     return module
+
+
+def reference_module(cfg, params, state) -> nn.Module:
+    """The nn.Module twin of ``cfg``'s model, holding copies of ``params`` and ``state``."""
+    from fnclass import tree
+
+    return load_flat(build_module(cfg.resolved()), {**tree.flatten_paths(params), **tree.flatten_paths(state)})
 
 
 def module_grads(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -66,13 +66,15 @@ def main() -> None:
 
 def _register() -> None:
     """Attach the sub-commands (imported here so `fnclass --help` stays fast)."""
-    from fnclass.cli import data, grads, train
+    from fnclass.cli import data, export, grads, train
 
     main.add_command(train.train)
     main.add_command(train.evaluate)
     main.add_command(train.info)
     main.add_command(data.data)
     main.add_command(grads.grads)
+    main.add_command(export.export)
+    main.add_command(export.predict_command)
 
 
 _register()

@@ -1,0 +1,87 @@
+"""``fnclass export`` and ``fnclass predict``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fnclass.cli import UsageProblem, one_line_errors
+from fnclass.export import DTYPES, FORMATS, export_checkpoint, predict
+
+SUFFIXES = {"safetensors": ".inference.safetensors", "pt2": ".pt2", "onnx": ".onnx"}
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "format_", type=click.Choice(FORMATS), default="safetensors", show_default=True,
+              help="safetensors: inference weights + metadata; pt2: a torch.export program; onnx: an ONNX model.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+              help="Dtype of the weights and of the program's arithmetic (logits are always float32).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="File to write [default: beside CHECKPOINT, named <stem>.inference.safetensors, .pt2 or .onnx].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@one_line_errors
+def export(checkpoint, format_, dtype, out, as_json):
+    """Export a checkpoint for inference: pure data or a program that runs without fnclass.
+
+    \b
+    Examples:
+      fnclass export runs/cpu/checkpoints/best.safetensors --format pt2 --out model.pt2
+      fnclass export runs/cpu/checkpoints/best.safetensors --format onnx --dtype float16 --out model.onnx
+    """
+    out = out if out is not None else checkpoint.with_name(checkpoint.stem + SUFFIXES[format_])
+    if out.is_dir():
+        raise UsageProblem(f"--out {out}: is a folder; give a file name such as {out / ('model' + SUFFIXES[format_])}")
+    if checkpoint.exists() and out.exists() and out.resolve() == checkpoint.resolve():
+        raise UsageProblem(f"--out {out}: would overwrite the checkpoint being exported; choose another file")
+    summary = export_checkpoint(checkpoint, out, format=format_, dtype=dtype)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    metadata = summary["metadata"]
+    table = Table(title=f"exported {checkpoint}", show_header=False)
+    for name, value in [("file", summary["path"]), ("format", format_), ("dtype", dtype),
+                        ("bytes", f"{summary['bytes']:,}"), ("model", metadata["model"]),
+                        ("classes", ", ".join(json.loads(metadata["classes"]))),
+                        ("input", f"uint8 (N, {', '.join(map(str, json.loads(metadata['input_size'])))}, 3)"),
+                        ("source sha256", metadata["source_sha256"]), ("source step", metadata["source_step"]),
+                        ("check", f"max |logit diff| vs checkpoint {summary['max_abs_logit_diff']:.2e} "
+                                  "on 16 random images")]:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+@click.command(name="predict")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON object.")
+@one_line_errors
+def predict_command(model, images, top, as_json):
+    """Classify PNG/JPEG images with a checkpoint or any exported model file.
+
+    Images of any size are resized to the model's input size.
+
+    \b
+    Example:
+      fnclass predict model.pt2 cat.png ship.jpg --top 3
+    """
+    result = predict(model, images, top=top)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    table = Table(title=f"{model} ({result['format']})")
+    for column in ("image", "rank", "class", "probability"):
+        table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
+    for prediction in result["predictions"]:
+        for rank, guess in enumerate(prediction["top"], 1):
+            table.add_row(prediction["image"] if rank == 1 else "", str(rank), guess["class"],
+                          f"{guess['probability']:.2%}", end_section=rank == len(prediction["top"]))
+    Console().print(table)
+
+
+__all__ = ["export", "predict_command"]

@@ -1,0 +1,382 @@
+"""Stateless export: a trained model as pure data (safetensors) or as a self-contained program (pt2, ONNX).
+
+* ``safetensors``: the inference weights only (params and BatchNorm statistics under their pytree paths,
+  no optimizer state) and JSON metadata naming the model, its full config, the classes, the input size,
+  the normalisation, the fnclass version and the SHA-256 of the source checkpoint.
+  :func:`load_exported` rebuilds ``apply`` from that file alone; any implementation of the architecture
+  can read it with ``safetensors`` and ``json``.
+* ``pt2``: a ``torch.export`` program of ``apply(params, state, images, train=False)`` with the weights
+  embedded, normalisation included and a dynamic batch dimension. It takes uint8 images (N, H, W, 3),
+  exactly as the data files store them, returns float32 logits (N, classes), and runs with
+  ``torch.export.load`` alone. The metadata travels as the archive's ``extra/fnclass.json``.
+* ``onnx``: the same program through ``torch.onnx.export(dynamo=True)`` (the ``fnclass[onnx]`` extra), the
+  metadata in the model's ``metadata_props``.
+
+``--dtype`` casts the weights and runs the program in that dtype; logits come out as float32. Every file is
+written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import safetensors.torch
+import torch
+
+from fnclass import tree
+from fnclass.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    first_line,
+    load_checkpoint,
+    read_file,
+    read_model_metadata,
+    restore_model,
+    write_atomic,
+)
+from fnclass.config import ModelConfig, config_to_dict
+from fnclass.data import file_sha256, normalize
+from fnclass.models import Model, build_model
+
+FORMAT = "fnclass.export/1"
+FORMATS = ("safetensors", "pt2", "onnx")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METADATA_NAME = "fnclass.json"  # the pt2 archive's extra file holding the metadata
+
+
+class Exported(NamedTuple):
+    """What :func:`load_exported` returns: the model and its inference weights, ready to classify."""
+
+    model: Model
+    params: Any
+    state: Any
+    config: ModelConfig
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, int]
+    dtype: torch.dtype
+    metadata: dict
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images -> float32 logits (N, classes), computed in the export's dtype."""
+        return _classify(self.model, self.params, self.state, self.mean, self.std, self.dtype, images)
+
+
+class Predictor(NamedTuple):
+    """Any model file as one function: uint8 (N, H, W, 3) images -> float32 logits, plus what it knows."""
+
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    classes: tuple[str, ...]
+    input_size: tuple[int, int]
+    format: str
+
+
+def _classify(model: Model, params, state, mean, std, dtype: torch.dtype, images: torch.Tensor) -> torch.Tensor:
+    """Normalise uint8 NHWC images in ``dtype`` and run the model in eval mode; float32 logits."""
+    logits, _ = model.apply(params, state, normalize(images, mean, std, dtype), train=False)
+    return logits.float()
+
+
+def export_metadata(ckpt: Checkpoint, *, dtype: str, source_sha256: str) -> dict[str, str]:
+    """The metadata every export carries (string values, as safetensors stores them)."""
+    from fnclass import __version__
+
+    return {
+        "format": FORMAT,
+        "model": ckpt.config.model.name,
+        "config": json.dumps(config_to_dict(ckpt.config)),
+        "classes": json.dumps(list(ckpt.classes)),
+        "input_size": json.dumps(list(ckpt.input_size)),
+        "input": "uint8 images (N, H, W, 3), RGB, 0-255; normalised inside the program (pt2, onnx)",
+        "normalization": json.dumps({"mean": list(ckpt.mean), "std": list(ckpt.std)}),
+        "dtype": dtype,
+        "fnclass_version": __version__,
+        "source_sha256": source_sha256,
+        "source_step": str(ckpt.step),
+    }
+
+
+def inference_tensors(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Params and model state under their flat paths (``params.*``, ``state.*``), floating ones cast to ``dtype``."""
+    flat = tree.flatten_paths({"params": ckpt.params, "state": ckpt.state})
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in flat.items()}
+
+
+class _Program(torch.nn.Module):
+    """The thin stateful wrapper ``torch.export`` needs: the weights as buffers, ``forward`` calls ``apply``."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
+        super().__init__()
+        self.ckpt, self.dtype = ckpt, dtype
+        leaves, self.treespec = tree.tree_flatten({"params": ckpt.params, "state": ckpt.state})
+        for i, leaf in enumerate(leaves):  # buffer names may not contain ".", so they are numbered
+            self.register_buffer(f"w{i}", (leaf.to(dtype) if leaf.is_floating_point() else leaf).contiguous())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        leaves = [getattr(self, f"w{i}") for i in range(self.treespec.num_leaves)]
+        weights = tree.tree_unflatten(self.treespec, leaves)
+        return _classify(self.ckpt.model, weights["params"], weights["state"], self.ckpt.mean, self.ckpt.std,
+                         self.dtype, images)
+
+
+def export_program(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.export.ExportedProgram:
+    """``torch.export`` the checkpoint's eval-mode ``apply`` with normalisation and a dynamic batch dimension."""
+    height, width = ckpt.input_size
+    example = torch.zeros(2, height, width, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    return torch.export.export(_Program(ckpt, dtype).eval(), (example,), dynamic_shapes={"images": {0: batch}},
+                               strict=False)
+
+
+def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: str = "safetensors",
+                      dtype: str = "float32") -> dict:
+    """Export a training checkpoint as inference weights or a standalone program.
+
+    Args:
+      checkpoint_path: a checkpoint written by ``fnclass train``.
+      out: the file to write (atomically); its folder is created.
+      format: ``"safetensors"``, ``"pt2"`` or ``"onnx"``.
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the weights' dtype and the program's compute dtype.
+
+    Returns:
+      A summary: the output path, format, dtype, size in bytes and the metadata written.
+
+    Raises:
+      CheckpointError: when the checkpoint is unreadable or the format/dtype pair cannot be exported.
+    """
+    if format not in FORMATS or dtype not in DTYPES:
+        raise CheckpointError(f"cannot export format {format!r} with dtype {dtype!r}: formats are "
+                              f"{', '.join(FORMATS)}; dtypes {', '.join(DTYPES)}")
+    if format == "onnx" and dtype == "bfloat16":
+        raise CheckpointError("ONNX Runtime has no bfloat16 convolution: export ONNX with --dtype float16 or float32")
+    ckpt = load_checkpoint(checkpoint_path)
+    metadata = export_metadata(ckpt, dtype=dtype, source_sha256=file_sha256(Path(checkpoint_path)))
+    writers = {"safetensors": _write_safetensors, "pt2": _write_pt2, "onnx": _write_onnx}
+    writers[format](ckpt, Path(out), DTYPES[dtype], metadata)
+    return {"path": str(out), "format": format, "dtype": dtype, "bytes": Path(out).stat().st_size,
+            "max_abs_logit_diff": _check_export(ckpt, out), "metadata": metadata}
+
+
+def _check_export(ckpt: Checkpoint, out: Path, count: int = 16) -> float:
+    """Read the written file back and compare its logits with the checkpoint's on ``count`` random images."""
+    from fnclass import random
+
+    height, width = ckpt.input_size
+    images = random.randint(random.key(0), (count, height, width, 3), 0, 256).to(torch.uint8)
+    with torch.no_grad():
+        expected = _classify(ckpt.model, ckpt.params, ckpt.state, ckpt.mean, ckpt.std, torch.float32, images)
+        return float((load_predictor(out).logits(images) - expected).abs().max())
+
+
+def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, metadata: dict) -> None:
+    """Inference weights and metadata as one safetensors file."""
+    write_atomic(out, safetensors.torch.save(inference_tensors(ckpt, dtype), metadata=metadata))
+
+
+def _write_pt2(ckpt: Checkpoint, out: Path, dtype: torch.dtype, metadata: dict) -> None:
+    """The exported program, weights embedded, with the metadata as an extra file of the archive."""
+    buffer = io.BytesIO()
+    torch.export.save(export_program(ckpt, dtype), buffer, extra_files={METADATA_NAME: json.dumps(metadata)})
+    write_atomic(out, buffer.getvalue())
+
+
+def _write_onnx(ckpt: Checkpoint, out: Path, dtype: torch.dtype, metadata: dict) -> None:
+    """The exported program converted by ``torch.onnx.export(dynamo=True)``, metadata in ``metadata_props``."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript; the written file is checked with onnxruntime)
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise CheckpointError("ONNX export needs the onnx extra: pip install 'fnclass[onnx]'") from None
+    program = torch.onnx.export(export_program(ckpt, dtype), dynamo=True, verbose=False)
+    program.model.metadata_props.update(metadata)
+    write_atomic(out, program.model_proto.SerializeToString())
+
+
+def load_exported(path: str | Path) -> Exported:
+    """Rebuild a model from an exported safetensors file alone (no pickle, no training checkpoint).
+
+    Args:
+      path: a file written by ``fnclass export --format safetensors``.
+
+    Returns:
+      An :class:`Exported`: ``model``, ``params``, ``state`` (in the export's dtype), ``config``, ``classes``,
+      ``mean``/``std``, ``input_size`` and ``logits(images)`` for uint8 NHWC images.
+
+    Raises:
+      CheckpointError: when the file is unreadable, not an fnclass export, or its weights do not fit its config.
+    """
+    tensors, metadata = read_file(path)
+    if metadata.get("format") != FORMAT:
+        hint = " (a training checkpoint: use load_checkpoint)" if metadata.get("format", "").startswith(
+            "fnclass.checkpoint") else ""
+        raise CheckpointError(f"{path}: not an fnclass export (format {metadata.get('format')!r}, "
+                              f"expected {FORMAT!r}){hint}")
+    if metadata.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{path}: metadata dtype {metadata.get('dtype')!r} is not one of "
+                              f"{', '.join(DTYPES)} (the file was altered)")
+    config, classes, mean, std, input_size = read_model_metadata(path, metadata)
+    model = build_model(config.model)
+    dtype = DTYPES[metadata["dtype"]]
+    params, state = restore_model(path, model, tensors, dtype)
+    return Exported(model, params, state, config.model, classes, mean, std, input_size, dtype, metadata)
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """Open any model file (training checkpoint, safetensors export, pt2 or ONNX) as a :class:`Predictor`.
+
+    The format is recognised from the file's first bytes, not its name.
+
+    Raises:
+      CheckpointError: when the file is missing, of no known format, or damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head.startswith(b"PK"):
+        return _pt2_predictor(path)
+    if _looks_like_safetensors(path, head):
+        _, metadata = read_file(path)
+        if metadata.get("format") == FORMAT:
+            exported = load_exported(path)
+            return Predictor(exported.logits, exported.classes, exported.input_size, "safetensors")
+        ckpt = load_checkpoint(path)
+        return Predictor(lambda images: _classify(ckpt.model, ckpt.params, ckpt.state, ckpt.mean, ckpt.std,
+                                                  torch.float32, images),
+                         ckpt.classes, ckpt.input_size, "checkpoint")
+    if path.suffix == ".onnx" or head[:1] == b"\x08":  # an ONNX ModelProto starts with field 1 (ir_version)
+        return _onnx_predictor(path)
+    raise CheckpointError(f"{path}: not a checkpoint, safetensors, pt2 or ONNX model file; pass a file written by "
+                          "`fnclass train` or `fnclass export`")
+
+
+def _looks_like_safetensors(path: Path, head: bytes) -> bool:
+    """A safetensors file starts with a little-endian u64 header length followed by ``{``."""
+    if len(head) < 8:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        return handle.read(1) == b"{"
+
+
+def _program_metadata(path: Path, text: str | None) -> tuple[tuple[str, ...], tuple[int, int]]:
+    """Classes and input size from a program's embedded metadata JSON."""
+    try:
+        metadata = json.loads(text) if isinstance(text, str) else text
+        classes, size = json.loads(metadata["classes"]), json.loads(metadata["input_size"])
+        if metadata.get("format") != FORMAT or not all(isinstance(c, str) for c in classes):
+            raise ValueError
+        return tuple(classes), (int(size[0]), int(size[1]))
+    except (TypeError, KeyError, ValueError, IndexError):
+        raise CheckpointError(f"{path}: no fnclass metadata in this model file (was it written by "
+                              "`fnclass export`?)") from None
+
+
+def _pt2_predictor(path: Path) -> Predictor:
+    """A torch.export archive as a Predictor (the archive's CRCs are checked first)."""
+    extra = {METADATA_NAME: ""}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"member {damaged} fails its CRC check")
+        with _quiet("torch.export"), _weights_only_loads():
+            program = torch.export.load(str(path), extra_files=extra)
+    except Exception as error:  # zipfile, torch's deserialiser and its weights loader raise many types
+        raise CheckpointError(f"{path}: not a readable pt2 program ({first_line(error)}); "
+                              "export it again with `fnclass export --format pt2`") from None
+    classes, size = _program_metadata(path, extra[METADATA_NAME])
+    module = program.module()
+    return Predictor(lambda images: module(images), classes, size, "pt2")
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Force every ``torch.load`` in the block to be weights-only.
+
+    ``torch.export.load`` unpickles parts of an archive with ``weights_only=False`` when the archive asks for
+    it (or as a fallback), so a crafted pt2 file could run code; torch's override closes that door.
+    """
+    saved = {name: os.environ.pop(name, None) for name in _LOAD_OVERRIDES}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+_LOAD_OVERRIDES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a library logger (``torch.export`` logs a traceback before raising) for a block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _onnx_predictor(path: Path) -> Predictor:
+    """An ONNX model run by onnxruntime as a Predictor."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CheckpointError("running an ONNX model needs the onnx extra: pip install 'fnclass[onnx]'") from None
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types for every kind of bad file
+        raise CheckpointError(f"{path}: not a readable ONNX model ({first_line(error)}); "
+                              "export it again with `fnclass export --format onnx`") from None
+    classes, size = _program_metadata(path, session.get_modelmeta().custom_metadata_map)
+    name = session.get_inputs()[0].name
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: images.cpu().numpy()})[0])
+    return Predictor(logits, classes, size, "onnx")
+
+
+def predict(path: str | Path, image_paths, *, top: int = 5) -> dict:
+    """Classify image files with any model file: the top-``top`` classes and probabilities of each.
+
+    Args:
+      path: a checkpoint, safetensors export, pt2 or ONNX file.
+      image_paths: PNG/JPEG files of any size (resized to the model's input size).
+      top: how many classes to report per image.
+
+    Returns:
+      ``{"model": ..., "format": ..., "predictions": [{"image", "top": [{"class", "probability"}]}]}``.
+
+    Raises:
+      CheckpointError, DataError: for a bad model file or an image that cannot be decoded.
+    """
+    from fnclass.data import read_image
+
+    predictor = load_predictor(path)
+    height, width = predictor.input_size
+    images = torch.stack([torch.tensor(read_image(Path(p), (height, width))) for p in image_paths])
+    with torch.no_grad():
+        probabilities = torch.softmax(predictor.logits(images).float(), dim=-1)
+    k = min(top, len(predictor.classes))
+    values, indices = probabilities.topk(k, dim=-1)
+    predictions = [{"image": str(p), "top": [{"class": predictor.classes[int(i)], "probability": float(v)}
+                                             for v, i in zip(row_v, row_i)]}
+                   for p, row_v, row_i in zip(image_paths, values, indices)]
+    return {"model": str(path), "format": predictor.format, "predictions": predictions}
