@@ -104,7 +104,7 @@ def test_safetensors_export_holds_inference_weights_and_metadata(trained, tmp_pa
     assert json.loads(metadata["config"])["model"] == json.loads(ckpt.metadata["config"])["model"]
     assert metadata["source_sha256"] == file_sha256(path) and metadata["model"] == "tiny"
     assert json.loads(metadata["input_size"]) == [32, 32] and metadata["dtype"] == "bfloat16"
-    loaded = export.load_exported(out)
+    loaded = fnclass.load_exported(out)
     assert loaded.classes == ckpt.classes and loaded.dtype == torch.bfloat16 and loaded.mean == ckpt.mean
 
 
