@@ -37,10 +37,21 @@ def random_crop(key, images: torch.Tensor, padding: int, *, mode: str = "reflect
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def random_flip(key, images: torch.Tensor) -> torch.Tensor:
-    """Mirror each example left-right with probability 1/2."""
-    flip = random.bernoulli(key.to(images.device), 0.5, (images.shape[0],))
+def random_flip(key, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Mirror each example left-right with probability 1/2 (or where the bool (N,) ``flip`` says)."""
+    if flip is None:
+        flip = random.bernoulli(key.to(images.device), 0.5, (images.shape[0],))
     return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def alternating_flips(key, indices: torch.Tensor, epoch: int, num_images: int) -> torch.Tensor:
+    """Which of the images ``indices`` to mirror in ``epoch``: derandomised flips (airbench).
+
+    A random half of the dataset (drawn once from ``key``) is mirrored in even epochs and the other half
+    in odd ones, so every image is seen both ways in every pair of epochs.
+    """
+    first = random.bernoulli(key.to(indices.device), 0.5, (num_images,))[indices]
+    return first ^ bool(epoch % 2)
 
 
 def cutout(key, images: torch.Tensor, size: int) -> torch.Tensor:
@@ -57,10 +68,13 @@ def cutout(key, images: torch.Tensor, size: int) -> torch.Tensor:
     return images * (~inside)[:, None, :, :].to(images.dtype)
 
 
-def augment(key, images: torch.Tensor, config: DataConfig) -> torch.Tensor:
-    """The training augmentation a :class:`DataConfig` asks for: crop, then flip, then cutout."""
+def augment(key, images: torch.Tensor, config: DataConfig, *, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """The training augmentation a :class:`DataConfig` asks for: crop, then flip, then cutout.
+
+    ``flip`` (bool (N,)) replaces the random flips, e.g. with :func:`alternating_flips`.
+    """
     k_crop, k_flip, k_cut = random.split(key, 3)
     images = random_crop(k_crop, images, config.crop_padding, mode=config.pad_mode)
     if config.flip:
-        images = random_flip(k_flip, images)
+        images = random_flip(k_flip, images, flip)
     return cutout(k_cut, images, config.cutout)

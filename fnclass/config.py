@@ -51,6 +51,9 @@ class ModelConfig:
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (faster under vmap)
     bn_momentum: float = 0.1  # torch.nn.BatchNorm2d's default
     dropout: float = 0.0  # before the classifier
+    whiten: bool = False  # fast/tiny: a frozen patch-whitening first layer fitted to the training data (airbench)
+    whiten_kernel: int = 2  # patch size of that layer: 2x2 patches give 2*3*2*2 = 24 channels (both signs)
+    dirac_init: bool = False  # start 3x3 convs as identities on their first in-channels filters (airbench)
 
     def resolved(self) -> ModelConfig:
         """A copy with every ``None`` replaced by the named model's default."""
@@ -78,6 +81,9 @@ class ModelConfig:
         _check(cfg.attn_impl in ("sdpa", "math"), "model.attn_impl", cfg.attn_impl, '"sdpa" or "math"')
         _check(0.0 <= cfg.bn_momentum <= 1.0, "model.bn_momentum", cfg.bn_momentum, "a number in [0, 1]")
         _check(0.0 <= cfg.dropout < 1.0, "model.dropout", cfg.dropout, "a number in [0, 1)")
+        _check(not cfg.whiten or cfg.name in ("fast", "tiny"), "model.whiten", cfg.whiten,
+               "false for resnet_attn (the whitening stem belongs to fast and tiny)")
+        _check(1 <= cfg.whiten_kernel <= 4, "model.whiten_kernel", cfg.whiten_kernel, "an integer in 1..4")
 
 
 
@@ -95,6 +101,7 @@ class DataConfig:
     crop_padding: int = 4  # random-crop translation in pixels (the paper's crop+flip recipe)
     pad_mode: str = "reflect"  # "reflect" or "zeros" padding for the crop
     flip: bool = True  # random horizontal flips
+    alternate_flips: bool = False  # derandomised: a random half flipped in even epochs, the other half in odd ones
     cutout: int = 0  # side of a random square set to zero (0: off)
 
     def validate(self) -> None:
@@ -128,6 +135,12 @@ class OptimConfig:
     schedule: str = "warmup_cosine"  # constant, warmup_cosine or one_cycle
     warmup_epochs: float = 1.0  # linear warm-up length (one_cycle: its rising part)
     final_lr_fraction: float = 0.01  # the lr at the end, as a fraction of the peak
+    muon: bool = False  # SGD only: orthogonalise the updates of conv filters and attention matrices (Newton-Schulz)
+    bias_lr_scale: float = 1.0  # lr multiplier for BatchNorm and whitening biases (airbench trains them faster)
+    head_lr_scale: float = 1.0  # lr multiplier for the classifier head
+    lookahead_every: int = 0  # Lookahead: pull the weights towards slow weights every N steps (0: off)
+    lookahead_decay: float = 0.7738  # the slow weights' peak decay, reached with a cubic ramp (airbench: 0.95**5)
+    whiten_bias_epochs: float = 0.0  # train the whitening layer's bias for this many epochs, then freeze (0: never)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -142,6 +155,12 @@ class OptimConfig:
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "a number >= 0")
         _check(0 <= self.final_lr_fraction <= 1, "optim.final_lr_fraction", self.final_lr_fraction,
                "a number in [0, 1]")
+        _check(not self.muon or self.name == "sgd", "optim.muon", self.muon, 'false unless optim.name = "sgd"')
+        for name in ("bias_lr_scale", "head_lr_scale"):
+            _check(getattr(self, name) > 0, f"optim.{name}", getattr(self, name), "a positive number")
+        _check(self.lookahead_every >= 0, "optim.lookahead_every", self.lookahead_every, "an integer >= 0")
+        _check(0 <= self.lookahead_decay < 1, "optim.lookahead_decay", self.lookahead_decay, "a number in [0, 1)")
+        _check(self.whiten_bias_epochs >= 0, "optim.whiten_bias_epochs", self.whiten_bias_epochs, "a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -157,6 +176,7 @@ class TrainConfig:
     channels_last: bool = False  # channels-last images (faster convolutions on GPUs and with oneDNN on CPUs)
     eval_batch_size: int = 1000
     tta: bool = False  # also report flip test-time-augmented accuracy after the last epoch
+    tta_translate: bool = False  # TTA also averages one-pixel translations (airbench's level 2)
     log_every_steps: int = 50  # metrics.jsonl line and progress-bar loss every N steps (0: epoch ends only)
     grad_stats_every: int = 0  # log noise scale and per-layer gradient norms of a probe batch every N steps (0: off)
     grad_stats_examples: int = 256  # size of that fixed probe batch (the first training images, not augmented)

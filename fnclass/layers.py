@@ -38,6 +38,38 @@ def conv(params: dict, x: torch.Tensor, *, stride: int = 1, padding: int | str =
     return F.conv2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
 
 
+def dirac_(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of conv filters whose first ``min(out, in)`` filters pass their input channel through unchanged.
+
+    airbench starts its convolutions this way so a deep stack begins close to the identity.
+    """
+    out_channels, in_channels, kh, kw = weight.shape
+    n = min(out_channels, in_channels)
+    identity = torch.zeros(n, in_channels, kh, kw, dtype=weight.dtype, device=weight.device)
+    identity[torch.arange(n), torch.arange(n), kh // 2, kw // 2] = 1.0
+    return torch.cat([identity, weight[n:]])
+
+
+def whitening_filters(images: torch.Tensor, kernel_size: int = 2, eps: float = 5e-4) -> torch.Tensor:
+    """Conv filters that whiten the ``kernel_size`` x ``kernel_size`` patches of an NCHW batch, and their negatives.
+
+    The filters are the eigenvectors of the patches' (uncentred, the data being normalised) covariance,
+    divided by ``sqrt(eigenvalue + eps)``, largest eigenvalue first: applied without padding, the first
+    half of the output channels has (nearly) identity covariance over these images. The negated copy
+    lets a following GELU keep both signs (airbench's patch-whitening layer).
+
+    Returns:
+      float32 filters of shape (2 * C * k * k, C, k, k).
+    """
+    channels = images.shape[1]
+    patches = F.unfold(images.double(), kernel_size).transpose(1, 2).reshape(-1, channels * kernel_size ** 2)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    filters = (eigenvectors / torch.sqrt(eigenvalues + eps)).T.flip(0)
+    filters = filters.reshape(-1, channels, kernel_size, kernel_size).float()
+    return torch.cat([filters, -filters])
+
+
 def linear_init(key, in_features: int, out_features: int, *, bias: bool = True) -> dict:
     """Parameters of a dense layer: ``weight`` (out, in) and optionally ``bias`` (out,)."""
     k_weight, k_bias = random.split(key)

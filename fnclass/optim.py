@@ -165,6 +165,130 @@ def clip_by_global_norm(max_norm: float) -> Transform:
     return Transform(lambda params: {}, update)
 
 
+def scale_leaves(factors: Callable[[Any], Any]) -> Transform:
+    """Multiply each leaf's update by its own constant: separately scaled learning rates.
+
+    Args:
+      factors: function of the params returning a tree of Python floats with the params' structure, e.g.
+        64.0 for BatchNorm biases and 0.5 for the classifier head.
+
+    Returns:
+      A stateless Transform.
+    """
+    def update(grads, state, params=None):
+        return _like(grads, torch._foreach_mul(_leaves(grads), _leaves(factors(params)))), state
+    return Transform(lambda params: {}, update)
+
+
+def freeze_after(steps: int, mask: Callable[[Any], Any]) -> Transform:
+    """Zero the updates of masked leaves once this transform has made ``steps`` updates; other leaves pass.
+
+    Chain it last (after the learning rate), so that momentum or weight decay cannot still move a frozen leaf.
+
+    Args:
+      steps: how many updates a masked leaf receives before it is frozen.
+      mask: function of the params returning a tree of bools (True: freeze this leaf after ``steps``).
+
+    Returns:
+      A Transform whose state is ``{"count": int64 tensor}``.
+    """
+    def init(params):
+        return {"count": _count_like(params)}
+
+    def update(grads, state, params=None):
+        frozen = state["count"] >= steps
+        out = [torch.where(frozen, 0.0, g) if m else g for g, m in zip(_leaves(grads), _leaves(mask(params)))]
+        return _like(grads, out), {"count": state["count"] + 1}
+
+    return Transform(init, update)
+
+
+_NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic: steepest slope at 0 that keeps outputs in ~[0.7, 1.2]
+
+
+def _newton_schulz(update: torch.Tensor, steps: int) -> torch.Tensor:
+    """Muon's Newton–Schulz approximation of ``U V^T`` for ``update`` viewed as an (out, in*k*k) matrix."""
+    a, b, c = _NEWTON_SCHULZ
+    # Muon runs this in bfloat16 on the GPU; float32 keeps the CPU results close to the exact iteration.
+    x = update.reshape(update.shape[0], -1).float()
+    rows, cols = x.shape
+    x = x / (torch.linalg.matrix_norm(x) + 1e-7)
+    if rows > cols:  # iterate on the smaller Gram matrix
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if rows > cols:
+        x = x.T
+    # The factor gives every shape an update RMS of about 1/sqrt(cols), as Muon does.
+    return (x * max(1.0, rows / cols) ** 0.5).reshape(update.shape).to(update.dtype)
+
+
+def orthogonalize(steps: int = 5, mask: Callable[[Any], Any] | None = None) -> Transform:
+    """Muon's update (Keller Jordan, 2024): replace each matrix update ``G`` by about ``U V^T`` of its SVD.
+
+    Conv filters ``(out, in, k, k)`` are treated as ``(out, in*k*k)`` matrices; each result is multiplied by
+    ``sqrt(max(1, rows / cols))``. Muon chains it after Nesterov momentum and before the learning rate. Leaves
+    with fewer than two dimensions, or that ``mask`` leaves out, pass through unchanged.
+
+    Args:
+      steps: quintic Newton–Schulz iterations; five bring the singular values into about [0.68, 1.2].
+      mask: optional function of the params returning a tree of bools (True: orthogonalize this leaf);
+        by default every leaf with two or more dimensions.
+
+    Returns:
+      A stateless Transform.
+    """
+    def update(grads, state, params=None):
+        g = _leaves(grads)
+        keep = [True] * len(g) if mask is None else _leaves(mask(params))
+        return _like(grads, [_newton_schulz(u, steps) if m and u.ndim >= 2 else u for u, m in zip(g, keep)]), state
+    return Transform(lambda params: {}, update)
+
+
+def lookahead(inner: Transform, every: int, decay: Schedule, total_steps: int | None = None) -> Transform:
+    """Lookahead (Zhang et al., 2019) as airbench94 uses it: fast weights are pulled into slow ones periodically.
+
+    ``inner`` moves the fast weights, ``fast = params + updates``. On a sync step (``count % every == 0``, or
+    ``count == total_steps``) ``slow = d * slow + (1 - d) * fast`` with ``d = decay(count)``, and the fast
+    weights restart from ``slow``; ``inner``'s state (momentum) is kept, as in airbench94. The updates are
+    ``new_fast - params``, so :func:`apply_updates` gives the new weights; with ``decay(total_steps) == 1``
+    the run ends on the slow weights, up to the rounding of ``params + (slow - params)``.
+
+    Args:
+      inner: the transform making the fast steps, learning rate included.
+      every: steps between syncs.
+      decay: schedule of the count (already incremented, so 1 on the first step) giving the slow weights' share.
+      total_steps: optional last step, which is always a sync.
+
+    Returns:
+      A Transform whose state is ``{"inner": inner's state, "slow": tree like params, "count": int64 tensor}``.
+    """
+    def init(params):
+        slow = optree.tree_map(torch.clone, params)
+        return {"inner": inner.init(params), "slow": slow, "count": _count_like(params)}
+
+    def update(grads, state, params=None):
+        updates, inner_state = inner.update(grads, state["inner"], params)
+        p, u, slow = _leaves(params), _leaves(updates), _leaves(state["slow"])
+        count = state["count"] + 1
+        sync = count % every == 0
+        if total_steps is not None:
+            sync = sync | (count == total_steps)
+        weight = 1.0 - torch.as_tensor(decay(count), dtype=torch.float32, device=count.device)
+        # Blending on every step and selecting with torch.where keeps one graph under torch.compile.
+        # slow + (1 - d) * (fast - slow) is airbench94's lerp; _foreach_lerp with a tensor weight fails in inductor.
+        blended = torch._foreach_sub(torch._foreach_add(p, u), slow)
+        torch._foreach_mul_(blended, weight)
+        torch._foreach_add_(blended, slow)
+        jumps = torch._foreach_sub(blended, p)
+        new_slow = [torch.where(sync, b, s) for b, s in zip(blended, slow)]
+        new_updates = [torch.where(sync, j, x) for j, x in zip(jumps, u)]
+        return _like(grads, new_updates), {"inner": inner_state, "slow": _like(params, new_slow), "count": count}
+
+    return Transform(init, update)
+
+
 def apply_updates(params, updates):
     """Return ``params + updates`` leaf by leaf (a new tree; ``params`` is not modified).
 
@@ -251,17 +375,16 @@ def piecewise_linear(steps: list[float], values: list[float]) -> Schedule:
     Returns:
       A schedule returning a float32 tensor.
     """
-    xs = torch.tensor(steps, dtype=torch.float64)
-    ys = torch.tensor(values, dtype=torch.float64)
+    points = list(zip(steps, values))
 
     def schedule(count):
+        # A sum of clamped ramps, one per segment: no data-dependent indexing, so it traces into the step's graph.
         c = torch.as_tensor(count).to(torch.float64)
-        x, y = xs.to(c.device), ys.to(c.device)
-        c = c.clamp(x[0], x[-1])
-        i = torch.searchsorted(x, c.reshape(1), right=True).clamp(1, len(x) - 1)[0]
-        x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
-        fraction = torch.where(x1 > x0, (c - x0) / (x1 - x0).clamp(min=1e-12), torch.ones_like(c))
-        return (y0 + fraction * (y1 - y0)).to(torch.float32)
+        value = torch.full_like(c, float(values[0]))
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            rise = ((c - x0) / (x1 - x0)).clamp(0.0, 1.0) if x1 > x0 else (c >= x0).to(c.dtype)
+            value = value + (y1 - y0) * rise
+        return value.to(torch.float32)
 
     return schedule
 

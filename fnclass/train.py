@@ -17,7 +17,7 @@ import optree
 import torch
 
 from fnclass import __version__, data, optim, random, tree
-from fnclass.augment import augment
+from fnclass.augment import alternating_flips, augment
 from fnclass.checkpoint import restore_train_state, save_checkpoint, write_atomic
 from fnclass.config import Config, ConfigError, OptimConfig, config_to_toml
 from fnclass.losses import cross_entropy, per_example_cross_entropy
@@ -174,8 +174,13 @@ def create_optimizer(config: OptimConfig, steps_per_epoch: int, epochs: int) -> 
     """The optimizer an :class:`OptimConfig` describes, with its schedule (see :func:`create_schedule`).
 
     Weight decay (decoupled) applies to weight matrices and convolution filters only, not to
-    BatchNorm/LayerNorm scales or biases.
+    BatchNorm/LayerNorm scales or biases. ``muon`` orthogonalises the (Nesterov momentum) updates of conv
+    filters and attention matrices; ``bias_lr_scale`` and ``head_lr_scale`` multiply the learning rate of
+    BatchNorm/whitening biases and of the classifier head; ``whiten_bias_epochs`` freezes the whitening
+    bias after that many epochs; ``lookahead_every`` wraps everything in Lookahead, whose slow-weight decay
+    ramps up as the cube of progress and ends at 1, so the run ends on the slow weights.
     """
+    total = steps_per_epoch * epochs
     schedule = create_schedule(config, steps_per_epoch, epochs)
     decay_mask = lambda params: tree.tree_map(lambda p: p.ndim > 1, params)
     parts = [optim.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
@@ -183,10 +188,45 @@ def create_optimizer(config: OptimConfig, steps_per_epoch: int, epochs: int) -> 
         parts.append(optim.scale_by_adam(config.b1, config.b2, config.eps))
     elif config.momentum:
         parts.append(optim.trace(config.momentum, config.nesterov))
+    if config.muon:
+        parts.append(optim.orthogonalize(mask=functools.partial(_path_map, lambda path, p: p.ndim > 1
+                                                                and not path.startswith("head."))))
     if config.weight_decay:
         parts.append(optim.add_decayed_weights(config.weight_decay, decay_mask))
     parts.append(optim.scale_by_learning_rate(schedule))
-    return optim.chain(*parts)
+    if config.bias_lr_scale != 1.0 or config.head_lr_scale != 1.0:
+        parts.append(optim.scale_leaves(functools.partial(_path_map, functools.partial(_lr_scale, config))))
+    if config.whiten_bias_epochs:
+        parts.append(optim.freeze_after(round(config.whiten_bias_epochs * steps_per_epoch),
+                                        functools.partial(_path_map, lambda path, p: path == "whiten.bias")))
+    optimizer = optim.chain(*parts)
+    if config.lookahead_every:
+        peak = config.lookahead_decay
+        decay = lambda count: torch.where(count >= total, 1.0, peak * (count / total) ** 3)
+        optimizer = optim.lookahead(optimizer, config.lookahead_every, decay, total)
+    return optimizer
+
+
+def _lr_scale(config: OptimConfig, path: str, leaf: torch.Tensor) -> float:
+    """The learning-rate multiplier of one parameter, by its path."""
+    if path.startswith("head."):
+        return config.head_lr_scale
+    if path == "whiten.bias" or path.endswith("bn.bias"):
+        return config.bias_lr_scale
+    return 1.0
+
+
+def _path_map(fn: Callable[[str, torch.Tensor], Any], params, prefix: str = ""):
+    """A tree shaped like ``params`` holding ``fn(dotted_path, leaf)`` for each leaf.
+
+    A plain recursive walk rather than optree's paths: it runs inside the compiled step, and dynamo traces
+    Python dicts and lists but not optree's path flattening.
+    """
+    if isinstance(params, dict):
+        return {k: _path_map(fn, v, f"{prefix}{k}.") for k, v in params.items()}
+    if isinstance(params, (list, tuple)):
+        return type(params)(_path_map(fn, v, f"{prefix}{i}.") for i, v in enumerate(params))
+    return fn(prefix[:-1], params)
 
 
 class Reporter:
@@ -223,11 +263,29 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def tta_logits(eval_step: Callable, params, state, images: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits averaged over test-time views of a normalised NCHW batch (airbench's test-time augmentation).
+
+    Level 1 averages the image and its mirror; level 2 gives that pair half the weight and the pairs
+    shifted by one pixel up-left and down-right (reflect padding) the other half.
+    """
+    def pair(views):
+        return 0.5 * (eval_step(params, state, views) + eval_step(params, state, views.flip(3)))
+
+    logits = pair(images)
+    if level >= 2:
+        height, width = images.shape[2:]
+        padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+        logits = 0.5 * logits + 0.25 * (pair(padded[:, :, :height, :width]) + pair(padded[:, :, 2:, 2:]))
+    return logits
+
+
 def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, labels: torch.Tensor, *,
-                     mean, std, batch_size: int, tta: bool = False) -> dict:
+                     mean, std, batch_size: int, tta: int = 0) -> dict:
     """Logits-based metrics over a whole uint8 split: loss, accuracy, per-class accuracy (and TTA accuracy).
 
-    Returns a dict of Python numbers plus ``predictions`` (an int64 tensor on the CPU).
+    ``tta`` is the :func:`tta_logits` level (0: off; 1: flips; 2: flips and translations). Returns a dict
+    of Python numbers plus ``predictions`` (an int64 tensor on the CPU).
     """
     loss_sum = torch.zeros((), device=images.device)
     predictions, tta_predictions = [], []
@@ -238,8 +296,7 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
         loss_sum += per_example_cross_entropy(logits, y).sum()
         predictions.append(logits.argmax(dim=-1))
         if tta:
-            both = logits.softmax(-1) + eval_step(params, state, x.flip(3)).softmax(-1)
-            tta_predictions.append(both.argmax(dim=-1))
+            tta_predictions.append(tta_logits(eval_step, params, state, x, tta).argmax(dim=-1))
     predictions = torch.cat(predictions)
     correct = predictions == labels
     per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, correct.float())
@@ -360,6 +417,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     workdir.mkdir(parents=True, exist_ok=True)
     write_atomic(workdir / "config.toml", config_to_toml(config).encode())
     train_state = tree.tree_to(train_state, dev)
+    if config.model.whiten and not resume:
+        from fnclass.models.fast import fit_whitening
+
+        # airbench fits its whitening layer to the first 5,000 training images, before any augmentation.
+        fit_images = data.normalize(train_images[:5000], mean_t, std_t)
+        train_state = train_state._replace(state=fit_whitening(train_state.state, fit_images, config.model))
 
     loss_fn = functools.partial(cross_entropy, label_smoothing=config.train.label_smoothing)
     options = dict(compile=config.train.compile, precision=config.train.precision,
@@ -368,6 +431,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     eval_step = make_eval_step(model, **options)
     schedule = create_schedule(config.optim, steps_per_epoch, config.train.epochs)
     order_root, step_root = random.split(train_state.key)
+    flip_key = random.fold_in(order_root, -1)  # alternating flips: which half of the data is mirrored first
+    tta_level = (1 + config.train.tta_translate) if config.train.tta else 0
     probe = slice(0, min(config.train.grad_stats_examples, n_train))
     probe_images, probe_labels = data.normalize(train_images[probe], mean_t, std_t), train_labels[probe]
 
@@ -402,7 +467,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 step_key = random.fold_in(step_root, step)
                 aug_key, model_key = random.split(step_key)
                 idx = order[epoch_step * batch_size:(epoch_step + 1) * batch_size]
-                images = augment(aug_key, data.normalize(train_images[idx], mean_t, std_t), config.data)
+                flips = alternating_flips(flip_key, idx, epoch, n_train) if config.data.alternate_flips else None
+                images = augment(aug_key, data.normalize(train_images[idx], mean_t, std_t), config.data, flip=flips)
                 train_state, metrics = train_step(train_state, (images, train_labels[idx]), model_key)
                 loss_sum += metrics["loss"] * batch_size
                 correct += metrics["correct"]
@@ -438,7 +504,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
             final_epoch = epoch + 1 == config.train.epochs
             last_eval = evaluate_dataset(eval_step, train_state.params, train_state.state, test_images, test_labels,
                                          mean=mean_t, std=std_t, batch_size=config.train.eval_batch_size,
-                                         tta=config.train.tta and final_epoch)
+                                         tta=tta_level if final_epoch else 0)
             row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": train_loss,
                    "train_accuracy": correct.item() / max(epoch_images, 1), "test_loss": last_eval["loss"],
                    "test_accuracy": last_eval["accuracy"], "lr": float(schedule(step - 1)),
@@ -459,7 +525,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     if last_eval is None:  # resumed a finished run: evaluate what is there
         last_eval = evaluate_dataset(eval_step, train_state.params, train_state.state, test_images, test_labels,
                                      mean=mean_t, std=std_t, batch_size=config.train.eval_batch_size,
-                                     tta=config.train.tta)
+                                     tta=tta_level)
         best = max(best or 0.0, last_eval["accuracy"])
     summary = {
         "test_accuracy": last_eval["accuracy"], "best_test_accuracy": best, "test_loss": last_eval["loss"],

@@ -1,5 +1,6 @@
 """Every layer against its torch.nn counterpart holding the same weights."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -122,3 +123,30 @@ def test_pooling():
     torch.testing.assert_close(layers.max_pool(x), nn.MaxPool2d(2)(x))
     torch.testing.assert_close(layers.global_avg_pool(x), nn.AdaptiveAvgPool2d(1)(x).flatten(1))
     torch.testing.assert_close(layers.global_max_pool(x), nn.AdaptiveMaxPool2d(1)(x).flatten(1))
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (3, 5, 3, 3), (4, 4, 1, 1)])
+def test_dirac_matches_torch_init_on_the_first_filters(shape):
+    weight = torch.randn(*shape)
+    expected = weight.clone()
+    nn.init.dirac_(expected[:min(shape[:2])])
+    assert torch.equal(layers.dirac_(weight), expected)
+    x = torch.randn(2, shape[1], 5, 5)  # the identity filters pass their channels through
+    n = min(shape[:2])
+    torch.testing.assert_close(layers.conv({"weight": layers.dirac_(weight)}, x)[:, :n], x[:, :n])
+
+
+def test_whitening_filters_whiten_the_patches():
+    x = torch.randn(400, 3, 8, 8) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    x[:, 1] += 0.8 * x[:, 0]  # correlated channels
+    x[:, :, :, 1:] += 0.5 * x[:, :, :, :-1].clone()  # correlated neighbours
+    filters = layers.whitening_filters(x, 2, eps=0.0)
+    assert filters.shape == (24, 3, 2, 2)
+    torch.testing.assert_close(filters[12:], -filters[:12])
+    out = nn.functional.conv2d(x.double(), filters[:12].double()).permute(0, 2, 3, 1).reshape(-1, 12)
+    torch.testing.assert_close(out.T @ out / len(out), torch.eye(12, dtype=torch.float64), atol=1e-5, rtol=0)
+    # Against numpy's eigendecomposition of the same patch covariance: the same spectrum, largest first.
+    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double().numpy()
+    eigenvalues = np.linalg.eigvalsh(patches.T @ patches / len(patches))[::-1]
+    norms = np.linalg.norm(filters[:12].reshape(12, -1).double().numpy(), axis=1)
+    np.testing.assert_allclose(norms, 1 / np.sqrt(eigenvalues), rtol=1e-4)

@@ -9,12 +9,14 @@ import torch
 import fnclass
 from fnclass import losses, tree
 from fnclass.config import ConfigError, ModelConfig
+from fnclass.models.fast import fit_whitening
 from tests.torch_reference import module_grads, reference_module, torch_name
 
 SMALL_RESNET = ModelConfig(name="resnet_attn", widths=(16, 32, 32), depths=(1, 2, 1), attn_after=(1, 2),
                            attn_layers=1, attn_heads=4)
 CONFIGS = {"resnet_attn": SMALL_RESNET, "tiny": ModelConfig(name="tiny"),
-           "fast": ModelConfig(name="fast", widths=(16, 32, 32), stem_width=8)}
+           "fast": ModelConfig(name="fast", widths=(16, 32, 32), stem_width=8),
+           "fast_whiten": ModelConfig(name="fast", widths=(16, 32, 32), whiten=True, dirac_init=True)}
 
 
 def _checksum(name: str) -> str:
@@ -66,6 +68,8 @@ def test_loss_gradients_and_state_match_torch_nn(name):
     cfg = CONFIGS[name]
     model = fnclass.build_model(cfg)
     params, state = model.init(fnclass.key(7))
+    if cfg.whiten:
+        state = fit_whitening(state, torch.randn(64, 3, 32, 32), cfg.resolved())
     reference = reference_module(cfg, params, state).train()
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)

@@ -125,3 +125,147 @@ def test_schedule_count_continues_from_restored_state():
         updates, state = transform.update(torch.func.grad(loss_fn)(params), state, params)
         params = optim.apply_updates(params, updates)
     assert int(state[1]["count"]) == 3 and int(state[0]["count"]) == 3
+
+
+def _newton_schulz_by_hand(g, steps=5):
+    """Muon's iteration written out plainly, one matrix at a time."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.reshape(g.shape[0], -1)
+    rows, cols = x.shape
+    x = x / (x.norm() + 1e-7)
+    x = x.T if rows > cols else x
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.T if rows > cols else x
+    return (x * max(1.0, rows / cols) ** 0.5).reshape(g.shape)
+
+
+def test_orthogonalize_matches_plain_loop_and_leaves_others_alone():
+    gen = torch.Generator().manual_seed(1)
+    grads = {"conv": torch.randn(8, 4, 3, 3, generator=gen), "stem": torch.randn(64, 3, 3, 3, generator=gen),
+             "head": torch.randn(10, 32, generator=gen), "bias": torch.randn(8, generator=gen)}
+    mask = lambda p: {"conv": True, "stem": True, "head": False, "bias": True}
+    ours, _ = optim.orthogonalize(mask=mask).update(grads, {}, grads)
+    for name in ("conv", "stem"):
+        torch.testing.assert_close(ours[name], _newton_schulz_by_hand(grads[name]), rtol=1e-4, atol=1e-5)
+    assert ours["head"] is grads["head"] and ours["bias"] is grads["bias"]  # masked out; 1-D
+    default, _ = optim.orthogonalize().update(grads, {}, None)
+    torch.testing.assert_close(default["head"], _newton_schulz_by_hand(grads["head"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 16), (16, 16)])
+def test_orthogonalize_approximates_svd_polar_factor(shape):
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(2)
+    u, _ = torch.linalg.qr(torch.randn(rows, min(shape), generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(cols, min(shape), generator=gen))
+    g = u @ torch.diag(torch.linspace(1.0, 2.0, min(shape))) @ v.T  # condition number 2
+    ours, _ = optim.orthogonalize().update({"w": g}, {}, None)
+    x = ours["w"] / max(1.0, rows / cols) ** 0.5
+    # x = U D V^T with the SVD's own U and V, D diagonal and near 1: the direction of U V^T.
+    d = u.T @ x @ v
+    torch.testing.assert_close(u @ d @ v.T, x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(d, torch.diag(d.diagonal()), rtol=0, atol=1e-5)
+    assert 0.67 < d.diagonal().min() and d.diagonal().max() < 1.2
+    assert torch.nn.functional.cosine_similarity(x.flatten(), (u @ v.T).flatten(), dim=0) > 0.97
+
+
+def test_scale_leaves_by_hand():
+    grads = {"bn_bias": torch.randn(4), "head": torch.randn(3, 4), "conv": torch.randn(2, 2)}
+    factors = lambda p: {"bn_bias": 64.0, "head": 0.5, "conv": 1.0}
+    ours, state = optim.scale_leaves(factors).update(grads, {}, grads)
+    assert state == {}
+    for name, factor in factors(grads).items():
+        assert torch.equal(ours[name], grads[name] * factor)
+
+
+def test_freeze_after_by_hand():
+    params = {"whiten_bias": torch.zeros(3), "w": torch.zeros(2, 2)}
+    transform = optim.freeze_after(2, lambda p: {"whiten_bias": True, "w": False})
+    state = transform.init(params)
+    for i in range(5):
+        grads = {"whiten_bias": torch.full((3,), i + 1.0), "w": torch.full((2, 2), i + 1.0)}
+        updates, state = transform.update(grads, state, params)
+        expected_bias = grads["whiten_bias"] if i < 2 else torch.zeros(3)
+        assert torch.equal(updates["whiten_bias"], expected_bias) and torch.equal(updates["w"], grads["w"])
+    assert int(state["count"]) == 5 and state["count"].dtype == torch.int64
+
+
+def test_lookahead_matches_hand_loop():
+    total, every, lr, momentum = 23, 5, 0.5, 0.9
+    # airbench94's cubic ramp, raised to exactly 1 at the last step so the run ends on the slow weights.
+    decay = lambda c: torch.where(torch.as_tensor(c) >= total, 1.0, 0.95**5 * (torch.as_tensor(c) / total) ** 3)
+    params, loss_fn = _problem()
+    transform = optim.lookahead(optim.sgd(lr, momentum=momentum), every, decay, total_steps=total)
+    state = transform.init(params)
+    fast = {k: v.clone() for k, v in params.items()}
+    slow = {k: v.clone() for k, v in params.items()}
+    buffer = {k: torch.zeros_like(v) for k, v in params.items()}
+    for count in range(1, total + 1):
+        updates, state = transform.update(torch.func.grad(loss_fn)(params), state, params)
+        params = optim.apply_updates(params, updates)
+        grads = torch.func.grad(loss_fn)(fast)
+        for k in fast:
+            buffer[k] = momentum * buffer[k] + grads[k]
+            fast[k] = fast[k] - lr * buffer[k]
+        if count % every == 0 or count == total:
+            d = float(decay(count))
+            for k in fast:
+                slow[k] = d * slow[k] + (1 - d) * fast[k]
+                fast[k] = slow[k].clone()
+        for k in fast:
+            torch.testing.assert_close(params[k], fast[k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(state["slow"][k], slow[k], rtol=1e-5, atol=1e-6)
+    assert int(state["count"]) == total
+    start, _ = _problem()
+    for k in params:
+        assert not torch.allclose(params[k], start[k])
+        # The last update is slow - params, so the run ends on the slow weights up to one rounding.
+        torch.testing.assert_close(params[k], state["slow"][k], rtol=1e-6, atol=1e-7)
+
+
+def _muon_like(total):
+    """A small chain using every transform above, like an airbench/Muon optimizer."""
+    matrices = lambda p: {k: v.ndim >= 2 for k, v in p.items()}
+    inner = optim.chain(optim.trace(0.9, nesterov=True), optim.orthogonalize(mask=matrices),
+                        optim.scale_leaves(lambda p: {"conv": 1.0, "bias": 64.0, "head": 0.5}),
+                        optim.scale_by_learning_rate(optim.warmup_cosine(0.1, 2, total)),
+                        optim.freeze_after(3, lambda p: {"conv": False, "bias": True, "head": False}))
+    return optim.lookahead(inner, 2, lambda c: 0.9 * (c / total) ** 3, total_steps=total)
+
+
+def test_new_transforms_do_not_mutate_inputs():
+    gen = torch.Generator().manual_seed(4)
+    params = {"conv": torch.randn(4, 2, 3, 3, generator=gen), "bias": torch.randn(4, generator=gen),
+              "head": torch.randn(3, 4, generator=gen)}
+    grads = tree.tree_map(lambda v: torch.randn(v.shape, generator=gen), params)
+    transform = _muon_like(5)
+    state = transform.init(params)
+    snapshot = tree.tree_map(torch.clone, (params, grads, state))
+    for _ in range(2):  # the second update is a sync step
+        transform.update(grads, state, params)
+    assert tree.tree_allclose((params, grads, state), snapshot, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_new_transforms_compile_to_one_graph_equal_to_eager():
+    total = 5
+    transform = _muon_like(total)
+
+    def step(params, state, grads):
+        updates, state = transform.update(grads, state, params)
+        return optim.apply_updates(params, updates), state
+
+    compiled = torch.compile(step, fullgraph=True)  # fullgraph: no Python branching on tensor values
+    gen = torch.Generator().manual_seed(3)
+    params = {"conv": torch.randn(4, 2, 3, 3, generator=gen), "bias": torch.randn(4, generator=gen),
+              "head": torch.randn(3, 4, generator=gen)}
+    eager_state = compiled_state = transform.init(params)
+    eager_params = compiled_params = params
+    for _ in range(total + 1):  # syncs at 2, 4 and 5; the bias freezes from the fourth step
+        grads = tree.tree_map(lambda v: torch.randn(v.shape, generator=gen), params)
+        eager_params, eager_state = step(eager_params, eager_state, grads)
+        compiled_params, compiled_state = compiled(compiled_params, compiled_state, grads)
+    for a, b in zip(tree.tree_leaves((compiled_params, compiled_state)), tree.tree_leaves((eager_params, eager_state))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ import torch
 
 import fnclass
 from fnclass import data, losses, optim, random, train, tree
-from fnclass.config import ModelConfig
+from fnclass.config import ModelConfig, load_config
 from tests.torch_reference import reference_module, torch_name
 
 SMALL = ModelConfig(name="tiny", widths=(8, 16, 16), stem_width=8, attn_heads=2)
@@ -106,3 +106,82 @@ def test_tiny_model_fits_512_real_images(cifar_dir):
             ts, _ = step(ts, (x[idx], labels[idx]), random.fold_in(ts.key, ts.step))
     logits = fnclass.make_eval_step(model)(ts.params, ts.state, x)
     assert losses.accuracy(logits, labels).item() >= 0.95
+
+
+def test_tta_logits_average_the_views_as_airbench_does():
+    weight = torch.randn(3 * 8 * 8, 10)
+    eval_step = lambda params, state, x: x.flatten(1) @ weight  # a model that is neither flip- nor shift-invariant
+    x = torch.randn(4, 3, 8, 8)
+    f = lambda v: eval_step(None, None, v)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[:, :, :8, :8], padded[:, :, 2:, 2:]
+    flips = (f(x) + f(x.flip(3))) / 2
+    torch.testing.assert_close(train.tta_logits(eval_step, None, None, x, 1), flips)
+    shifted = (f(up_left) + f(up_left.flip(3)) + f(down_right) + f(down_right.flip(3))) / 4
+    torch.testing.assert_close(train.tta_logits(eval_step, None, None, x, 2), (flips + shifted) / 2)
+    torch.testing.assert_close(up_left[:, :, 1:, 1:], x[:, :, :7, :7])  # a one-pixel shift down-right of the content
+
+
+def test_fast_recipe_optimizer_composes_the_techniques_by_parameter_path():
+    from fnclass.config import OptimConfig
+    from fnclass.models.fast import fit_whitening
+
+    cfg = ModelConfig(name="tiny", widths=(8, 16, 16), whiten=True)
+    model = fnclass.build_model(cfg)
+    params, state = model.init(random.key(0))
+    state = fit_whitening(state, torch.randn(32, 3, 32, 32), cfg.resolved())
+    config = OptimConfig(name="sgd", lr=0.1, momentum=0.5, nesterov=True, muon=True, bias_lr_scale=8.0,
+                         head_lr_scale=0.25, schedule="constant", whiten_bias_epochs=1.0)
+    opt = train.create_optimizer(config, steps_per_epoch=2, epochs=3)
+    opt_state, momentum = opt.init(params), tree.tree_map(torch.zeros_like, params)
+    for step in range(3):
+        grads = tree.tree_map(lambda p: torch.randn_like(p), params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        # The same by hand: Nesterov momentum, Newton-Schulz for matrices and filters (not the head), lr, scales.
+        momentum = tree.tree_map(lambda m, g: 0.5 * m + g, momentum, grads)
+        nesterov = tree.tree_map(lambda m, g: g + 0.5 * m, momentum, grads)
+        flat = tree.flatten_paths(nesterov)
+        orthogonal = optim.orthogonalize()
+        for path, direction in flat.items():
+            updates_flat = tree.flatten_paths(updates)
+            update = updates_flat[path]
+            if direction.ndim > 1 and not path.startswith("head."):
+                direction = orthogonal.update({"x": direction}, {}, None)[0]["x"]
+            scale = {"head.weight": 0.25, "whiten.bias": 8.0}.get(path, 8.0 if path.endswith("bn.bias") else 1.0)
+            if path == "whiten.bias" and step >= 2:
+                scale = 0.0  # frozen after one epoch of two steps
+            torch.testing.assert_close(update, -0.1 * scale * direction, rtol=1e-5, atol=1e-7, msg=path)
+        assert "whiten.weight" not in updates_flat  # the whitening filters are state, never trained
+        params = optim.apply_updates(params, updates)
+
+
+def test_fast_recipe_learns_on_real_data(cifar_dir, tmp_path):
+    overrides = ["model.name=tiny", "data.train_limit=4000", "data.test_limit=1000", "train.epochs=3",
+                 "train.batch_size=250", "train.compile=false", "train.precision=fp32", "train.log_every_steps=0",
+                 "optim.lookahead_every=5", "optim.bias_lr_scale=55", "optim.head_lr_scale=0.0106"]
+    summary = train.train_and_evaluate(load_config("configs/fast.toml", overrides), tmp_path / "run",
+                                       data_dir=str(cifar_dir))
+    # Every technique of fast.toml at once (whitening, Dirac init, alternating flips, Muon, scaled lrs, frozen
+    # whitening bias, Lookahead, translation TTA) on a CPU-sized budget: it must learn, not just run. The bias
+    # and head scales are fast.toml's divided by 8, as its batch is 8x this one (they convert a summed loss).
+    assert summary["test_accuracy"] > 0.40 and summary["test_accuracy_tta"] > 0.40
+
+
+@pytest.mark.parametrize("config,shape", [
+    ("configs/seed.toml", ["model.widths=[8, 8, 16, 16]", "model.depths=[1, 1, 1, 1]"]),
+    ("configs/cpu.toml", ["model.widths=[8, 16, 16]"]),
+    ("configs/fast.toml", ["model.name=tiny", "model.widths=[8, 16, 16]", "optim.lookahead_every=5"])])
+def test_whole_step_traces_as_one_graph(config, shape):
+    from fnclass.models.fast import fit_whitening
+
+    cfg = load_config(config, shape).resolved()
+    model = fnclass.build_model(cfg.model)
+    opt = train.create_optimizer(cfg.optim, 10, 2)
+    ts = train.create_train_state(model, opt, random.key(0))
+    images, labels = _batch(n=8)
+    if cfg.model.whiten:
+        ts = ts._replace(state=fit_whitening(ts.state, images, cfg.model))
+    step = train.make_train_step(model, losses.cross_entropy, opt, compile=True)
+    # Gradient, optimizer, schedule, masks by path, Lookahead: one graph, no break (no host synchronisation).
+    explanation = torch._dynamo.explain(step._torchdynamo_orig_callable)(ts, (images, labels), random.key(1))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

@@ -112,8 +112,16 @@ class FastBlock(nn.Module):
 class Fast(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.stem = ConvBN(3, cfg.stem_width, 3)
-        blocks, cin = [], cfg.stem_width
+        if getattr(cfg, "whiten", False):  # the patch-whitening stem: fixed filters (a buffer), a trained bias
+            channels = 2 * 3 * cfg.whiten_kernel ** 2
+            self.whiten = nn.Conv2d(3, channels, cfg.whiten_kernel, padding=0)
+            del self.whiten.weight
+            self.whiten.register_buffer("weight", torch.zeros(channels, 3, cfg.whiten_kernel, cfg.whiten_kernel))
+            cin = channels
+        else:
+            self.stem = ConvBN(3, cfg.stem_width, 3)
+            cin = cfg.stem_width
+        blocks = []
         for w in cfg.widths:
             blocks.append(FastBlock(cin, w))
             cin = w
@@ -123,7 +131,10 @@ class Fast(nn.Module):
         self.head = nn.Linear(cfg.widths[-1], cfg.num_classes, bias=False)
 
     def forward(self, x):
-        x = nn.functional.gelu(self.stem.bn(self.stem.conv(x)))
+        if hasattr(self, "whiten"):
+            x = nn.functional.gelu(self.whiten(x))
+        else:
+            x = nn.functional.gelu(self.stem.bn(self.stem.conv(x)))
         for i, block in enumerate(self.blocks):
             x = block(x)
             for j, site in enumerate(self.sites):

@@ -236,7 +236,8 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
                            f"{len(ckpt.classes)} classes; evaluate on the data set it was trained on")
     params, state = tree_to((ckpt.params, ckpt.state), dev)
     result = evaluate_dataset(make_eval_step(ckpt.model), params, state, images.to(dev), labels.to(dev),
-                              mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size, tta=tta)
+                              mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,
+                              tta=(1 + ckpt.config.train.tta_translate) if tta else 0)
     output = {"checkpoint": str(checkpoint), "split": split, "images": len(labels), "loss": result["loss"],
               "accuracy": result["accuracy"],
               "per_class_accuracy": dict(zip(ckpt.classes, result["per_class_accuracy"]))}

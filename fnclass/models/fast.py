@@ -5,19 +5,29 @@ residual ``conv -> BN -> GELU``, so the resolution goes 32 -> 16 -> 8 -> 4. Self
 4x4 map after the stages in ``attn_after``; the head is a global max-pool and a bias-free linear layer.
 ``fast`` (widths 64/256/256, stem 32) has about 2.2M parameters; ``tiny`` (32/64/128, stem 16) is the
 same shape sized for a CPU.
+
+With ``whiten`` the stem is airbench's patch-whitening layer instead: a ``k`` x ``k`` convolution without
+padding whose filters (model *state*, never trained) are fitted to the training images by
+:func:`fit_whitening`, plus a trained bias and a GELU. ``dirac_init`` starts every 3x3 convolution of the
+blocks as an identity on its first input-channel filters.
 """
 
 from __future__ import annotations
+
+import torch
 
 from fnclass import layers, random
 from fnclass.config import ModelConfig
 from fnclass.models import Model, attention_init, classify, refine
 
 
-def _conv_bn_init(key, in_channels, out_channels):
+def _conv_bn_init(key, in_channels, out_channels, *, dirac=False):
     """A bias-free 3x3 convolution and its BatchNorm: ``(params, state)``."""
     bn_params, bn_state = layers.batch_norm_init(out_channels)
-    return {"conv": layers.conv_init(key, in_channels, out_channels, 3), "bn": bn_params}, {"bn": bn_state}
+    conv = layers.conv_init(key, in_channels, out_channels, 3)
+    if dirac:
+        conv["weight"] = layers.dirac_(conv["weight"])
+    return {"conv": conv, "bn": bn_params}, {"bn": bn_state}
 
 
 def _conv_bn(params, state, x, *, pool, train, momentum):
@@ -36,13 +46,19 @@ def build(config: ModelConfig):
     def init(key):
         k_stem, k_blocks, k_attn, k_head = random.split(key, 4)
         params, state = {}, {}
-        params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, config.stem_width)
+        if config.whiten:
+            channels = 2 * 3 * config.whiten_kernel ** 2
+            params["whiten"] = {"bias": torch.zeros(channels)}
+            state["whiten"] = {"weight": torch.zeros(channels, 3, config.whiten_kernel, config.whiten_kernel)}
+            in_channels = channels
+        else:
+            params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, config.stem_width)
+            in_channels = config.stem_width
         params["blocks"], state["blocks"] = [], []
-        in_channels = config.stem_width
         for i, width in enumerate(widths):
             k1, k2 = random.split(random.fold_in(k_blocks, i))
-            p1, s1 = _conv_bn_init(k1, in_channels, width)
-            p2, s2 = _conv_bn_init(k2, width, width)
+            p1, s1 = _conv_bn_init(k1, in_channels, width, dirac=config.dirac_init)
+            p2, s2 = _conv_bn_init(k2, width, width, dirac=config.dirac_init)
             params["blocks"].append({"conv1": p1, "conv2": p2})
             state["blocks"].append({"conv1": s1, "conv2": s2})
             in_channels = width
@@ -52,8 +68,13 @@ def build(config: ModelConfig):
 
     def apply(params, state, images, *, train, key=None):
         momentum = config.bn_momentum
-        x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, momentum=momentum)
-        new_state = {"stem": stem, "blocks": []}
+        if config.whiten:
+            whiten = {"weight": state["whiten"]["weight"], "bias": params["whiten"]["bias"]}
+            x, new_state = layers.gelu(layers.conv(whiten, images, padding=0)), {"whiten": state["whiten"]}
+        else:
+            x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, momentum=momentum)
+            new_state = {"stem": stem}
+        new_state["blocks"] = []
         for i, (block_params, block_state) in enumerate(zip(params["blocks"], state["blocks"])):
             x, s1 = _conv_bn(block_params["conv1"], block_state["conv1"], x, pool=True, train=train,
                              momentum=momentum)
@@ -66,3 +87,9 @@ def build(config: ModelConfig):
         return logits, new_state
 
     return Model(init, apply)
+
+
+def fit_whitening(state: dict, images: torch.Tensor, config: ModelConfig) -> dict:
+    """A copy of ``state`` whose whitening filters are fitted to ``images`` (normalised NCHW training images)."""
+    filters = layers.whitening_filters(images, config.whiten_kernel).to(state["whiten"]["weight"].device)
+    return {**state, "whiten": {"weight": filters}}

@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# The GPU checks in one run of under 8 minutes, from a bare copy of the repository (nothing installed):
+# time to accuracy of configs/fast.toml over SEEDS seeds, train-step throughput (functional against stateful,
+# eager and compiled) and per-example gradients/s, each under its own timeout, then a summary table.
+#
+#   bash benchmarks/gpu_check.sh                      # on a machine with one CUDA GPU; writes $OUT
+#
+# It needs CIFAR-10 in $FNCLASS_DATA (default .gpudata), either as the canonical arrays or as staged by
+# `../shared/tools/stage-cifar10-for-device .gpudata` (decoded here), and optree: importable, or its wheel in
+# benchmarks/wheels/, .whl/ or ../shared/wheels/; an opacus wheel there is installed too (optional: the
+# per-example Opacus rows). Relative paths are taken from the repository root.
+# Knobs (environment):
+#   OUT                  where the log and the JSON files go (default benchmarks/out)
+#   SEEDS                seeds of the time-to-accuracy run (default 5)
+#   GPU_CHECK_DEVICE     cuda (default), or cpu for a dry run with small settings
+#   GPU_CHECK_SETS       extra space-separated key=value config overrides for the time-to-accuracy run
+#   GPU_CHECK_MODEL      model of the step and per-example benchmarks (default fast on cuda, tiny otherwise)
+#   GPU_CHECK_PARTS      which parts to run (default "accuracy throughput per_example"; "" checks the set-up only)
+#   GPU_CHECK_{ACCURACY,THROUGHPUT,PER_EXAMPLE}_S   each part's timeout in seconds (default 200, 150, 90)
+# Dry run on a CPU: GPU_CHECK_DEVICE=cpu SEEDS=1 GPU_CHECK_SETS="model.name=tiny data.train_limit=2000
+#   data.test_limit=500 train.epochs=1 train.compile=false" bash benchmarks/gpu_check.sh
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+tee_pid=$!
+# At exit, let tee write the last lines (bounded: a leftover child holding the pipe must not hang us).
+trap 'exec >&- 2>&-; for _ in {1..50}; do kill -0 "$tee_pid" 2>/dev/null || break; sleep 0.1; done' EXIT
+export PYTHONUNBUFFERED=1
+# The repo root first: the opacus wheel also installs top-level `benchmarks` and `examples` packages.
+export PYTHONPATH="$repo:/tmp/fnclass-site${PYTHONPATH:+:$PYTHONPATH}"
+
+device="${GPU_CHECK_DEVICE:-cuda}"
+seeds="${SEEDS:-5}"
+parts="${GPU_CHECK_PARTS-accuracy throughput per_example}"  # set but empty: environment and data only
+read -r -a sets <<<"${GPU_CHECK_SETS:-}"
+if [[ $device == cuda ]]; then
+    model="${GPU_CHECK_MODEL:-fast}"
+    # Compiling per-example gradients takes minutes (eval-mode BatchNorm has no vmap rule under
+    # torch.compile, so the trace loops over the examples; benchmarks/RESULTS.md): eager only here.
+    throughput_args=(--rounds 7)
+    per_example_args=(--rounds 10 --no-compile)
+else
+    model="${GPU_CHECK_MODEL:-tiny}"  # a dry run: every code path once, no meaningful figures
+    throughput_args=(--batch-size 32 --rounds 2 --steps 1 --warmup 1)
+    per_example_args=(--batch-size 8 --rounds 1 --chunk-sizes 8 --no-compile)
+fi
+
+fail() {
+    echo "gpu_check: $*" >&2
+    exit 1
+}
+
+find_wheel() {  # NAME: the first NAME-*.whl in benchmarks/wheels/, .whl/ or ../shared/wheels/, or nothing
+    local candidate
+    for candidate in benchmarks/wheels/"$1"-*.whl .whl/"$1"-*.whl ../shared/wheels/"$1"-*.whl; do
+        if [[ -f $candidate ]]; then
+            echo "$candidate"
+            return
+        fi
+    done
+}
+install_wheel() {  # WHEEL: into /tmp/fnclass-site, already on PYTHONPATH (there is no package index to ask)
+    echo "installing $1 into /tmp/fnclass-site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/fnclass-site "$1"
+}
+importable() {  # MODULE: without importing it (opacus imports torch, which takes seconds)
+    python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$1"
+}
+echo "== environment ($(date -u +%Y-%m-%dT%H:%M:%SZ), repo $repo, out $OUT)"
+echo "fnclass at $(git describe --always --dirty 2>/dev/null || echo 'an unknown commit (no git metadata)')"
+if ! python3 -c 'import optree' 2>/dev/null; then
+    wheel=$(find_wheel optree)
+    [[ -n $wheel ]] || fail "optree is not importable and no wheel was found: copy optree-*.whl (from
+  ../shared/wheels) into .whl/ (and carry .whl to the device) or into benchmarks/wheels/"
+    install_wheel "$wheel"
+fi
+# Optional: per_example_grads.py compares against Opacus only where it imports (its deps are on the GPU image).
+if ! importable opacus; then
+    wheel=$(find_wheel opacus)
+    if [[ -n $wheel ]]; then
+        install_wheel "$wheel"
+    else
+        echo "opacus: not importable and no opacus-*.whl: the per-example Opacus rows will be missing"
+    fi
+fi
+rc=0
+python3 - "$device" <<'EOF' || rc=$?
+import platform, sys
+import optree, torch
+import fnclass
+print(f"python {platform.python_version()} | torch {torch.__version__} | optree {optree.__version__} | fnclass from "
+      f"{fnclass.__file__}")
+if sys.argv[1] == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit(3)
+    print(f"GPU {torch.cuda.get_device_name(0)} | CUDA {torch.version.cuda} | {torch.cuda.device_count()} device(s)")
+EOF
+[[ $rc != 3 ]] || fail "torch.cuda.is_available() is False: this check needs a CUDA GPU (GPU_CHECK_DEVICE=cpu: dry run)"
+[[ $rc == 0 ]] || fail "python could not import torch, optree or fnclass (traceback above)"
+
+DATA="${FNCLASS_DATA:-.gpudata}"
+echo "== data: $DATA"
+if [[ ! -f $DATA/train_images.npy ]]; then
+    [[ -f $DATA/cifar10_from_jpeg.py ]] || fail "no $DATA/train_images.npy and no staged JPEGs in $DATA: on the
+  machine that has ../shared, run \`../shared/tools/stage-cifar10-for-device .gpudata\` in the repository root
+  (and carry .gpudata to the device), or point FNCLASS_DATA at a CIFAR-10 folder"
+    # A different JPEG decoder can move a few pixels by a level: a checksum warning, not a failure.
+    python3 "$DATA/cifar10_from_jpeg.py" "$DATA" "$DATA" || echo "warning: checksums differ; the data stays usable"
+    [[ -f $DATA/train_images.npy ]] || fail "decoding the JPEGs in $DATA wrote no train_images.npy"
+fi
+FNCLASS_DATA=$(cd "$DATA" && pwd)
+export FNCLASS_DATA
+
+status=()
+run_part() {  # NAME JSON TIMEOUT COMMAND...: run one part; a failure or a timeout is recorded, not fatal
+    local name=$1 json=$2 limit=$3 start=$SECONDS rc=0
+    shift 3
+    if [[ " $parts " != *" $name "* ]]; then
+        return
+    fi
+    rm -f "$json"  # a stale file must not pass for this run's result
+    echo
+    echo "== $name (timeout $limit s): $*"
+    timeout --kill-after=15 "$limit" "$@" || rc=$?
+    status+=("$name:$rc:$((SECONDS - start))")
+    local outcome="exit $rc"
+    [[ $rc != 124 && $rc != 137 ]] || outcome="timed out"
+    echo "== $name: $outcome after $((SECONDS - start)) s"
+}
+
+set_args=()
+for item in "${sets[@]}"; do
+    set_args+=(--set "$item")
+done
+json="$OUT/time_to_accuracy.json"
+run_part accuracy "$json" "${GPU_CHECK_ACCURACY_S:-200}" python3 benchmarks/time_to_accuracy.py \
+    --config configs/fast.toml --seeds "$seeds" --device "$device" --data-dir "$FNCLASS_DATA" --out "$json" \
+    "${set_args[@]}"
+json="$OUT/step_throughput.json"
+run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-150}" python3 benchmarks/step_throughput.py \
+    --device "$device" --model "$model" "${throughput_args[@]}" --json "$json"
+json="$OUT/per_example_grads.json"
+run_part per_example "$json" "${GPU_CHECK_PER_EXAMPLE_S:-90}" python3 benchmarks/per_example_grads.py \
+    --device "$device" --model "$model" "${per_example_args[@]}" --json "$json"
+
+echo
+echo "== summary"
+python3 - "$OUT" "${status[@]}" <<'EOF'
+"""Read the parts' JSON files; print a compact table and write summary.json beside them."""
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+status = {name: {"exit": int(rc), "seconds": int(s)} for name, rc, s in (a.split(":") for a in sys.argv[2:])}
+
+
+def read(name):
+    path = out / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def accuracy(results):
+    yield "device", results["device_name"]
+    yield "seeds done", f"{len(results['seeds'])} of {results['seeds_asked']}"
+    for column, stats in results["aggregate"].items():
+        scale, unit = (100, "%") if "accuracy" in column else (1, " s")
+        std = "" if stats["std"] is None else f" ± {scale * stats['std']:.2f}"
+        yield column, f"{scale * stats['mean']:.2f}{std}{unit}"
+
+
+def throughput(results):
+    o = results["options"]
+    yield "setting", f"{o['model']}, batch {o['batch_size']}, {o['precision']}, {results['device_name']}"
+    for name, variant in results["variants"].items():
+        yield f"{name} img/s", f"{variant['images_per_s']:.0f} (first call {variant['first_call_s']:.1f} s)"
+    for mode, ratio in results["functional_over_stateful"].items():
+        yield f"functional/stateful {mode}", f"{ratio:.3f}x"
+
+
+def per_example(results):
+    yield "setting", f"{results['options']['model']}, batch {results['options']['batch_size']}"
+    for name, variant in results["variants"].items():
+        yield f"{name} grads/s", f"{variant['grads_per_s']:.0f} ({results['over_naive_loop'][name]:.2f}x naive)"
+    for m in results["chunk_memory"]:
+        yield f"chunk {m['chunk_size']} peak MiB", f"{m['peak_bytes'] / 2**20:.0f}"
+
+
+parts = {"accuracy": ("time_to_accuracy.json", accuracy), "throughput": ("step_throughput.json", throughput),
+         "per_example": ("per_example_grads.json", per_example)}
+rows, results = [], {}  # rows: (part, figure, value)
+for part, s in status.items():
+    outcome = "ok" if s["exit"] == 0 else "TIMED OUT" if s["exit"] in (124, 137) else f"FAILED (exit {s['exit']})"
+    rows.append((part, "outcome", f"{outcome}, {s['seconds']} s"))
+    name, figures = parts[part]
+    results[part] = read(name)
+    if results[part]:  # a timed-out accuracy part still has the seeds it finished
+        rows += [(part, figure, value) for figure, value in figures(results[part])]
+
+width = max((len(figure) for _, figure, _ in rows), default=0)
+for part, figure, value in rows:
+    print(f"{part:<12}{figure:<{width + 2}}{value}")
+summary = {"status": status, "table": [list(row) for row in rows], "results": results}
+(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(f"wrote {out / 'summary.json'}")
+EOF
