@@ -477,11 +477,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 log = config.train.log_every_steps and step % config.train.log_every_steps == 0
                 if dev.type == "cuda" and (log or step == start_step + 1):
                     torch.cuda.synchronize()
-                elapsed = time.perf_counter() - tick
                 if step == start_step + 1 and config.train.compile:
-                    compile_seconds = elapsed  # the first call compiles; count it apart from training
+                    compile_seconds = time.perf_counter() - tick  # the first call compiles: counted apart
                 else:
-                    train_seconds += elapsed
                     images_seen += batch_size
                 info = {"step": step, "epoch": epoch, "epoch_step": epoch_step + 1, "steps_per_epoch": steps_per_epoch,
                         "lr": float(schedule(step - 1)),
@@ -496,7 +494,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 reporter.step(info)
                 if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
                     save(checkpoints / "last.safetensors", train_state)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # steps run asynchronously: the epoch ends when the GPU is done
             epoch_seconds = time.perf_counter() - epoch_start
+            train_seconds += epoch_seconds - (compile_seconds if epoch == start_step // steps_per_epoch else 0.0)
             train_loss = loss_sum.item() / max(epoch_images, 1)
             if not math.isfinite(train_loss):  # checked before saving: the last good checkpoint stays
                 raise ConfigError(f"training diverged: the train loss is {train_loss} in epoch {epoch + 1}; lower "
