@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -211,7 +212,7 @@ def _lr_scale(config: OptimConfig, path: str, leaf: torch.Tensor) -> float:
     """The learning-rate multiplier of one parameter, by its path."""
     if path.startswith("head."):
         return config.head_lr_scale
-    if path == "whiten.bias" or path.endswith("bn.bias"):
+    if path == "whiten.bias" or re.search(r"(^|\.)bn\d*\.bias$", path):  # fast's `bn`, resnet_attn's `bn1`, `bn2`
         return config.bias_lr_scale
     return 1.0
 

@@ -153,6 +153,8 @@ def test_fast_recipe_optimizer_composes_the_techniques_by_parameter_path():
             torch.testing.assert_close(update, -0.1 * scale * direction, rtol=1e-5, atol=1e-7, msg=path)
         assert "whiten.weight" not in updates_flat  # the whitening filters are state, never trained
         params = optim.apply_updates(params, updates)
+    assert [train._lr_scale(config, path, None) for path in ("stages.0.blocks.1.bn2.bias", "stem.bn.bias",
+                                                             "attn.0.norm.bias", "head.bias")] == [8.0, 8.0, 1.0, 0.25]
 
 
 def test_fast_recipe_learns_on_real_data(cifar_dir, tmp_path):

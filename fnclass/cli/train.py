@@ -93,7 +93,7 @@ class RichReporter(Reporter):
         lines = [f"final test accuracy  {summary['test_accuracy']:.2%}",
                  f"best test accuracy   {summary['best_test_accuracy']:.2%}"]
         if "test_accuracy_tta" in summary:
-            lines.append(f"with flip TTA        {summary['test_accuracy_tta']:.2%}")
+            lines.append(f"with TTA             {summary['test_accuracy_tta']:.2%}")
         ips = summary["images_per_second"]
         lines += [f"training time        {summary['train_seconds']:.1f} s"
                   + (f" (+{summary['compile_seconds']:.1f} s compile)" if summary["compile_seconds"] else ""),
@@ -212,7 +212,8 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
 
 @click.command(name="eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--tta", is_flag=True, help="Also report flip test-time-augmented accuracy.")
+@click.option("--tta", is_flag=True, help="Also report test-time-augmented accuracy (flips, plus one-pixel "
+              "translations when the checkpoint's config sets train.tta_translate).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (else $FNCLASS_DATA, then the cache).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of the split.")
@@ -249,7 +250,7 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
     lines = [f"{split} images  {len(labels)}", f"loss         {result['loss']:.4f}",
              f"accuracy     {result['accuracy']:.2%}"]
     if tta:
-        lines.append(f"flip TTA     {result['tta_accuracy']:.2%}")
+        lines.append(f"TTA          {result['tta_accuracy']:.2%}")
     _show(Console(), str(checkpoint), lines, output["per_class_accuracy"])
 
 
