@@ -160,8 +160,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], tuple, tuple, tuple[int, int]]:
     """The validated config, class names, normalisation mean/std and input size stored in a file's metadata."""
+    raw = _metadata_json(path, metadata, "config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: metadata 'config' is not a table of sections (the file was altered)")
     try:
-        config = config_from_dict(_metadata_json(path, metadata, "config"), f"{path} metadata").resolved()
+        config = config_from_dict(raw, f"{path} metadata").resolved()
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
     classes = _metadata_json(path, metadata, "classes")
@@ -173,7 +176,7 @@ def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], 
         ok = (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
               and len(classes) == config.model.num_classes and len(mean) == len(std) == 3 and min(std) > 0
               and isinstance(input_size, list) and len(input_size) == 2
-              and all(isinstance(v, int) and 1 <= v <= 4096 for v in input_size))
+              and all(type(v) is int and 16 <= v <= 4096 for v in input_size))  # bools are ints in Python
     except (TypeError, KeyError, ValueError):
         ok = False
     if not ok:
@@ -189,8 +192,12 @@ def restore_model(path, model: Model, tensors: dict, dtype: torch.dtype | None =
     before the tensors are checked against it. ``dtype`` is the floating dtype the tensors must have
     (default: the model's own).
     """
-    with torch.device("meta"):
-        skeleton_params, skeleton_state = model.init(torch.zeros(2, dtype=torch.int64))
+    try:
+        with torch.device("meta"):
+            skeleton_params, skeleton_state = model.init(torch.zeros(2, dtype=torch.int64))
+    except (RuntimeError, ValueError, OverflowError) as error:  # e.g. absurd widths in a tampered config
+        raise CheckpointError(f"{path}: the model in its config cannot be built ({first_line(error)}); the file "
+                              "was altered: use another file") from None
     return (_restore(path, skeleton_params, tensors, "params.", dtype),
             _restore(path, skeleton_state, tensors, "state.", dtype))
 

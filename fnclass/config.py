@@ -65,8 +65,8 @@ class ModelConfig:
         _check(self.name in MODEL_NAMES, "model.name", self.name, f"one of {', '.join(MODEL_NAMES)}")
         cfg = self.resolved()
         _check(cfg.num_classes >= 2, "model.num_classes", cfg.num_classes, "an integer >= 2")
-        _check(len(cfg.widths) >= 1 and all(w >= 1 for w in cfg.widths), "model.widths", cfg.widths,
-               "a non-empty list of positive integers")
+        _check(len(cfg.widths) >= 1 and all(1 <= w <= 65536 for w in cfg.widths), "model.widths", cfg.widths,
+               "a non-empty list of integers in 1..65536")
         if cfg.name == "resnet_attn":
             _check(len(cfg.depths) == len(cfg.widths) and all(d >= 1 for d in cfg.depths), "model.depths",
                    cfg.depths, f"{len(cfg.widths)} positive integers, one per entry of model.widths")
@@ -220,6 +220,10 @@ class Config:
         """Check every section; returns self so calls chain."""
         for section in SECTIONS:
             getattr(self, section).validate()
+        _check(not self.optim.whiten_bias_epochs or self.model.whiten, "optim.whiten_bias_epochs",
+               self.optim.whiten_bias_epochs, "0 unless model.whiten = true (there is no whitening bias to freeze)")
+        _check(not self.data.alternate_flips or self.data.flip, "data.alternate_flips", self.data.alternate_flips,
+               "false when data.flip = false")
         if self.data.train_limit is not None:
             _check(self.train.batch_size <= self.data.train_limit, "train.batch_size", self.train.batch_size,
                    f"at most data.train_limit = {self.data.train_limit}")

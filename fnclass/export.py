@@ -174,7 +174,7 @@ def _check_export(ckpt: Checkpoint, out: Path, count: int = 16) -> float:
     images = random.randint(random.key(0), (count, height, width, 3), 0, 256).to(torch.uint8)
     with torch.no_grad():
         expected = _classify(ckpt.model, ckpt.params, ckpt.state, ckpt.mean, ckpt.std, torch.float32, images)
-        return float((load_predictor(out).logits(images) - expected).abs().max())
+        return float((load_predictor(out, trust_program=True).logits(images) - expected).abs().max())
 
 
 def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, metadata: dict) -> None:
@@ -231,13 +231,16 @@ def load_exported(path: str | Path) -> Exported:
     return Exported(model, params, state, config.model, classes, mean, std, input_size, dtype, metadata)
 
 
-def load_predictor(path: str | Path) -> Predictor:
+def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predictor:
     """Open any model file (training checkpoint, safetensors export, pt2 or ONNX) as a :class:`Predictor`.
 
-    The format is recognised from the file's first bytes, not its name.
+    The format is recognised from the file's first bytes, not its name. A pt2 archive is a program: loading
+    it evaluates Python code stored in it (torch.export's guards and shape expressions), so it is opened only
+    with ``trust_program=True`` — for files you made or trust; checkpoints, safetensors exports and ONNX
+    models are data and need no trust.
 
     Raises:
-      CheckpointError: when the file is missing, of no known format, or damaged.
+      CheckpointError: when the file is missing, of no known format, damaged, or an untrusted pt2 program.
     """
     path = Path(path)
     if not path.is_file():
@@ -245,6 +248,9 @@ def load_predictor(path: str | Path) -> Predictor:
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head.startswith(b"PK"):
+        if not trust_program:
+            raise CheckpointError(f"{path}: a pt2 program, and loading one runs code it contains; pass "
+                                  "--trust-program if you made it or trust its source (or use a safetensors export)")
         return _pt2_predictor(path)
     if _looks_like_safetensors(path, head):
         _, metadata = read_file(path)
@@ -293,11 +299,13 @@ def _pt2_predictor(path: Path) -> Predictor:
             raise ValueError(f"member {damaged} fails its CRC check")
         with _quiet("torch.export"), _weights_only_loads():
             program = torch.export.load(str(path), extra_files=extra)
+        module = program.module()
     except Exception as error:  # zipfile, torch's deserialiser and its weights loader raise many types
-        raise CheckpointError(f"{path}: not a readable pt2 program ({first_line(error)}); "
+        # torch's own message for a refused pickle recommends the unsafe weights_only=False: not repeated here.
+        reason = "it holds objects that are not tensors" if "eights only" in str(error) else first_line(error)
+        raise CheckpointError(f"{path}: not a readable pt2 program ({reason}); "
                               "export it again with `fnclass export --format pt2`") from None
     classes, size = _program_metadata(path, extra[METADATA_NAME])
-    module = program.module()
     return Predictor(lambda images: module(images), classes, size, "pt2")
 
 
@@ -353,13 +361,14 @@ def _onnx_predictor(path: Path) -> Predictor:
     return Predictor(logits, classes, size, "onnx")
 
 
-def predict(path: str | Path, image_paths, *, top: int = 5) -> dict:
+def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool = False) -> dict:
     """Classify image files with any model file: the top-``top`` classes and probabilities of each.
 
     Args:
       path: a checkpoint, safetensors export, pt2 or ONNX file.
       image_paths: PNG/JPEG files of any size (resized to the model's input size).
       top: how many classes to report per image.
+      trust_program: allow a pt2 program (see :func:`load_predictor`).
 
     Returns:
       ``{"model": ..., "format": ..., "predictions": [{"image", "top": [{"class", "probability"}]}]}``.
@@ -369,11 +378,15 @@ def predict(path: str | Path, image_paths, *, top: int = 5) -> dict:
     """
     from fnclass.data import read_image
 
-    predictor = load_predictor(path)
+    predictor = load_predictor(path, trust_program=trust_program)
     height, width = predictor.input_size
     images = torch.stack([torch.tensor(read_image(Path(p), (height, width))) for p in image_paths])
-    with torch.no_grad():
-        probabilities = torch.softmax(predictor.logits(images).float(), dim=-1)
+    try:
+        with torch.no_grad():
+            probabilities = torch.softmax(predictor.logits(images).float(), dim=-1)
+    except Exception as error:  # a program whose metadata disagrees with its graph fails here, in torch or ORT
+        raise CheckpointError(f"{path}: the model failed on {height}x{width} images ({first_line(error)}); its "
+                              "metadata does not fit the model: export it again") from None
     k = min(top, len(predictor.classes))
     values, indices = probabilities.topk(k, dim=-1)
     predictions = [{"image": str(p), "top": [{"class": predictor.classes[int(i)], "probability": float(v)}

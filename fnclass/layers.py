@@ -38,7 +38,7 @@ def conv(params: dict, x: torch.Tensor, *, stride: int = 1, padding: int | str =
     return F.conv2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
 
 
-def dirac_(weight: torch.Tensor) -> torch.Tensor:
+def dirac(weight: torch.Tensor) -> torch.Tensor:
     """A copy of conv filters whose first ``min(out, in)`` filters pass their input channel through unchanged.
 
     airbench starts its convolutions this way so a deep stack begins close to the identity.

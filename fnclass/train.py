@@ -264,16 +264,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def tta_logits(eval_step: Callable, params, state, images: torch.Tensor, level: int) -> torch.Tensor:
+def tta_logits(eval_step: Callable, params, state, images: torch.Tensor, level: int,
+               logits: torch.Tensor | None = None) -> torch.Tensor:
     """Logits averaged over test-time views of a normalised NCHW batch (airbench's test-time augmentation).
 
     Level 1 averages the image and its mirror; level 2 gives that pair half the weight and the pairs
-    shifted by one pixel up-left and down-right (reflect padding) the other half.
+    shifted by one pixel up-left and down-right (reflect padding) the other half. ``logits``, when given,
+    are the plain view's (already computed), so that view is not run again.
     """
-    def pair(views):
-        return 0.5 * (eval_step(params, state, views) + eval_step(params, state, views.flip(3)))
+    def pair(views, plain=None):
+        plain = eval_step(params, state, views) if plain is None else plain
+        return 0.5 * (plain + eval_step(params, state, views.flip(3)))
 
-    logits = pair(images)
+    logits = pair(images, logits)
     if level >= 2:
         height, width = images.shape[2:]
         padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
@@ -297,7 +300,7 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
         loss_sum += per_example_cross_entropy(logits, y).sum()
         predictions.append(logits.argmax(dim=-1))
         if tta:
-            tta_predictions.append(tta_logits(eval_step, params, state, x, tta).argmax(dim=-1))
+            tta_predictions.append(tta_logits(eval_step, params, state, x, tta, logits).argmax(dim=-1))
     predictions = torch.cat(predictions)
     correct = predictions == labels
     per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, correct.float())
@@ -418,12 +421,16 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     workdir.mkdir(parents=True, exist_ok=True)
     write_atomic(workdir / "config.toml", config_to_toml(config).encode())
     train_state = tree.tree_to(train_state, dev)
+    whitening_seconds = 0.0
     if config.model.whiten and not resume:
         from fnclass.models.fast import fit_whitening
 
         # airbench fits its whitening layer to the first 5,000 training images, before any augmentation.
+        tick = time.perf_counter()
         fit_images = data.normalize(train_images[:5000], mean_t, std_t)
         train_state = train_state._replace(state=fit_whitening(train_state.state, fit_images, config.model))
+        _synchronize(dev)
+        whitening_seconds = time.perf_counter() - tick
 
     loss_fn = functools.partial(cross_entropy, label_smoothing=config.train.label_smoothing)
     options = dict(compile=config.train.compile, precision=config.train.precision,
@@ -455,7 +462,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                     "num_params": tree.num_params(train_state.params), "start_step": start_step,
                     "config": config, "workdir": str(workdir)})
     train_seconds, compile_seconds, images_seen = 0.0, 0.0, 0
-    last_eval = None
+    last_eval, final_eval_seconds = None, 0.0
     step = start_step
     try:
         for epoch in range(start_step // steps_per_epoch, config.train.epochs):
@@ -495,8 +502,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 reporter.step(info)
                 if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
                     save(checkpoints / "last.safetensors", train_state)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()  # steps run asynchronously: the epoch ends when the GPU is done
+            _synchronize(dev)  # steps run asynchronously: the epoch ends when the GPU is done
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds - (compile_seconds if epoch == start_step // steps_per_epoch else 0.0)
             train_loss = loss_sum.item() / max(epoch_images, 1)
@@ -504,9 +510,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 raise ConfigError(f"training diverged: the train loss is {train_loss} in epoch {epoch + 1}; lower "
                                   f"optim.lr (now {config.optim.lr}) or set optim.clip_norm")
             final_epoch = epoch + 1 == config.train.epochs
+            tick = time.perf_counter()
             last_eval = evaluate_dataset(eval_step, train_state.params, train_state.state, test_images, test_labels,
                                          mean=mean_t, std=std_t, batch_size=config.train.eval_batch_size,
                                          tta=tta_level if final_epoch else 0)
+            final_eval_seconds = time.perf_counter() - tick  # evaluate_dataset ends with .item(): synchronised
             row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": train_loss,
                    "train_accuracy": correct.item() / max(epoch_images, 1), "test_loss": last_eval["loss"],
                    "test_accuracy": last_eval["accuracy"], "lr": float(schedule(step - 1)),
@@ -531,7 +539,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
         best = max(best or 0.0, last_eval["accuracy"])
     summary = {
         "test_accuracy": last_eval["accuracy"], "best_test_accuracy": best, "test_loss": last_eval["loss"],
-        "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+        "train_seconds": train_seconds, "compile_seconds": compile_seconds, "whitening_seconds": whitening_seconds,
+        "final_eval_seconds": final_eval_seconds,
         "images_per_second": images_seen / train_seconds if train_seconds else None,
         "steps": int(train_state.step), "epochs": config.train.epochs, "resumed_from_step": start_step or None,
         "device": _device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
@@ -546,6 +555,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     plot_curves(metrics_path, workdir / "plots" / "curves.png")
     reporter.end(summary)
     return summary
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a clock read after it then includes that work); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _best_so_far(metrics_path: Path) -> float | None:

@@ -4,7 +4,7 @@ from fnclass.config import Config, ConfigError, config_to_toml, load_config
 
 
 def test_shipped_configs_load_and_round_trip(tmp_path):
-    for name in ("seed", "fast", "cpu"):
+    for name in ("seed", "fast", "fast95", "cpu"):
         config = load_config(f"configs/{name}.toml").resolved()
         path = tmp_path / f"{name}.toml"
         path.write_text(config_to_toml(config))
@@ -33,6 +33,10 @@ def test_overrides_apply_and_parse_toml_values():
     ("[optim]\nlr = -1\n", r"optim\.lr = -1\.0 is not allowed"),
     ("[optim\n", r"not valid TOML"),
     ("[train]\nbatch_size = 512\n[data]\ntrain_limit = 100\n", r"train\.batch_size = 512"),
+    ("[optim]\nname = 'adam'\nmuon = true\n", r"optim\.muon = True is not allowed"),
+    ("[optim]\nwhiten_bias_epochs = 3\n", r"optim\.whiten_bias_epochs = 3\.0 is not allowed: expected 0 unless"),
+    ("[data]\nflip = false\nalternate_flips = true\n", r"data\.alternate_flips = True is not allowed"),
+    ("[model]\nname = 'resnet_attn'\nwhiten = true\n", r"model\.whiten = True is not allowed"),
 ])
 def test_bad_configs_give_one_line_naming_file_and_key(tmp_path, text, expected):
     path = tmp_path / "bad.toml"

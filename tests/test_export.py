@@ -65,7 +65,7 @@ def _export(trained, tmp_path, fmt, dtype="float32"):
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_float32_export_equals_the_checkpoint_on_real_images(trained, reference_logits, tmp_path, fmt):
     _, images, _ = trained
-    predictor = export.load_predictor(_export(trained, tmp_path, fmt))
+    predictor = export.load_predictor(_export(trained, tmp_path, fmt), trust_program=True)
     assert predictor.format == fmt and predictor.classes == fnclass.load_checkpoint(trained[0]).classes
     logits = _logits(predictor, images[:256])
     assert logits.dtype == torch.float32 and logits.shape == (256, 10)
@@ -76,7 +76,8 @@ def test_float32_export_equals_the_checkpoint_on_real_images(trained, reference_
 def test_low_precision_export_keeps_test_accuracy(trained, reference_logits, tmp_path, fmt, dtype):
     _, images, labels = trained
     reference = (reference_logits.argmax(1) == labels).double().mean().item()
-    accuracy = (_logits(export.load_predictor(_export(trained, tmp_path, fmt, dtype)), images).argmax(1) == labels)
+    predictor = export.load_predictor(_export(trained, tmp_path, fmt, dtype), trust_program=True)
+    accuracy = _logits(predictor, images).argmax(1) == labels
     assert reference > 0.4  # the model learned something, so agreement is a real check
     assert abs(accuracy.double().mean().item() - reference) <= 0.002  # 0.2 points over the 10,000 test images
 
@@ -111,7 +112,7 @@ def test_safetensors_export_holds_inference_weights_and_metadata(trained, tmp_pa
 def test_pt2_and_onnx_have_a_dynamic_batch_and_metadata(trained, tmp_path):
     _, images, _ = trained
     for fmt in ("pt2", "onnx"):
-        predictor = export.load_predictor(_export(trained, tmp_path, fmt))
+        predictor = export.load_predictor(_export(trained, tmp_path, fmt), trust_program=True)
         assert predictor.classes[0] == "airplane" and predictor.input_size == (32, 32)
         for n in (1, 3, 17):
             assert predictor.logits(images[:n]).shape == (n, 10)
@@ -127,7 +128,8 @@ def test_predict_command_matches_the_model_on_decoded_images(trained, tmp_path):
     path, images, _ = trained
     files = [_png(tmp_path / "a.png", images[0].numpy()), _png(tmp_path / "b.png", images[1].numpy(), (80, 60))]
     pt2 = _export(trained, tmp_path, "pt2")
-    result = CliRunner().invoke(main, ["predict", str(pt2), *map(str, files), "--top", "3", "--json"])
+    result = CliRunner().invoke(main, ["predict", str(pt2), *map(str, files), "--top", "3", "--json",
+                                       "--trust-program"])
     assert result.exit_code == 0, result.output
     predictions = json.loads(result.output)["predictions"]
     decoded = torch.stack([torch.tensor(read_image(f, 32)) for f in files])
@@ -166,12 +168,15 @@ def test_bad_inputs_are_one_line_errors_and_leave_files_alone(trained, tmp_path)
     _one_line_error(["export", str(path), "--format", "onnx", "--dtype", "bfloat16", "--out", str(good)], "bfloat16")
     _one_line_error(["export", str(path), "--format", "zip"], "Invalid value for '--format'")
     _one_line_error(["export", str(path), "--out", str(path)], "would overwrite the checkpoint")
+    _one_line_error(["export", str(path), "--out", str(good / "model.safetensors")], "cannot create its folder")
     _one_line_error(["export", str(good), "--out", str(tmp_path / "again.pt2"), "--format", "pt2"],
                     "not an fnclass checkpoint")
     pt2 = _export(trained, tmp_path, "pt2")
     damaged = tmp_path / "damaged.pt2"
     damaged.write_bytes(pt2.read_bytes()[:-2000])
-    _one_line_error(["predict", str(damaged), str(tmp_path / "x.png")], "not a readable pt2 program")
+    _one_line_error(["predict", str(damaged), str(tmp_path / "x.png"), "--trust-program"],
+                    "not a readable pt2 program")
+    _one_line_error(["predict", str(pt2), str(tmp_path / "x.png")], "pass --trust-program")
     assert good.read_bytes() == before
     with pytest.raises(CheckpointError, match="a training checkpoint: use load_checkpoint"):
         export.load_exported(path)
@@ -250,6 +255,51 @@ def test_crafted_pt2_cannot_run_code(trained, tmp_path):
         for info in source.infolist():  # torch.export.load unpickles the sample inputs, weights_only=False as fallback
             payload = source.read(info.filename)
             target.writestr(info, pickle.dumps(_RunsCode(marker)) if "sample_inputs" in info.filename else payload)
-    _one_line_error(["predict", str(crafted), str(_png(tmp_path / "x.png", trained[1][0].numpy()))],
-                    "not a readable pt2 program")
+    image = str(_png(tmp_path / "x.png", trained[1][0].numpy()))
+    # Even when trusted, a pickle is refused: every torch.load inside runs weights-only.
+    _one_line_error(["predict", str(crafted), image, "--trust-program"], "holds objects that are not tensors")
     assert not marker.exists()
+
+
+def test_pt2_programs_are_not_loaded_without_trust(trained, tmp_path):
+    pt2, marker = _export(trained, tmp_path, "pt2"), tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pt2"
+    with zipfile.ZipFile(pt2) as source, zipfile.ZipFile(crafted, "w") as target:
+        for info in source.infolist():  # torch.export.load exec()s the guards stored in the program
+            payload = source.read(info.filename)
+            if info.filename.endswith("models/model.json"):
+                program = json.loads(payload)
+                program["guards_code"] = [f"__import__('pathlib').Path({str(marker)!r}).touch() is None"]
+                payload = json.dumps(program).encode()
+            target.writestr(info, payload)
+    image = str(_png(tmp_path / "x.png", trained[1][0].numpy()))
+    _one_line_error(["predict", str(crafted), image], "loading one runs code it contains")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="trust"):
+        export.load_predictor(crafted)
+    export.load_predictor(crafted, trust_program=True).logits(trained[1][:2])  # trusted: it does run code
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("config", "[]", "not a table of sections"),
+    ("config", "{\"model\": {\"widths\": [1e9, 1e9, 1e9]}}", "model.widths"),
+    ("config", "{\"model\": {\"name\": \"tiny\", \"widths\": [99999999999999999999, 8, 8]}}", "model.widths"),
+    ("input_size", "[true, true]", "malformed"),
+    ("input_size", "[2, 2]", "malformed"),
+    ("classes", "{\"a\": 1}", "malformed"),
+    ("normalization", "{\"mean\": [0, 0, 0], \"std\": [0, 1, 1]}", "malformed"),
+    ("normalization", "[1, 2]", "malformed"),
+    ("dtype", "float64", "dtype"),
+    ("format", "other/1", "not an fnclass checkpoint"),
+])
+def test_tampered_metadata_is_one_line_error(small_export, tmp_path, field, value, message):
+    """Structured tampering (valid JSON of the wrong shape), which byte-level fuzzing almost never produces."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(small_export)
+    tensors, metadata = read_file(path)
+    path.write_bytes(safetensors.torch.save(tensors, metadata={**metadata, field: value}))
+    result = CliRunner().invoke(main, ["predict", str(path), str(_png(tmp_path / "x.png", np.zeros((32, 32, 3),
+                                                                                                   np.uint8)))])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, (
+        result.output)

@@ -130,10 +130,10 @@ def test_dirac_matches_torch_init_on_the_first_filters(shape):
     weight = torch.randn(*shape)
     expected = weight.clone()
     nn.init.dirac_(expected[:min(shape[:2])])
-    assert torch.equal(layers.dirac_(weight), expected)
+    assert torch.equal(layers.dirac(weight), expected)
     x = torch.randn(2, shape[1], 5, 5)  # the identity filters pass their channels through
     n = min(shape[:2])
-    torch.testing.assert_close(layers.conv({"weight": layers.dirac_(weight)}, x)[:, :n], x[:, :n])
+    torch.testing.assert_close(layers.conv({"weight": layers.dirac(weight)}, x)[:, :n], x[:, :n])
 
 
 def test_whitening_filters_whiten_the_patches():

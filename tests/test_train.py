@@ -160,7 +160,7 @@ def test_fast_recipe_optimizer_composes_the_techniques_by_parameter_path():
 def test_fast_recipe_learns_on_real_data(cifar_dir, tmp_path):
     overrides = ["model.name=tiny", "data.train_limit=4000", "data.test_limit=1000", "train.epochs=3",
                  "train.batch_size=250", "train.compile=false", "train.precision=fp32", "train.log_every_steps=0",
-                 "optim.lookahead_every=5", "optim.bias_lr_scale=55", "optim.head_lr_scale=0.0106"]
+                 "optim.lookahead_every=5", "optim.bias_lr_scale=146", "optim.head_lr_scale=0.0284"]
     summary = train.train_and_evaluate(load_config("configs/fast.toml", overrides), tmp_path / "run",
                                        data_dir=str(cifar_dir))
     # Every technique of fast.toml at once (whitening, Dirac init, alternating flips, Muon, scaled lrs, frozen
@@ -183,7 +183,7 @@ def test_whole_step_traces_as_one_graph(config, shape):
     images, labels = _batch(n=8)
     if cfg.model.whiten:
         ts = ts._replace(state=fit_whitening(ts.state, images, cfg.model))
-    step = train.make_train_step(model, losses.cross_entropy, opt, compile=True)
+    step = train.make_train_step(model, losses.cross_entropy, opt, compile=True, channels_last=True)
     # Gradient, optimizer, schedule, masks by path, Lookahead: one graph, no break (no host synchronisation).
     explanation = torch._dynamo.explain(step._torchdynamo_orig_callable)(ts, (images, labels), random.key(1))
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

@@ -38,6 +38,10 @@ def export(checkpoint, format_, dtype, out, as_json):
         raise UsageProblem(f"--out {out}: is a folder; give a file name such as {out / ('model' + SUFFIXES[format_])}")
     if checkpoint.exists() and out.exists() and out.resolve() == checkpoint.resolve():
         raise UsageProblem(f"--out {out}: would overwrite the checkpoint being exported; choose another file")
+    try:  # before the export, which can take a while: a file in the way of the folder fails here
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageProblem(f"--out {out}: cannot create its folder ({error.strerror}); choose another path") from None
     summary = export_checkpoint(checkpoint, out, format=format_, dtype=dtype)
     if as_json:
         click.echo(json.dumps(summary))
@@ -59,18 +63,21 @@ def export(checkpoint, format_, dtype, out, as_json):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@click.option("--trust-program", is_flag=True,
+              help="Allow a pt2 MODEL: loading a torch.export program runs code stored in it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON object.")
 @one_line_errors
-def predict_command(model, images, top, as_json):
+def predict_command(model, images, top, trust_program, as_json):
     """Classify PNG/JPEG images with a checkpoint or any exported model file.
 
     Images of any size are resized to the model's input size.
 
     \b
     Example:
-      fnclass predict model.pt2 cat.png ship.jpg --top 3
+      fnclass predict model.onnx cat.png ship.jpg --top 3
+      fnclass predict model.pt2 cat.png --trust-program
     """
-    result = predict(model, images, top=top)
+    result = predict(model, images, top=top, trust_program=trust_program)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -26,7 +26,7 @@ def _conv_bn_init(key, in_channels, out_channels, *, dirac=False):
     bn_params, bn_state = layers.batch_norm_init(out_channels)
     conv = layers.conv_init(key, in_channels, out_channels, 3)
     if dirac:
-        conv["weight"] = layers.dirac_(conv["weight"])
+        conv["weight"] = layers.dirac(conv["weight"])
     return {"conv": conv, "bn": bn_params}, {"bn": bn_state}
 
 
