@@ -44,14 +44,14 @@ def random_flip(key, images: torch.Tensor, flip: torch.Tensor | None = None) -> 
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def alternating_flips(key, indices: torch.Tensor, epoch: int, num_images: int) -> torch.Tensor:
+def alternating_flips(first: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
     """Which of the images ``indices`` to mirror in ``epoch``: derandomised flips (airbench).
 
-    A random half of the dataset (drawn once from ``key``) is mirrored in even epochs and the other half
-    in odd ones, so every image is seen both ways in every pair of epochs.
+    ``first`` (bool, one entry per image of the dataset, e.g. ``random.bernoulli(key, 0.5, (n,))`` drawn once)
+    says which half is mirrored in even epochs; the other half is mirrored in odd ones, so every image is
+    seen both ways in every pair of epochs.
     """
-    first = random.bernoulli(key.to(indices.device), 0.5, (num_images,))[indices]
-    return first ^ bool(epoch % 2)
+    return first[indices] ^ bool(epoch % 2)
 
 
 def cutout(key, images: torch.Tensor, size: int) -> torch.Tensor:

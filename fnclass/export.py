@@ -117,9 +117,10 @@ class _Program(torch.nn.Module):
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
         super().__init__()
         self.ckpt, self.dtype = ckpt, dtype
-        leaves, self.treespec = tree.tree_flatten({"params": ckpt.params, "state": ckpt.state})
-        for i, leaf in enumerate(leaves):  # buffer names may not contain ".", so they are numbered
-            self.register_buffer(f"w{i}", (leaf.to(dtype) if leaf.is_floating_point() else leaf).contiguous())
+        self.treespec = tree.tree_structure({"params": ckpt.params, "state": ckpt.state})
+        # inference_tensors keeps optree's leaf order; buffer names may not contain ".", so they are numbered.
+        for i, leaf in enumerate(inference_tensors(ckpt, dtype).values()):
+            self.register_buffer(f"w{i}", leaf)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         leaves = [getattr(self, f"w{i}") for i in range(self.treespec.num_leaves)]

@@ -439,7 +439,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
     eval_step = make_eval_step(model, **options)
     schedule = create_schedule(config.optim, steps_per_epoch, config.train.epochs)
     order_root, step_root = random.split(train_state.key)
-    flip_key = random.fold_in(order_root, -1)  # alternating flips: which half of the data is mirrored first
+    # Alternating flips: which half of the data is mirrored in even epochs, drawn once for the run.
+    first_flips = random.bernoulli(random.fold_in(order_root, -1), 0.5, (n_train,)) if config.data.alternate_flips \
+        else None
     tta_level = (1 + config.train.tta_translate) if config.train.tta else 0
     probe = slice(0, min(config.train.grad_stats_examples, n_train))
     probe_images, probe_labels = data.normalize(train_images[probe], mean_t, std_t), train_labels[probe]
@@ -475,7 +477,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 step_key = random.fold_in(step_root, step)
                 aug_key, model_key = random.split(step_key)
                 idx = order[epoch_step * batch_size:(epoch_step + 1) * batch_size]
-                flips = alternating_flips(flip_key, idx, epoch, n_train) if config.data.alternate_flips else None
+                flips = None if first_flips is None else alternating_flips(first_flips, idx, epoch)
                 images = augment(aug_key, data.normalize(train_images[idx], mean_t, std_t), config.data, flip=flips)
                 train_state, metrics = train_step(train_state, (images, train_labels[idx]), model_key)
                 loss_sum += metrics["loss"] * batch_size
@@ -483,8 +485,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, data_dir: str | N
                 step += 1
                 epoch_images += batch_size
                 log = config.train.log_every_steps and step % config.train.log_every_steps == 0
-                if dev.type == "cuda" and (log or step == start_step + 1):
-                    torch.cuda.synchronize()
+                if log or step == start_step + 1:
+                    _synchronize(dev)
                 if step == start_step + 1 and config.train.compile:
                     compile_seconds = time.perf_counter() - tick  # the first call compiles: counted apart
                 else:

@@ -54,14 +54,15 @@ def test_augment_follows_config_and_key():
 
 def test_alternating_flips_mirror_each_image_in_every_other_epoch():
     key, n = random.key(4), 1000
+    first = random.bernoulli(key, 0.5, (n,))
     indices = torch.randperm(n)
-    epochs = [augment.alternating_flips(key, indices, epoch, n) for epoch in range(4)]
+    epochs = [augment.alternating_flips(first, indices, epoch) for epoch in range(4)]
     assert 0.45 < epochs[0].float().mean() < 0.55  # a random half first
     for epoch in (1, 2, 3):
         assert torch.equal(epochs[epoch], epochs[0] ^ bool(epoch % 2))
     # Keyed by image, not by position in the batch: the same image gets the same decision in any order.
     order = torch.randperm(n)
-    assert torch.equal(augment.alternating_flips(key, indices[order], 0, n), epochs[0][order])
+    assert torch.equal(augment.alternating_flips(first, indices[order], 0), epochs[0][order])
     images = torch.randn(6, 3, 4, 4)
     flip = torch.tensor([True, False, True, False, False, True])
     out = augment.augment(key, images, DataConfig(crop_padding=0), flip=flip)
