@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run of under 8 minutes, from a bare copy of the repository (nothing installed):
-# time to accuracy of configs/fast.toml over SEEDS seeds, train-step throughput (functional against stateful,
-# eager and compiled) and per-example gradients/s, each under its own timeout, then a summary table.
+# that fast.toml's compiled bf16 step traces as one graph, time to accuracy of configs/fast.toml over SEEDS seeds,
+# train-step throughput (functional against stateful, eager and compiled) and per-example gradients/s, each under
+# its own timeout, then a summary table.
 #
 #   bash benchmarks/gpu_check.sh                      # on a machine with one CUDA GPU; writes $OUT
 #
@@ -15,8 +16,10 @@
 #   GPU_CHECK_DEVICE     cuda (default), or cpu for a dry run with small settings
 #   GPU_CHECK_SETS       extra space-separated key=value config overrides for the time-to-accuracy run
 #   GPU_CHECK_MODEL      model of the step and per-example benchmarks (default fast on cuda, tiny otherwise)
-#   GPU_CHECK_PARTS      which parts to run (default "accuracy throughput per_example"; "" checks the set-up only)
-#   GPU_CHECK_{ACCURACY,THROUGHPUT,PER_EXAMPLE}_S   each part's timeout in seconds (default 200, 150, 90)
+#   GPU_CHECK_PARTS      which parts to run (default "bf16_graph accuracy throughput per_example"; "" checks the
+#                        set-up only)
+#   GPU_CHECK_{BF16_GRAPH,ACCURACY,THROUGHPUT,PER_EXAMPLE}_S   each part's timeout in seconds (default 60, 200, 150,
+#                        90)
 # Dry run on a CPU: GPU_CHECK_DEVICE=cpu SEEDS=1 GPU_CHECK_SETS="model.name=tiny data.train_limit=2000
 #   data.test_limit=500 train.epochs=1 train.compile=false" bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -36,7 +39,7 @@ export PYTHONPATH="$repo:/tmp/fnclass-site${PYTHONPATH:+:$PYTHONPATH}"
 
 device="${GPU_CHECK_DEVICE:-cuda}"
 seeds="${SEEDS:-5}"
-parts="${GPU_CHECK_PARTS-accuracy throughput per_example}"  # set but empty: environment and data only
+parts="${GPU_CHECK_PARTS-bf16_graph accuracy throughput per_example}"  # set but empty: environment and data only
 read -r -a sets <<<"${GPU_CHECK_SETS:-}"
 if [[ $device == cuda ]]; then
     model="${GPU_CHECK_MODEL:-fast}"
@@ -133,6 +136,50 @@ run_part() {  # NAME JSON TIMEOUT COMMAND...: run one part; a failure or a timeo
     echo "== $name: $outcome after $((SECONDS - start)) s"
 }
 
+json="$OUT/bf16_graph.json"
+run_part bf16_graph "$json" "${GPU_CHECK_BF16_GRAPH_S:-60}" python3 - "$device" "$model" "$json" <<'EOF'
+"""fast.toml's compiled step with bf16 autocast traces as one graph with no break: the variant tests/test_train.py
+cannot trace, autocast being CUDA-only (on a CPU dry run it is a no-op, and the result says so)."""
+import functools
+import json
+import sys
+import time
+
+import torch
+
+import fnclass
+from fnclass import losses, random, train, tree
+from fnclass.config import load_config
+from fnclass.models.fast import fit_whitening
+
+device, model_name, out = sys.argv[1:]
+start = time.perf_counter()
+cfg = load_config("configs/fast.toml", [f"model.name={model_name}"]).resolved()
+model = fnclass.build_model(cfg.model)
+opt = train.create_optimizer(cfg.optim, 25, cfg.train.epochs)
+ts = tree.tree_to(train.create_train_state(model, opt, random.key(0)), device)
+gen = torch.Generator().manual_seed(0)  # the graph depends on neither the values nor the batch size
+images = torch.randn(64, 3, 32, 32, generator=gen).to(device)
+labels = torch.randint(0, 10, (64,), generator=gen).to(device)
+ts = ts._replace(state=fit_whitening(ts.state, images, cfg.model))
+with train._autocast(device, cfg.train.precision):
+    autocast_dtype = model.apply(ts.params, ts.state, images, train=False)[0].dtype
+loss_fn = functools.partial(losses.cross_entropy, label_smoothing=cfg.train.label_smoothing)
+step = train.make_train_step(model, loss_fn, opt, compile=True, precision=cfg.train.precision,
+                             channels_last=cfg.train.channels_last)
+explanation = torch._dynamo.explain(step._torchdynamo_orig_callable)(ts, (images, labels), random.key(1))
+result = {"device": device, "model": model_name, "precision": cfg.train.precision,
+          "autocast_dtype": str(autocast_dtype).removeprefix("torch."), "graphs": explanation.graph_count,
+          "graph_breaks": explanation.graph_break_count,
+          "break_reasons": [str(reason.reason) for reason in explanation.break_reasons],
+          "seconds": round(time.perf_counter() - start, 1)}
+print(json.dumps(result))
+with open(out, "w") as handle:
+    json.dump(result, handle, indent=2)
+# On CUDA the forward must really run in bf16, or the trace would only have checked the float32 graph again.
+bf16 = device != "cuda" or autocast_dtype == torch.bfloat16
+sys.exit(0 if (result["graphs"], result["graph_breaks"]) == (1, 0) and bf16 else 1)
+EOF
 set_args=()
 for item in "${sets[@]}"; do
     set_args+=(--set "$item")
@@ -191,7 +238,13 @@ def per_example(results):
         yield f"chunk {m['chunk_size']} peak MiB", f"{m['peak_bytes'] / 2**20:.0f}"
 
 
-parts = {"accuracy": ("time_to_accuracy.json", accuracy), "throughput": ("step_throughput.json", throughput),
+def bf16_graph(results):
+    autocast = results["autocast_dtype"] if results["autocast_dtype"] == "bfloat16" else "none (a no-op off CUDA)"
+    yield "setting", f"{results['model']}, {results['precision']} on {results['device']}, autocast {autocast}"
+    yield "compiled step", f"{results['graphs']} graph(s), {results['graph_breaks']} break(s)"
+
+
+parts = {"bf16_graph": ("bf16_graph.json", bf16_graph), "accuracy": ("time_to_accuracy.json", accuracy), "throughput": ("step_throughput.json", throughput),
          "per_example": ("per_example_grads.json", per_example)}
 rows, results = [], {}  # rows: (part, figure, value)
 for part, s in status.items():

@@ -22,10 +22,12 @@ Each result is checked once against the naive loop (max relative error: the larg
 of a parameter's gradients over the largest absolute gradient of that parameter, maximised over
 parameters); a max-pool whose two largest inputs tie, or nearly, can route one example's gradient elsewhere
 under other rounding (sdpa, compiled), which shows as an error near 1e-3. After its first call each
-variant is timed in rounds of one call each, in a rotating order. On a CPU a 512x512 matmul probe runs
-before and after every call, because a shared VM's cores can slow down tenfold for minutes: a call counts
-as steady when both probes reach 70% of the best probe of the run, and the table gives the median over
-steady calls (over all calls when none is steady).
+variant is timed in rounds: a round calls every variant once, back to back, in an order that rotates from
+round to round. grads/s is the median over all rounds. A speed ratio ("x naive", "x opacus") is paired:
+each round's ratio of the two variants' calls in that round, so a slow spell of a shared machine that
+spans the round cancels out; the table gives the median of these per-round ratios over all rounds, with
+their minimum and maximum. On a CPU a 512x512 matmul probe runs before each round and is reported, not
+used to select rounds: its range shows how steady the machine was.
 
 Peak memory against chunk size: ``fnclass.analysis.per_example_grads(..., chunk_size=K)`` for each K,
 each in a fresh process on a CPU (peak resident set size, ``VmHWM``) and in this one with
@@ -64,8 +66,6 @@ from step_throughput import device_name, random_batch  # noqa: E402
 
 from tests.torch_reference import reference_module, torch_name  # noqa: E402
 
-STEADY_FRACTION = 0.7  # a call is steady when the matmul probe runs at >= 70% of the run's best speed
-
 # Per-device defaults: the CPU gets the small model and no compile (inductor takes minutes on 2 cores).
 _DEVICE_DEFAULTS = {
     "cuda": dict(model="fast", rounds=20, compile=True),
@@ -93,7 +93,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, help="timed rounds of one call per variant (default: 20 on cuda, "
-                                                   "7 on cpu; median reported)")
+                                                   "7 on cpu; medians over all rounds reported)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="also time torch.compile of the vmap function (default: on for cuda, off for cpu)")
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[8, 32, 128],
@@ -392,21 +392,29 @@ def first_calls(runners: dict, synchronize: Callable[[], None], notes: dict) -> 
 
 
 def timed_rounds(runners: dict, rounds: int, batch_size: int, synchronize: Callable[[], None],
-                 probe: Callable[[], float | None]) -> dict:
-    """Per variant, a ``(per-example gradients/s, probe before, probe after)`` triple for each round."""
+                 probe: Callable[[], float | None]) -> tuple[dict, list]:
+    """``(rates, probes)``: per variant its per-example gradients/s in each round, and the probe before each."""
     names = list(runners)
-    calls = {name: [] for name in names}
+    rates, probes = {name: [] for name in names}, []
     for round_index in range(rounds):
         shift = round_index % len(names)
-        speed = probe()
+        probes.append(probe())
         for name in names[shift:] + names[:shift]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # vmap's fallback warnings, reported after the first call
                 seconds, _ = timed_call(runners[name], synchronize)
-            after = probe()
-            calls[name].append((batch_size / seconds, speed, after))
-            speed = after
-    return calls
+            rates[name].append(batch_size / seconds)
+    return rates, probes
+
+
+def paired_ratios(rates: dict, reference: str) -> dict:
+    """Per variant, ``{"median", "min", "max", "rounds"}`` of its per-round speed over ``reference``'s."""
+    ratios = {}
+    for name, rounds in rates.items():
+        per_round = [r / ref for r, ref in zip(rounds, rates[reference], strict=True)]
+        ratios[name] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
+                        "rounds": per_round}
+    return ratios
 
 
 def measure(options: Options) -> dict:
@@ -417,17 +425,12 @@ def measure(options: Options) -> dict:
     notes = {}
     runners, num_params = make_runners(options, device, notes)
     first, errors = first_calls(runners, synchronize, notes)
-    calls = timed_rounds(runners, options.rounds, options.batch_size, synchronize, probe)
-    best = max((p for triples in calls.values() for _, *probes in triples for p in probes if p), default=None)
-    variants = {}
-    for name, triples in calls.items():
-        rates = [rate for rate, *_ in triples]
-        steady = [rate for rate, before, after in triples
-                  if best is None or min(before, after) >= STEADY_FRACTION * best]
-        variants[name] = {"first_call_s": first[name], "max_rel_err": errors[name],
-                          "grads_per_s": statistics.median(steady or rates), "steady_calls": len(steady),
-                          "grads_per_s_calls": rates, "probe_gflops_calls": [list(t[1:]) for t in triples]}
-    rate = {name: v["grads_per_s"] for name, v in variants.items()}
+    rates, probes = timed_rounds(runners, options.rounds, options.batch_size, synchronize, probe)
+    variants = {name: {"first_call_s": first[name], "max_rel_err": errors[name],
+                       "grads_per_s": statistics.median(rounds), "grads_per_s_rounds": rounds}
+                for name, rounds in rates.items()}
+    over_naive = paired_ratios(rates, "naive loop")
+    over_opacus = paired_ratios(rates, "opacus hooks") if "opacus hooks" in rates else {}
     return {
         "options": asdict(options),
         "device_name": device_name(device),
@@ -435,33 +438,41 @@ def measure(options: Options) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "num_params": num_params,
-        "best_probe_gflops": best,
+        "probe_gflops_rounds": probes if device.type == "cpu" else [],
         "variants": variants,
-        "over_naive_loop": {name: r / rate["naive loop"] for name, r in rate.items()},
-        "over_opacus_hooks": {name: r / rate["opacus hooks"] for name, r in rate.items()} if "opacus hooks" in rate
-        else {},
+        # The medians of the paired per-round ratios; gpu_check.sh reads these two.
+        "over_naive_loop": {name: r["median"] for name, r in over_naive.items()},
+        "over_opacus_hooks": {name: r["median"] for name, r in over_opacus.items()},
+        "over_naive_loop_paired": over_naive,
+        "over_opacus_hooks_paired": over_opacus,
         "notes": notes,
         "chunk_memory": chunk_memory(options) if options.chunk_sizes else [],
     }
 
 
+def ratio_cell(ratio: dict | None) -> str:
+    """A paired ratio as ``median [min-max]``, or a dash."""
+    if ratio is None:
+        return f"{'-':>19}"
+    return f"{ratio['median']:>6.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]".rjust(19)
+
+
 def render(results: dict) -> str:
     """Fixed-width tables of the variants and of peak memory against chunk size, then the notes."""
     o = results["options"]
-    probe = (f"; steady: matmul probe >= {STEADY_FRACTION:.0%} of the best, {results['best_probe_gflops']:.0f} "
-             f"GFLOP/s" if results["best_probe_gflops"] else "")
+    probes = [p for p in results["probe_gflops_rounds"] if p]
+    probe = f"; matmul probe before each round: {min(probes):.0f}-{max(probes):.0f} GFLOP/s" if probes else ""
     lines = [f"model {o['model']} ({results['num_params']:,} parameters), batch {o['batch_size']}, {o['device']} "
              f"({results['device_name']}), torch {results['torch']}",
-             f"{o['rounds']} rounds of one call per variant{probe}",
+             f"{o['rounds']} rounds of one call per variant, all kept{probe}",
+             "grads/s: median over rounds; x naive, x opacus: median [min-max] of the per-round paired ratios",
              "",
-             f"{'variant':<18}{'first call s':>13}{'grads/s':>10}{'x naive':>9}{'x opacus':>10}{'steady':>8}"
-             f"{'max rel err':>13}"]
+             f"{'variant':<18}{'first call s':>13}{'grads/s':>10}{'x naive':>19}{'x opacus':>19}{'max rel err':>13}"]
     for name, v in results["variants"].items():
-        over_opacus = results["over_opacus_hooks"].get(name)
-        opacus = f"{over_opacus:>9.2f}x" if over_opacus else f"{'-':>10}"
+        over_opacus = results["over_opacus_hooks_paired"].get(name)
         lines.append(f"{name:<18}{v['first_call_s']:>13.2f}{v['grads_per_s']:>10.1f}"
-                     f"{results['over_naive_loop'][name]:>8.2f}x{opacus}"
-                     f"{v['steady_calls']:>5}/{len(v['grads_per_s_calls']):<2}{v['max_rel_err']:>13.1e}")
+                     f"{ratio_cell(results['over_naive_loop_paired'][name])}{ratio_cell(over_opacus)}"
+                     f"{v['max_rel_err']:>13.1e}")
     if results["chunk_memory"]:
         kind = "CUDA max_memory_allocated" if o["device"] == "cuda" else "peak RSS (VmHWM) of a fresh process"
         output = results["chunk_memory"][0]["output_bytes"] / 2**20

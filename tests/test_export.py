@@ -73,13 +73,22 @@ def test_float32_export_equals_the_checkpoint_on_real_images(trained, reference_
 
 
 @pytest.mark.parametrize("fmt,dtype", LOW_PRECISION)
-def test_low_precision_export_keeps_test_accuracy(trained, reference_logits, tmp_path, fmt, dtype):
+def test_low_precision_export_keeps_logits_and_predictions(trained, reference_logits, tmp_path, fmt, dtype):
     _, images, labels = trained
-    reference = (reference_logits.argmax(1) == labels).double().mean().item()
+    assert (reference_logits.argmax(1) == labels).double().mean() > 0.4  # it learned: predictions worth keeping
     predictor = export.load_predictor(_export(trained, tmp_path, fmt, dtype), trust_program=True)
-    accuracy = _logits(predictor, images).argmax(1) == labels
-    assert reference > 0.4  # the model learned something, so agreement is a real check
-    assert abs(accuracy.double().mean().item() - reference) <= 0.002  # 0.2 points over the 10,000 test images
+    logits = _logits(predictor, images)
+    eps = torch.finfo(export.DTYPES[dtype]).eps
+    # The weights and each layer's output are rounded to `dtype`, half an eps each: over the network's depth the
+    # logits may move by a few eps of their scale. Measured over the 10,000 test images: 1.6 eps (bfloat16), 1.2-1.3
+    # (float16); weights rounded to fp8 (e4m3) give 9-10 eps, a bfloat16 program where float16 was asked 13.
+    error = (logits - reference_logits).abs().max() / reference_logits.abs().max()
+    assert error <= 5 * eps, f"{error / eps:.1f} eps of the logits' scale"
+    # Changed predictions, not accuracy, where flips both ways cancel. A flip needs a float32 top-two margin within
+    # the logit error, so their share scales with eps: 108 (bfloat16) and 9-19 (float16) of 10,000 on this
+    # project's CPU, 36 and 3 on another; fp8-rounded weights change 708.
+    changed = (logits.argmax(1) != reference_logits.argmax(1)).double().mean()
+    assert changed <= 5 * eps, f"{changed:.2%} of the predictions changed"
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "safetensors"])
@@ -109,13 +118,16 @@ def test_safetensors_export_holds_inference_weights_and_metadata(trained, tmp_pa
     assert loaded.classes == ckpt.classes and loaded.dtype == torch.bfloat16 and loaded.mean == ckpt.mean
 
 
-def test_pt2_and_onnx_have_a_dynamic_batch_and_metadata(trained, tmp_path):
+def test_pt2_and_onnx_have_a_dynamic_batch_and_metadata(trained, reference_logits, tmp_path):
     _, images, _ = trained
     for fmt in ("pt2", "onnx"):
         predictor = export.load_predictor(_export(trained, tmp_path, fmt), trust_program=True)
         assert predictor.classes[0] == "airplane" and predictor.input_size == (32, 32)
-        for n in (1, 3, 17):
-            assert predictor.logits(images[:n]).shape == (n, 10)
+        for n in (1, 3, 17, 1000):
+            logits = predictor.logits(images[:n])
+            # float32 in both: rounding over the longest reduction (128 channels x 3 x 3) of the logits' scale.
+            tolerance = torch.finfo(torch.float32).eps * 128 * 9 * reference_logits[:n].abs().max()
+            assert logits.shape == (n, 10) and (logits - reference_logits[:n]).abs().max() <= tolerance, (fmt, n)
 
 
 def _png(path, array, size=None):

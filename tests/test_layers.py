@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fnclass import layers, random
+from tests.torch_reference import SpatialAttention
 
 
 def test_conv_matches_conv2d():
@@ -99,13 +100,25 @@ def test_attention_matches_multihead_attention(impl):
                                ref(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_spatial_attention_is_residual_over_positions():
-    params = layers.spatial_attention_init(random.key(3), 8)
-    x = torch.randn(2, 8, 4, 4)
-    y = layers.spatial_attention(params, x, heads=2)
-    tokens = x.flatten(2).transpose(1, 2)
-    expected = tokens + layers.attention(params, layers.layer_norm(params["norm"], tokens), heads=2)
-    torch.testing.assert_close(y, expected.transpose(1, 2).reshape(2, 8, 4, 4))
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_spatial_attention_matches_its_torch_nn_twin(impl):
+    channels, heads, height, width = 16, 4, 4, 5  # not square, so a swapped height and width would show
+    gen = torch.Generator().manual_seed(0)
+    params = layers.spatial_attention_init(random.key(3), channels)
+    # Init makes the norm's scale 1 and every bias 0: random values make a skipped one show.
+    params["norm"] = {"scale": torch.rand(channels, generator=gen) + 0.5, "bias": torch.randn(channels, generator=gen)}
+    params["qkv"]["bias"] = torch.randn(3 * channels, generator=gen)
+    params["proj"]["bias"] = torch.randn(channels, generator=gen)
+    twin = SpatialAttention(channels, heads)  # nn.LayerNorm and nn.MultiheadAttention, nothing from fnclass.layers
+    twin.load_state_dict({"norm.weight": params["norm"]["scale"], "norm.bias": params["norm"]["bias"],
+                          "mha.in_proj_weight": params["qkv"]["weight"], "mha.in_proj_bias": params["qkv"]["bias"],
+                          "mha.out_proj.weight": params["proj"]["weight"], "mha.out_proj.bias": params["proj"]["bias"]})
+    x = torch.randn(2, channels, height, width, generator=gen)
+    expected = twin(x)
+    # float32 rounding over reductions no longer than channels x positions, relative to the output's scale.
+    atol = torch.finfo(torch.float32).eps * channels * height * width * expected.abs().max().item()
+    torch.testing.assert_close(layers.spatial_attention(params, x, heads=heads, impl=impl), expected, rtol=0,
+                               atol=atol)
 
 
 def test_dropout_is_keyed_and_scaled():

@@ -95,6 +95,27 @@ def test_loss_gradients_and_state_match_torch_nn(name):
     torch.testing.assert_close(logits, reference.eval()(images), rtol=1e-5, atol=1e-5)
 
 
+def _block_conv_weights(**config):
+    params, _ = fnclass.build_model(ModelConfig(name="tiny", widths=(8, 16, 16), stem_width=8, **config)).init(
+        fnclass.key(0))
+    return {p: w for p, w in tree.flatten_paths(params).items() if p.startswith("blocks.") and p.endswith("weight")}
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_dirac_init_starts_every_block_convolution_as_an_identity(whiten):
+    dirac, default = _block_conv_weights(whiten=whiten, dirac_init=True), _block_conv_weights(whiten=whiten)
+    assert len(dirac) == 6  # two 3x3 convolutions in each of the three blocks
+    for path, weight in dirac.items():
+        identity = torch.nn.init.dirac_(torch.empty(min(weight.shape[:2]), *weight.shape[1:]))
+        n = len(identity)
+        # Exact by construction: the identity filters are assigned zeros and ones, and the other filters are the
+        # default init's draws from the same key.
+        assert torch.equal(weight[:n], identity), path
+        assert torch.equal(weight[n:], default[path][n:]), path
+        assert not torch.equal(default[path][:n], identity), path
+    assert any(len(w) > min(w.shape[:2]) for w in dirac.values())  # some convolution keeps random filters too
+
+
 def test_dropout_needs_and_uses_the_key():
     cfg = ModelConfig(name="tiny", dropout=0.5)
     model = fnclass.build_model(cfg)

@@ -53,7 +53,18 @@ def test_eager_gradient_equals_torch_func():
         return losses.cross_entropy(logits, y), (new_state, logits.detach())
     ours = train._eager_grad_and_value(loss_and_aux)(params, state, images, labels, None)
     reference = torch.func.grad_and_value(loss_and_aux, has_aux=True)(params, state, images, labels, None)
-    assert tree.tree_allclose(ours, reference, rtol=1e-6, atol=1e-7)
+    double = functools.partial(tree.tree_map, torch.Tensor.double)
+    exact = torch.func.grad_and_value(loss_and_aux, has_aux=True)(double(params), double(state), images.double(),
+                                                                   labels, None)
+    # Both float32 paths against float64 (gradients, loss, new BatchNorm statistics, logits), leaf by leaf: float32
+    # rounding over the longest reduction (a stem weight's gradient sums batch x 32 x 32 = 32,768 terms) bounds
+    # the error by eps x 32,768 (3.9e-3) of the leaf's scale. Measured: at most 4.3e-6; a gradient 1% off fails.
+    bound = torch.finfo(torch.float32).eps * len(images) * 32 * 32
+    paths = {"eager": tree.flatten_paths(ours), "torch.func": tree.flatten_paths(reference)}
+    for path, want in tree.flatten_paths(exact).items():
+        for name, got in paths.items():
+            error = (got[path].double() - want).abs().max() / want.abs().max()
+            assert error <= bound, f"{name} {path}: {error:.2g} of the leaf's scale"
 
 
 def test_train_step_does_not_mutate_its_input():
@@ -164,8 +175,9 @@ def test_fast_recipe_learns_on_real_data(cifar_dir, tmp_path):
     summary = train.train_and_evaluate(load_config("configs/fast.toml", overrides), tmp_path / "run",
                                        data_dir=str(cifar_dir))
     # Every technique of fast.toml at once (whitening, Dirac init, alternating flips, Muon, scaled lrs, frozen
-    # whitening bias, Lookahead, translation TTA) on a CPU-sized budget: it must learn, not just run.
-    assert summary["test_accuracy"] > 0.40 and summary["test_accuracy_tta"] > 0.40
+    # whitening bias, Lookahead, translation TTA) on a CPU-sized budget: it must learn, not just run. Seeds 0-4 reached
+    # 47.6-53.1% (TTA 47.7-54.7%; seed 0, tested here: 49.1%), so 43% is 2.8 standard deviations under their mean.
+    assert summary["test_accuracy"] > 0.43 and summary["test_accuracy_tta"] > 0.43
 
 
 @pytest.mark.parametrize("config,shape", [
