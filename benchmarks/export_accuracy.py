@@ -2,7 +2,7 @@
 
 Run by hand, not by pytest::
 
-    python benchmarks/export_accuracy.py runs/cpu/checkpoints/last.safetensors --data-dir ../shared/data/cifar10
+    python -m benchmarks.export_accuracy runs/cpu/checkpoints/last.safetensors --data-dir ../shared/data/cifar10
 
 Each export is read back the way ``fnclass predict`` reads it (``fnclass.export.load_predictor``) and run
 on the whole test split; the table compares it with the checkpoint itself.
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: fnclass without installing it
-from fnclass import export  # noqa: E402
-from fnclass.data import load_split  # noqa: E402
+from fnclass import export
+from fnclass.data import load_split
 
 COMBINATIONS = [(fmt, dtype) for fmt in export.FORMATS for dtype in export.DTYPES
                 if not (fmt == "onnx" and dtype == "bfloat16")]

@@ -138,7 +138,7 @@ run_part() {  # NAME JSON TIMEOUT COMMAND...: run one part; a failure or a timeo
 
 json="$OUT/bf16_graph.json"
 run_part bf16_graph "$json" "${GPU_CHECK_BF16_GRAPH_S:-60}" python3 - "$device" "$model" "$json" <<'EOF'
-"""fast.toml's compiled step with bf16 autocast traces as one graph with no break: the variant tests/test_train.py
+"""fast.toml's compiled step with bf16 autocast traces as one graph with no break: the variant tests/test_step.py
 cannot trace, autocast being CUDA-only (on a CPU dry run it is a no-op, and the result says so)."""
 import functools
 import json
@@ -148,26 +148,27 @@ import time
 import torch
 
 import fnclass
-from fnclass import losses, random, train, tree
+from fnclass import losses, random, recipe, step, tree
 from fnclass.config import load_config
+from fnclass.models import resolve_config
 from fnclass.models.fast import fit_whitening
 
 device, model_name, out = sys.argv[1:]
 start = time.perf_counter()
-cfg = load_config("configs/fast.toml", [f"model.name={model_name}"]).resolved()
+cfg = resolve_config(load_config("fast", [f"model.name={model_name}"]))
 model = fnclass.build_model(cfg.model)
-opt = train.create_optimizer(cfg.optim, 25, cfg.train.epochs)
-ts = tree.tree_to(train.create_train_state(model, opt, random.key(0)), device)
+opt = recipe.create_optimizer(cfg.optim, model.param_labels, 25, cfg.train.epochs)
+ts = tree.tree_to(step.create_train_state(model, opt, random.key(0)), device)
 gen = torch.Generator().manual_seed(0)  # the graph depends on neither the values nor the batch size
 images = torch.randn(64, 3, 32, 32, generator=gen).to(device)
 labels = torch.randint(0, 10, (64,), generator=gen).to(device)
 ts = ts._replace(state=fit_whitening(ts.state, images, cfg.model))
-with train._autocast(device, cfg.train.precision):
+with step._autocast(device, cfg.train.precision):
     autocast_dtype = model.apply(ts.params, ts.state, images, train=False)[0].dtype
 loss_fn = functools.partial(losses.cross_entropy, label_smoothing=cfg.train.label_smoothing)
-step = train.make_train_step(model, loss_fn, opt, compile=True, precision=cfg.train.precision,
-                             channels_last=cfg.train.channels_last)
-explanation = torch._dynamo.explain(step._torchdynamo_orig_callable)(ts, (images, labels), random.key(1))
+compiled = step.make_train_step(model, loss_fn, opt, compile=True, precision=cfg.train.precision,
+                                channels_last=cfg.train.channels_last)
+explanation = torch._dynamo.explain(compiled._torchdynamo_orig_callable)(ts, (images, labels), random.key(1))
 result = {"device": device, "model": model_name, "precision": cfg.train.precision,
           "autocast_dtype": str(autocast_dtype).removeprefix("torch."), "graphs": explanation.graph_count,
           "graph_breaks": explanation.graph_break_count,
@@ -185,14 +186,14 @@ for item in "${sets[@]}"; do
     set_args+=(--set "$item")
 done
 json="$OUT/time_to_accuracy.json"
-run_part accuracy "$json" "${GPU_CHECK_ACCURACY_S:-200}" python3 benchmarks/time_to_accuracy.py \
-    --config configs/fast.toml --seeds "$seeds" --device "$device" --data-dir "$FNCLASS_DATA" --out "$json" \
+run_part accuracy "$json" "${GPU_CHECK_ACCURACY_S:-200}" python3 -m benchmarks.time_to_accuracy \
+    --config fast --seeds "$seeds" --device "$device" --data-dir "$FNCLASS_DATA" --out "$json" \
     "${set_args[@]}"
 json="$OUT/step_throughput.json"
-run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-150}" python3 benchmarks/step_throughput.py \
+run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-150}" python3 -m benchmarks.step_throughput \
     --device "$device" --model "$model" "${throughput_args[@]}" --json "$json"
 json="$OUT/per_example_grads.json"
-run_part per_example "$json" "${GPU_CHECK_PER_EXAMPLE_S:-90}" python3 benchmarks/per_example_grads.py \
+run_part per_example "$json" "${GPU_CHECK_PER_EXAMPLE_S:-90}" python3 -m benchmarks.per_example_grads \
     --device "$device" --model "$model" "${per_example_args[@]}" --json "$json"
 
 echo

@@ -2,8 +2,8 @@
 
 Run by hand, not by pytest::
 
-    python benchmarks/per_example_grads.py                                # fast on CUDA, tiny on CPU
-    python benchmarks/per_example_grads.py --device cpu --compile --json tiny.json
+    python -m benchmarks.per_example_grads                                # fast on CUDA, tiny on CPU
+    python -m benchmarks.per_example_grads --device cpu --compile --json tiny.json
 
 Every variant computes, for one fixed random batch, the gradient of each example's own cross-entropy
 with respect to every parameter, BatchNorm in eval mode (running statistics), as ``fnclass.analysis`` does:
@@ -43,7 +43,6 @@ import json
 import multiprocessing
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -55,16 +54,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import fnclass
-from fnclass import tree
-from fnclass.analysis import make_per_example_grad_fn, per_example_grads
-from fnclass.config import MODEL_NAMES, ModelConfig
-from fnclass.losses import per_example_cross_entropy
 
 # The repo root, for tests/, and this folder, for step_throughput (a `benchmarks` package elsewhere may shadow it).
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from step_throughput import device_name, random_batch  # noqa: E402
-
-from tests.torch_reference import reference_module, torch_name  # noqa: E402
+from benchmarks.common import device_name, random_batch
+from fnclass import tree
+from fnclass.analysis import make_per_example_grad_fn, per_example_grads
+from fnclass.config import ModelConfig
+from fnclass.losses import per_example_cross_entropy
+from fnclass.models import MODELS, resolve
+from tests.torch_reference import reference_module, torch_name
 
 # Per-device defaults: the CPU gets the small model and no compile (inductor takes minutes on 2 cores).
 _DEVICE_DEFAULTS = {
@@ -89,7 +87,7 @@ class Options:
 def parse_options(argv: list[str] | None = None) -> Options:
     """Parse the command line and fill the device-dependent defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=MODEL_NAMES, help="default: fast on cuda, tiny on cpu")
+    parser.add_argument("--model", choices=list(MODELS), help="default: fast on cuda, tiny on cpu")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, help="timed rounds of one call per variant (default: 20 on cuda, "
@@ -118,7 +116,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
 
 def model_config(name: str, attn_impl: str) -> ModelConfig:
     """The named model's resolved config with the given attention implementation."""
-    return dataclasses.replace(ModelConfig(name=name).resolved(), attn_impl=attn_impl)
+    return dataclasses.replace(resolve(ModelConfig(name=name)), attn_impl=attn_impl)
 
 
 def build(name: str, attn_impl: str, device: torch.device):

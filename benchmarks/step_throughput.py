@@ -2,8 +2,8 @@
 
 Run by hand, not by pytest::
 
-    python benchmarks/step_throughput.py                                  # fast model, CUDA if present
-    python benchmarks/step_throughput.py --device cpu --model tiny --json tiny.json
+    python -m benchmarks.step_throughput                                  # fast model, CUDA if present
+    python -m benchmarks.step_throughput --device cpu --model tiny --json tiny.json
 
 Up to four variants train the same model from the same initial weights on one fixed random batch
 (throughput does not depend on the pixels): ``fnclass.make_train_step`` with ``fnclass.optim.adam``,
@@ -31,7 +31,6 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,11 +40,11 @@ import torch
 import torch.nn.functional as F
 
 import fnclass
+from benchmarks.common import device_name, random_batch
 from fnclass import losses, optim, random, tree
-from fnclass.config import MODEL_NAMES, ModelConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, where tests/ lives
-from tests.torch_reference import reference_module  # noqa: E402
+from fnclass.config import ModelConfig
+from fnclass.models import MODELS
+from tests.torch_reference import reference_module
 
 LEARNING_RATE = 1e-3  # Adam's usual default; the value does not change the step's cost
 
@@ -76,7 +75,7 @@ class Options:
 def parse_options(argv: list[str] | None = None) -> Options:
     """Parse the command line and fill the device-dependent defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=MODEL_NAMES, default="fast")
+    parser.add_argument("--model", choices=list(MODELS), default="fast")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=int, help="default: 512 on cuda, 128 on cpu")
     parser.add_argument("--steps", type=int,
@@ -107,14 +106,6 @@ def parse_options(argv: list[str] | None = None) -> Options:
         if getattr(options, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}")
     return options
-
-
-def random_batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-shaped random images and labels on ``device`` (fixed seed, so every variant sees the same)."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, 32, 32, generator=generator)
-    labels = torch.randint(0, 10, (batch_size,), generator=generator)
-    return images.to(device), labels.to(device)
 
 
 def functional_runner(model: fnclass.Model, train_state: fnclass.TrainState, batch, device: torch.device, *,
@@ -165,21 +156,6 @@ def time_steps(run: Callable[[], None], steps: int, synchronize: Callable[[], No
         run()
     synchronize()
     return time.perf_counter() - start
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name from /proc/cpuinfo (with the thread count torch uses)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def measure(options: Options) -> dict:

@@ -2,10 +2,10 @@
 
 Run by hand, not by pytest::
 
-    python benchmarks/time_to_accuracy.py --seeds 5 --out tta.json          # configs/fast.toml on CUDA
-    python benchmarks/time_to_accuracy.py --device cpu --seeds 2 --set model.name=tiny --set train.epochs=1
+    python -m benchmarks.time_to_accuracy --seeds 5 --out tta.json          # configs/fast.toml on CUDA
+    python -m benchmarks.time_to_accuracy --device cpu --seeds 2 --set model.name=tiny --set train.epochs=1
 
-Seed ``s`` is ``fnclass.train.train_and_evaluate`` with ``train.seed = s`` into a temporary run directory,
+Seed ``s`` is ``fnclass.train`` with ``train.seed = s`` into a temporary run directory,
 deleted afterwards. torch.compile's in-memory caches are reset between seeds, so each seed compiles its
 step again (inductor's on-disk caches still serve seeds after the first: their compile time is a warm one).
 The JSON is rewritten after every seed, so a run stopped by a timeout keeps the seeds it finished.
@@ -19,16 +19,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: fnclass without installing it
-from fnclass.config import ConfigError, load_config  # noqa: E402
-from fnclass.train import train_and_evaluate  # noqa: E402
+from fnclass.config import ConfigError, load_config
+from fnclass.training import train
 
 # timed_seconds is what airbench's timer covers: the whitening fit, the training steps and the final (TTA)
 # evaluation, GPU-synchronised. airbench compiles on a throwaway warm-up and then times every real step, its
@@ -114,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, [*args.overrides, f"train.seed={seed}"])
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"fnclass-tta-seed{seed}-") as workdir:
-            summary = train_and_evaluate(config, workdir, data_dir=args.data_dir, device=args.device,
-                                         download=False)
+            summary = train(config, workdir, data_dir=args.data_dir, device=args.device, download=False).summary
         summary["timed_seconds"] = summary["train_seconds"] + summary["whitening_seconds"] + summary[
             "final_eval_seconds"]
         results["seeds"].append({"seed": seed, **{c: summary.get(c) for c in COLUMNS},

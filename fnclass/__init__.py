@@ -1,25 +1,33 @@
 """fnclass: CIFAR-10 classification the JAX way on PyTorch.
 
-Models are ``Model(init, apply)`` pairs of pure functions over parameter pytrees, optimizers are
-Optax-style ``Transform(init, update)`` pairs, and a training step is ``torch.func.grad_and_value``
-plus a functional update over one ``TrainState`` pytree.
+Models are ``Model(init, apply, param_labels, data_init)`` tuples of pure functions over parameter pytrees,
+optimizers are Optax-style ``Transform(init, update)`` pairs, and a training step is ``torch.func.grad_and_value``
+plus a functional update over one ``TrainState`` pytree. ``fnclass.train(config, workdir)`` runs the whole program.
+
+The names below are imported on first use, so ``import fnclass`` (and ``fnclass --help``) does not load torch.
 """
 
-__version__ = "0.1.0"  # before the imports below: fnclass.train records it
+import importlib
 
-from fnclass.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
-from fnclass.export import Exported, load_exported  # noqa: E402
-from fnclass.models import Model, build_model  # noqa: E402
-from fnclass.random import fold_in, key, split  # noqa: E402
-from fnclass.train import (  # noqa: E402
-    TrainState,
-    create_train_state,
-    make_eval_step,
-    make_train_step,
-    train_and_evaluate,
-)
+from fnclass._version import __version__
 
-__all__ = [
-    "Checkpoint", "Exported", "Model", "TrainState", "__version__", "build_model", "create_train_state", "fold_in",
-    "key", "load_checkpoint", "load_exported", "make_eval_step", "make_train_step", "split", "train_and_evaluate",
-]
+_PUBLIC = {
+    "Checkpoint": "fnclass.checkpoint", "load_checkpoint": "fnclass.checkpoint", "load_config": "fnclass.config",
+    "Exported": "fnclass.export", "load_exported": "fnclass.export", "Model": "fnclass.models",
+    "build_model": "fnclass.models", "fold_in": "fnclass.random", "key": "fnclass.random", "split": "fnclass.random",
+    "TrainState": "fnclass.step", "create_train_state": "fnclass.step", "make_eval_step": "fnclass.step",
+    "make_train_step": "fnclass.step", "TrainResult": "fnclass.training", "train": "fnclass.training",
+}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'fnclass' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
+
+
+__all__ = ["__version__", *_PUBLIC]

@@ -25,10 +25,10 @@ import optree
 import torch
 
 from fnclass import data, tree
-from fnclass.checkpoint import load_checkpoint, write_atomic
+from fnclass.checkpoint import load_checkpoint
+from fnclass.io import pick_device, save_figure, write_atomic, write_json
 from fnclass.losses import per_example_cross_entropy
 from fnclass.models import Model, build_model
-from fnclass.train import pick_device, save_figure, write_json
 
 LOSS_DESCRIPTION = ("per-example cross-entropy without label smoothing or weight decay; BatchNorm in eval mode "
                     "(running statistics), so each example's gradient depends on that example alone")

@@ -10,8 +10,6 @@ renamed, so an existing checkpoint is never left half-written.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,13 +18,16 @@ import safetensors.torch
 import torch
 
 from fnclass import tree
+from fnclass._version import __version__
 from fnclass.config import Config, ConfigError, config_from_dict, config_to_dict
-from fnclass.models import Model, build_model
+from fnclass.errors import InputError
+from fnclass.io import write_atomic
+from fnclass.models import Model, build_model, resolve_config
 
 FORMAT = "fnclass.checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, truncated, tampered with or does not fit its config."""
 
 
@@ -52,29 +53,13 @@ class Checkpoint(NamedTuple):
         return normalize(images, self.mean, self.std)
 
 
-def write_atomic(path: str | Path, payload: bytes) -> None:
-    """Write bytes to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, mean, std,
                     input_size: tuple[int, int]) -> None:
     """Write a TrainState (params, model state, optimizer state, step, key) and its metadata.
 
     Args:
       path: the ``.safetensors`` file to write (atomically).
-      train_state: the :class:`fnclass.train.TrainState`.
+      train_state: the :class:`fnclass.step.TrainState`.
       config: the run's resolved config.
       classes: the class names, in label order.
       mean: per-channel normalisation mean.
@@ -89,17 +74,10 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
         "classes": json.dumps(list(classes)),
         "normalization": json.dumps({"mean": list(mean), "std": list(std)}),
         "input_size": json.dumps(list(input_size)),
-        "fnclass_version": _version(),
+        "fnclass_version": __version__,
         "step": str(int(train_state.step)),
     }
     write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
-
-
-def _version() -> str:
-    """The installed fnclass version."""
-    from fnclass import __version__
-
-    return __version__
 
 
 def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -164,7 +142,7 @@ def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], 
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: metadata 'config' is not a table of sections (the file was altered)")
     try:
-        config = config_from_dict(raw, f"{path} metadata").resolved()
+        config = resolve_config(config_from_dict(raw, f"{path} metadata"))
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
     classes = _metadata_json(path, metadata, "classes")

@@ -9,6 +9,7 @@ an unknown key, a wrong type or an impossible value.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import tomllib
 import types
@@ -17,28 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fnclass.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config file, override or value is invalid; the message names the key and the fix."""
-
-
-MODEL_NAMES = ("resnet_attn", "fast", "tiny")
-
-# Per-model defaults for the ModelConfig fields left as None: the paper's ResNet-18 widths with two
-# attention layers on the 4x4 map; airbench94's widths (64/256/256) for `fast`; half-size for `tiny`.
-_MODEL_DEFAULTS = {
-    "resnet_attn": dict(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), attn_after=(3,), attn_layers=2,
-                        attn_heads=8, stem_width=64),
-    "fast": dict(widths=(64, 256, 256), depths=(1, 1, 1), attn_after=(2,), attn_layers=1, attn_heads=4,
-                 stem_width=32),
-    "tiny": dict(widths=(32, 64, 128), depths=(1, 1, 1), attn_after=(2,), attn_layers=1, attn_heads=2,
-                 stem_width=16),
-}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which network, and its shape. Fields left ``None`` take the named model's defaults."""
+    """Which network, and its shape. Fields left ``None`` take the named model's defaults (see
+    :func:`fnclass.models.resolve`, which also checks the model-specific keys)."""
 
     name: str = "resnet_attn"
     num_classes: int = 10
@@ -55,36 +45,14 @@ class ModelConfig:
     whiten_kernel: int = 2  # patch size of that layer: 2x2 patches give 2*3*2*2 = 24 channels (both signs)
     dirac_init: bool = False  # start 3x3 convs as identities on their first in-channels filters (airbench)
 
-    def resolved(self) -> ModelConfig:
-        """A copy with every ``None`` replaced by the named model's default."""
-        defaults = _MODEL_DEFAULTS[self.name]
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for impossible values."""
-        _check(self.name in MODEL_NAMES, "model.name", self.name, f"one of {', '.join(MODEL_NAMES)}")
-        cfg = self.resolved()
-        _check(cfg.num_classes >= 2, "model.num_classes", cfg.num_classes, "an integer >= 2")
-        _check(len(cfg.widths) >= 1 and all(1 <= w <= 65536 for w in cfg.widths), "model.widths", cfg.widths,
-               "a non-empty list of integers in 1..65536")
-        if cfg.name == "resnet_attn":
-            _check(len(cfg.depths) == len(cfg.widths) and all(d >= 1 for d in cfg.depths), "model.depths",
-                   cfg.depths, f"{len(cfg.widths)} positive integers, one per entry of model.widths")
-        _check(all(0 <= s < len(cfg.widths) for s in cfg.attn_after), "model.attn_after", cfg.attn_after,
-               f"stage indices in 0..{len(cfg.widths) - 1}")
-        _check(list(cfg.attn_after) == sorted(set(cfg.attn_after)), "model.attn_after", cfg.attn_after,
-               "distinct stage indices in increasing order")
-        _check(cfg.attn_layers >= 0, "model.attn_layers", cfg.attn_layers, "an integer >= 0")
-        for stage in cfg.attn_after:
-            _check(cfg.attn_heads >= 1 and cfg.widths[stage] % cfg.attn_heads == 0, "model.attn_heads",
-                   cfg.attn_heads, f"a divisor of the attended stage's width {cfg.widths[stage]}")
-        _check(cfg.attn_impl in ("sdpa", "math"), "model.attn_impl", cfg.attn_impl, '"sdpa" or "math"')
-        _check(0.0 <= cfg.bn_momentum <= 1.0, "model.bn_momentum", cfg.bn_momentum, "a number in [0, 1]")
-        _check(0.0 <= cfg.dropout < 1.0, "model.dropout", cfg.dropout, "a number in [0, 1)")
-        _check(not cfg.whiten or cfg.name in ("fast", "tiny"), "model.whiten", cfg.whiten,
-               "false for resnet_attn (the whitening stem belongs to fast and tiny)")
-        _check(1 <= cfg.whiten_kernel <= 4, "model.whiten_kernel", cfg.whiten_kernel, "an integer in 1..4")
-
+        """Raise :class:`ConfigError` for impossible values (the model's own checks: :func:`fnclass.models.resolve`)."""
+        _check(isinstance(self.name, str) and self.name != "", "model.name", self.name, "a model name")
+        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.attn_impl in ("sdpa", "math"), "model.attn_impl", self.attn_impl, '"sdpa" or "math"')
+        _check(0.0 <= self.bn_momentum <= 1.0, "model.bn_momentum", self.bn_momentum, "a number in [0, 1]")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+        _check(1 <= self.whiten_kernel <= 4, "model.whiten_kernel", self.whiten_kernel, "an integer in 1..4")
 
 
 DATASETS = ("cifar10", "cifar100")
@@ -200,10 +168,12 @@ class CheckpointConfig:
 
     every_steps: int = 0  # also write last.safetensors every N steps (0: epoch ends only)
     keep_best: bool = True  # write best.safetensors whenever test accuracy improves
+    keep: int = 0  # also keep the N most recent epoch-end checkpoints as step-NNNNNNNN.safetensors (0: none)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
+        _check(self.keep >= 0, "checkpoint.keep", self.keep, "an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -228,11 +198,6 @@ class Config:
             _check(self.train.batch_size <= self.data.train_limit, "train.batch_size", self.train.batch_size,
                    f"at most data.train_limit = {self.data.train_limit}")
         return self
-
-    def resolved(self) -> Config:
-        """A copy with the model's per-name defaults filled in."""
-        return dataclasses.replace(self, model=self.model.resolved())
-
 
 SECTIONS = ("model", "data", "optim", "train", "checkpoint")
 
@@ -328,28 +293,68 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with the package, by name (``cpu``, ``fast``, ``fast95``, ``seed``)."""
+    try:
+        folder = Path(str(importlib.resources.files("fnclass.configs")))
+    except ModuleNotFoundError:  # a checkout used without installing (PYTHONPATH): configs/ beside fnclass/
+        folder = Path(__file__).resolve().parents[1] / "configs"
+    return {path.stem: path for path in sorted(folder.glob("*.toml"))}
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A shipped config's file for a bare name (``fast``), else the path as given."""
+    text = str(name_or_path)
+    shipped = shipped_configs()
+    if text in shipped and not Path(text).exists():
+        return shipped[text]
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; give a path or one of the shipped names: "
+                          f"{', '.join(sorted(shipped))}")
+    return path
+
+
+def read_toml(path: Path, _seen: tuple = ()) -> dict:
+    """A config file's tables, with a top-level ``base = "NAME|PATH"`` merged underneath (section by section)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base = {base!r} is not allowed: expected a shipped config's name or a path")
+    base_path = find_config(base if base in shipped_configs() else path.parent / base)
+    if base_path.resolve() in _seen or len(_seen) > 8:
+        raise ConfigError(f"{path}: base = {base!r} leads back to itself; remove the loop")
+    merged = read_toml(base_path, (*_seen, path.resolve()))
+    for section, table in data.items():
+        merged[section] = {**merged[section], **table} if isinstance(table, dict) and isinstance(
+            merged.get(section), dict) else table
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a TOML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate.
 
     Args:
-      path: a TOML file with the sections [model], [data], [optim], [train], [checkpoint].
+      path: a shipped config's name (``cpu``, ``fast``, ...) or a TOML file with the sections [model], [data],
+        [optim], [train], [checkpoint], and optionally ``base = "NAME|PATH"``: the config it changes.
       overrides: ``section.key=value`` strings applied on top.
 
     Returns:
-      The validated Config (model defaults not yet filled; see :meth:`Config.resolved`).
+      The validated Config (model defaults not yet filled; see :func:`fnclass.models.resolve_config`).
 
     Raises:
       ConfigError: one line naming the file, the key and what is allowed.
     """
     data, source = {}, "defaults"
     if path is not None:
-        path, source = Path(path), str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file (the shipped ones are in configs/)")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+        path = find_config(path)
+        source = str(path)
+        data = read_toml(path)
     try:
         data = apply_overrides(data, list(overrides))
     except ConfigError as error:

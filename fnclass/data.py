@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from fnclass.errors import InputError
+from fnclass.io import write_temp
+
 FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "classes.txt")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The data folder is missing or malformed; the message names the file and the fix."""
 
 
@@ -153,24 +155,6 @@ def _check_classes(folder: Path, classes) -> tuple[str, ...]:
     return classes
 
 
-def _write_temp(folder: Path, name: str, content: np.ndarray | str) -> Path:
-    """Write ``content`` to a fresh hidden file beside ``folder / name`` and return its path."""
-    temp = folder / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
-        # "xb" rather than tempfile: the file gets the umask's permissions, not tempfile's 0600.
-        with open(temp, "xb") as handle:
-            if isinstance(content, str):
-                handle.write(content.encode("utf-8"))
-            else:
-                np.save(handle, content, allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return temp
-
-
 def write_dataset(folder: str | Path, train_images, train_labels, test_images, test_labels, classes) -> Path:
     """Validate a dataset and write it atomically in the canonical format.
 
@@ -212,7 +196,8 @@ def write_dataset(folder: str | Path, train_images, train_labels, test_images, t
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, content in contents.items():
-            temps[name] = _write_temp(folder, name, content)
+            temps[name] = write_temp(folder / name, content.encode("utf-8") if isinstance(content, str) else
+                                     lambda handle, array=content: np.save(handle, array, allow_pickle=False))
         for name, temp in temps.items():
             os.replace(temp, folder / name)
     except OSError as error:

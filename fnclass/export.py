@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 import safetensors.torch
 import torch
 
-from fnclass import tree
+from fnclass import random, tree
+from fnclass._version import __version__
 from fnclass.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -40,10 +41,10 @@ from fnclass.checkpoint import (
     read_file,
     read_model_metadata,
     restore_model,
-    write_atomic,
 )
 from fnclass.config import ModelConfig, config_to_dict
-from fnclass.data import file_sha256, normalize
+from fnclass.data import file_sha256, normalize, read_image
+from fnclass.io import write_atomic
 from fnclass.models import Model, build_model
 
 FORMAT = "fnclass.export/1"
@@ -88,8 +89,6 @@ def _classify(model: Model, params, state, mean, std, dtype: torch.dtype, images
 
 def export_metadata(ckpt: Checkpoint, *, dtype: str, source_sha256: str) -> dict[str, str]:
     """The metadata every export carries (string values, as safetensors stores them)."""
-    from fnclass import __version__
-
     return {
         "format": FORMAT,
         "model": ckpt.config.model.name,
@@ -169,7 +168,6 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: s
 
 def _check_export(ckpt: Checkpoint, out: Path, count: int = 16) -> float:
     """Read the written file back and compare its logits with the checkpoint's on ``count`` random images."""
-    from fnclass import random
 
     height, width = ckpt.input_size
     images = random.randint(random.key(0), (count, height, width, 3), 0, 256).to(torch.uint8)
@@ -377,7 +375,6 @@ def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool 
     Raises:
       CheckpointError, DataError: for a bad model file or an image that cannot be decoded.
     """
-    from fnclass.data import read_image
 
     predictor = load_predictor(path, trust_program=trust_program)
     height, width = predictor.input_size

@@ -1,25 +1,23 @@
-"""Optax-style optimizers: gradient transformations over pytrees, and learning-rate schedules.
+"""Optax-style optimizers: gradient transformations over pytrees (schedules live in :mod:`fnclass.schedules`).
 
 A :class:`Transform` is a pair ``init(params) -> opt_state`` and ``update(grads, opt_state, params) ->
 (updates, opt_state)``; optimizers are chains of transforms and :func:`apply_updates` adds the updates
 to the parameters. The arithmetic uses multi-tensor ``torch._foreach_*`` kernels, like torch.optim's
 ``foreach`` implementation. Nothing here mutates its inputs: in-place foreach calls only touch lists
-freshly allocated in the same function. A schedule is a function of the step count (a tensor or an
-int) and returns the value for that step; the count lives in the optimizer state, so a restored state
-continues exactly.
+freshly allocated in the same function. A learning rate may be a schedule, called on a step count that lives
+in the optimizer state, so a restored state continues exactly.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
-Schedule = Callable[[Any], Any]
+from fnclass.schedules import Schedule  # noqa: E402  (re-exported for type hints)
 
 
 class Transform(NamedTuple):
@@ -165,19 +163,44 @@ def clip_by_global_norm(max_norm: float) -> Transform:
     return Transform(lambda params: {}, update)
 
 
-def scale_leaves(factors: Callable[[Any], Any]) -> Transform:
-    """Multiply each leaf's update by its own constant: separately scaled learning rates.
+def identity() -> Transform:
+    """Pass the updates through unchanged (Optax's ``identity``)."""
+    return Transform(lambda params: {}, lambda grads, state, params=None: (grads, state))
+
+
+def multi_transform(transforms: dict[str, Transform], param_labels: Callable[[Any], Any]) -> Transform:
+    """Apply a different transform to each group of leaves, as Optax's ``multi_transform``.
 
     Args:
-      factors: function of the params returning a tree of Python floats with the params' structure, e.g.
-        64.0 for BatchNorm biases and 0.5 for the classifier head.
+      transforms: a transform per label.
+      param_labels: function of the params returning a tree like them holding one label per leaf (a model's
+        ``param_labels``); every label must have a transform.
 
     Returns:
-      A stateless Transform.
+      A Transform whose state is ``{label: that transform's state}`` for the labels that have leaves; each
+      transform sees only the list of its own leaves.
     """
+    def groups(params):
+        """Leaf indices by label, for the labels that have leaves."""
+        labels = _leaves(param_labels(params))
+        index = {name: [i for i, label in enumerate(labels) if label == name] for name in transforms}
+        return {name: leaves for name, leaves in index.items() if leaves}
+
+    def init(params):
+        p = _leaves(params)
+        return {name: transforms[name].init([p[i] for i in index]) for name, index in groups(params).items()}
+
     def update(grads, state, params=None):
-        return _like(grads, torch._foreach_mul(_leaves(grads), _leaves(factors(params)))), state
-    return Transform(lambda params: {}, update)
+        g, p = _leaves(grads), _leaves(params)
+        out, new_state = list(g), {}
+        for name, index in groups(params).items():
+            updates, new_state[name] = transforms[name].update([g[i] for i in index], state[name],
+                                                               [p[i] for i in index])
+            for i, u in zip(index, updates):
+                out[i] = u
+        return _like(grads, out), new_state
+
+    return Transform(init, update)
 
 
 def freeze_after(steps: int, mask: Callable[[Any], Any]) -> Transform:
@@ -358,83 +381,3 @@ def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool =
 
 
 nesterov_sgd = functools.partial(sgd, nesterov=True)
-
-
-def constant_schedule(value: float) -> Schedule:
-    """The same value at every step."""
-    return lambda count: value
-
-
-def piecewise_linear(steps: list[float], values: list[float]) -> Schedule:
-    """Linear interpolation between ``(steps[i], values[i])`` points, constant outside them.
-
-    Args:
-      steps: increasing step numbers.
-      values: the value at each of those steps.
-
-    Returns:
-      A schedule returning a float32 tensor.
-    """
-    points = list(zip(steps, values))
-
-    def schedule(count):
-        # A sum of clamped ramps, one per segment: no data-dependent indexing, so it traces into the step's graph.
-        c = torch.as_tensor(count).to(torch.float64)
-        value = torch.full_like(c, float(values[0]))
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            rise = ((c - x0) / (x1 - x0)).clamp(0.0, 1.0) if x1 > x0 else (c >= x0).to(c.dtype)
-            value = value + (y1 - y0) * rise
-        return value.to(torch.float32)
-
-    return schedule
-
-
-def linear_warmup(peak: float, warmup_steps: int, init_value: float = 0.0) -> Schedule:
-    """Rise linearly from ``init_value`` to ``peak`` over ``warmup_steps``, then stay at ``peak``."""
-    return piecewise_linear([0, max(warmup_steps, 1)], [init_value, peak])
-
-
-def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
-    """Half a cosine from ``init_value`` down to ``alpha * init_value`` over ``decay_steps``, then constant."""
-    def schedule(count):
-        c = torch.as_tensor(count).to(torch.float64).clamp(0, decay_steps)
-        cosine = 0.5 * (1.0 + torch.cos(math.pi * c / decay_steps))
-        return (init_value * ((1.0 - alpha) * cosine + alpha)).to(torch.float32)
-    return schedule
-
-
-def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, init_value: float = 0.0,
-                  end_value: float = 0.0) -> Schedule:
-    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to ``end_value`` at ``total_steps``.
-
-    Args:
-      peak: the value reached at the end of warm-up.
-      warmup_steps: steps of linear warm-up (0 for none).
-      total_steps: the step at which the decay ends.
-      init_value: the value at step 0.
-      end_value: the value from ``total_steps`` on.
-
-    Returns:
-      A schedule returning a float32 tensor.
-    """
-    decay_steps = max(total_steps - warmup_steps, 1)
-
-    def schedule(count):
-        c = torch.as_tensor(count).to(torch.float64)
-        warm = init_value + (peak - init_value) * c / max(warmup_steps, 1)
-        progress = ((c - warmup_steps) / decay_steps).clamp(0.0, 1.0)
-        cool = end_value + (peak - end_value) * 0.5 * (1.0 + torch.cos(math.pi * progress))
-        return torch.where(c < warmup_steps, warm, cool).to(torch.float32)
-
-    return schedule
-
-
-def one_cycle(peak: float, total_steps: int, pct_start: float = 0.25, div_factor: float = 25.0,
-              final_div_factor: float = 1e4) -> Schedule:
-    """The triangular one-cycle policy (Smith, 2018), as used by the fast CIFAR-10 trainers.
-
-    Linear from ``peak / div_factor`` up to ``peak`` over the first ``pct_start`` of the run, then
-    linear down to ``peak / (div_factor * final_div_factor)`` at ``total_steps``.
-    """
-    start = peak / div_factor
-    return piecewise_linear([0, pct_start * total_steps, total_steps], [start, peak, start / final_div_factor])

@@ -12,7 +12,7 @@ import fnclass
 from fnclass import analysis, data, losses, tree
 from fnclass.config import ModelConfig, OptimConfig, load_config
 from fnclass.models import Model
-from fnclass.train import train_and_evaluate
+from fnclass.training import train
 
 SMALL_RESNET = ModelConfig(name="resnet_attn", widths=(8, 16), depths=(1, 1), attn_after=(1,), attn_layers=1,
                            attn_heads=2)
@@ -190,7 +190,7 @@ def test_flipped_labels_rise_to_the_top(cifar_dir, tmp_path):
     # cpu.toml gives the model and the augmentation; every optimizer setting is pinned here.
     config = load_config("configs/cpu.toml", ["train.epochs=8", "train.batch_size=128", "train.tta=false"])
     optimizer = OptimConfig(name="adam", lr=2e-3, schedule="warmup_cosine", warmup_epochs=1.0, final_lr_fraction=0.02)
-    train_and_evaluate(dataclasses.replace(config, optim=optimizer).validate(), tmp_path / "run", data_dir=str(folder))
+    train(dataclasses.replace(config, optim=optimizer).validate(), tmp_path / "run", data_dir=str(folder))
     analysis.analyze_checkpoint(tmp_path / "run/checkpoints/last.safetensors", tmp_path / "grads", data_dir=folder,
                                 split="train", chunk_size=500, top=64)
     rows = list(csv.DictReader(open(tmp_path / "grads/per_example.csv")))

@@ -7,17 +7,19 @@ import safetensors.torch
 import torch
 
 import fnclass
-from fnclass import checkpoint, data, optim, tree
+from fnclass import checkpoint, data, io, optim, tree
 from fnclass.config import load_config
-from fnclass.train import create_optimizer, create_train_state
+from fnclass.models import resolve_config
+from fnclass.recipe import create_optimizer
+from fnclass.step import create_train_state
 
-CONFIG = load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]).resolved()
+CONFIG = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]))
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def _train_state():
     model = fnclass.build_model(CONFIG.model)
-    opt = create_optimizer(CONFIG.optim, 10, 2)
+    opt = create_optimizer(CONFIG.optim, model.param_labels, 10, 2)
     ts = create_train_state(model, opt, fnclass.key(5))
     grads = tree.tree_map(torch.ones_like, ts.params)
     updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
@@ -32,7 +34,8 @@ def _save(path, ts):
 def test_round_trip_restores_everything(tmp_path):
     ts, _ = _train_state()
     _save(tmp_path / "ck.safetensors", ts)
-    skeleton = create_train_state(fnclass.build_model(CONFIG.model), create_optimizer(CONFIG.optim, 10, 2),
+    model = fnclass.build_model(CONFIG.model)
+    skeleton = create_train_state(model, create_optimizer(CONFIG.optim, model.param_labels, 10, 2),
                                   fnclass.key(99))
     restored = checkpoint.restore_train_state(tmp_path / "ck.safetensors", skeleton)
     assert tree.tree_allclose(restored, ts, rtol=0, atol=0)
@@ -90,11 +93,11 @@ def test_foreign_or_mismatched_files_are_refused(tmp_path):
 
 def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "file.bin"
-    checkpoint.write_atomic(path, b"old")
+    io.write_atomic(path, b"old")
 
     def broken_replace(*args):
         raise OSError("disk full")
-    monkeypatch.setattr(checkpoint.os, "replace", broken_replace)
+    monkeypatch.setattr(io.os, "replace", broken_replace)
     with pytest.raises(OSError):
-        checkpoint.write_atomic(path, b"new")
+        io.write_atomic(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["file.bin"]

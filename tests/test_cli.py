@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 from fnclass.cli import main
 from fnclass.config import load_config
-from fnclass.train import Reporter, TrainingInterrupted, train_and_evaluate
+from fnclass.models import resolve_config
+from fnclass.run import Reporter
+from fnclass.training import TrainingInterrupted, train
 
 QUICK = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "data.train_limit=600",
          "data.test_limit=200", "train.epochs=2", "train.batch_size=100", "train.log_every_steps=2"]
@@ -42,7 +44,7 @@ def test_train_writes_the_run_directory(quick_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
     assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4, 6, 8, 10, 12]
-    assert load_config(out / "config.toml") == load_config("configs/cpu.toml", QUICK).resolved()
+    assert load_config(out / "config.toml") == resolve_config(load_config("configs/cpu.toml", QUICK))
     assert "final test accuracy" in output and "accuracy airplane" in output  # plain lines off a terminal
     assert "╭" not in output
     assert (out / "plots/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -50,7 +52,7 @@ def test_train_writes_the_run_directory(quick_run):
 
 def test_grad_stats_during_training_are_logged(cifar_dir, tmp_path):
     config = load_config(None, QUICK + ["train.grad_stats_every=3", "train.grad_stats_examples=16"])
-    train_and_evaluate(config, tmp_path / "run", data_dir=str(cifar_dir))
+    train(config, tmp_path / "run", data_dir=str(cifar_dir))
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     stats = [r for r in rows if r["kind"] == "grad_stats"]
     assert [r["step"] for r in stats] == [3, 6, 9, 12]
@@ -86,11 +88,11 @@ class _StopAt(Reporter):
 
 def test_interrupted_then_resumed_run_equals_uninterrupted(cifar_dir, tmp_path):
     config = load_config(None, QUICK)
-    train_and_evaluate(config, tmp_path / "straight", data_dir=str(cifar_dir))
+    train(config, tmp_path / "straight", data_dir=str(cifar_dir))
     with pytest.raises(TrainingInterrupted) as stop:
-        train_and_evaluate(config, tmp_path / "broken", data_dir=str(cifar_dir), reporter=_StopAt(8))
+        train(config, tmp_path / "broken", data_dir=str(cifar_dir), reporter=_StopAt(8))
     assert stop.value.step == 8  # mid-way through the second epoch
-    summary = train_and_evaluate(config, tmp_path / "broken", data_dir=str(cifar_dir), resume=True)
+    summary = train(config, tmp_path / "broken", data_dir=str(cifar_dir), resume=True).summary
     assert summary["resumed_from_step"] == 8
     straight = safetensors.torch.load_file(tmp_path / "straight/checkpoints/last.safetensors")
     resumed = safetensors.torch.load_file(tmp_path / "broken/checkpoints/last.safetensors")
@@ -139,7 +141,7 @@ def test_divergence_stops_with_a_one_line_error(cifar_dir, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(out), *_sets(QUICK),
                                        "--set", "optim.name=sgd", "--set", "optim.lr=1e6"])
-    assert result.exit_code == 2 and "training diverged" in result.stderr and "optim.clip_norm" in result.stderr
+    assert result.exit_code == 3 and "training diverged" in result.stderr and "optim.clip_norm" in result.stderr
     assert not (out / "checkpoints/last.safetensors").exists()
 
 
@@ -160,7 +162,7 @@ def test_short_real_run_beats_60_percent(cifar_dir, tmp_path):
     # 65.7% and 69.2% (2,000 test images: about 1 point of binomial noise), so 60% leaves 5 points for seed and CPU.
     config = load_config("configs/cpu.toml", ["data.train_limit=10000", "data.test_limit=2000", "train.epochs=4",
                                               "train.batch_size=128", "optim.lr=0.15", "optim.warmup_epochs=1"])
-    summary = train_and_evaluate(config, tmp_path / "run", data_dir=str(cifar_dir))
+    summary = train(config, tmp_path / "run", data_dir=str(cifar_dir)).summary
     assert summary["steps"] == 4 * (10000 // 128)
     assert summary["test_accuracy"] > 0.60
 

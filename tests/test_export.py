@@ -23,7 +23,8 @@ from fnclass.checkpoint import CheckpointError, read_file
 from fnclass.cli import main
 from fnclass.config import load_config
 from fnclass.data import file_sha256, load_split, read_image
-from fnclass.train import train_and_evaluate
+from fnclass.models import resolve_config
+from fnclass.training import train
 from tests.needs import require_onnx
 
 HERE = Path(__file__).resolve().parent
@@ -37,7 +38,7 @@ LOW_PRECISION = [("safetensors", "bfloat16"), ("safetensors", "float16"), ("pt2"
 def trained(cifar_dir, tmp_path_factory):
     """A tiny model trained for 2 epochs on 8,000 real images (about 50% test accuracy), and the test split."""
     run = tmp_path_factory.mktemp("export") / "run"
-    train_and_evaluate(load_config(None, TRAIN), run, data_dir=str(cifar_dir))
+    train(load_config(None, TRAIN), run, data_dir=str(cifar_dir))
     images, labels = load_split(cifar_dir, "test")
     return run / "checkpoints/last.safetensors", images, labels
 
@@ -211,9 +212,9 @@ def small_export(tmp_path_factory):
     """A small exported model (random weights) to fuzz."""
     from fnclass.checkpoint import save_checkpoint
     from fnclass.optim import sgd
-    from fnclass.train import create_train_state
+    from fnclass.step import create_train_state
 
-    config = load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]).resolved()
+    config = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]))
     folder = tmp_path_factory.mktemp("fuzz")
     state = create_train_state(fnclass.build_model(config.model), sgd(0.1), fnclass.key(0))
     save_checkpoint(folder / "ck.safetensors", state, config=config, classes=[f"c{i}" for i in range(10)],

@@ -9,6 +9,7 @@ import torch
 import fnclass
 from fnclass import losses, tree
 from fnclass.config import ConfigError, ModelConfig
+from fnclass.models import resolve
 from fnclass.models.fast import fit_whitening
 from tests.torch_reference import module_grads, reference_module, torch_name
 
@@ -69,7 +70,7 @@ def test_loss_gradients_and_state_match_torch_nn(name):
     model = fnclass.build_model(cfg)
     params, state = model.init(fnclass.key(7))
     if cfg.whiten:
-        state = fit_whitening(state, torch.randn(64, 3, 32, 32), cfg.resolved())
+        state = fit_whitening(state, torch.randn(64, 3, 32, 32), resolve(cfg))
     reference = reference_module(cfg, params, state).train()
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
@@ -136,4 +137,6 @@ def test_dropout_needs_and_uses_the_key():
 ])
 def test_model_config_validation_names_the_key(change, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        ModelConfig(**{"name": "resnet_attn", **change}).validate()
+        config = ModelConfig(**{"name": "resnet_attn", **change})
+        config.validate()
+        resolve(config)

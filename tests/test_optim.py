@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import fnclass
-from fnclass import checkpoint, optim, tree
+from fnclass import checkpoint, optim, schedules, tree
 from fnclass.config import Config, OptimConfig
-from fnclass.train import TrainState, create_optimizer
+from fnclass.recipe import create_optimizer
+from fnclass.step import TrainState
 
 PEAK, STEPS = 0.01, 100
 # Every step's gradient carries float32 rounding of up to about eps x 64 (the batch, the longest reduction)
@@ -58,7 +59,7 @@ def _run_torch(make_optimizer, schedule, dtype=torch.float32):
     return {k: v.detach() for k, v in leaves.items()}
 
 
-SCHEDULE = optim.warmup_cosine(PEAK, warmup_steps=10, total_steps=STEPS, end_value=PEAK * 0.01)
+SCHEDULE = schedules.warmup_cosine(PEAK, warmup_steps=10, total_steps=STEPS, end_value=PEAK * 0.01)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd_nesterov", "sgd"])
@@ -115,18 +116,18 @@ def test_weight_decay_mask_skips_leaves():
 
 
 def test_schedules_against_hand_values():
-    cosine = optim.warmup_cosine(1.0, warmup_steps=10, total_steps=110, init_value=0.0, end_value=0.1)
+    cosine = schedules.warmup_cosine(1.0, warmup_steps=10, total_steps=110, init_value=0.0, end_value=0.1)
     assert float(cosine(0)) == 0.0
     assert math.isclose(float(cosine(5)), 0.5, rel_tol=1e-6)
     assert math.isclose(float(cosine(10)), 1.0, rel_tol=1e-6)
     assert math.isclose(float(cosine(60)), 0.1 + 0.9 * 0.5, rel_tol=1e-6)
     assert math.isclose(float(cosine(500)), 0.1, rel_tol=1e-6)
-    pw = optim.piecewise_linear([0, 10, 30], [1.0, 3.0, 0.0])
+    pw = schedules.piecewise_linear([0, 10, 30], [1.0, 3.0, 0.0])
     assert [round(float(pw(s)), 5) for s in (0, 5, 10, 20, 30, 99)] == [1.0, 2.0, 3.0, 1.5, 0.0, 0.0]
-    oc = optim.one_cycle(0.4, total_steps=100, pct_start=0.25, div_factor=4, final_div_factor=10)
+    oc = schedules.one_cycle(0.4, total_steps=100, pct_start=0.25, div_factor=4, final_div_factor=10)
     assert [round(float(oc(s)), 6) for s in (0, 25, 100)] == [0.1, 0.4, 0.01]
-    assert math.isclose(float(optim.cosine_decay(2.0, 100, alpha=0.5)(50)), 2.0 * (0.5 * 0.5 + 0.5), rel_tol=1e-6)
-    assert float(optim.linear_warmup(1.0, 4)(2)) == 0.5 and float(optim.linear_warmup(1.0, 4)(9)) == 1.0
+    assert math.isclose(float(schedules.cosine_decay(2.0, 100, alpha=0.5)(50)), 2.0 * (0.5 * 0.5 + 0.5), rel_tol=1e-6)
+    assert float(schedules.linear_warmup(1.0, 4)(2)) == 0.5 and float(schedules.linear_warmup(1.0, 4)(9)) == 1.0
     # A schedule gives the same value for a tensor count as for an int (the count lives in the opt state).
     assert float(cosine(torch.tensor(37))) == float(cosine(37))
 
@@ -137,7 +138,8 @@ def test_sgd_decoupled_weight_decay_as_cpu_toml_configures_it():
     config = OptimConfig(name="sgd", lr=0.3, momentum=0.9, nesterov=True, weight_decay=2e-3, schedule="one_cycle",
                          warmup_epochs=2.0, final_lr_fraction=0.02)
     steps_per_epoch, warmup = STEPS // 10, 20
-    transform = create_optimizer(config, steps_per_epoch, 10)
+    labels = lambda p: {"w1": "weights", "b1": "biases", "w2": "weights"}  # what a model's param_labels gives
+    transform = create_optimizer(config, labels, steps_per_epoch, 10)
     ours, loss_fn = _problem()
     ours["b1"] = ours["b1"] + 0.5  # a non-zero bias, so that decaying it (the mask failing) would show
     state = transform.init(ours)
@@ -236,13 +238,18 @@ def test_orthogonalize_approximates_svd_polar_factor(shape):
     assert not _is_polar_direction(g / torch.linalg.matrix_norm(g, ord=2), g)
 
 
-def test_scale_leaves_by_hand():
-    grads = {"bn_bias": torch.randn(4), "head": torch.randn(3, 4), "conv": torch.randn(2, 2)}
-    factors = lambda p: {"bn_bias": 64.0, "head": 0.5, "conv": 1.0}
-    ours, state = optim.scale_leaves(factors).update(grads, {}, grads)
-    assert state == {}
-    for name, factor in factors(grads).items():
-        assert torch.equal(ours[name], grads[name] * factor)
+def test_multi_transform_applies_each_group_its_own_transform():
+    grads = {"bn_bias": torch.randn(4), "head": torch.randn(3, 4), "conv": torch.randn(2, 2), "conv2": torch.randn(3)}
+    labels = lambda p: {"bn_bias": "bias", "head": "head", "conv": "conv", "conv2": "conv"}
+    transform = optim.multi_transform({"bias": optim.scale(64.0), "head": optim.scale(0.5),
+                                       "conv": optim.trace(0.9), "unused": optim.scale(3.0)}, labels)
+    state = transform.init(grads)
+    assert set(state) == {"bias", "head", "conv"}  # a label without leaves has no state
+    for _ in range(2):
+        ours, state = transform.update(grads, state, grads)
+    assert torch.equal(ours["bn_bias"], grads["bn_bias"] * 64.0) and torch.equal(ours["head"], grads["head"] * 0.5)
+    for name in ("conv", "conv2"):  # momentum after two equal gradients: g + 0.9 g
+        torch.testing.assert_close(ours[name], grads[name] * 1.9, rtol=1e-6, atol=0)
 
 
 def test_freeze_after_by_hand():
@@ -294,8 +301,9 @@ def _muon_like(total):
     """A small chain using every transform above, like an airbench/Muon optimizer."""
     matrices = lambda p: {k: v.ndim >= 2 for k, v in p.items()}
     inner = optim.chain(optim.trace(0.9, nesterov=True), optim.orthogonalize(mask=matrices),
-                        optim.scale_leaves(lambda p: {"conv": 1.0, "bias": 64.0, "head": 0.5}),
-                        optim.scale_by_learning_rate(optim.warmup_cosine(0.1, 2, total)),
+                        optim.multi_transform({"conv": optim.identity(), "bias": optim.scale(64.0),
+                                               "head": optim.scale(0.5)}, lambda p: {k: k for k in p}),
+                        optim.scale_by_learning_rate(schedules.warmup_cosine(0.1, 2, total)),
                         optim.freeze_after(3, lambda p: {"conv": False, "bias": True, "head": False}))
     return optim.lookahead(inner, 2, lambda c: 0.9 * (c / total) ** 3, total_steps=total)
 

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from fnclass.config import load_config
-from fnclass.train import train_and_evaluate
+from fnclass.training import train
 
 QUICK = ["train.log_every_steps=1", "data.test_limit=500", "train.tta=false"]
 
@@ -31,8 +31,7 @@ FAST_RUNS = [["model.name=tiny", "train.compile=false", "data.train_limit=4000",
 
 
 def _step_losses(config_path, overrides, cifar_dir, tmp_path):
-    summary = train_and_evaluate(load_config(config_path, overrides + QUICK), tmp_path / "run",
-                                 data_dir=str(cifar_dir))
+    summary = train(load_config(config_path, overrides + QUICK), tmp_path / "run", data_dir=str(cifar_dir)).summary
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["kind"] == "step"], summary
 
@@ -77,7 +76,7 @@ def test_a_batch_larger_than_the_subset_is_a_one_line_config_error(cifar_dir, tm
 
 def test_a_run_shorter_than_its_warm_up_keeps_the_slope_and_comes_back_down():
     from fnclass.config import OptimConfig
-    from fnclass.train import create_schedule
+    from fnclass.recipe import create_schedule
 
     config = OptimConfig(name="sgd", lr=0.3, schedule="one_cycle", warmup_epochs=2.0, final_lr_fraction=0.02)
     full = create_schedule(config, 8, 11)  # 16 warm-up steps of 88: the shipped shape

@@ -1,56 +1,17 @@
-"""The ``fnclass`` command line: a thin click shell over the library, rendered with rich."""
+"""The ``fnclass`` command line: a thin click shell over the library, rendered with rich.
+
+Command modules import the library (and so torch) inside their functions: ``fnclass --help`` and shell
+completion stay fast.
+"""
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
 
-from fnclass.config import ConfigError
-from fnclass.data import DataError
-
-
-class UsageProblem(click.ClickException):
-    """A bad input reported as one line on stderr with exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-def one_line_errors(command):
-    """Turn the library's input errors into one-line messages with exit code 2 (no traceback)."""
-    from fnclass.checkpoint import CheckpointError
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (ConfigError, DataError, CheckpointError) as error:
-            raise UsageProblem(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
-    return wrapper
-
-
-class OneLineGroup(click.Group):
-    """A click group whose usage errors (bad flags, missing arguments) are one line and exit with code 2."""
-
-    def main(self, *args, **kwargs):
-        kwargs.pop("standalone_mode", None)
-        try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
-        except click.UsageError as error:
-            where = error.ctx.command_path if error.ctx else "fnclass"
-            click.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
-            raise SystemExit(2) from None
-        except click.ClickException as error:
-            error.show()
-            raise SystemExit(error.exit_code) from None
-        except click.Abort:
-            click.echo("aborted", err=True)
-            raise SystemExit(1) from None
-        raise SystemExit(result if isinstance(result, int) else 0)
+from fnclass.cli import config, data, export, grads, train
+from fnclass.cli.errors import OneLineGroup
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -60,24 +21,15 @@ def main() -> None:
 
     \b
     Example:
-      fnclass train --config configs/cpu.toml --data-dir ../shared/data/cifar10
+      fnclass train --config cpu --data-dir ../shared/data/cifar10
+    Shell completion (bash; zsh and fish alike):
+      eval "$(_FNCLASS_COMPLETE=bash_source fnclass)"
     """
 
 
-def _register() -> None:
-    """Attach the sub-commands (imported here so `fnclass --help` stays fast)."""
-    from fnclass.cli import data, export, grads, train
-
-    main.add_command(train.train)
-    main.add_command(train.evaluate)
-    main.add_command(train.info)
-    main.add_command(data.data)
-    main.add_command(grads.grads)
-    main.add_command(export.export)
-    main.add_command(export.predict_command)
-
-
-_register()
+for _command in (train.train, train.evaluate, train.info, config.config, data.data, grads.grads, export.export,
+                 export.predict_command):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,8 +10,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fnclass.cli import one_line_errors
-from fnclass.data import DEFAULT_TEST_FRACTION, dataset_info, prepare
+from fnclass.cli import options
+from fnclass.cli.errors import one_line_errors
+
+DEFAULT_TEST_FRACTION = 0.2  # fnclass.data.DEFAULT_TEST_FRACTION (a test checks they agree); kept here for --help
 
 
 @click.group()
@@ -34,7 +36,7 @@ def data() -> None:
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of each class held out for test, for image folders without train/ and test/ "
                    f"(every 5th sorted file at 0.2).  [default: {DEFAULT_TEST_FRACTION}]")
-@click.option("--no-download", is_flag=True, help="cifar10/cifar100: fail instead of downloading.")
+@options.no_download
 @one_line_errors
 def prepare_command(source: str, out_dir: Path, size: int | None, test_fraction: float | None,
                     no_download: bool) -> None:
@@ -49,13 +51,15 @@ def prepare_command(source: str, out_dir: Path, size: int | None, test_fraction:
       fnclass data prepare cifar10 --out ~/.cache/fnclass/cifar10
       fnclass data prepare ./flowers --out data/flowers --size 32 --test-fraction 0.2
     """
+    from fnclass.data import prepare
+
     folder = prepare(source, out_dir, size=size, test_fraction=test_fraction, download=not no_download)
     click.echo(f"wrote {folder} (see `fnclass data info {folder}`)")
 
 
 @data.command("info")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@options.as_json("the facts")
 @one_line_errors
 def info_command(folder: Path, as_json: bool) -> None:
     """Show class counts, mean/std, image shape and checksums.
@@ -65,6 +69,8 @@ def info_command(folder: Path, as_json: bool) -> None:
       fnclass data info ../shared/data/cifar10
       fnclass data info ../shared/data/cifar10 --json
     """
+    from fnclass.data import dataset_info
+
     summary = dataset_info(folder)
     if as_json:
         click.echo(json.dumps(summary, indent=2))

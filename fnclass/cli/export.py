@@ -9,8 +9,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from fnclass.cli import UsageProblem, one_line_errors
-from fnclass.export import DTYPES, FORMATS, export_checkpoint, predict
+from fnclass.cli import options
+from fnclass.cli.errors import UsageProblem, one_line_errors
+
+# fnclass.export's FORMATS and DTYPES, named here so that --help does not import torch (a test checks they agree).
+FORMATS = ("safetensors", "pt2", "onnx")
+DTYPES = ("float32", "bfloat16", "float16")
 
 SUFFIXES = {"safetensors": ".inference.safetensors", "pt2": ".pt2", "onnx": ".onnx"}
 
@@ -23,7 +27,7 @@ SUFFIXES = {"safetensors": ".inference.safetensors", "pt2": ".pt2", "onnx": ".on
               help="Dtype of the weights and of the program's arithmetic (logits are always float32).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="File to write [default: beside CHECKPOINT, named <stem>.inference.safetensors, .pt2 or .onnx].")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@options.as_json("the summary")
 @one_line_errors
 def export(checkpoint, format_, dtype, out, as_json):
     """Export a checkpoint for inference: pure data or a program that runs without fnclass.
@@ -33,6 +37,8 @@ def export(checkpoint, format_, dtype, out, as_json):
       fnclass export runs/cpu/checkpoints/best.safetensors --format pt2 --out model.pt2
       fnclass export runs/cpu/checkpoints/best.safetensors --format onnx --dtype float16 --out model.onnx
     """
+    from fnclass.export import export_checkpoint
+
     out = out if out is not None else checkpoint.with_name(checkpoint.stem + SUFFIXES[format_])
     if out.is_dir():
         raise UsageProblem(f"--out {out}: is a folder; give a file name such as {out / ('model' + SUFFIXES[format_])}")
@@ -65,7 +71,7 @@ def export(checkpoint, format_, dtype, out, as_json):
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
 @click.option("--trust-program", is_flag=True,
               help="Allow a pt2 MODEL: loading a torch.export program runs code stored in it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as one JSON object.")
+@options.as_json("the predictions")
 @one_line_errors
 def predict_command(model, images, top, trust_program, as_json):
     """Classify PNG/JPEG images with a checkpoint or any exported model file.
@@ -77,6 +83,8 @@ def predict_command(model, images, top, trust_program, as_json):
       fnclass predict model.onnx cat.png ship.jpg --top 3
       fnclass predict model.pt2 cat.png --trust-program
     """
+    from fnclass.export import predict
+
     result = predict(model, images, top=top, trust_program=trust_program)
     if as_json:
         click.echo(json.dumps(result))

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fnclass.analysis import analyze_checkpoint
-from fnclass.cli import UsageProblem, one_line_errors
+from fnclass.cli import options
+from fnclass.cli.errors import UsageProblem, one_line_errors
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
@@ -39,7 +39,7 @@ def _parse_chunk(text: str) -> int | str:
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (else $FNCLASS_DATA, then the cache).")
+@options.data_dir
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
 @click.option("--limit", type=click.IntRange(min=2), help="Analyse only the first N examples of the split.")
 @click.option("--chunk-size", default="auto", show_default=True, help="Examples per vmap call: auto or K.")
@@ -48,9 +48,9 @@ def _parse_chunk(text: str) -> int | str:
 @click.option("--top", type=click.IntRange(min=1), default=64, show_default=True,
               help="How many highest-norm examples to show in top_examples.png.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grads"), show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@options.device
+@options.no_download
+@options.as_json("the report")
 @one_line_errors
 def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, out, device, no_download, as_json):
     """Per-example gradients of a checkpoint: noise scale, layer shares, hardest examples.
@@ -59,6 +59,8 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, out, 
     Example:
       fnclass grads runs/cpu/checkpoints/best.safetensors --limit 5000 --out grads/cpu
     """
+    from fnclass.analysis import analyze_checkpoint
+
     console = Console(stderr=as_json)
     with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal or as_json) as bar:

@@ -8,27 +8,15 @@ import time
 from pathlib import Path
 
 import click
-import torch
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fnclass.checkpoint import load_checkpoint
-from fnclass.cli import UsageProblem, one_line_errors
+from fnclass.cli import options
+from fnclass.cli.errors import Diverged, UsageProblem, one_line_errors
 from fnclass.config import config_to_dict, load_config
-from fnclass.data import file_sha256, load_split, resolve_data_dir
-from fnclass.train import (
-    Reporter,
-    TrainingInterrupted,
-    evaluate_dataset,
-    make_eval_step,
-    pick_device,
-    train_and_evaluate,
-)
-from fnclass.tree import num_params, tree_to
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 COLUMNS = [("epoch", 5, "{:d}"), ("train loss", 10, "{:.4f}"), ("train acc", 9, "{:.2%}"),
            ("test loss", 9, "{:.4f}"), ("test acc", 8, "{:.2%}"), ("lr", 9, "{:.2e}"), ("seconds", 7, "{:.1f}")]
 
@@ -38,8 +26,8 @@ def _row(values) -> str:
     return "  ".join(str(v).rjust(width) for v, (_, width, _) in zip(values, COLUMNS))
 
 
-class RichReporter(Reporter):
-    """Progress bar while an epoch runs, a table row per epoch, a summary panel at the end."""
+class RichReporter:
+    """Progress bar while an epoch runs, a table row per epoch, a summary panel at the end (a run's Reporter)."""
 
     def __init__(self, console: Console, *, mode: str):
         self.console, self.mode = console, mode
@@ -126,11 +114,13 @@ def _per_class_table(per_class: dict) -> Table:
     return table
 
 
-def _default_config_path(device: str) -> tuple[Path, str]:
-    """fast.toml on a GPU, cpu.toml on the CPU, and the sentence that says so."""
+def _default_config(device: str) -> tuple[str, str]:
+    """The shipped fast config on a GPU, cpu on the CPU, and the sentence that says so."""
+    import torch
+
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    path = CONFIG_DIR / ("fast.toml" if on_gpu else "cpu.toml")
-    return path, f"no --config given: using {path} ({'GPU' if on_gpu else 'CPU'})"
+    name = "fast" if on_gpu else "cpu"
+    return name, f"no --config given: using the shipped {name} config ({'GPU' if on_gpu else 'CPU'})"
 
 
 def _differences(given, recorded) -> list[str]:
@@ -149,10 +139,12 @@ def _resume_config(run_dir: Path, config_path, overrides, out):
                            "give the directory of a run that has saved a checkpoint")
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise UsageProblem(f"--out {out} differs from --resume {run_dir}: a resumed run continues in its own folder")
+    from fnclass.models import resolve_config
+
     recorded = load_config(recorded_path)
     if config_path is not None or overrides:
-        given = load_config(config_path if config_path is not None else recorded_path, overrides).resolved()
-        differences = _differences(given, recorded.resolved())
+        given = resolve_config(load_config(config_path if config_path is not None else recorded_path, overrides))
+        differences = _differences(given, resolve_config(recorded))
         if differences:
             raise UsageProblem(f"--resume {run_dir}: {differences[0]}; drop that option to continue the run as it was"
                                " (or start a new run with --out)")
@@ -160,28 +152,28 @@ def _resume_config(run_dir: Path, config_path, overrides, out):
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML config (default: configs/fast.toml on a GPU, configs/cpu.toml on the CPU).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, e.g. optim.lr=3e-4.")
+@options.config_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default runs/NAME-TIME).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@options.device
 @click.option("--seed", type=click.IntRange(min=0), help="Shorthand for --set train.seed=N.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (else $FNCLASS_DATA, then the cache).")
-@click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
+@options.data_dir
+@options.no_download
 @click.option("--grad-stats-every", type=click.IntRange(min=1),
               help="Shorthand for --set train.grad_stats_every=N: log the gradient noise scale every N steps.")
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print only the summary, as one JSON object.")
+@options.as_json("only the summary")
 @one_line_errors
 def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, grad_stats_every, quiet, as_json):
     """Train a model on CIFAR and write a run directory.
 
     \b
     Example:
-      fnclass train --config configs/cpu.toml --data-dir ../shared/data/cifar10 --out runs/cpu
+      fnclass train --config cpu --data-dir ../shared/data/cifar10 --out runs/cpu
     """
+    from fnclass.training import TrainingDiverged, TrainingInterrupted
+    from fnclass.training import train as run_training
+
     console = Console(stderr=as_json)
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
     overrides += [f"train.grad_stats_every={grad_stats_every}"] if grad_stats_every is not None else []
@@ -190,18 +182,24 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
         workdir = resume
     else:
         if config_path is None:
-            config_path, note = _default_config_path(device)
+            config_path, note = _default_config(device)
             if not (quiet or as_json):
                 console.print(note, highlight=False)
-        config = load_config(config_path, overrides)
+        from fnclass.models import resolve_config
+
+        config = resolve_config(load_config(config_path, overrides), source=config_path)
         workdir = out or Path("runs") / f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (workdir / "checkpoints" / "last.safetensors").exists():
             raise UsageProblem(f"--out {workdir} already holds a run: continue it with --resume {workdir} "
                                "or choose another --out")
     reporter = RichReporter(console, mode="json" if as_json else "quiet" if quiet else "normal")
     try:
-        train_and_evaluate(config, workdir, data_dir=data_dir, device=device, download=not no_download,
-                           resume=resume is not None, reporter=reporter)
+        run_training(config, workdir, data_dir=data_dir, device=device, download=not no_download,
+                     resume=resume is not None, reporter=reporter)
+    except TrainingDiverged as error:
+        if reporter.progress is not None:
+            reporter.progress.stop()
+        raise Diverged(str(error)) from None
     except TrainingInterrupted as stop:
         if reporter.progress is not None:
             reporter.progress.stop()
@@ -214,12 +212,12 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--tta", is_flag=True, help="Also report test-time-augmented accuracy (flips, plus one-pixel "
               "translations when the checkpoint's config sets train.tta_translate).")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (else $FNCLASS_DATA, then the cache).")
+@options.data_dir
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of the split.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@options.device
+@options.no_download
+@options.as_json("the result")
 @one_line_errors
 def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_json):
     """Evaluate a checkpoint on a data split.
@@ -228,6 +226,13 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
     Example:
       fnclass eval runs/cpu/checkpoints/best.safetensors --tta --data-dir ../shared/data/cifar10
     """
+    from fnclass.checkpoint import load_checkpoint
+    from fnclass.data import load_split, resolve_data_dir
+    from fnclass.evaluate import evaluate_dataset
+    from fnclass.io import pick_device
+    from fnclass.step import make_eval_step
+    from fnclass.tree import tree_to
+
     ckpt = load_checkpoint(checkpoint)
     dev = pick_device(device)
     folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
@@ -256,7 +261,7 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
+@options.as_json("the facts")
 @one_line_errors
 def info(checkpoint, as_json):
     """Show what a checkpoint holds (model, step, classes, normalisation).
@@ -265,6 +270,10 @@ def info(checkpoint, as_json):
     Example:
       fnclass info runs/cpu/checkpoints/last.safetensors
     """
+    from fnclass.checkpoint import load_checkpoint
+    from fnclass.data import file_sha256
+    from fnclass.tree import num_params
+
     ckpt = load_checkpoint(checkpoint)
     facts = {"file": str(checkpoint), "sha256": file_sha256(checkpoint), "bytes": Path(checkpoint).stat().st_size,
              "model": ckpt.config.model.name, "num_params": num_params(ckpt.params), "step": ckpt.step,

@@ -1,67 +1,75 @@
-"""Models as ``Model(init, apply)`` pairs, built from a :class:`fnclass.config.ModelConfig`."""
+"""Models as ``Model(init, apply, param_labels, data_init)``, built from a :class:`fnclass.config.ModelConfig`.
+
+Each model is one module with ``DEFAULTS`` (the shape its config fields take when left out), ``build(config)``
+and, if it has keys of its own to check, ``validate(config)``; adding a model is a new module and a line in
+:data:`MODELS`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+import dataclasses
 
-from fnclass import layers, random
-from fnclass.config import ModelConfig
+from fnclass.config import Config, ConfigError, ModelConfig
+from fnclass.models import fast, resnet_attn, tiny
+from fnclass.models.model import LABELS, Model
+
+MODELS = {"resnet_attn": resnet_attn, "fast": fast, "tiny": tiny}
 
 
-class Model(NamedTuple):
-    """A model as two pure functions.
+def resolve(config: ModelConfig) -> ModelConfig:
+    """A copy of ``config`` with the named model's defaults filled in, checked against that model.
 
-    ``init(key) -> (params, state)`` builds the parameter tree and the model state (BatchNorm running
-    statistics) from a key. ``apply(params, state, images, *, train, key=None) -> (logits, new_state)``
-    maps a float NCHW batch to logits; ``key`` drives dropout when training.
+    Raises:
+      ConfigError: for an unknown name or a shape the model cannot take (one line naming the key).
     """
+    if config.name not in MODELS:
+        raise ConfigError(f"model.name = {config.name!r} is not allowed: expected one of {', '.join(MODELS)}")
+    module = MODELS[config.name]
+    config = dataclasses.replace(config, **{k: v for k, v in module.DEFAULTS.items() if getattr(config, k) is None})
+    if hasattr(module, "validate"):
+        module.validate(config)
+    _validate_shape(config)
+    return config
 
-    init: Callable
-    apply: Callable
+
+def resolve_config(config: Config, source: str | None = None) -> Config:
+    """A whole run config with its model section resolved (see :func:`resolve`); errors name ``source``."""
+    try:
+        return dataclasses.replace(config, model=resolve(config.model))
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}" if source else str(error)) from None
 
 
 def build_model(config: ModelConfig) -> Model:
-    """Build the model that ``config.name`` names (``resnet_attn``, ``fast`` or ``tiny``).
+    """Build the model that ``config.name`` names.
 
     Args:
-      config: the model section of a run's config; ``config.resolved()`` fills per-model defaults.
+      config: the model section of a run's config; defaults are filled in with :func:`resolve`.
 
     Returns:
-      The model's ``Model(init, apply)``.
+      The model's ``Model(init, apply, param_labels, data_init)``.
     """
-    from fnclass.models import fast, resnet_attn
-
-    config = config.resolved()
-    builders = {"resnet_attn": resnet_attn.build, "fast": fast.build, "tiny": fast.build}
-    return builders[config.name](config)
+    config = resolve(config)
+    return MODELS[config.name].build(config)
 
 
-def attention_init(key, config: ModelConfig) -> list[dict]:
-    """Parameters of every self-attention block: ``attn_layers`` after each stage in ``attn_after``."""
-    sites = _attention_sites(config)
-    keys = random.split(key, max(len(sites), 1))
-    return [layers.spatial_attention_init(keys[j], config.widths[stage]) for j, stage in enumerate(sites)]
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}")
 
 
-def refine(attn_params: list[dict], x, stage: int, config: ModelConfig):
-    """Apply the self-attention blocks placed after ``stage`` to the feature map ``x``."""
-    for j, site in enumerate(_attention_sites(config)):
-        if site == stage:
-            x = layers.spatial_attention(attn_params[j], x, heads=config.attn_heads, impl=config.attn_impl)
-    return x
+def _validate_shape(cfg: ModelConfig) -> None:
+    """The checks every model's shape must pass once its defaults are filled in."""
+    _check(len(cfg.widths) >= 1 and all(1 <= w <= 65536 for w in cfg.widths), "model.widths", cfg.widths,
+           "a non-empty list of integers in 1..65536")
+    _check(all(0 <= s < len(cfg.widths) for s in cfg.attn_after), "model.attn_after", cfg.attn_after,
+           f"stage indices in 0..{len(cfg.widths) - 1}")
+    _check(list(cfg.attn_after) == sorted(set(cfg.attn_after)), "model.attn_after", cfg.attn_after,
+           "distinct stage indices in increasing order")
+    _check(cfg.attn_layers >= 0, "model.attn_layers", cfg.attn_layers, "an integer >= 0")
+    for stage in cfg.attn_after:
+        _check(cfg.attn_heads >= 1 and cfg.widths[stage] % cfg.attn_heads == 0, "model.attn_heads",
+               cfg.attn_heads, f"a divisor of the attended stage's width {cfg.widths[stage]}")
 
 
-def classify(head_params: dict, features, config: ModelConfig, *, train: bool, key=None):
-    """The classifier head: dropout (when training and configured) then a linear layer."""
-    if config.dropout > 0.0 and train:
-        features = layers.dropout(key, features, config.dropout, train=train)
-    return layers.linear(head_params, features)
-
-
-def _attention_sites(config: ModelConfig) -> list[int]:
-    """The stage after which each attention block sits, in order."""
-    return [stage for stage in config.attn_after for _ in range(config.attn_layers)]
-
-
-__all__ = ["Model", "attention_init", "build_model", "classify", "refine"]
+__all__ = ["LABELS", "MODELS", "Model", "build_model", "resolve", "resolve_config"]

@@ -18,7 +18,20 @@ import torch
 
 from fnclass import layers, random
 from fnclass.config import ModelConfig
-from fnclass.models import Model, attention_init, classify, refine
+from fnclass.models.blocks import (
+    attention_init,
+    attention_labels,
+    classify,
+    conv_bn_labels,
+    head_labels,
+    refine,
+)
+from fnclass.models.model import WHITENING_BIAS, Model
+
+# airbench94's widths with one attention layer on the 4x4 map.
+DEFAULTS = dict(widths=(64, 256, 256), depths=(1, 1, 1), attn_after=(2,), attn_layers=1, attn_heads=4, stem_width=32)
+WHITENING_EXAMPLES = 5000  # airbench fits its whitening layer to the first 5,000 training images, unaugmented
+
 
 
 def _conv_bn_init(key, in_channels, out_channels, *, dirac=False):
@@ -86,7 +99,19 @@ def build(config: ModelConfig):
         logits = classify(params["head"], layers.global_max_pool(x), config, train=train, key=key)
         return logits, new_state
 
-    return Model(init, apply)
+    def param_labels(params):
+        labels = {"blocks": [{name: conv_bn_labels(p) for name, p in block.items()} for block in params["blocks"]],
+                  "attn": attention_labels(params["attn"]), "head": head_labels(params["head"])}
+        if config.whiten:
+            labels["whiten"] = {"bias": WHITENING_BIAS}
+        else:
+            labels["stem"] = conv_bn_labels(params["stem"])
+        return labels
+
+    def data_init(state, images):
+        return fit_whitening(state, images[:WHITENING_EXAMPLES], config)
+
+    return Model(init, apply, param_labels, data_init if config.whiten else None)
 
 
 def fit_whitening(state: dict, images: torch.Tensor, config: ModelConfig) -> dict:

@@ -9,8 +9,32 @@ blocks over the spatial positions. The head is global average pooling, dropout a
 from __future__ import annotations
 
 from fnclass import layers, random
-from fnclass.config import ModelConfig
-from fnclass.models import Model, attention_init, classify, refine
+from fnclass.config import ConfigError, ModelConfig
+from fnclass.models.blocks import (
+    attention_init,
+    attention_labels,
+    batch_norm_labels,
+    classify,
+    conv_bn_labels,
+    conv_labels,
+    head_labels,
+    refine,
+)
+from fnclass.models.model import Model
+
+# The paper's ResNet-18 widths and depths, with two attention layers on the 4x4 map.
+DEFAULTS = dict(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), attn_after=(3,), attn_layers=2, attn_heads=8,
+                stem_width=64)
+
+
+def validate(config: ModelConfig) -> None:
+    """Checks of this model's own keys."""
+    if len(config.depths) != len(config.widths) or not all(d >= 1 for d in config.depths):
+        raise ConfigError(f"model.depths = {config.depths!r} is not allowed: expected {len(config.widths)} positive "
+                          "integers, one per entry of model.widths")
+    if config.whiten:
+        raise ConfigError("model.whiten = True is not allowed: expected false for resnet_attn (the whitening stem "
+                          "belongs to fast and tiny)")
 
 
 def _conv_bn_init(key, in_channels, out_channels, kernel_size):
@@ -86,4 +110,18 @@ def build(config: ModelConfig):
         logits = classify(params["head"], layers.global_avg_pool(x), config, train=train, key=key)
         return logits, new_state
 
-    return Model(init, apply)
+    def param_labels(params):
+        return {"stem": conv_bn_labels(params["stem"]),
+                "stages": [{"blocks": [_block_labels(b) for b in stage["blocks"]]} for stage in params["stages"]],
+                "attn": attention_labels(params["attn"]), "head": head_labels(params["head"])}
+
+    return Model(init, apply, param_labels)
+
+
+def _block_labels(params: dict) -> dict:
+    """Labels of a basic block's parameters."""
+    labels = {"conv1": conv_labels(params["conv1"]), "conv2": conv_labels(params["conv2"]),
+              "bn1": batch_norm_labels(), "bn2": batch_norm_labels()}
+    if "shortcut" in params:
+        labels["shortcut"] = conv_bn_labels(params["shortcut"])
+    return labels

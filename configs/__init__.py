@@ -1,0 +1,1 @@
+"""The shipped run configs (TOML), installed as package data of ``fnclass.configs``."""

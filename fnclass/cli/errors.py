@@ -1,0 +1,55 @@
+"""One-line errors: bad input is one line on stderr starting ``error:``, with exit code 2 (3: training diverged)."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from fnclass.errors import InputError
+
+
+class UsageProblem(click.ClickException):
+    """A bad input reported as one line on stderr with exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class Diverged(UsageProblem):
+    """Training diverged: one line, exit code 3 (not bad input: the recipe needs changing)."""
+
+    exit_code = 3
+
+
+def one_line_errors(command):
+    """Turn the library's input errors into one-line messages with exit code 2 (no traceback)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            raise UsageProblem(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    return wrapper
+
+
+class OneLineGroup(click.Group):
+    """A click group whose usage errors (bad flags, missing arguments) are one line and exit with code 2."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            where = error.ctx.command_path if error.ctx else "fnclass"
+            click.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
+            raise SystemExit(2) from None
+        except click.ClickException as error:
+            error.show()
+            raise SystemExit(error.exit_code) from None
+        except click.Abort:
+            click.echo("aborted", err=True)
+            raise SystemExit(1) from None
+        raise SystemExit(result if isinstance(result, int) else 0)

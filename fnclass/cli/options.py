@@ -1,0 +1,27 @@
+"""Options several commands share, defined once (click decorators)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+device = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                      help="auto: CUDA when available, else the CPU.")
+data_dir = click.option("--data-dir", type=click.Path(path_type=Path),
+                        help="Data folder (else $FNCLASS_DATA, then the cache).")
+no_download = click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
+
+
+def as_json(what: str):
+    """``--json``: print ``what`` as one JSON object."""
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as one JSON object.")
+
+
+def config_options(command):
+    """``--config`` and ``--set``: a shipped config by name or a TOML file, and overrides."""
+    command = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="Override a config key, e.g. optim.lr=3e-4 (repeatable; the value is TOML).")(command)
+    return click.option("--config", "config_path", metavar="NAME|FILE",
+                        help="A shipped config by name (cpu, fast, fast95, seed) or a TOML file (default: fast on "
+                             "a GPU, cpu on the CPU).")(command)

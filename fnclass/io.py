@@ -1,0 +1,92 @@
+"""The smallest effects: atomic file writes, JSON, PNG figures, and device selection and synchronisation.
+
+Every file fnclass writes goes through :func:`write_atomic` (or :func:`write_temp` plus ``os.replace`` for a
+set of files): a temporary file beside the target, fsynced, then renamed, so an existing file is never left
+half-written. Files get the umask's permissions, like any file a user's program writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from fnclass.config import ConfigError
+
+
+def write_temp(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write ``payload`` (bytes, or a function writing to a binary handle) to a fresh hidden file beside ``path``.
+
+    Returns:
+      The temporary file's path; the caller renames it into place (``os.replace``) or removes it.
+    """
+    path = Path(path)
+    temp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        # open(..., "xb") rather than tempfile.mkstemp: the file gets the umask's permissions, not 0600.
+        with open(temp, "xb") as handle:
+            if callable(payload):
+                payload(handle)
+            else:
+                handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def write_atomic(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = write_temp(path, payload)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write a JSON file atomically (numbers that are not plain floats, such as tensors' items, as floats)."""
+    write_atomic(path, (json.dumps(payload, indent=2, default=float) + "\n").encode())
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a clock read after it then includes that work); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of the device (the GPU's model on CUDA)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"

@@ -1,0 +1,60 @@
+"""Pieces the models share: the self-attention refinement, the classifier head, conv + BatchNorm labels."""
+
+from __future__ import annotations
+
+from fnclass import layers, random
+from fnclass.config import ModelConfig
+from fnclass.models.model import BATCH_NORM_BIASES, BIASES, HEAD_BIASES, HEAD_WEIGHTS, NORM_SCALES, WEIGHTS
+
+
+def attention_init(key, config: ModelConfig) -> list[dict]:
+    """Parameters of every self-attention block: ``attn_layers`` after each stage in ``attn_after``."""
+    sites = _attention_sites(config)
+    keys = random.split(key, max(len(sites), 1))
+    return [layers.spatial_attention_init(keys[j], config.widths[stage]) for j, stage in enumerate(sites)]
+
+
+def refine(attn_params: list[dict], x, stage: int, config: ModelConfig):
+    """Apply the self-attention blocks placed after ``stage`` to the feature map ``x``."""
+    for j, site in enumerate(_attention_sites(config)):
+        if site == stage:
+            x = layers.spatial_attention(attn_params[j], x, heads=config.attn_heads, impl=config.attn_impl)
+    return x
+
+
+def classify(head_params: dict, features, config: ModelConfig, *, train: bool, key=None):
+    """The classifier head: dropout (when training and configured) then a linear layer."""
+    if config.dropout > 0.0 and train:
+        features = layers.dropout(key, features, config.dropout, train=train)
+    return layers.linear(head_params, features)
+
+
+def _attention_sites(config: ModelConfig) -> list[int]:
+    """The stage after which each attention block sits, in order."""
+    return [stage for stage in config.attn_after for _ in range(config.attn_layers)]
+
+
+def conv_labels(params: dict) -> dict:
+    """Labels of a convolution's (or dense layer's) ``weight`` and optional ``bias``."""
+    return {name: WEIGHTS if name == "weight" else BIASES for name in params}
+
+
+def batch_norm_labels() -> dict:
+    """Labels of a BatchNorm's ``scale`` and ``bias``."""
+    return {"scale": NORM_SCALES, "bias": BATCH_NORM_BIASES}
+
+
+def conv_bn_labels(params: dict) -> dict:
+    """Labels of a ``{"conv", "bn"}`` pair."""
+    return {"conv": conv_labels(params["conv"]), "bn": batch_norm_labels()}
+
+
+def attention_labels(attn_params: list[dict]) -> list[dict]:
+    """Labels of the self-attention blocks: LayerNorm scale and bias, projection matrices and biases."""
+    return [{"norm": {"scale": NORM_SCALES, "bias": BIASES}, "qkv": conv_labels(p["qkv"]),
+             "proj": conv_labels(p["proj"])} for p in attn_params]
+
+
+def head_labels(params: dict) -> dict:
+    """Labels of the classifier head."""
+    return {name: HEAD_WEIGHTS if name == "weight" else HEAD_BIASES for name in params}

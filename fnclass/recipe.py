@@ -1,0 +1,105 @@
+"""The recipe: what a run config says to build — the model, the loss, the learning-rate schedule and the optimizer.
+
+The optimizer is assembled from the model's parameter-group labels (:data:`fnclass.models.LABELS`) with
+Optax-style transforms; nothing here looks at parameter paths or knows a particular model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from fnclass import optim, schedules, tree
+from fnclass.config import Config, OptimConfig
+from fnclass.losses import cross_entropy
+from fnclass.models import LABELS, Model, build_model
+from fnclass.models.model import (
+    BATCH_NORM_BIASES,
+    HEAD_BIASES,
+    HEAD_WEIGHTS,
+    WEIGHTS,
+    WHITENING_BIAS,
+)
+
+DECAYED = (WEIGHTS, HEAD_WEIGHTS)  # weight decay: matrices and filters, never scales or biases
+ORTHOGONALIZED = (WEIGHTS,)  # Muon: filters and attention matrices, not the head
+
+
+def create_model(config: Config) -> Model:
+    """The model a run config names."""
+    return build_model(config.model)
+
+
+def create_loss(config: Config) -> Callable:
+    """``loss_fn(logits, labels) -> 0-d tensor``: the mean cross-entropy with the config's label smoothing."""
+    return functools.partial(cross_entropy, label_smoothing=config.train.label_smoothing)
+
+
+def create_schedule(config: OptimConfig, steps_per_epoch: int, epochs: int) -> schedules.Schedule:
+    """The learning-rate schedule an :class:`OptimConfig` describes, over ``steps_per_epoch * epochs`` steps.
+
+    ``warmup_cosine`` rises linearly from 0 over the warm-up and follows a cosine down to
+    ``lr * final_lr_fraction``; ``one_cycle`` is triangular, from and back to ``lr * final_lr_fraction``.
+    A run shorter than twice its warm-up keeps the warm-up's slope and peaks at its midpoint, at the learning
+    rate the warm-up reaches there, so it still comes back down and never climbs faster than the full run.
+    """
+    total = steps_per_epoch * epochs
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    low = config.lr * config.final_lr_fraction
+    start = 0.0 if config.schedule == "warmup_cosine" else low
+    peak = config.lr
+    if warmup > total // 2:
+        warmup, peak = total // 2, start + (config.lr - start) * (total // 2) / warmup
+    if config.schedule == "constant":
+        return schedules.constant_schedule(config.lr)
+    if config.schedule == "warmup_cosine":
+        return schedules.warmup_cosine(peak, warmup, total, end_value=min(low, peak))
+    return schedules.piecewise_linear([0, warmup, total], [low, peak, low])
+
+
+def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoch: int,
+                     epochs: int) -> optim.Transform:
+    """The optimizer an :class:`OptimConfig` describes, with its schedule (see :func:`create_schedule`).
+
+    Decoupled weight decay applies to weights (filters, matrices, the head's weight), not to norm scales or
+    biases. ``muon`` orthogonalises the (Nesterov momentum) updates of the ``weights`` group; ``bias_lr_scale``
+    and ``head_lr_scale`` multiply the learning rate of BatchNorm/whitening biases and of the head;
+    ``whiten_bias_epochs`` freezes the whitening bias after that many epochs; ``lookahead_every`` wraps
+    everything in Lookahead, whose slow-weight decay ramps up as the cube of progress and ends at 1, so the run
+    ends on the slow weights.
+
+    Args:
+      config: the optimizer section.
+      param_labels: the model's ``param_labels``.
+      steps_per_epoch: optimizer steps per epoch.
+      epochs: epochs of the run.
+    """
+    total = steps_per_epoch * epochs
+    schedule = create_schedule(config, steps_per_epoch, epochs)
+    in_group = lambda groups: lambda params: tree.tree_map(lambda label: label in groups, param_labels(params))
+    parts = [optim.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+    if config.name in ("adam", "adamw"):
+        parts.append(optim.scale_by_adam(config.b1, config.b2, config.eps))
+    elif config.momentum:
+        parts.append(optim.trace(config.momentum, config.nesterov))
+    if config.muon:
+        parts.append(optim.orthogonalize(mask=in_group(ORTHOGONALIZED)))
+    if config.weight_decay:
+        parts.append(optim.add_decayed_weights(config.weight_decay, in_group(DECAYED)))
+    parts.append(optim.scale_by_learning_rate(schedule))
+    if config.bias_lr_scale != 1.0 or config.head_lr_scale != 1.0:
+        factors = {HEAD_WEIGHTS: config.head_lr_scale, HEAD_BIASES: config.head_lr_scale,
+                   BATCH_NORM_BIASES: config.bias_lr_scale, WHITENING_BIAS: config.bias_lr_scale}
+        parts.append(optim.multi_transform({label: optim.scale(factors[label]) if label in factors
+                                            else optim.identity() for label in LABELS}, param_labels))
+    if config.whiten_bias_epochs:
+        parts.append(optim.freeze_after(round(config.whiten_bias_epochs * steps_per_epoch),
+                                        in_group((WHITENING_BIAS,))))
+    optimizer = optim.chain(*parts)
+    if config.lookahead_every:
+        peak = config.lookahead_decay
+        decay = lambda count: torch.where(count >= total, 1.0, peak * (count / total) ** 3)
+        optimizer = optim.lookahead(optimizer, config.lookahead_every, decay, total)
+    return optimizer

@@ -1,0 +1,147 @@
+"""The run directory: every file a training run writes, and the reporter that shows its progress.
+
+``RunDirectory`` owns ``config.toml``, ``metrics.jsonl``, ``checkpoints/`` (``last``, ``best`` and the
+``checkpoint.keep`` most recent epoch ends), ``summary.json`` and ``plots/``. Every write of a run goes through
+it, so a run that must not write (another process of a data-parallel run) sets ``writes=False`` once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fnclass.checkpoint import restore_train_state, save_checkpoint
+from fnclass.config import Config, config_to_toml
+from fnclass.io import save_figure, write_atomic, write_json
+
+
+class Reporter:
+    """Receives a run's progress; the CLI renders it, the library itself prints nothing."""
+
+    def start(self, info: dict) -> None:
+        """Called once with the run's facts (device, sizes, steps, resumed step)."""
+
+    def step(self, info: dict) -> None:
+        """Called after every step with ``step``, ``epoch``, ``epoch_step``, ``steps_per_epoch``, ``lr``,
+        ``images_per_second`` and, on logging steps, ``loss``."""
+
+    def epoch(self, row: dict) -> None:
+        """Called after each epoch's evaluation with the metrics.jsonl row."""
+
+    def end(self, summary: dict) -> None:
+        """Called once with the summary.json contents."""
+
+
+class RunDirectory:
+    """The files of one training run in ``workdir``, and the reporter its progress goes to.
+
+    Args:
+      workdir: the run directory (created when the run starts).
+      config: the run's resolved config (written as config.toml, and into every checkpoint).
+      reporter: receives progress; a silent :class:`Reporter` by default.
+      writes: False to write nothing at all (the reporter is still called).
+    """
+
+    def __init__(self, workdir: str | Path, config: Config, *, reporter: Reporter | None = None, writes: bool = True):
+        self.path, self.config = Path(workdir), config
+        self.reporter, self.writes = reporter or Reporter(), writes
+        self.checkpoints, self.metrics_path = self.path / "checkpoints", self.path / "metrics.jsonl"
+        self._meta: dict = {}
+
+    @property
+    def last(self) -> Path:
+        """The checkpoint a resumed run continues from."""
+        return self.checkpoints / "last.safetensors"
+
+    def restore(self, skeleton):
+        """The TrainState of ``last.safetensors``, shaped like ``skeleton``."""
+        return restore_train_state(self.last, skeleton)
+
+    def start(self, *, step: int, info: dict, classes, mean, std, input_size) -> None:
+        """Begin (``step == 0``) or continue a run: forget metrics logged after ``step``, write config.toml."""
+        self._meta = dict(config=self.config, classes=classes, mean=mean, std=std, input_size=input_size)
+        if self.writes:
+            if step:
+                self._truncate_metrics(step)
+            else:
+                self.metrics_path.unlink(missing_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path / "config.toml", config_to_toml(self.config).encode())
+        self.reporter.start({**info, "config": self.config, "workdir": str(self.path)})
+
+    def log(self, row: dict) -> None:
+        """Append one line to metrics.jsonl (flushed, so a crash loses at most the line being written)."""
+        if self.writes:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def step(self, info: dict) -> None:
+        """Report a step's progress."""
+        self.reporter.step(info)
+
+    def save(self, train_state) -> None:
+        """Write ``last.safetensors``."""
+        if self.writes:
+            save_checkpoint(self.last, train_state, **self._meta)
+
+    def end_epoch(self, row: dict, train_state, *, best: bool) -> None:
+        """Log an epoch's row, write ``last`` (and ``best`` when ``best``, and a kept copy), report the row."""
+        self.log(row)
+        self.save(train_state)
+        if self.writes and best and self.config.checkpoint.keep_best:
+            save_checkpoint(self.checkpoints / "best.safetensors", train_state, **self._meta)
+        if self.writes and self.config.checkpoint.keep:
+            save_checkpoint(self.checkpoints / f"step-{int(train_state.step):08d}.safetensors", train_state,
+                            **self._meta)
+            for old in sorted(self.checkpoints.glob("step-*.safetensors"))[:-self.config.checkpoint.keep]:
+                old.unlink()
+        self.reporter.epoch(row)
+
+    def best_accuracy(self) -> float | None:
+        """The best test accuracy logged in metrics.jsonl so far (for a resumed run)."""
+        accuracies = [r["test_accuracy"] for r in self._rows() if r.get("kind") == "epoch"]
+        return max(accuracies) if accuracies else None
+
+    def finish(self, summary: dict) -> None:
+        """Write summary.json and the curves, and report the summary."""
+        if self.writes:
+            write_json(self.path / "summary.json", summary)
+            self._plot_curves(self.path / "plots" / "curves.png")
+        self.reporter.end(summary)
+
+    def _rows(self) -> list[dict]:
+        """The rows of metrics.jsonl."""
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep only the metrics lines logged up to ``step`` (a resumed run replays the rest)."""
+        if self.metrics_path.is_file():
+            lines = self.metrics_path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+            write_atomic(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+
+    def _plot_curves(self, out_path: Path) -> None:
+        """Draw loss and accuracy per epoch from metrics.jsonl into a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self._rows() if r.get("kind") == "epoch"]
+        if not rows:
+            return
+        epochs = [r["epoch"] for r in rows]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+        ax_loss.plot(epochs, [r["test_loss"] for r in rows], label="test")
+        ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+        ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
+        ax_acc.plot(epochs, [r["test_accuracy"] for r in rows], label="test")
+        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        save_figure(fig, out_path)

@@ -1,0 +1,71 @@
+"""The run directory: which files a run writes, checkpoint retention, and writing nothing when told not to."""
+
+import json
+
+import fnclass
+from fnclass import optim
+from fnclass.config import load_config
+from fnclass.models import resolve_config
+from fnclass.run import Reporter, RunDirectory
+
+CONFIG = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "checkpoint.keep=2"]))
+META = dict(classes=[str(i) for i in range(10)], mean=(0.5,) * 3, std=(0.25,) * 3, input_size=(32, 32))
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.calls = []
+
+    def start(self, info):
+        self.calls.append("start")
+
+    def epoch(self, row):
+        self.calls.append(f"epoch {row['epoch']}")
+
+    def end(self, summary):
+        self.calls.append("end")
+
+
+def _epochs(run, n):
+    model = fnclass.build_model(CONFIG.model)
+    ts = fnclass.create_train_state(model, optim.sgd(0.1), fnclass.key(0))
+    run.start(step=0, info={}, **META)
+    for epoch in range(n):
+        ts = ts._replace(step=ts.step + 10)
+        row = {"kind": "epoch", "step": int(ts.step), "epoch": epoch + 1, "train_loss": 1.0, "test_loss": 1.0,
+               "train_accuracy": 0.5, "test_accuracy": [0.5, 0.7, 0.6, 0.65][epoch]}
+        run.end_epoch(row, ts, best=epoch in (0, 1))
+    run.finish({"done": True})
+    return ts
+
+
+def test_run_directory_writes_every_file_and_keeps_the_most_recent_checkpoints(tmp_path):
+    reporter = Recorder()
+    run = RunDirectory(tmp_path / "run", CONFIG, reporter=reporter)
+    _epochs(run, 4)
+    checkpoints = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert checkpoints == ["best.safetensors", "last.safetensors", "step-00000030.safetensors",
+                           "step-00000040.safetensors"]  # checkpoint.keep = 2
+    assert fnclass.load_checkpoint(tmp_path / "run/checkpoints/best.safetensors").step == 20  # epoch 2 was best
+    assert run.best_accuracy() == 0.7
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "run/summary.json").read_text()) == {"done": True}
+    assert load_config(tmp_path / "run/config.toml") == CONFIG
+    assert (tmp_path / "run/plots/curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert reporter.calls == ["start", "epoch 1", "epoch 2", "epoch 3", "epoch 4", "end"]
+
+
+def test_resume_forgets_metrics_logged_after_the_checkpoint(tmp_path):
+    run = RunDirectory(tmp_path / "run", CONFIG)
+    _epochs(run, 3)
+    RunDirectory(tmp_path / "run", CONFIG).start(step=20, info={}, **META)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20]
+
+
+def test_a_run_directory_told_not_to_write_writes_nothing_but_still_reports(tmp_path):
+    reporter = Recorder()
+    _epochs(RunDirectory(tmp_path / "run", CONFIG, reporter=reporter, writes=False), 2)
+    assert not (tmp_path / "run").exists()
+    assert reporter.calls == ["start", "epoch 1", "epoch 2", "end"]
