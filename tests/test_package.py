@@ -121,7 +121,8 @@ def test_wheel_in_a_fresh_venv_trains_from_an_empty_folder(cifar_dir, tmp_path):
                            check=True, env=env).stdout.split()
     assert all(str(tmp_path / "venv") in line for line in where), where  # not the checkout
     fnclass_cli = tmp_path / "venv" / "bin" / "fnclass"
-    done = subprocess.run([str(fnclass_cli), "train", "--device", "cpu", "--data-dir", str(cifar_dir), "--no-download",
+    data_dir = str(cifar_dir.resolve())  # FNCLASS_DATA may be relative to the checkout; this runs elsewhere
+    done = subprocess.run([str(fnclass_cli), "train", "--device", "cpu", "--data-dir", data_dir, "--no-download",
                            "--set", "data.train_limit=512", "--set", "data.test_limit=256", "--set", "train.epochs=1",
                            "--out", "run", "--json"], capture_output=True, text=True, cwd=empty, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
