@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fnclass.schedules import Schedule  # noqa: E402  (re-exported for type hints)
+from fnclass.schedules import Schedule
 
 
 class Transform(NamedTuple):
