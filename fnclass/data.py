@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fnclass.errors import InputError
-from fnclass.io import write_temp
+from fnclass.io import fsync_folder, write_temp
 
 FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "classes.txt")
 
@@ -200,6 +200,7 @@ def write_dataset(folder: str | Path, train_images, train_labels, test_images, t
                                      lambda handle, array=content: np.save(handle, array, allow_pickle=False))
         for name, temp in temps.items():
             os.replace(temp, folder / name)
+        fsync_folder(folder)
     except OSError as error:
         raise DataError(f"cannot write {folder}: {error}; choose another output folder") from None
     finally:

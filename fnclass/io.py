@@ -44,7 +44,7 @@ def write_temp(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) ->
 
 
 def write_atomic(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) -> None:
-    """Write ``payload`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``payload`` to ``path`` through a temporary file in the same folder and a rename, both made durable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = write_temp(path, payload)
@@ -53,6 +53,21 @@ def write_atomic(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) 
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Flush a folder's entries to disk, so that a rename in it survives a crash (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not support fsync on folders; the rename itself is still atomic
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, payload: dict) -> None:

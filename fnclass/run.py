@@ -2,17 +2,29 @@
 
 ``RunDirectory`` owns ``config.toml``, ``metrics.jsonl``, ``checkpoints/`` (``last``, ``best`` and the
 ``checkpoint.keep`` most recent epoch ends), ``summary.json`` and ``plots/``. Every write of a run goes through
-it, so a run that must not write (another process of a data-parallel run) sets ``writes=False`` once.
+it, so a run that must not write (another process of a data-parallel run) sets ``writes=False`` once. A writing
+run holds an OS lock on ``.lock`` in the directory from :meth:`RunDirectory.start` to :meth:`RunDirectory.close`:
+a second writer is refused, and the kernel releases the lock when the process dies, so a killed run never
+blocks its own resume.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 from fnclass.checkpoint import restore_train_state, save_checkpoint
 from fnclass.config import Config, config_to_toml
+from fnclass.errors import InputError
 from fnclass.io import save_figure, write_atomic, write_json
+
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(InputError):
+    """Another process is writing this run directory."""
 
 
 class Reporter:
@@ -47,6 +59,7 @@ class RunDirectory:
         self.reporter, self.writes = reporter or Reporter(), writes
         self.checkpoints, self.metrics_path = self.path / "checkpoints", self.path / "metrics.jsonl"
         self._meta: dict = {}
+        self._lock = None
 
     @property
     def last(self) -> Path:
@@ -61,6 +74,7 @@ class RunDirectory:
         """Begin (``step == 0``) or continue a run: forget metrics logged after ``step``, write config.toml."""
         self._meta = dict(config=self.config, classes=classes, mean=mean, std=std, input_size=input_size)
         if self.writes:
+            self._acquire_lock()
             if step:
                 self._truncate_metrics(step)
             else:
@@ -103,11 +117,36 @@ class RunDirectory:
         return max(accuracies) if accuracies else None
 
     def finish(self, summary: dict) -> None:
-        """Write summary.json and the curves, and report the summary."""
+        """Write summary.json and the curves, release the directory, and report the summary."""
         if self.writes:
             write_json(self.path / "summary.json", summary)
             self._plot_curves(self.path / "plots" / "curves.png")
+        self.close()
         self.reporter.end(summary)
+
+    def close(self) -> None:
+        """Release the directory's lock (the kernel also releases it if the process dies)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _acquire_lock(self) -> None:
+        """Take the directory's lock, or raise :class:`RunLockedError` naming the process that holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_NAME, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunLockedError(f"{self.path} is in use by another fnclass process (pid {holder}): wait for it to "
+                                 "finish or stop it, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
 
     def _rows(self) -> list[dict]:
         """The rows of metrics.jsonl."""

@@ -109,10 +109,11 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
                     "test_images": len(ds.test_images), "steps_per_epoch": steps_per_epoch,
                     "total_steps": steps_per_epoch * config.train.epochs,
                     "num_params": tree.num_params(train_state.params), "start_step": start_step})
-    if config.train.compile:
-        clock["compile"] = epoch_loop.compile(train_state, dev)
-    best, last_eval, tta = run.best_accuracy(), None, (1 + config.train.tta_translate) if config.train.tta else 0
-    try:
+    try:  # the run directory's lock is released however the run ends
+        if config.train.compile:
+            clock["compile"] = epoch_loop.compile(train_state, dev)
+        best, last_eval = run.best_accuracy(), None
+        tta = (1 + config.train.tta_translate) if config.train.tta else 0
         for epoch in range(start_step // steps_per_epoch, config.train.epochs):
             train_state, seconds, train_metrics = epoch_loop(train_state, epoch, dev)
             clock["train"] += seconds
@@ -124,16 +125,19 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
             run.end_epoch(row, train_state, best=best is None or row["test_accuracy"] > best)
             best = row["test_accuracy"] if best is None else max(best, row["test_accuracy"])
+        if last_eval is None:  # resumed a finished run: evaluate what is there
+            last_eval = _evaluate(eval_step, train_state, ds, config, tta)
+            best = max(best or 0.0, last_eval["accuracy"])
+        summary = _summary(config, train_state, last_eval, best, clock, epoch_loop.images_seen, start_step, dev, ds,
+                           run)
+        run.finish(summary)
     except KeyboardInterrupt:
         if epoch_loop.latest is not None:
             train_state = epoch_loop.latest  # the state after the last finished step
         run.save(train_state)
         raise TrainingInterrupted(int(train_state.step), run.last) from None
-    if last_eval is None:  # resumed a finished run: evaluate what is there
-        last_eval = _evaluate(eval_step, train_state, ds, config, tta)
-        best = max(best or 0.0, last_eval["accuracy"])
-    summary = _summary(config, train_state, last_eval, best, clock, epoch_loop.images_seen, start_step, dev, ds, run)
-    run.finish(summary)
+    finally:
+        run.close()
     return TrainResult(train_state, summary)
 
 

@@ -69,3 +69,35 @@ def test_a_run_directory_told_not_to_write_writes_nothing_but_still_reports(tmp_
     _epochs(RunDirectory(tmp_path / "run", CONFIG, reporter=reporter, writes=False), 2)
     assert not (tmp_path / "run").exists()
     assert reporter.calls == ["start", "epoch 1", "epoch 2", "end"]
+
+
+def test_a_second_writer_is_refused_until_the_first_process_dies(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    from fnclass.run import RunLockedError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom fnclass.config import load_config\nfrom fnclass.models import "
+         "resolve_config\nfrom fnclass.run import RunDirectory\nconfig = resolve_config(load_config(None, "
+         "['model.name=tiny']))\nrun = RunDirectory(sys.argv[1], config)\nrun.start(step=0, info={}, classes=[], "
+         "mean=(0,) * 3, std=(1,) * 3, input_size=(32, 32))\nprint('locked', flush=True)\nsys.stdin.read()\n",
+         str(tmp_path / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"in use by another fnclass process \\(pid {holder.pid}\\)"):
+            RunDirectory(tmp_path / "run", CONFIG).start(step=0, info={}, **META)
+        assert not (tmp_path / "run/metrics.jsonl").exists() and (tmp_path / "run/config.toml").is_file()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # a hard kill: the kernel drops the lock, nothing else does
+        holder.wait()
+    run = RunDirectory(tmp_path / "run", CONFIG)
+    run.start(step=0, info={}, **META)  # the dead process's lock no longer blocks
+    run.close()
+    second = RunDirectory(tmp_path / "run", CONFIG)
+    second.start(step=0, info={}, **META)  # closed: free again in the same process
+    second.close()
