@@ -18,6 +18,11 @@ from typing import BinaryIO
 import torch
 
 from fnclass.config import ConfigError
+from fnclass.errors import InputError
+
+
+class WriteError(InputError):
+    """A file could not be written (full disk, unwritable folder); the previous file, if any, is intact."""
 
 
 def write_temp(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) -> Path:
@@ -46,13 +51,17 @@ def write_temp(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) ->
 def write_atomic(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``payload`` to ``path`` through a temporary file in the same folder and a rename, both made durable."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = write_temp(path, payload)
     try:
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = write_temp(path, payload)
+        try:
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        raise WriteError(f"cannot write {path}: {error.strerror or error}; free some space or choose a writable "
+                         "folder (the previous file, if any, is intact)") from None
     fsync_folder(path.parent)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from fnclass.checkpoint import restore_train_state, save_checkpoint
 from fnclass.config import Config, config_to_toml
 from fnclass.errors import InputError
-from fnclass.io import save_figure, write_atomic, write_json
+from fnclass.io import WriteError, save_figure, write_atomic, write_json
 
 LOCK_NAME = ".lock"
 
@@ -132,8 +132,12 @@ class RunDirectory:
 
     def _acquire_lock(self) -> None:
         """Take the directory's lock, or raise :class:`RunLockedError` naming the process that holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK_NAME, "a+", encoding="utf-8")
+        try:  # also the check, before any training, that the run directory is writable
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_NAME, "a+", encoding="utf-8")
+        except OSError as error:
+            raise WriteError(f"cannot write the run directory {self.path}: {error.strerror or error}; choose a "
+                             "writable --out") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

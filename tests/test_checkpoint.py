@@ -98,6 +98,6 @@ def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     def broken_replace(*args):
         raise OSError("disk full")
     monkeypatch.setattr(io.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(io.WriteError, match="disk full"):
         io.write_atomic(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["file.bin"]

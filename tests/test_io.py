@@ -46,7 +46,7 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     def fail(handle):
         handle.write(b"half")
         raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(io.WriteError, match="disk full"):
         io.write_atomic(path, fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
@@ -56,3 +56,44 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(fnclass.config.ConfigError, match="--device cuda"):
             io.pick_device("cuda")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    config = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]"]))
+    from fnclass import optim
+
+    model = fnclass.build_model(config.model)
+    meta = dict(config=config, classes=[str(i) for i in range(10)], mean=(0.5,) * 3, std=(0.25,) * 3,
+                input_size=(32, 32))
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, fnclass.create_train_state(model, optim.sgd(0.1), fnclass.key(0)), **meta)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(io.os, "fsync", no_space)
+    with pytest.raises(io.WriteError, match=f"cannot write {path}: No space left on device") as info:
+        save_checkpoint(path, fnclass.create_train_state(model, optim.sgd(0.1), fnclass.key(1)), **meta)
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+def test_a_full_disk_during_training_is_one_line_with_exit_code_2(cifar_dir, tmp_path, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    from fnclass.cli import main
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(io.os, "fsync", no_space)
+    result = CliRunner().invoke(main, ["train", "--config", "cpu", "--data-dir", str(cifar_dir), "--out",
+                                       str(tmp_path / "run"), "--set", "data.train_limit=256", "--set",
+                                       "data.test_limit=100", "--set", "train.epochs=1", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and lines[0].startswith("error: cannot write")
+    assert not list((tmp_path / "run").rglob("*.tmp"))
