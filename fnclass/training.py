@@ -95,7 +95,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     start_step, clock = int(train_state.step), {"whitening": 0.0, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
     if model.data_init is not None and not resume:
         tick = time.perf_counter()
-        train_state = train_state._replace(state=model.data_init(train_state.state, _normalized(ds, ds.train_images)))
+        normalize = lambda images: _normalized(ds, images)
+        train_state = train_state._replace(state=model.data_init(train_state.state, ds.train_images, normalize))
         synchronize(dev)
         clock["whitening"] = time.perf_counter() - tick
     options = dict(compile=config.train.compile, precision=config.train.precision,

@@ -140,3 +140,20 @@ def test_model_config_validation_names_the_key(change, key):
         config = ModelConfig(**{"name": "resnet_attn", **change})
         config.validate()
         resolve(config)
+
+
+def test_the_whitening_data_init_normalises_and_uses_only_the_first_5000_images():
+    model = fnclass.build_model(ModelConfig(name="tiny", widths=(8, 16, 16), whiten=True))
+    _, state = model.init(fnclass.key(0))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5200, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    seen = []
+
+    def normalize(x):
+        seen.append(len(x))
+        return x.permute(0, 3, 1, 2).float() / 255.0
+    ours = model.data_init(state, images, normalize)
+    expected = fit_whitening(state, normalize(images[:5000]), resolve(ModelConfig(name="tiny", whiten=True)))
+    assert seen == [5000, 5000]  # only the examples it uses are normalised
+    assert torch.equal(ours["whiten"]["weight"], expected["whiten"]["weight"])
+    assert fnclass.build_model(ModelConfig(name="tiny", widths=(8, 16, 16))).data_init is None

@@ -108,8 +108,8 @@ def build(config: ModelConfig):
             labels["stem"] = conv_bn_labels(params["stem"])
         return labels
 
-    def data_init(state, images):
-        return fit_whitening(state, images[:WHITENING_EXAMPLES], config)
+    def data_init(state, images, normalize):
+        return fit_whitening(state, normalize(images[:WHITENING_EXAMPLES]), config)
 
     return Model(init, apply, param_labels, data_init if config.whiten else None)
 

@@ -23,9 +23,10 @@ class Model(NamedTuple):
     ``init(key) -> (params, state)`` builds the parameter tree and the model state (BatchNorm running
     statistics) from a key. ``apply(params, state, images, *, train, key=None) -> (logits, new_state)``
     maps a float NCHW batch to logits; ``key`` drives dropout when training. ``param_labels(params)`` is a
-    tree shaped like ``params`` holding one of :data:`LABELS` per leaf. ``data_init(state, images) -> state``,
-    when not None, is initialisation the model needs from the normalised training images (NCHW, the whole
-    training split; the model takes what it needs) before training starts.
+    tree shaped like ``params`` holding one of :data:`LABELS` per leaf. ``data_init(state, images, normalize) ->
+    state``, when not None, is initialisation the model needs from the training images before training starts:
+    ``images`` is the whole uint8 NHWC training split, ``normalize`` turns a slice of it into the normalised NCHW
+    input ``apply`` takes, so the model normalises only the images it uses.
     """
 
     init: Callable
