@@ -80,6 +80,11 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
     write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
+def copy_checkpoint(source: str | Path, path: str | Path) -> None:
+    """Write the bytes of the checkpoint ``source`` to ``path`` too (atomically), without serialising it again."""
+    write_atomic(path, Path(source).read_bytes())
+
+
 def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file's tensors and metadata, turning every failure into a one-line error."""
     path = Path(path)

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from fnclass.checkpoint import restore_train_state, save_checkpoint
+from fnclass.checkpoint import copy_checkpoint, restore_train_state, save_checkpoint
 from fnclass.config import Config, config_to_toml
 from fnclass.errors import InputError
 from fnclass.io import WriteError, save_figure, write_atomic, write_json
@@ -101,12 +101,11 @@ class RunDirectory:
     def end_epoch(self, row: dict, train_state, *, best: bool) -> None:
         """Log an epoch's row, write ``last`` (and ``best`` when ``best``, and a kept copy), report the row."""
         self.log(row)
-        self.save(train_state)
+        self.save(train_state)  # serialised once; best and the kept copy are the same bytes
         if self.writes and best and self.config.checkpoint.keep_best:
-            save_checkpoint(self.checkpoints / "best.safetensors", train_state, **self._meta)
+            copy_checkpoint(self.last, self.checkpoints / "best.safetensors")
         if self.writes and self.config.checkpoint.keep:
-            save_checkpoint(self.checkpoints / f"step-{int(train_state.step):08d}.safetensors", train_state,
-                            **self._meta)
+            copy_checkpoint(self.last, self.checkpoints / f"step-{int(train_state.step):08d}.safetensors")
             for old in sorted(self.checkpoints.glob("step-*.safetensors"))[:-self.config.checkpoint.keep]:
                 old.unlink()
         self.reporter.epoch(row)
