@@ -2,13 +2,16 @@
 
 Tensor keys are the flat paths of the TrainState: ``params.stem.conv.weight``, ``state.stem.bn.mean``,
 ``opt_state.0.mu.stem.conv.weight``, ``step``, ``key``. The metadata holds the resolved config, the class
-names, the input size, the normalisation and the fnclass version, each as JSON. Restoring builds the skeleton with the
-model's ``init`` and fills it; nothing is ever unpickled. Files are written to a temporary name and
-renamed, so an existing checkpoint is never left half-written.
+names, the input size, the normalisation and the fnclass version, each as JSON, and ``sha256``: the SHA-256 of the
+whole file with that value written as 64 zeros, so a flipped bit anywhere (header, metadata or tensor bytes) is
+found on load. Restoring builds the skeleton with the model's ``init`` on the meta device and fills it; nothing
+is ever unpickled. Files are written to a temporary name, fsynced and renamed, so an existing checkpoint is never
+left half-written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,7 +27,11 @@ from fnclass.errors import InputError
 from fnclass.io import write_atomic
 from fnclass.models import Model, build_model, resolve_config
 
-FORMAT = "fnclass.checkpoint/1"
+FORMAT = "fnclass.checkpoint/2"  # /2 records the checksum
+UNSEALED_FORMATS = ("fnclass.checkpoint/1", "fnclass.export/1")  # written before checksums: loaded unverified
+CHECKSUM = "sha256"  # the metadata field holding the file's checksum
+_UNSET = "0" * 64  # the checksum's value while the file's checksum is computed
+MAX_HEADER = 100 << 20  # a safetensors header longer than this is refused before it is read
 
 
 class CheckpointError(InputError):
@@ -54,7 +61,7 @@ class Checkpoint(NamedTuple):
 
 
 def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, mean, std,
-                    input_size: tuple[int, int]) -> None:
+                    input_size: tuple[int, int], progress: dict | None = None) -> None:
     """Write a TrainState (params, model state, optimizer state, step, key) and its metadata.
 
     Args:
@@ -65,6 +72,8 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
       mean: per-channel normalisation mean.
       std: per-channel normalisation std.
       input_size: the (height, width) of the training images.
+      progress: a run's sums over the epoch so far (JSON numbers), so that a resumed run's epoch row adds up
+        as the uninterrupted run's does.
     """
     flat = tree.flatten_paths(train_state._asdict())
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}
@@ -77,7 +86,74 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
         "fnclass_version": __version__,
         "step": str(int(train_state.step)),
     }
-    write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
+    if progress is not None:
+        metadata["progress"] = json.dumps(progress)
+    write_atomic(path, serialize(tensors, metadata))
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose metadata ``sha256`` is the SHA-256 of the file with that value as 64 zeros."""
+    data = bytearray(safetensors.torch.save(tensors, metadata={**metadata, CHECKSUM: _UNSET}))
+    at = _checksum_offset(data, _UNSET)
+    if at is None:  # another metadata value is 64 zeros too; never written by fnclass
+        raise ValueError("a metadata value equals the checksum placeholder")
+    data[at:at + 64] = hashlib.sha256(data).hexdigest().encode()
+    return bytes(data)
+
+
+def _checksum_offset(data: bytes | bytearray, value: str) -> int | None:
+    """Where the JSON string ``value`` (the checksum) sits in a safetensors header, if it occurs exactly once."""
+    header = memoryview(data)[8:8 + int.from_bytes(data[:8], "little")].tobytes()
+    needle = f'"{value}"'.encode()
+    at = header.find(needle)
+    if at < 0 or header.find(needle, at + 1) >= 0:
+        return None
+    return 8 + at + 1
+
+
+def _header(path: Path, data: bytes) -> dict:
+    """The JSON header of safetensors bytes, its length checked against the file before it is parsed."""
+    if len(data) < 10:
+        raise CheckpointError(f"{path}: {len(data)} bytes is too short for a safetensors file; it is truncated or "
+                              "corrupted: use another file")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, MAX_HEADER):
+        raise CheckpointError(f"{path}: the header claims {size} bytes but the file has {len(data) - 8} after the "
+                              "length field; it is truncated or corrupted: use another file")
+    try:
+        header = json.loads(data[8:8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: the header is not valid JSON; the file is corrupted: use another "
+                              "file") from None
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: the header is not a safetensors header (a table of tensors with string "
+                              "metadata); the file is corrupted: use another file")
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
+            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    if ends and max(ends) > len(data) - 8 - size:
+        raise CheckpointError(f"{path}: its tensors need {max(ends)} bytes but the file has {len(data) - 8 - size}; "
+                              "it is truncated or corrupted: use another file")
+    return header
+
+
+def verify_checksum(path: Path, data: bytes, metadata: dict) -> bool:
+    """Check the ``sha256`` the file records (a CheckpointError when it does not match); False when it has none."""
+    recorded = metadata.get(CHECKSUM)
+    if recorded is None:
+        return False
+    at = _checksum_offset(data, recorded) if len(recorded) == 64 else None
+    digest = hashlib.sha256()
+    if at is not None:
+        view = memoryview(data)
+        digest.update(view[:at])
+        digest.update(_UNSET.encode())
+        digest.update(view[at + 64:])
+    if at is None or digest.hexdigest() != recorded:
+        raise CheckpointError(f"{path}: checksum mismatch, the file changed after it was written (a flipped bit or "
+                              "an edit); use another checkpoint (a run keeps checkpoints/step-*.safetensors)")
+    return True
 
 
 def copy_checkpoint(source: str | Path, path: str | Path) -> None:
@@ -86,14 +162,21 @@ def copy_checkpoint(source: str | Path, path: str | Path) -> None:
 
 
 def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file's tensors and metadata, turning every failure into a one-line error."""
+    """Read a safetensors file's tensors and metadata, its checksum verified; every failure a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read it ({error.strerror or error})") from None
+    metadata = _header(path, data).get("__metadata__", {})
+    fnclass_format = metadata.get("format", "").startswith("fnclass.")
+    if not verify_checksum(path, data, metadata) and fnclass_format and metadata["format"] not in UNSEALED_FORMATS:
+        raise CheckpointError(f"{path}: its format ({metadata['format']}) records a checksum but the file has none; "
+                              "the file was altered: use another file")
+    try:
+        tensors = safetensors.torch.load(data)
     except Exception as error:  # safetensors raises several types for truncated or garbled files
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(error)}); it may be "
                               "truncated or corrupted: use another checkpoint or re-run training") from None
@@ -131,7 +214,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         the model its config describes.
     """
     tensors, metadata = read_file(path)
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in (FORMAT, "fnclass.checkpoint/1"):
         raise CheckpointError(f"{path}: not an fnclass checkpoint (format {metadata.get('format')!r}, "
                               f"expected {FORMAT!r})")
     config, classes, mean, std, input_size = read_model_metadata(path, metadata)
@@ -149,7 +232,8 @@ def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], 
     try:
         config = resolve_config(config_from_dict(raw, f"{path} metadata"))
     except ConfigError as error:
-        raise CheckpointError(str(error)) from None
+        message = str(error)
+        raise CheckpointError(message if message.startswith(str(path)) else f"{path}: metadata {message}") from None
     classes = _metadata_json(path, metadata, "classes")
     normalization = _metadata_json(path, metadata, "normalization")
     # Checkpoints written before the input size was recorded all came from 32x32 CIFAR data.
@@ -201,6 +285,14 @@ def _restore(path, skeleton, tensors: dict, prefix: str, dtype: torch.dtype | No
 
 def restore_train_state(path: str | Path, skeleton):
     """Rebuild a full TrainState shaped like ``skeleton`` (optimizer state included) from a checkpoint."""
-    tensors, _ = read_file(path)
+    return read_train_state(path, skeleton)[0]
+
+
+def read_train_state(path: str | Path, skeleton) -> tuple[Any, dict]:
+    """A checkpoint's TrainState shaped like ``skeleton``, and its ``progress`` metadata (``{}`` if none)."""
+    tensors, metadata = read_file(path)
     restored = _restore(path, skeleton._asdict(), tensors, "")
-    return type(skeleton)(**restored)
+    progress = _metadata_json(path, metadata, "progress") if "progress" in metadata else {}
+    if not isinstance(progress, dict) or not all(type(v) in (int, float) for v in progress.values()):
+        raise CheckpointError(f"{path}: metadata 'progress' is not a table of numbers (the file was altered)")
+    return type(skeleton)(**restored), progress

@@ -148,6 +148,7 @@ class TrainConfig:
     log_every_steps: int = 50  # metrics.jsonl line and progress-bar loss every N steps (0: epoch ends only)
     grad_stats_every: int = 0  # log noise scale and per-layer gradient norms of a probe batch every N steps (0: off)
     grad_stats_examples: int = 256  # size of that fixed probe batch (the first training images, not augmented)
+    nan_policy: str = "stop"  # a non-finite loss or gradient: "stop" the run (exit 3) or "skip" that update
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -160,6 +161,7 @@ class TrainConfig:
         _check(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps, "an integer >= 0")
         _check(self.grad_stats_every >= 0, "train.grad_stats_every", self.grad_stats_every, "an integer >= 0")
         _check(self.grad_stats_examples >= 2, "train.grad_stats_examples", self.grad_stats_examples, "an integer >= 2")
+        _check(self.nan_policy in ("stop", "skip"), "train.nan_policy", self.nan_policy, '"stop" or "skip"')
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ class CheckpointConfig:
 
     every_steps: int = 0  # also write last.safetensors every N steps (0: epoch ends only)
     keep_best: bool = True  # write best.safetensors whenever test accuracy improves
-    keep: int = 0  # also keep the N most recent epoch-end checkpoints as step-NNNNNNNN.safetensors (0: none)
+    keep: int = 2  # also keep the N most recent epoch-end checkpoints as step-NNNNNNNN.safetensors: --resume falls
+    # back to them when last.safetensors fails its checksum (0: none)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""

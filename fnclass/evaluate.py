@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from fnclass import data
+from fnclass.io import fault_point
 from fnclass.losses import per_example_cross_entropy
 
 
@@ -40,6 +41,7 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
     loss_sum = torch.zeros((), device=images.device)
     predictions, tta_predictions = [], []
     for start in range(0, len(images), batch_size):
+        fault_point("eval")
         x = data.normalize(images[start:start + batch_size], mean, std)
         y = labels[start:start + batch_size]
         logits = eval_step(params, state, x)

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import safetensors.torch
 import torch
 
 from fnclass import random, tree
@@ -41,13 +40,15 @@ from fnclass.checkpoint import (
     read_file,
     read_model_metadata,
     restore_model,
+    serialize,
 )
 from fnclass.config import ModelConfig, config_to_dict
 from fnclass.data import file_sha256, normalize, read_image
 from fnclass.io import write_atomic
 from fnclass.models import Model, build_model
 
-FORMAT = "fnclass.export/1"
+FORMAT = "fnclass.export/2"  # /2 records the checksum
+READ_FORMATS = (FORMAT, "fnclass.export/1")  # /1 files (no checksum) still load
 FORMATS = ("safetensors", "pt2", "onnx")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METADATA_NAME = "fnclass.json"  # the pt2 archive's extra file holding the metadata
@@ -178,7 +179,7 @@ def _check_export(ckpt: Checkpoint, out: Path, count: int = 16) -> float:
 
 def _write_safetensors(ckpt: Checkpoint, out: Path, dtype: torch.dtype, metadata: dict) -> None:
     """Inference weights and metadata as one safetensors file."""
-    write_atomic(out, safetensors.torch.save(inference_tensors(ckpt, dtype), metadata=metadata))
+    write_atomic(out, serialize(inference_tensors(ckpt, dtype), metadata))
 
 
 def _write_pt2(ckpt: Checkpoint, out: Path, dtype: torch.dtype, metadata: dict) -> None:
@@ -215,7 +216,7 @@ def load_exported(path: str | Path) -> Exported:
       CheckpointError: when the file is unreadable, not an fnclass export, or its weights do not fit its config.
     """
     tensors, metadata = read_file(path)
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in READ_FORMATS:
         hint = " (a training checkpoint: use load_checkpoint)" if metadata.get("format", "").startswith(
             "fnclass.checkpoint") else ""
         raise CheckpointError(f"{path}: not an fnclass export (format {metadata.get('format')!r}, "
@@ -253,7 +254,7 @@ def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predicto
         return _pt2_predictor(path)
     if _looks_like_safetensors(path, head):
         _, metadata = read_file(path)
-        if metadata.get("format") == FORMAT:
+        if metadata.get("format") in READ_FORMATS:
             exported = load_exported(path)
             return Predictor(exported.logits, exported.classes, exported.input_size, "safetensors")
         ckpt = load_checkpoint(path)
@@ -280,7 +281,7 @@ def _program_metadata(path: Path, text: str | None) -> tuple[tuple[str, ...], tu
     try:
         metadata = json.loads(text) if isinstance(text, str) else text
         classes, size = json.loads(metadata["classes"]), json.loads(metadata["input_size"])
-        if metadata.get("format") != FORMAT or not all(isinstance(c, str) for c in classes):
+        if metadata.get("format") not in READ_FORMATS or not all(isinstance(c, str) for c in classes):
             raise ValueError
         return tuple(classes), (int(size[0]), int(size[1]))
     except (TypeError, KeyError, ValueError, IndexError):

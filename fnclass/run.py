@@ -15,10 +15,10 @@ import json
 import os
 from pathlib import Path
 
-from fnclass.checkpoint import copy_checkpoint, restore_train_state, save_checkpoint
+from fnclass.checkpoint import CheckpointError, copy_checkpoint, read_train_state, save_checkpoint
 from fnclass.config import Config, config_to_toml
 from fnclass.errors import InputError
-from fnclass.io import WriteError, save_figure, write_atomic, write_json
+from fnclass.io import WriteError, fault_point, fsync_folder, save_figure, write_atomic, write_json
 
 LOCK_NAME = ".lock"
 
@@ -60,6 +60,9 @@ class RunDirectory:
         self.checkpoints, self.metrics_path = self.path / "checkpoints", self.path / "metrics.jsonl"
         self._meta: dict = {}
         self._lock = None
+        self.resumed_from: Path | None = None
+        self.rejected: list[tuple[str, str]] = []
+        self.progress: dict = {}
 
     @property
     def last(self) -> Path:
@@ -67,16 +70,37 @@ class RunDirectory:
         return self.checkpoints / "last.safetensors"
 
     def restore(self, skeleton):
-        """The TrainState of ``last.safetensors``, shaped like ``skeleton``."""
-        return restore_train_state(self.last, skeleton)
+        """The TrainState of the newest checkpoint that verifies, shaped like ``skeleton``.
+
+        ``last.safetensors`` first, then the kept ``step-*.safetensors``, newest first; ``self.resumed_from``
+        names the file taken, ``self.progress`` its epoch sums so far, and ``self.rejected`` lists
+        ``(file, reason)`` for those passed over.
+
+        Raises:
+          CheckpointError: when none verifies (naming why ``last`` failed).
+        """
+        kept = sorted(self.checkpoints.glob("step-*.safetensors"), reverse=True)
+        self.rejected = []
+        for path in [self.last, *kept]:
+            try:
+                train_state, self.progress = read_train_state(path, skeleton)
+            except CheckpointError as error:
+                self.rejected.append((path.name, str(error)))
+                continue
+            self.resumed_from = path
+            return train_state
+        raise CheckpointError(f"{self.path}: no checkpoint verifies ({self.rejected[0][1]}); start a new run"
+                              if self.rejected else f"{self.path}: no checkpoint to resume from")
 
     def start(self, *, step: int, info: dict, classes, mean, std, input_size) -> None:
         """Begin (``step == 0``) or continue a run: forget metrics logged after ``step``, write config.toml."""
         self._meta = dict(config=self.config, classes=classes, mean=mean, std=std, input_size=input_size)
         if self.writes:
             self._acquire_lock()
+            self._remove_stale_temporaries()
             if step:
                 self._truncate_metrics(step)
+                self._complete_epoch_end(step)
             else:
                 self.metrics_path.unlink(missing_ok=True)
             self.path.mkdir(parents=True, exist_ok=True)
@@ -84,19 +108,27 @@ class RunDirectory:
         self.reporter.start({**info, "config": self.config, "workdir": str(self.path)})
 
     def log(self, row: dict) -> None:
-        """Append one line to metrics.jsonl (flushed, so a crash loses at most the line being written)."""
+        """Append one line to metrics.jsonl (flushed, so a crash loses at most the line being written).
+
+        A line cut short by a crash is dropped when the run resumes, with every line logged after the
+        checkpoint it resumes from: the resumed run logs those steps again, once.
+        """
         if self.writes:
+            line = json.dumps(row) + "\n"
             with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+                handle.write(line[:len(line) // 2])
+                handle.flush()
+                fault_point("write:metrics.jsonl")
+                handle.write(line[len(line) // 2:])
 
     def step(self, info: dict) -> None:
         """Report a step's progress."""
         self.reporter.step(info)
 
-    def save(self, train_state) -> None:
-        """Write ``last.safetensors``."""
+    def save(self, train_state, progress: dict | None = None) -> None:
+        """Write ``last.safetensors`` (with the epoch's sums so far, ``progress``, when saved mid-epoch)."""
         if self.writes:
-            save_checkpoint(self.last, train_state, **self._meta)
+            save_checkpoint(self.last, train_state, progress=progress, **self._meta)
 
     def end_epoch(self, row: dict, train_state, *, best: bool) -> None:
         """Log an epoch's row, write ``last`` (and ``best`` when ``best``, and a kept copy), report the row."""
@@ -110,9 +142,17 @@ class RunDirectory:
                 old.unlink()
         self.reporter.epoch(row)
 
+    def has_epoch_row(self, step: int) -> bool:
+        """Whether metrics.jsonl holds the row of the epoch that ended at ``step``."""
+        return any(row["step"] == step for row in self.epoch_rows())
+
+    def epoch_rows(self) -> list[dict]:
+        """The epoch rows logged in metrics.jsonl so far (a resumed run's earlier ones included)."""
+        return [row for row in self._rows() if row.get("kind") == "epoch"]
+
     def best_accuracy(self) -> float | None:
         """The best test accuracy logged in metrics.jsonl so far (for a resumed run)."""
-        accuracies = [r["test_accuracy"] for r in self._rows() if r.get("kind") == "epoch"]
+        accuracies = [row["test_accuracy"] for row in self.epoch_rows()]
         return max(accuracies) if accuracies else None
 
     def finish(self, summary: dict) -> None:
@@ -151,18 +191,51 @@ class RunDirectory:
         handle.flush()
         self._lock = handle
 
-    def _rows(self) -> list[dict]:
-        """The rows of metrics.jsonl."""
+    def _lines(self) -> list[tuple[str, dict]]:
+        """The lines of metrics.jsonl with their rows; a line cut short by a crash (not a JSON object) is left out."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        lines = []
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                lines.append((line, row))
+        return lines
+
+    def _rows(self) -> list[dict]:
+        """The rows of metrics.jsonl."""
+        return [row for _, row in self._lines()]
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep only the metrics lines logged up to ``step`` (a resumed run replays the rest)."""
         if self.metrics_path.is_file():
-            lines = self.metrics_path.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+            kept = [line for line, row in self._lines() if row["step"] <= step]
             write_atomic(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+
+    def _complete_epoch_end(self, step: int) -> None:
+        """Make the copies an epoch end at ``step`` makes (best, kept), if a kill came between them and ``last``."""
+        source = self.resumed_from or self.last
+        epochs = self.epoch_rows()
+        if not any(row["step"] == step for row in epochs) or not source.is_file():
+            return  # not resumed from an epoch end
+        best = max(epochs, key=lambda row: row["test_accuracy"])  # the first of equals, as end_epoch keeps it
+        if self.config.checkpoint.keep_best and best["step"] == step:
+            copy_checkpoint(source, self.checkpoints / "best.safetensors")
+        kept = self.checkpoints / f"step-{step:08d}.safetensors"
+        if self.config.checkpoint.keep and not kept.is_file():
+            copy_checkpoint(source, kept)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files left by a killed writer of this directory (this process now holds its lock)."""
+        for folder in (self.path, self.checkpoints, self.path / "plots"):
+            stale = list(folder.glob(".*.tmp")) if folder.is_dir() else []
+            for temp in stale:
+                temp.unlink(missing_ok=True)
+            if stale:
+                fsync_folder(folder)
 
     def _plot_curves(self, out_path: Path) -> None:
         """Draw loss and accuracy per epoch from metrics.jsonl into a PNG."""
@@ -171,7 +244,7 @@ class RunDirectory:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self._rows() if r.get("kind") == "epoch"]
+        rows = self.epoch_rows()
         if not rows:
             return
         epochs = [r["epoch"] for r in rows]

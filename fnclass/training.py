@@ -19,14 +19,18 @@ from fnclass._version import __version__
 from fnclass.augment import alternating_flips, augment
 from fnclass.config import Config, ConfigError
 from fnclass.evaluate import evaluate_dataset
-from fnclass.io import device_name, pick_device, synchronize
+from fnclass.io import device_name, fault_point, pick_device, synchronize
 from fnclass.models import resolve_config
 from fnclass.run import Reporter, RunDirectory
 from fnclass.step import TrainState, create_train_state, make_eval_step, make_train_step
 
 
 class TrainingDiverged(Exception):
-    """The train loss became nan or inf; the last good checkpoint is kept. The CLI exits with code 3."""
+    """A loss or gradient became nan or inf; the last good checkpoint is kept. The CLI exits with code 3."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class TrainingInterrupted(Exception):
@@ -80,7 +84,9 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
 
     Raises:
       TrainingInterrupted: on Ctrl-C, after writing ``last.safetensors``.
-      TrainingDiverged: when the train loss is not finite (the last good checkpoint stays).
+      TrainingDiverged: when a loss or gradient is not finite and ``train.nan_policy = "stop"`` (the last good
+        checkpoint stays). Non-finite values are flagged on the device at every step and looked at where the
+        loop synchronises anyway: logging steps, checkpoint saves and epoch ends.
     """
     config = resolve_config(config)
     dev = pick_device(device)
@@ -101,7 +107,9 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         clock["whitening"] = time.perf_counter() - tick
     options = dict(compile=config.train.compile, precision=config.train.precision,
                    channels_last=config.train.channels_last)
-    train_step, eval_step = make_train_step(model, loss_fn, optimizer, **options), make_eval_step(model, **options)
+    train_step = make_train_step(model, loss_fn, optimizer, skip_nonfinite=config.train.nan_policy == "skip",
+                                 **options)
+    eval_step = make_eval_step(model, **options)
     schedule = recipe.create_schedule(config.optim, steps_per_epoch, config.train.epochs)
     epoch_loop = _EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch)
     run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
@@ -109,14 +117,19 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
               info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
                     "test_images": len(ds.test_images), "steps_per_epoch": steps_per_epoch,
                     "total_steps": steps_per_epoch * config.train.epochs,
-                    "num_params": tree.num_params(train_state.params), "start_step": start_step})
+                    "num_params": tree.num_params(train_state.params), "start_step": start_step,
+                    "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
     try:  # the run directory's lock is released however the run ends
         if config.train.compile:
             clock["compile"] = epoch_loop.compile(train_state, dev)
         best, last_eval = run.best_accuracy(), None
         tta = (1 + config.train.tta_translate) if config.train.tta else 0
-        for epoch in range(start_step // steps_per_epoch, config.train.epochs):
-            train_state, seconds, train_metrics = epoch_loop(train_state, epoch, dev)
+        first_epoch, progress = start_step // steps_per_epoch, run.progress
+        if start_step and start_step % steps_per_epoch == 0 and not run.has_epoch_row(start_step):
+            first_epoch -= 1  # saved at an epoch's end before its evaluation: evaluate and log that epoch first
+        for epoch in range(first_epoch, config.train.epochs):
+            train_state, seconds, train_metrics = epoch_loop(train_state, epoch, dev, progress)
+            progress = None  # only the epoch a run resumes in started before this process
             clock["train"] += seconds
             final = epoch + 1 == config.train.epochs
             tick = time.perf_counter()
@@ -134,8 +147,9 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         run.finish(summary)
     except KeyboardInterrupt:
         if epoch_loop.latest is not None:
+            epoch_loop.check_finite()  # a state after a non-finite step is never saved
             train_state = epoch_loop.latest  # the state after the last finished step
-        run.save(train_state)
+        run.save(train_state, epoch_loop.progress())
         raise TrainingInterrupted(int(train_state.step), run.last) from None
     finally:
         run.close()
@@ -179,6 +193,8 @@ class _EpochLoop:
                             if config.data.alternate_flips else None)
         self.grad_stats = _GradStats(config, ds, model) if config.train.grad_stats_every else None
         self.latest = None  # the state after the last finished step, for a Ctrl-C between steps
+        self.first_bad = None
+        self.sums: dict = {}  # the epoch's sums so far, on the device
 
     def batch(self, idx: torch.Tensor, epoch: int, key) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented, normalised batch of the examples ``idx``."""
@@ -197,12 +213,22 @@ class _EpochLoop:
         synchronize(dev)
         return time.perf_counter() - tick
 
-    def __call__(self, train_state: TrainState, epoch: int, dev) -> tuple[TrainState, float, dict]:
-        """The rest of ``epoch`` from ``train_state.step``: the new state, the seconds and the summed metrics."""
+    def __call__(self, train_state: TrainState, epoch: int, dev,
+                 progress: dict | None = None) -> tuple[TrainState, float, dict]:
+        """The rest of ``epoch`` from ``train_state.step``: the new state, the seconds and the summed metrics.
+
+        ``progress`` holds the sums of the epoch's steps run before a resume (from the checkpoint), so the
+        epoch's train loss and accuracy add up as in an uninterrupted run.
+        """
         config, n_train = self.config, len(self.ds.train_images)
+        progress = progress if progress and progress.get("epoch") == epoch else {}
         order = random.permutation(random.fold_in(self.order_root, epoch), n_train)
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        self.sums = {"loss_sum": torch.tensor(float(progress.get("loss_sum", 0.0)), device=dev),
+                     "correct": torch.tensor(int(progress.get("correct", 0)), dtype=torch.int64, device=dev),
+                     "skipped": torch.tensor(int(progress.get("skipped", 0)), dtype=torch.int64, device=dev),
+                     "images": int(progress.get("images", 0)), "epoch": epoch}
+        loss_sum, correct, skipped = self.sums["loss_sum"], self.sums["correct"], self.sums["skipped"]
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=dev)  # the first non-finite step (0: none)
         images, start = 0, time.perf_counter()
         step, self.latest = int(train_state.step), train_state
         for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
@@ -210,31 +236,72 @@ class _EpochLoop:
             idx = order[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
             train_state, metrics = self.train_step(train_state, self.batch(idx, epoch, aug_key), model_key)
             self.latest = train_state
-            loss_sum += metrics["loss"] * self.batch_size
+            finite = metrics["finite"]
+            # Flags kept on the device: nothing here waits for the step to finish.
+            self.first_bad = torch.where((self.first_bad == 0) & ~finite, train_state.step, self.first_bad)
+            skipped += ~finite
+            loss_sum += torch.where(finite, metrics["loss"], 0.0) * self.batch_size
             correct += metrics["correct"]
             step, images = step + 1, images + self.batch_size
+            self.sums["images"] += self.batch_size
+            fault_point("step")
             log = config.train.log_every_steps and step % config.train.log_every_steps == 0
             if log:
                 synchronize(dev)
+                self.check_finite()
             info = {"step": step, "epoch": epoch, "epoch_step": epoch_step + 1,
                     "steps_per_epoch": self.steps_per_epoch, "lr": float(self.schedule(step - 1)),
                     "images_per_second": images / max(time.perf_counter() - start, 1e-9)}
             if log:
-                info["loss"] = metrics["loss"].item()
-                self.run_dir.log({"kind": "step", "step": step, "epoch": epoch, "loss": info["loss"], "lr": info["lr"]})
+                loss = metrics["loss"].item()
+                info["loss"] = loss
+                row = {"kind": "step", "step": step, "epoch": epoch, "loss": loss if math.isfinite(loss) else None,
+                       "lr": info["lr"]}
+                if config.train.nan_policy == "skip":
+                    row["skipped_steps"] = int(skipped)  # this epoch's, so far
+                self.run_dir.log(row)
             if self.grad_stats is not None and step % config.train.grad_stats_every == 0:
                 self.run_dir.log({"kind": "grad_stats", "step": step, "epoch": epoch, **self.grad_stats(train_state)})
             self.run_dir.step(info)
             if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-                self.run_dir.save(train_state)
+                self.check_finite()  # a state after a non-finite step is never saved
+                self.run_dir.save(train_state, self.progress())
         synchronize(dev)  # steps run asynchronously: the epoch ends when the GPU is done
         seconds = time.perf_counter() - start
         self.images_seen += images
-        train_loss = loss_sum.item() / max(images, 1)
-        if not math.isfinite(train_loss):  # checked before saving: the last good checkpoint stays
-            raise TrainingDiverged(f"training diverged: the train loss is {train_loss} in epoch {epoch + 1}; lower "
-                                   f"optim.lr (now {config.optim.lr}) or set optim.clip_norm")
-        return train_state, seconds, {"loss": train_loss, "accuracy": correct.item() / max(images, 1)}
+        self.check_finite()  # before evaluating and saving: the last good checkpoint stays
+        skipped, epoch_images = int(skipped), self.sums["images"]
+        counted = epoch_images - skipped * self.batch_size  # the loss of a skipped step is not finite
+        metrics = {"loss": loss_sum.item() / counted if counted else float("nan"),
+                   "accuracy": correct.item() / max(epoch_images, 1), "skipped_steps": skipped}
+        return train_state, seconds, metrics
+
+    def progress(self) -> dict | None:
+        """The epoch's sums so far as JSON numbers (saved with a mid-epoch checkpoint); None before any epoch."""
+        if not self.sums:
+            return None
+        return {"loss_sum": float(self.sums["loss_sum"]), "correct": int(self.sums["correct"]),
+                "skipped": int(self.sums["skipped"]), "images": self.sums["images"], "epoch": self.sums["epoch"]}
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if a step of this epoch had a non-finite loss or gradient (policy stop).
+
+        Called where the loop synchronises anyway, so detection comes at most ``min(train.log_every_steps,
+        checkpoint.every_steps, steps left in the epoch)`` steps late; the message names the exact step.
+        """
+        if self.config.train.nan_policy != "stop" or self.first_bad is None:
+            return
+        bad = int(self.first_bad)
+        if bad:
+            optim, last = self.config.optim, self.run_dir.last
+            kept = f"{last} holds the last good state" if last.is_file() else "no checkpoint was written before it"
+            raise TrainingDiverged(
+                f"training diverged: the loss or a gradient is nan/inf at step {bad} (epoch "
+                f"{(bad - 1) // self.steps_per_epoch + 1}); likely causes: a learning rate too high (optim.lr = "
+                f"{optim.lr}), no gradient clipping (optim.clip_norm = {optim.clip_norm}), bf16 overflow "
+                f"(train.precision = {self.config.train.precision!r}) or bad input data; {kept}; lower optim.lr, "
+                "or set train.nan_policy = \"skip\" to skip such updates",
+                step=bad)
 
 
 class _GradStats:
@@ -266,7 +333,8 @@ def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result:
     """The metrics.jsonl row of an epoch."""
     row = {"kind": "epoch", "step": int(train_state.step), "epoch": epoch + 1, "train_loss": train_metrics["loss"],
            "train_accuracy": train_metrics["accuracy"], "test_loss": result["loss"],
-           "test_accuracy": result["accuracy"], "lr": lr, "seconds": seconds}
+           "test_accuracy": result["accuracy"], "lr": lr, "seconds": seconds,
+           "skipped_steps": train_metrics["skipped_steps"]}
     if "tta_accuracy" in result:
         row["test_accuracy_tta"] = result["tta_accuracy"]
     return row
@@ -281,6 +349,9 @@ def _summary(config: Config, train_state: TrainState, result: dict, best, clock:
         "final_eval_seconds": clock["final_eval"],
         "images_per_second": images_seen / clock["train"] if clock["train"] else None,
         "steps": int(train_state.step), "epochs": config.train.epochs, "resumed_from_step": start_step or None,
+        "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
+        "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
+        "nan_policy": config.train.nan_policy,
         "device": device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
         "seed": config.train.seed, "num_params": tree.num_params(train_state.params),
         "model": config.model.name, "data_dir": str(ds.folder), "train_images": len(ds.train_images),

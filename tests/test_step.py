@@ -217,3 +217,38 @@ def test_the_gradient_is_a_parameter_of_the_step():
     for a, b in zip(tree.tree_leaves(ours.params), tree.tree_leaves(reference.params)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not tree.tree_allclose(ours.params, ts.params)
+
+
+def _equal_trees(a, b):
+    return all(x.equal(y) for x, y in zip(tree.tree_leaves(a), tree.tree_leaves(b)))
+
+
+@pytest.mark.parametrize("poison", ["nan_image", "inf_gradient"])
+def test_a_skipped_non_finite_step_changes_nothing_but_the_step_count(poison):
+    model = fnclass.build_model(SMALL)
+    opt = optim.adam(1e-3)
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0))
+    loss_fn = losses.cross_entropy
+    if poison == "inf_gradient":  # a finite loss (0) whose gradient is not: d sqrt(x)/dx at 0
+        loss_fn = lambda logits, labels: torch.sqrt((logits * 0.0).sum().abs())  # noqa: E731
+    images, labels = _batch(0)
+    if poison == "nan_image":
+        images[3, 0, 5, 5] = float("nan")
+    skip = fnclass.make_train_step(model, loss_fn, opt, skip_nonfinite=True)
+    plain = fnclass.make_train_step(model, loss_fn, opt)
+    after, metrics = skip(ts, (images, labels), fnclass.key(1))
+    assert not bool(metrics["finite"]) and int(after.step) == int(ts.step) + 1
+    assert _equal_trees((after.params, after.state, after.opt_state), (ts.params, ts.state, ts.opt_state))
+    unguarded, _ = plain(ts, (images, labels), fnclass.key(1))  # what skipping prevents
+    assert not all(torch.isfinite(leaf).all() for leaf in tree.tree_leaves(unguarded.params))
+
+
+def test_a_finite_step_is_the_same_with_or_without_the_skip_guard():
+    model = fnclass.build_model(SMALL)
+    opt = optim.adam(1e-3)
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0))
+    guarded = fnclass.make_train_step(model, losses.cross_entropy, opt, skip_nonfinite=True)
+    plain = fnclass.make_train_step(model, losses.cross_entropy, opt)
+    a, metrics = guarded(ts, _batch(2), fnclass.key(1))
+    b, _ = plain(ts, _batch(2), fnclass.key(1))
+    assert bool(metrics["finite"]) and _equal_trees(a, b) and not _equal_trees(a.params, ts.params)

@@ -36,10 +36,16 @@ class RichReporter:
         self.loss = float("nan")
 
     def start(self, info):
+        for name, reason in info.get("rejected_checkpoints") or []:  # said even when quiet: a checkpoint is bad
+            click.echo(f"warning: passed over {name}: {reason}", err=True)
+        if info.get("rejected_checkpoints"):
+            click.echo(f"warning: resuming from {Path(info['resumed_from']).name} (step {info['start_step']}), the "
+                       "newest checkpoint that verifies", err=True)
         if self.mode != "normal":
             return
         cfg = info["config"]
-        resumed = f", resuming at step {info['start_step']}" if info["start_step"] else ""
+        resumed = (f", resuming at step {info['start_step']} from {Path(info['resumed_from']).name}"
+                   if info.get("resumed_from") else "")
         self.console.print(
             f"fnclass train: {cfg.model.name} ({info['num_params'] / 1e6:.2f}M parameters) on {info['device']}, "
             f"{info['train_images']} train / {info['test_images']} test images from {info['data_dir']}, "
@@ -133,8 +139,9 @@ def _differences(given, recorded) -> list[str]:
 
 def _resume_config(run_dir: Path, config_path, overrides, out):
     """The recorded config of a run to resume, after checking that the given options agree with it."""
-    recorded_path = run_dir / "config.toml"
-    if not (run_dir / "checkpoints" / "last.safetensors").is_file() or not recorded_path.is_file():
+    recorded_path, checkpoints = run_dir / "config.toml", run_dir / "checkpoints"
+    saved = (checkpoints / "last.safetensors").is_file() or any(checkpoints.glob("step-*.safetensors"))
+    if not saved or not recorded_path.is_file():
         raise UsageProblem(f"--resume {run_dir}: no config.toml and checkpoints/last.safetensors there; "
                            "give the directory of a run that has saved a checkpoint")
     if out is not None and Path(out).resolve() != run_dir.resolve():
