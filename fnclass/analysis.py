@@ -225,6 +225,7 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     dev = pick_device(device)
     folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
     raw_images, labels = data.load_split(folder, split, limit=limit)
+    ckpt.check_split(folder, raw_images, labels)
     model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
     params, state = tree.tree_to((ckpt.params, ckpt.state), dev)
     images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)

@@ -53,6 +53,17 @@ class Checkpoint(NamedTuple):
     metadata: dict
     tensors: dict[str, torch.Tensor]
 
+    def check_split(self, folder, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Refuse a data split this model cannot be run on: another image size, or labels beyond its classes."""
+        from fnclass.data import DataError
+
+        if tuple(images.shape[1:3]) != tuple(self.input_size):
+            raise DataError(f"{folder}: images are {images.shape[1]}x{images.shape[2]} but the checkpoint's model "
+                            f"takes {self.input_size[0]}x{self.input_size[1]}; use the data set it was trained on")
+        if len(labels) and int(labels.max()) >= len(self.classes):
+            raise DataError(f"{folder}: labels go up to {int(labels.max())} but the checkpoint knows "
+                            f"{len(self.classes)} classes; use the data set it was trained on")
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) images -> the normalised float NCHW tensor ``model.apply`` takes."""
         from fnclass.data import normalize

@@ -9,8 +9,9 @@ an unknown key, a wrong type or an impossible value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
-import json
+import math
 import tomllib
 import types
 import typing
@@ -19,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from fnclass.errors import InputError
+from fnclass.io import read_small
 
 
 class ConfigError(InputError):
     """A config file, override or value is invalid; the message names the key and the fix."""
+
+
+MAX_EPOCHS = 1_000_000  # a million epochs of 50,000 single-image steps keeps every step counter far inside int64
+MAX_CONFIG_BYTES = 1 << 20  # the shipped configs are under 2 KB; a config of a MiB is not a config
 
 
 @dataclass(frozen=True)
@@ -114,13 +120,15 @@ class OptimConfig:
         """Raise :class:`ConfigError` for impossible values."""
         _check(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
         _check(self.lr > 0, "optim.lr", self.lr, "a positive number")
-        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", (self.b1, self.b2), "numbers in [0, 1)")
+        _check(0 <= self.b1 < 1, "optim.b1", self.b1, "a number in [0, 1)")
+        _check(0 <= self.b2 < 1, "optim.b2", self.b2, "a number in [0, 1)")
         _check(self.eps > 0, "optim.eps", self.eps, "a positive number")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "a number >= 0 (0 turns clipping off)")
         _check(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
-        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "a number >= 0")
+        _check(0 <= self.warmup_epochs <= MAX_EPOCHS, "optim.warmup_epochs", self.warmup_epochs,
+               f"a number in [0, {MAX_EPOCHS:,}]")
         _check(0 <= self.final_lr_fraction <= 1, "optim.final_lr_fraction", self.final_lr_fraction,
                "a number in [0, 1]")
         _check(not self.muon or self.name == "sgd", "optim.muon", self.muon, 'false unless optim.name = "sgd"')
@@ -128,7 +136,8 @@ class OptimConfig:
             _check(getattr(self, name) > 0, f"optim.{name}", getattr(self, name), "a positive number")
         _check(self.lookahead_every >= 0, "optim.lookahead_every", self.lookahead_every, "an integer >= 0")
         _check(0 <= self.lookahead_decay < 1, "optim.lookahead_decay", self.lookahead_decay, "a number in [0, 1)")
-        _check(self.whiten_bias_epochs >= 0, "optim.whiten_bias_epochs", self.whiten_bias_epochs, "a number >= 0")
+        _check(0 <= self.whiten_bias_epochs <= MAX_EPOCHS, "optim.whiten_bias_epochs", self.whiten_bias_epochs,
+               f"a number in [0, {MAX_EPOCHS:,}]")
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
-        _check(self.epochs >= 1, "train.epochs", self.epochs, "a positive integer")
+        _check(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", self.epochs, f"an integer in 1..{MAX_EPOCHS:,}")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
         _check(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
@@ -203,12 +212,30 @@ class Config:
         return self
 
 SECTIONS = ("model", "data", "optim", "train", "checkpoint")
+SECTION_CLASSES = (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a one-line :class:`ConfigError` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}")
+        raise ConfigError(f"{key} = {shown(value)} is not allowed: expected {allowed}")
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value's repr for a one-line error, cut to ``limit`` characters (a hostile value may be a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _key(name: Any) -> str:
+    """A key as written in TOML when it is short printable text, else its cut repr."""
+    return name if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 60 else shown(name)
+
+
+def _nearest(name: str, choices, what: str) -> str:
+    """``did you mean X? `` for the closest of ``choices`` to a mistyped ``name``, or nothing."""
+    close = difflib.get_close_matches(str(name), [str(choice) for choice in choices], n=1)
+    return f"did you mean {what.format(close[0])}? " if close else ""
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -229,14 +256,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise errors[0]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected a list")
+            raise ConfigError(f"{key} = {shown(value)} is not allowed: expected a list")
         (item_type, _ellipsis) = typing.get_args(annotation)
         return tuple(_coerce(item, item_type, key) for item in value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool) and (type(value) is not annotation):
-        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {names[annotation]}")
+    if type(value) is int and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{key} = {shown(value)} is not allowed: expected a 64-bit integer (TOML's range)")
+    if annotation is float and type(value) is int:  # bools are ints in Python, and stay refused below
+        value = float(value)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if annotation in names and type(value) is not annotation:
+        raise ConfigError(f"{key} = {shown(value)} is not allowed: expected {names[annotation]}")
+    if annotation is float and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value} is not allowed: expected a finite number")
     return value
 
 
@@ -244,26 +275,40 @@ def section_from_dict(cls: type, data: dict, section: str) -> Any:
     """Build a config dataclass from a TOML table, rejecting unknown keys and wrong types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"unknown key {section}.{unknown[0]}: allowed keys are {', '.join(sorted(fields))}")
+        suggestion = _nearest(unknown[0], fields, section + ".{}")
+        raise ConfigError(f"unknown key {section}.{_key(unknown[0])}: {suggestion}allowed keys are "
+                          f"{', '.join(sorted(fields))}")
     values = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in data.items()}
     return cls(**values)
 
 
 
 
+def _unknown_section(name: str, value: Any) -> str:
+    """The message for a top-level name that is not a section: a key put outside its section, or a typo."""
+    owners = [section for section, cls in zip(SECTIONS, SECTION_CLASSES)
+              if not isinstance(value, dict) and name in {f.name for f in dataclasses.fields(cls)}]
+    if owners:
+        return f"{_key(name)} = {shown(value)} is outside any section: put it under [{owners[0]}]"
+    suggestion = _nearest(name, SECTIONS, "[{}]")
+    return f"unknown section [{_key(name)}]: {suggestion}allowed sections are {', '.join(SECTIONS)}"
+
+
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     """Build and validate a :class:`Config` from nested dicts (a parsed TOML document)."""
     try:
-        unknown = sorted(set(data) - set(SECTIONS))
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a table of sections ({', '.join(SECTIONS)}), got {shown(data)}")
+        unknown = sorted(set(data) - set(SECTIONS), key=str)
         if unknown:
-            raise ConfigError(f"unknown section [{unknown[0]}]: allowed sections are {', '.join(SECTIONS)}")
+            raise ConfigError(_unknown_section(unknown[0], data[unknown[0]]))
         sections = {}
-        for name, cls in zip(SECTIONS, (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig)):
+        for name, cls in zip(SECTIONS, SECTION_CLASSES):
             table = data.get(name, {})
             if not isinstance(table, dict):
-                raise ConfigError(f"[{name}] must be a table of keys, got {table!r}")
+                raise ConfigError(f"[{name}] must be a table of keys, got {shown(table)}")
             sections[name] = section_from_dict(cls, table, name)
         return Config(**sections).validate()
     except ConfigError as error:
@@ -273,13 +318,20 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` (the value as TOML, or a bare string) into ``(["section", "key"], value)``."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set optim.lr=3e-4")
+        key = text.split("=", 1)[0].strip()
+        owners = [section for section, cls in zip(SECTIONS, SECTION_CLASSES)
+                  if key in {f.name for f in dataclasses.fields(cls)}]
+        example = f"{owners[0]}.{key}=VALUE" if owners else f"{key}=VALUE" if "." in key else "optim.lr=3e-4"
+        raise ConfigError(f"--set {shown(text)}: expected section.key=value, e.g. --set {example}")
     dotted, raw = text.split("=", 1)
+    path = [part.strip() for part in dotted.split(".")]
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return dotted.strip().split("."), value
+        document = tomllib.loads(f"v = {raw}")
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return path, raw
+    if set(document) != {"v"}:  # "1\n[model]\nname = 'x'" would otherwise set a second key unseen
+        raise ConfigError(f"--set {shown(text)}: the value must be one TOML value, not several lines of keys")
+    return path, document["v"]
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -288,10 +340,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         if len(path) != 2:
-            raise ConfigError(f"--set {text!r}: expected exactly section.key, e.g. optim.lr")
+            raise ConfigError(f"--set {shown(text)}: expected exactly section.key, e.g. optim.lr")
         data.setdefault(path[0], {})
         if not isinstance(data[path[0]], dict):
-            raise ConfigError(f"--set {text!r}: [{path[0]}] is not a table")
+            raise ConfigError(f"--set {shown(text)}: [{path[0]}] is not a table")
         data[path[0]][path[1]] = value
     return data
 
@@ -313,25 +365,37 @@ def find_config(name_or_path: str | Path) -> Path:
         return shipped[text]
     path = Path(text)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; give a path or one of the shipped names: "
+        problem = "is a folder, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError(f"{path}: {problem}; give a TOML file or one of the shipped names: "
                           f"{', '.join(sorted(shipped))}")
     return path
 
 
 def read_toml(path: Path, _seen: tuple = ()) -> dict:
     """A config file's tables, with a top-level ``base = "NAME|PATH"`` merged underneath (section by section)."""
+    raw = read_small(path, MAX_CONFIG_BYTES, ConfigError, "config")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}); TOML files are "
+                          "UTF-8: save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
     base = data.pop("base", None)
     if base is None:
         return data
     if not isinstance(base, str):
-        raise ConfigError(f"{path}: base = {base!r} is not allowed: expected a shipped config's name or a path")
-    base_path = find_config(base if base in shipped_configs() else path.parent / base)
+        raise ConfigError(f"{path}: base = {shown(base)} is not allowed: expected a shipped config's name or a path")
+    try:
+        base_path = find_config(base if base in shipped_configs() else path.parent / base)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: base = {shown(base)}: {error}") from None
     if base_path.resolve() in _seen or len(_seen) > 8:
-        raise ConfigError(f"{path}: base = {base!r} leads back to itself; remove the loop")
+        raise ConfigError(f"{path}: base = {shown(base)} leads back to itself; remove the loop")
     merged = read_toml(base_path, (*_seen, path.resolve()))
     for section, table in data.items():
         merged[section] = {**merged[section], **table} if isinstance(table, dict) and isinstance(
@@ -381,7 +445,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        # Not json.dumps: JSON writes U+1F600 as a surrogate pair and leaves DEL raw, both invalid in TOML.
+        return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or c in '"\\\x7f' else c for c in value) + '"'
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 

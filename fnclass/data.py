@@ -10,9 +10,12 @@ here; the files are plain ``.npy`` arrays and text, never pickles.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import os
+import tokenize
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 
 from fnclass.errors import InputError
-from fnclass.io import fsync_folder, write_temp
+from fnclass.io import fsync_folder, read_small, write_temp
 
 FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "classes.txt")
+MAX_CLASSES_BYTES = 1 << 20  # 20,000 class names of 50 characters fit in a MiB; a larger file is not a class list
 
 
 class DataError(InputError):
@@ -39,29 +43,61 @@ class Dataset(NamedTuple):
     classes: tuple[str, ...]
 
 
-def _load_array(path: Path) -> np.ndarray:
-    """``np.load`` without pickle, turning every failure into a one-line DataError."""
-    if not path.is_file():
-        raise DataError(f"{path} is missing: a data folder needs {', '.join(FILES)} "
-                        "(write one with `fnclass data prepare`)")
+def _check_npy_header(path: Path, handle) -> None:
+    """Check a ``.npy`` header against the file before anything is allocated: no objects, sizes that agree."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(
-            f"{path} is not a readable .npy array ({error}); re-create it with `fnclass data prepare`"
-        ) from None
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"format version {version[0]}.{version[1]} is not read here")
+        shape, _fortran_order, dtype = read_header[version](handle)
+    except (ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError) as error:  # numpy's header parser
+        raise DataError(f"{path} is not a readable .npy array (bad header: {error}); re-create it with "
+                        "`fnclass data prepare`") from None
+    if dtype.hasobject:
+        raise DataError(f"{path} holds Python objects (a pickle), which are never loaded: save plain numbers with "
+                        "np.save(..., allow_pickle=False) or re-create it with `fnclass data prepare`")
+    needed = math.prod(shape) * dtype.itemsize
+    held = os.fstat(handle.fileno()).st_size - handle.tell()
+    if held != needed or any(side < 0 for side in shape):
+        # A header may claim any shape: comparing it with the file's size refuses (10**12, 32, 32, 3) before
+        # np.load allocates that, and names a truncated copy as such.
+        raise DataError(f"{path} is damaged: its header says {dtype} {shape} ({needed:,} bytes) but the file holds "
+                        f"{held:,} bytes of data; copy it again or re-create it with `fnclass data prepare`")
+
+
+def _load_array(path: Path) -> np.ndarray:
+    """``np.load`` without pickle, its header checked against the file first; every failure is one DataError line."""
+    if not path.is_file():
+        raise DataError(f"{path} is {'not a file' if path.exists() else 'missing'}: a data folder needs "
+                        f"{', '.join(FILES)} (write one with `fnclass data prepare`)")
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
+    with handle:
+        _check_npy_header(path, handle)
+        handle.seek(0)
+        try:
+            return np.load(handle, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(f"{path} is not a readable .npy array ({error}); re-create it with "
+                            "`fnclass data prepare`") from None
 
 
 def _check_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
-    """Validate one split's shapes, dtypes and label range."""
+    """Validate one split's shapes, dtypes, size and label range."""
     where = folder / f"{split}_images.npy"
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3]:
         raise DataError(f"{where}: expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{where}: the {split} split needs at least one image")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{folder / f'{split}_labels.npy'}: expected a 1-d integer array, "
                         f"got {labels.dtype} {labels.shape}")
     if len(labels) != len(images):
-        raise DataError(f"{folder}: {split} has {len(images)} images but {len(labels)} labels")
+        raise DataError(f"{folder / f'{split}_labels.npy'}: {len(labels)} labels for {len(images)} images in "
+                        f"{split}_images.npy; the two files must come from the same write")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{folder / f'{split}_labels.npy'}: labels must lie in 0..{num_classes - 1} "
                         f"(classes.txt has {num_classes} lines), found {labels.min()}..{labels.max()}")
@@ -72,10 +108,18 @@ def load_classes(folder: Path) -> tuple[str, ...]:
     path = Path(folder) / "classes.txt"
     if not path.is_file():
         raise DataError(f"{path} is missing: write one class name a line, in label order")
-    classes = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    if len(classes) < 2:
-        raise DataError(f"{path}: expected at least 2 class names, found {len(classes)}")
-    return classes
+    raw = read_small(path, MAX_CLASSES_BYTES, DataError, "class list")
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark from a Windows editor is not a name
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}): save it as "
+                        "UTF-8") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():  # skipping it would shift every later class onto the wrong label
+            raise DataError(f"{path}: line {number} is empty; write one class name a line, in label order")
+    return _check_classes(Path(folder), [line.strip() for line in lines])
 
 
 def load_split(folder: str | Path, split: str, *, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +140,9 @@ def load_split(folder: str | Path, split: str, *, limit: int | None = None) -> t
     classes = load_classes(folder)
     images = _load_array(folder / f"{split}_images.npy")
     labels = _load_array(folder / f"{split}_labels.npy")
+    _check_split(folder, split, images, labels, len(classes))
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    _check_split(folder, split, images, labels, len(classes))
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -136,6 +180,9 @@ def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float3
 
 TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_FORMATS = ("PNG", "JPEG")  # what Pillow may decode: other formats (EPS runs Ghostscript) are refused
+MAX_IMAGE_SIDE = 4096  # the largest input size a checkpoint may record (fnclass.checkpoint)
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: 256 MiB at 3 bytes a pixel, about 9,459 x 9,459
 DEFAULT_TEST_FRACTION = 0.2  # CIFAR's own ratio is 1/6; 0.2 is the usual hold-out and gives "every 5th file"
 
 
@@ -148,10 +195,11 @@ def _check_classes(folder: Path, classes) -> tuple[str, ...]:
     for name in classes:
         if not isinstance(name, str) or name.strip() != name or len(name.splitlines()) != 1:
             raise DataError(f"{where}: a class name must be non-empty one-line text without surrounding spaces, "
-                            f"got {name!r}")
+                            f"got {repr(name)[:60]}")
     if len(set(classes)) != len(classes):
-        duplicates = sorted({name for name in classes if classes.count(name) > 1})
-        raise DataError(f"{where}: class names must be unique, repeated: {', '.join(duplicates)}")
+        duplicates = sorted(name for name, count in collections.Counter(classes).items() if count > 1)
+        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        raise DataError(f"{where}: class names must be unique, repeated: {', '.join(duplicates[:5])}{more}")
     return classes
 
 
@@ -182,8 +230,6 @@ def write_dataset(folder: str | Path, train_images, train_labels, test_images, t
     for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
         images, labels = np.asarray(images), np.asarray(labels)
         _check_split(folder, split, images, labels, len(classes))
-        if len(images) == 0:
-            raise DataError(f"{folder / f'{split}_images.npy'}: the {split} split needs at least one image")
         arrays[f"{split}_images.npy"] = np.ascontiguousarray(images)
         arrays[f"{split}_labels.npy"] = labels.astype(np.int64)
     if arrays["train_images.npy"].shape[1:] != arrays["test_images.npy"].shape[1:]:
@@ -285,15 +331,63 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_image(path: Path, size: int | tuple[int, int]) -> np.ndarray:
-    """Decode one PNG/JPEG file to uint8 RGB of shape (height, width, 3); an int ``size`` means a square."""
+class _TooLarge(Exception):
+    """An image's header claims more than :data:`MAX_IMAGE_PIXELS` pixels."""
+
+
+def _decode_rgb(path: Path):
+    """Open a PNG/JPEG, refuse it before decoding when too large, apply EXIF rotation and convert to RGB."""
     from PIL import Image, ImageOps
 
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice it, and decodes anyway: the check below refuses instead.
+        # Its other warnings (a damaged EXIF block, which then just loses its rotation) would break the CLI's
+        # one-line output.
+        warnings.simplefilter("ignore")
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise _TooLarge(f"{image.width} x {image.height} pixels")
+            return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _to_rgb(image):
+    """RGB from any PNG/JPEG mode: 16-bit grey keeps its high byte, transparency is composited onto black."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit grey: Pillow's convert("RGB") clips at 255; the high byte is what Pillow keeps of 16-bit colour.
+        grey = np.right_shift(np.clip(np.asarray(image), 0, 65535), 8).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.has_transparency_data:  # RGBA, LA, palettes and RGB/L with a transparent colour (tRNS)
+        rgba = np.asarray(image.convert("RGBA"))
+        rgb = rgba[..., :3].astype(np.uint16) * rgba[..., 3:]
+        return Image.fromarray(((rgb + 127) // 255).astype(np.uint8))  # round(c * alpha / 255): never a tie
+    return image.convert("RGB")  # L, 1, P, RGB; CMYK as r = (255 - c) * (255 - k) / 255 (no colour profile)
+
+
+def read_image(path: Path, size: int | tuple[int, int]) -> np.ndarray:
+    """Decode one PNG/JPEG file to uint8 RGB of shape (height, width, 3); an int ``size`` means a square.
+
+    EXIF rotation is applied, 16-bit grey keeps its high byte, transparency is composited onto black
+    (each channel times alpha / 255, rounded), CMYK is converted without a colour profile. Files of other
+    formats, and images of more than :data:`MAX_IMAGE_PIXELS` pixels, are refused before decoding.
+
+    Raises:
+      DataError: one line naming the file, when it is not a decodable PNG/JPEG or too large.
+    """
+    from PIL import Image
+
+    if not Path(path).is_file():  # a folder is not an image, and a named pipe would block the read
+        raise DataError(f"{path} is {'not a file' if Path(path).exists() else 'missing'}: expected a PNG or JPEG file")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path} is not a readable image ({error}); delete or replace it") from None
+        image = _decode_rgb(path)
+    except (_TooLarge, Image.DecompressionBombError) as error:  # Pillow refuses twice its own limit in open()
+        raise DataError(f"{path} is too large to decode ({error}): images may have at most {MAX_IMAGE_PIXELS:,} "
+                        "pixels; shrink it first") from None
+    except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for damaged files (fuzzed in the tests)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path} is not a readable image ({reason}); only undamaged PNG and JPEG files are read: "
+                        "delete or replace it") from None
     height, width = (size, size) if isinstance(size, int) else size
     if image.size != (width, height):
         # LANCZOS: Pillow's sharpest filter for shrinking photos to a few dozen pixels, and antialiased
@@ -327,7 +421,7 @@ def prepare_image_folder(src: str | Path, out_dir: str | Path, *, size: int = 32
     Args:
       src: the image folder.
       out_dir: where the canonical files go.
-      size: side of the square output images in pixels.
+      size: side of the square output images in pixels, 1..MAX_IMAGE_SIDE (4096).
       test_fraction: share of each class held out for test, in (0, 1); only without train/ and test/.
 
     Returns:
@@ -341,8 +435,8 @@ def prepare_image_folder(src: str | Path, out_dir: str | Path, *, size: int = 32
     if not src.is_dir():
         raise DataError(f"{src} is not a folder: expected one sub-folder of images per class, or train/ and test/ "
                         "folders holding such sub-folders")
-    if size < 1:
-        raise DataError(f"image size must be a positive number of pixels, got {size}")
+    if not 1 <= size <= MAX_IMAGE_SIDE:
+        raise DataError(f"image size must be 1..{MAX_IMAGE_SIDE} pixels, got {size}")
     has_train, has_test = (src / "train").is_dir(), (src / "test").is_dir()
     if has_train != has_test:
         raise DataError(f"{src} has a {'train' if has_train else 'test'}/ folder but no "

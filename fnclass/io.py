@@ -14,12 +14,16 @@ import secrets
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from fnclass.config import ConfigError
 from fnclass.errors import InputError
+
+
+class DeviceError(InputError):
+    """The device asked for is not available here."""
 
 
 class WriteError(InputError):
@@ -107,6 +111,21 @@ def fsync_folder(folder: str | Path) -> None:
         os.close(fd)
 
 
+def read_small(path: str | Path, limit: int, error: type[InputError], what: str) -> bytes:
+    """The bytes of a file that must be small (a config, a class list), or one line of ``error`` naming it.
+
+    Reads at most ``limit + 1`` bytes, so a huge or endless file (a named pipe, /dev/zero) costs nothing.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as problem:
+        raise error(f"{path}: cannot be read ({problem.strerror}); check its permissions") from None
+    if len(raw) > limit:
+        raise error(f"{path}: over {limit:,} bytes, which no {what} needs; is it the right file?")
+    return raw
+
+
 def write_json(path: str | Path, payload: dict) -> None:
     """Write a JSON file atomically (numbers that are not plain floats, such as tensors' items, as floats)."""
     write_atomic(path, (json.dumps(payload, indent=2, default=float) + "\n").encode())
@@ -124,21 +143,27 @@ def save_figure(fig, path: str | Path) -> None:
 
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
+    import torch  # here, not at the top: config reads files through this module, and `--help` imports no torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+        raise DeviceError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (a clock read after it then includes that work); nothing on the CPU."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device) -> str:
     """A readable name of the device (the GPU's model on CUDA)."""
+    import torch
+
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return "cpu"

@@ -17,3 +17,22 @@ def cifar_dir() -> Path:
     if folder and (Path(folder) / "train_images.npy").is_file():
         return Path(folder)
     missing(f"real CIFAR-10 not found: set FNCLASS_DATA to a folder with train_images.npy (got {folder!r})")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny model for the classes cat, dog, emu and 16 x 16 images (`fnclass eval`/`predict` need one)."""
+    import fnclass
+    from fnclass.checkpoint import save_checkpoint
+    from fnclass.config import load_config
+    from fnclass.models import resolve_config
+    from fnclass.optim import sgd
+    from fnclass.step import create_train_state
+
+    config = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 8, 8]", "model.stem_width=8",
+                                               "model.num_classes=3"]))
+    state = create_train_state(fnclass.build_model(config.model), sgd(0.1), fnclass.key(0))
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_checkpoint(path, state, config=config, classes=["cat", "dog", "emu"], mean=(0.5,) * 3, std=(0.25,) * 3,
+                    input_size=(16, 16))
+    return path

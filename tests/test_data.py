@@ -62,7 +62,7 @@ def test_write_dataset_accepts_list_labels_like_torchvision_targets(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (lambda a: {**a, "train_images": a["train_images"].astype(np.float32)}, "uint8"),
-    (lambda a: {**a, "test_labels": a["test_labels"][:-1]}, "10 images but 9 labels"),
+    (lambda a: {**a, "test_labels": a["test_labels"][:-1]}, "9 labels for 10 images"),
     (lambda a: {**a, "train_labels": a["train_labels"] + 3}, r"labels must lie in 0\.\.2"),
     (lambda a: {**a, "test_images": a["test_images"][:, :4]}, "train images are"),
     (lambda a: {**a, "classes": ["a", "a", "b"]}, "repeated: a"),

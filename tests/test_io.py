@@ -54,7 +54,7 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_pick_device():
     assert io.pick_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(fnclass.config.ConfigError, match="--device cuda"):
+        with pytest.raises(io.DeviceError, match="--device cuda"):
             io.pick_device("cuda")
 
 

@@ -33,6 +33,7 @@ def show(config_path, overrides) -> None:
 
     source = config_path if config_path is not None else "defaults"
     resolved = resolve_config(load_config(config_path, list(overrides)), source=source)
-    click.echo(f"# {source}{' with --set ' + ' '.join(overrides) if overrides else ''}; shipped configs: "
+    shown = " ".join(text if text.isprintable() else repr(text) for text in overrides)  # one comment line
+    click.echo(f"# {source}{' with --set ' + shown if overrides else ''}; shipped configs: "
                f"{', '.join(shipped_configs())}")
     click.echo(config_to_toml(resolved), nl=False)

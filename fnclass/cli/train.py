@@ -244,9 +244,7 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
     dev = pick_device(device)
     folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
     images, labels = load_split(folder, split, limit=limit)
-    if int(labels.max()) >= len(ckpt.classes):
-        raise UsageProblem(f"{folder}: labels go up to {int(labels.max())} but the checkpoint knows "
-                           f"{len(ckpt.classes)} classes; evaluate on the data set it was trained on")
+    ckpt.check_split(folder, images, labels)
     params, state = tree_to((ckpt.params, ckpt.state), dev)
     result = evaluate_dataset(make_eval_step(ckpt.model), params, state, images.to(dev), labels.to(dev),
                               mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,

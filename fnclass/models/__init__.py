@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fnclass.config import Config, ConfigError, ModelConfig
+from fnclass.config import Config, ConfigError, ModelConfig, shown
 from fnclass.models import fast, resnet_attn, tiny
 from fnclass.models.model import LABELS, Model
 
@@ -23,7 +23,7 @@ def resolve(config: ModelConfig) -> ModelConfig:
       ConfigError: for an unknown name or a shape the model cannot take (one line naming the key).
     """
     if config.name not in MODELS:
-        raise ConfigError(f"model.name = {config.name!r} is not allowed: expected one of {', '.join(MODELS)}")
+        raise ConfigError(f"model.name = {shown(config.name)} is not allowed: expected one of {', '.join(MODELS)}")
     module = MODELS[config.name]
     config = dataclasses.replace(config, **{k: v for k, v in module.DEFAULTS.items() if getattr(config, k) is None})
     if hasattr(module, "validate"):
@@ -55,18 +55,19 @@ def build_model(config: ModelConfig) -> Model:
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}")
+        raise ConfigError(f"{key} = {shown(value)} is not allowed: expected {allowed}")
 
 
 def _validate_shape(cfg: ModelConfig) -> None:
     """The checks every model's shape must pass once its defaults are filled in."""
     _check(len(cfg.widths) >= 1 and all(1 <= w <= 65536 for w in cfg.widths), "model.widths", cfg.widths,
            "a non-empty list of integers in 1..65536")
+    _check(1 <= cfg.stem_width <= 65536, "model.stem_width", cfg.stem_width, "an integer in 1..65536")
     _check(all(0 <= s < len(cfg.widths) for s in cfg.attn_after), "model.attn_after", cfg.attn_after,
            f"stage indices in 0..{len(cfg.widths) - 1}")
     _check(list(cfg.attn_after) == sorted(set(cfg.attn_after)), "model.attn_after", cfg.attn_after,
            "distinct stage indices in increasing order")
-    _check(cfg.attn_layers >= 0, "model.attn_layers", cfg.attn_layers, "an integer >= 0")
+    _check(0 <= cfg.attn_layers <= 1000, "model.attn_layers", cfg.attn_layers, "an integer in 0..1000")
     for stage in cfg.attn_after:
         _check(cfg.attn_heads >= 1 and cfg.widths[stage] % cfg.attn_heads == 0, "model.attn_heads",
                cfg.attn_heads, f"a divisor of the attended stage's width {cfg.widths[stage]}")

@@ -9,7 +9,7 @@ blocks over the spatial positions. The head is global average pooling, dropout a
 from __future__ import annotations
 
 from fnclass import layers, random
-from fnclass.config import ConfigError, ModelConfig
+from fnclass.config import ConfigError, ModelConfig, shown
 from fnclass.models.blocks import (
     attention_init,
     attention_labels,
@@ -29,9 +29,10 @@ DEFAULTS = dict(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), attn_after=(3,)
 
 def validate(config: ModelConfig) -> None:
     """Checks of this model's own keys."""
-    if len(config.depths) != len(config.widths) or not all(d >= 1 for d in config.depths):
-        raise ConfigError(f"model.depths = {config.depths!r} is not allowed: expected {len(config.widths)} positive "
-                          "integers, one per entry of model.widths")
+    # At most 1000 blocks a stage (ResNet-1001 has 111): a typo of 10**9 must not build for ever.
+    if len(config.depths) != len(config.widths) or not all(1 <= d <= 1000 for d in config.depths):
+        raise ConfigError(f"model.depths = {shown(config.depths)} is not allowed: expected {len(config.widths)} "
+                          "integers in 1..1000, one per entry of model.widths")
     if config.whiten:
         raise ConfigError("model.whiten = True is not allowed: expected false for resnet_attn (the whitening stem "
                           "belongs to fast and tiny)")
