@@ -72,7 +72,7 @@ class Checkpoint(NamedTuple):
 
 
 def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, mean, std,
-                    input_size: tuple[int, int], progress: dict | None = None) -> None:
+                    input_size: tuple[int, int], progress: dict | None = None, members: list | None = None) -> None:
     """Write a TrainState (params, model state, optimizer state, step, key) and its metadata.
 
     Args:
@@ -85,6 +85,7 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
       input_size: the (height, width) of the training images.
       progress: a run's sums over the epoch so far (JSON numbers), so that a resumed run's epoch row adds up
         as the uninterrupted run's does.
+      members: for a stacked TrainState (K members on a leading axis), each member's seed and swept values.
     """
     flat = tree.flatten_paths(train_state._asdict())
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}
@@ -95,10 +96,12 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
         "normalization": json.dumps({"mean": list(mean), "std": list(std)}),
         "input_size": json.dumps(list(input_size)),
         "fnclass_version": __version__,
-        "step": str(int(train_state.step)),
+        "step": str(int(train_state.step.reshape(-1)[0])),  # stacked members step together
     }
     if progress is not None:
         metadata["progress"] = json.dumps(progress)
+    if members is not None:
+        metadata["members"] = json.dumps(members)
     write_atomic(path, serialize(tensors, metadata))
 
 
@@ -304,6 +307,8 @@ def read_train_state(path: str | Path, skeleton) -> tuple[Any, dict]:
     tensors, metadata = read_file(path)
     restored = _restore(path, skeleton._asdict(), tensors, "")
     progress = _metadata_json(path, metadata, "progress") if "progress" in metadata else {}
-    if not isinstance(progress, dict) or not all(type(v) in (int, float) for v in progress.values()):
+    number = lambda v: type(v) in (int, float)
+    if not isinstance(progress, dict) or not all(number(v) or type(v) is list and all(map(number, v))
+                                                 for v in progress.values()):
         raise CheckpointError(f"{path}: metadata 'progress' is not a table of numbers (the file was altered)")
     return type(skeleton)(**restored), progress

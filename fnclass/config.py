@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import itertools
 import math
 import tomllib
 import types
@@ -188,6 +189,46 @@ class CheckpointConfig:
         _check(self.keep >= 0, "checkpoint.keep", self.keep, "an integer >= 0")
 
 
+MAX_MEMBERS = 1024  # members of one run; each holds a whole TrainState in memory
+
+SWEEPS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "label_smoothing": "train.label_smoothing"}
+
+
+@dataclass(frozen=True)
+class MembersConfig:
+    """K models trained at once, as one TrainState stacked on a leading axis under ``torch.func.vmap``.
+
+    The members are the grid of ``seeds`` and every non-empty sweep list (seeds first, then the sweeps in the
+    order below); all empty means one ordinary run with ``train.seed``. Each member is exactly the single run with
+    its seed and hyperparameters (keys, data order, augmentation); only values that leave the program's shapes
+    alone can be swept.
+    """
+
+    seeds: tuple[int, ...] = ()  # one member per seed (--seeds 0-7); empty: train.seed
+    lr: tuple[float, ...] = ()  # sweep optim.lr, one value per member (--sweep optim.lr=0.05,0.1)
+    weight_decay: tuple[float, ...] = ()  # sweep optim.weight_decay
+    label_smoothing: tuple[float, ...] = ()  # sweep train.label_smoothing
+    per_pass: int = 0  # vmap this many members at a time within each step, to bound memory (0: all at once)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values."""
+        _check(all(s >= 0 for s in self.seeds), "members.seeds", self.seeds, "integers >= 0")
+        _check(len(set(self.seeds)) == len(self.seeds), "members.seeds", self.seeds, "seeds without repeats")
+        _check(all(v > 0 for v in self.lr), "members.lr", self.lr, "positive numbers")
+        _check(all(v >= 0 for v in self.weight_decay), "members.weight_decay", self.weight_decay, "numbers >= 0")
+        _check(all(0 <= v < 1 for v in self.label_smoothing), "members.label_smoothing", self.label_smoothing,
+               "numbers in [0, 1)")
+        _check(self.per_pass >= 0, "members.per_pass", self.per_pass, "an integer >= 0")
+        count = math.prod(len(values) or 1 for values in (self.seeds, self.lr, self.weight_decay,
+                                                          self.label_smoothing))
+        _check(count <= MAX_MEMBERS, "members", f"{count} members", f"at most {MAX_MEMBERS} members in one run")
+
+    @property
+    def active(self) -> bool:
+        """Whether this run trains members (a stacked TrainState) rather than one model."""
+        return bool(self.seeds or self.lr or self.weight_decay or self.label_smoothing)
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole run's configuration, one section per dataclass."""
@@ -197,6 +238,17 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    members: MembersConfig = MembersConfig()
+
+    def member_list(self) -> list[dict]:
+        """The members: ``{"seed": int, "optim.lr": float, ...}`` for each, with only the swept keys besides the seed.
+
+        A run without members has the one member ``{"seed": train.seed}``.
+        """
+        grid = [[("seed", s) for s in self.members.seeds or (self.train.seed,)]]
+        grid += [[(SWEEPS[name], v) for v in getattr(self.members, name)] for name in SWEEPS
+                 if getattr(self.members, name)]
+        return [dict(choice) for choice in itertools.product(*grid)]
 
     def validate(self) -> Config:
         """Check every section; returns self so calls chain."""
@@ -206,13 +258,16 @@ class Config:
                self.optim.whiten_bias_epochs, "0 unless model.whiten = true (there is no whitening bias to freeze)")
         _check(not self.data.alternate_flips or self.data.flip, "data.alternate_flips", self.data.alternate_flips,
                "false when data.flip = false")
+        _check(not self.train.grad_stats_every or not self.members.active, "train.grad_stats_every",
+               self.train.grad_stats_every, "0 with members (members.seeds or a sweep): analyse one member with "
+               "`fnclass grads`")
         if self.data.train_limit is not None:
             _check(self.train.batch_size <= self.data.train_limit, "train.batch_size", self.train.batch_size,
                    f"at most data.train_limit = {self.data.train_limit}")
         return self
 
-SECTIONS = ("model", "data", "optim", "train", "checkpoint")
-SECTION_CLASSES = (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig)
+SECTIONS = ("model", "data", "optim", "train", "checkpoint", "members")
+SECTION_CLASSES = (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, MembersConfig)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

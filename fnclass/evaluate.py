@@ -38,23 +38,55 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
     ``tta`` is the :func:`tta_logits` level (0: off; 1: flips; 2: flips and translations). Returns a dict
     of Python numbers plus ``predictions`` (an int64 tensor on the CPU).
     """
-    loss_sum = torch.zeros((), device=images.device)
-    predictions, tta_predictions = [], []
+    return evaluate_members(eval_step, [(params, state)], images, labels, mean=mean, std=std,
+                            batch_size=batch_size, tta=tta)["members"][0]
+
+
+def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, labels: torch.Tensor, *,
+                     mean, std, batch_size: int, tta: int = 0) -> dict:
+    """:func:`evaluate_dataset` for each of several ``(params, state)`` and for their ensemble.
+
+    The ensemble's logits are the mean of the members' logits (and its TTA logits the mean of theirs).
+
+    Returns:
+      ``{"members": [metrics of each], "ensemble": metrics of the mean logits}`` (the ensemble's only when
+      there are two or more models).
+    """
+    count = len(models)
+    loss_sums = [torch.zeros((), device=images.device) for _ in range(count + 1)]
+    predictions = [[] for _ in range(count + 1)]
+    tta_predictions = [[] for _ in range(count + 1)]
     for start in range(0, len(images), batch_size):
         fault_point("eval")
         x = data.normalize(images[start:start + batch_size], mean, std)
         y = labels[start:start + batch_size]
-        logits = eval_step(params, state, x)
-        loss_sum += per_example_cross_entropy(logits, y).sum()
-        predictions.append(logits.argmax(dim=-1))
-        if tta:
-            tta_predictions.append(tta_logits(eval_step, params, state, x, tta, logits).argmax(dim=-1))
-    predictions = torch.cat(predictions)
+        batch_logits, batch_tta = [], []
+        for params, state in models:
+            logits = eval_step(params, state, x)
+            batch_logits.append(logits)
+            if tta:
+                batch_tta.append(tta_logits(eval_step, params, state, x, tta, logits))
+        if count > 1:
+            batch_logits.append(torch.stack(batch_logits).mean(dim=0))
+            batch_tta += [torch.stack(batch_tta).mean(dim=0)] if tta else []
+        for i, logits in enumerate(batch_logits):
+            loss_sums[i] += per_example_cross_entropy(logits, y).sum()
+            predictions[i].append(logits.argmax(dim=-1))
+            if tta:
+                tta_predictions[i].append(batch_tta[i].argmax(dim=-1))
+    results = [_metrics(loss_sums[i], torch.cat(predictions[i]), labels,
+                        torch.cat(tta_predictions[i]) if tta else None) for i in range(len(batch_logits))]
+    return {"members": results[:count], "ensemble": results[count] if count > 1 else None}
+
+
+def _metrics(loss_sum: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
+             tta_predictions: torch.Tensor | None) -> dict:
+    """Loss, accuracy, per-class accuracy (and TTA accuracy) of one model's predictions over a split."""
     correct = predictions == labels
     per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, correct.float())
     counts = torch.bincount(labels, minlength=len(per_class)).clamp(min=1)
     result = {"loss": loss_sum.item() / len(labels), "accuracy": correct.float().mean().item(),
               "per_class_accuracy": (per_class / counts).tolist(), "predictions": predictions.cpu()}
-    if tta:
-        result["tta_accuracy"] = (torch.cat(tta_predictions) == labels).float().mean().item()
+    if tta_predictions is not None:
+        result["tta_accuracy"] = (tta_predictions == labels).float().mean().item()
     return result

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -297,7 +298,8 @@ def _pt2_predictor(path: Path) -> Predictor:
             damaged = archive.testzip()
         if damaged is not None:
             raise ValueError(f"member {damaged} fails its CRC check")
-        with _quiet("torch.export"), _weights_only_loads():
+        with _quiet("torch.export"), _weights_only_loads(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weights-only unpickler warns about a crafted pickle's protocol
             program = torch.export.load(str(path), extra_files=extra)
         module = program.module()
     except Exception as error:  # zipfile, torch's deserialiser and its weights loader raise many types

@@ -3,7 +3,9 @@
 A :class:`Transform` is a pair ``init(params) -> opt_state`` and ``update(grads, opt_state, params) ->
 (updates, opt_state)``; optimizers are chains of transforms and :func:`apply_updates` adds the updates
 to the parameters. The arithmetic uses multi-tensor ``torch._foreach_*`` kernels, like torch.optim's
-``foreach`` implementation. Nothing here mutates its inputs: in-place foreach calls only touch lists
+``foreach`` implementation, except under ``torch.func.vmap`` (K models trained at once), where functorch has no
+batching rules for them and the same operations run tensor by tensor (the CPU's foreach kernels are that same
+loop, so results are bit-identical there). Nothing here mutates its inputs: in-place calls only touch lists
 freshly allocated in the same function. A learning rate may be a schedule, called on a step count that lives
 in the optimizer state, so a restored state continues exactly.
 """
@@ -16,6 +18,7 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+from torch._C._functorch import is_batchedtensor
 
 from fnclass.schedules import Schedule
 
@@ -25,6 +28,36 @@ class Transform(NamedTuple):
 
     init: Callable
     update: Callable
+
+
+def _batched(xs: list[torch.Tensor]) -> bool:
+    """Whether the leaves are being vmapped (functorch cannot batch the multi-tensor foreach kernels)."""
+    return any(is_batchedtensor(x) for x in xs)
+
+
+def _mul(xs: list, y) -> list:
+    """``[x * y]`` for a number or 0-d tensor ``y``."""
+    return [x * y for x in xs] if _batched(xs) else torch._foreach_mul(xs, y)
+
+
+def _add(xs: list, ys: list, alpha: float = 1.0) -> list:
+    """``[x + alpha * y]``."""
+    if _batched(xs) or _batched(ys) or isinstance(alpha, torch.Tensor):
+        return [torch.add(x, y, alpha=alpha) if not isinstance(alpha, torch.Tensor) else x + alpha * y
+                for x, y in zip(xs, ys)]
+    return torch._foreach_add(xs, ys, alpha=alpha)
+
+
+def _sub(xs: list, ys: list) -> list:
+    """``[x - y]``."""
+    return [x - y for x, y in zip(xs, ys)] if _batched(xs) or _batched(ys) else torch._foreach_sub(xs, ys)
+
+
+def _lerp(xs: list, ys: list, weight: float) -> list:
+    """``[x + weight * (y - x)]``."""
+    if _batched(xs) or _batched(ys):
+        return [torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+    return torch._foreach_lerp(xs, ys, weight)
 
 
 def _count_like(params) -> torch.Tensor:
@@ -73,7 +106,7 @@ def chain(*transforms: Transform) -> Transform:
 def scale(factor: float) -> Transform:
     """Multiply updates by a constant."""
     def update(grads, state, params=None):
-        return _like(grads, torch._foreach_mul(_leaves(grads), factor)), state
+        return _like(grads, _mul(_leaves(grads), factor)), state
     return Transform(lambda params: {}, update)
 
 
@@ -84,7 +117,7 @@ def scale_by_schedule(schedule: Schedule) -> Transform:
 
     def update(grads, state, params=None):
         factor = schedule(state["count"])
-        return _like(grads, torch._foreach_mul(_leaves(grads), factor)), {"count": state["count"] + 1}
+        return _like(grads, _mul(_leaves(grads), factor)), {"count": state["count"] + 1}
 
     return Transform(init, update)
 
@@ -103,18 +136,22 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
 
     def update(grads, state, params=None):
         g = _leaves(grads)
-        mu = torch._foreach_lerp(_leaves(state["mu"]), g, 1.0 - b1)
-        nu = torch._foreach_mul(_leaves(state["nu"]), b2)
-        torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
+        mu = _lerp(_leaves(state["mu"]), g, 1.0 - b1)
         count = state["count"] + 1
         exponent = count.to(torch.float64 if count.device.type == "cpu" else torch.float32)
         bias_correction1 = (1.0 - b1 ** exponent).to(torch.float32)
         bias_correction2_sqrt = (1.0 - b2 ** exponent).sqrt().to(torch.float32)
-        denom = torch._foreach_sqrt(nu)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        updates = torch._foreach_div(mu, denom)
-        torch._foreach_div_(updates, bias_correction1)
+        if _batched(g):  # the same operations tensor by tensor
+            nu = [torch.addcmul(n * b2, x, x, value=1.0 - b2) for n, x in zip(_leaves(state["nu"]), g)]
+            updates = [m / (n.sqrt() / bias_correction2_sqrt + eps) / bias_correction1 for m, n in zip(mu, nu)]
+        else:
+            nu = torch._foreach_mul(_leaves(state["nu"]), b2)
+            torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
+            denom = torch._foreach_sqrt(nu)
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, eps)
+            updates = torch._foreach_div(mu, denom)
+            torch._foreach_div_(updates, bias_correction1)
         new_state = {"count": count, "mu": _like(grads, mu), "nu": _like(grads, nu)}
         return _like(grads, updates), new_state
 
@@ -128,9 +165,8 @@ def trace(decay: float, nesterov: bool = False) -> Transform:
 
     def update(grads, state, params=None):
         g = _leaves(grads)
-        new_trace = torch._foreach_mul(_leaves(state["trace"]), decay)
-        torch._foreach_add_(new_trace, g)
-        updates = torch._foreach_add(g, new_trace, alpha=decay) if nesterov else new_trace
+        new_trace = _add(_mul(_leaves(state["trace"]), decay), g)
+        updates = _add(g, new_trace, alpha=decay) if nesterov else new_trace
         return _like(grads, updates), {"trace": _like(grads, new_trace)}
 
     return Transform(init, update)
@@ -146,7 +182,7 @@ def add_decayed_weights(weight_decay: float, mask: Callable[[Any], Any] | None =
     def update(grads, state, params=None):
         g, p = _leaves(grads), _leaves(params)
         if mask is None:
-            return _like(grads, torch._foreach_add(g, p, alpha=weight_decay)), state
+            return _like(grads, _add(g, p, alpha=weight_decay)), state
         keep = _leaves(mask(params))
         decayed = [grad + weight_decay * param if decay else grad for grad, param, decay in zip(g, p, keep)]
         return _like(grads, decayed), state
@@ -157,9 +193,10 @@ def clip_by_global_norm(max_norm: float) -> Transform:
     """Scale all updates together so that their joint L2 norm is at most ``max_norm`` (as clip_grad_norm_)."""
     def update(grads, state, params=None):
         g = _leaves(grads)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+        norms = [torch.linalg.vector_norm(x) for x in g] if _batched(g) else torch._foreach_norm(g)
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return _like(grads, torch._foreach_mul(g, factor)), state
+        return _like(grads, _mul(g, factor)), state
     return Transform(lambda params: {}, update)
 
 
@@ -301,10 +338,8 @@ def lookahead(inner: Transform, every: int, decay: Schedule, total_steps: int | 
         weight = 1.0 - torch.as_tensor(decay(count), dtype=torch.float32, device=count.device)
         # Blending on every step and selecting with torch.where keeps one graph under torch.compile.
         # slow + (1 - d) * (fast - slow) is airbench94's lerp; _foreach_lerp with a tensor weight fails in inductor.
-        blended = torch._foreach_sub(torch._foreach_add(p, u), slow)
-        torch._foreach_mul_(blended, weight)
-        torch._foreach_add_(blended, slow)
-        jumps = torch._foreach_sub(blended, p)
+        blended = _add(_mul(_sub(_add(p, u), slow), weight), slow)
+        jumps = _sub(blended, p)
         new_slow = [torch.where(sync, b, s) for b, s in zip(blended, slow)]
         new_updates = [torch.where(sync, j, x) for j, x in zip(jumps, u)]
         return _like(grads, new_updates), {"inner": inner_state, "slow": _like(params, new_slow), "count": count}
@@ -322,7 +357,7 @@ def apply_updates(params, updates):
     Returns:
       The new parameter tree.
     """
-    return _like(params, torch._foreach_add(_leaves(params), _leaves(updates)))
+    return _like(params, _add(_leaves(params), _leaves(updates)))
 
 
 def adam(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:

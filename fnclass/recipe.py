@@ -6,6 +6,7 @@ Optax-style transforms; nothing here looks at parameter paths or knows a particu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -32,9 +33,13 @@ def create_model(config: Config) -> Model:
     return build_model(config.model)
 
 
-def create_loss(config: Config) -> Callable:
-    """``loss_fn(logits, labels) -> 0-d tensor``: the mean cross-entropy with the config's label smoothing."""
-    return functools.partial(cross_entropy, label_smoothing=config.train.label_smoothing)
+def create_loss(config: Config, hyper: dict | None = None) -> Callable:
+    """``loss_fn(logits, labels) -> 0-d tensor``: the mean cross-entropy with the config's label smoothing.
+
+    ``hyper`` may hold ``"train.label_smoothing"`` as a 0-d tensor (a member of a vmapped sweep).
+    """
+    smoothing = (hyper or {}).get("train.label_smoothing", config.train.label_smoothing)
+    return functools.partial(cross_entropy, label_smoothing=smoothing)
 
 
 def create_schedule(config: OptimConfig, steps_per_epoch: int, epochs: int) -> schedules.Schedule:
@@ -60,7 +65,7 @@ def create_schedule(config: OptimConfig, steps_per_epoch: int, epochs: int) -> s
 
 
 def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoch: int,
-                     epochs: int) -> optim.Transform:
+                     epochs: int, hyper: dict | None = None) -> optim.Transform:
     """The optimizer an :class:`OptimConfig` describes, with its schedule (see :func:`create_schedule`).
 
     Decoupled weight decay applies to weights (filters, matrices, the head's weight), not to norm scales or
@@ -75,9 +80,16 @@ def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoc
       param_labels: the model's ``param_labels``.
       steps_per_epoch: optimizer steps per epoch.
       epochs: epochs of the run.
+      hyper: swept values as 0-d tensors, ``"optim.lr"`` and ``"optim.weight_decay"`` (a member of a vmapped
+        sweep). The schedule is linear in the learning rate, so a swept one multiplies the schedule of lr 1; a
+        swept decay keeps the decay transform in every member's chain (the state's structure stays one).
     """
+    hyper = hyper or {}
     total = steps_per_epoch * epochs
     schedule = create_schedule(config, steps_per_epoch, epochs)
+    if "optim.lr" in hyper:
+        unit, lr = create_schedule(dataclasses.replace(config, lr=1.0), steps_per_epoch, epochs), hyper["optim.lr"]
+        schedule = lambda count: lr * unit(count)
     in_group = lambda groups: lambda params: tree.tree_map(lambda label: label in groups, param_labels(params))
     parts = [optim.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
     if config.name in ("adam", "adamw"):
@@ -86,8 +98,9 @@ def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoc
         parts.append(optim.trace(config.momentum, config.nesterov))
     if config.muon:
         parts.append(optim.orthogonalize(mask=in_group(ORTHOGONALIZED)))
-    if config.weight_decay:
-        parts.append(optim.add_decayed_weights(config.weight_decay, in_group(DECAYED)))
+    if config.weight_decay or "optim.weight_decay" in hyper:
+        decay = hyper.get("optim.weight_decay", config.weight_decay)
+        parts.append(optim.add_decayed_weights(decay, in_group(DECAYED)))
     parts.append(optim.scale_by_learning_rate(schedule))
     if config.bias_lr_scale != 1.0 or config.head_lr_scale != 1.0:
         factors = {HEAD_WEIGHTS: config.head_lr_scale, HEAD_BIASES: config.head_lr_scale,

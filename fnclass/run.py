@@ -92,9 +92,14 @@ class RunDirectory:
         raise CheckpointError(f"{self.path}: no checkpoint verifies ({self.rejected[0][1]}); start a new run"
                               if self.rejected else f"{self.path}: no checkpoint to resume from")
 
-    def start(self, *, step: int, info: dict, classes, mean, std, input_size) -> None:
-        """Begin (``step == 0``) or continue a run: forget metrics logged after ``step``, write config.toml."""
+    def start(self, *, step: int, info: dict, classes, mean, std, input_size, members: list | None = None) -> None:
+        """Begin (``step == 0``) or continue a run: forget metrics logged after ``step``, write config.toml.
+
+        ``members`` (a run of stacked members) is recorded in every checkpoint's metadata.
+        """
         self._meta = dict(config=self.config, classes=classes, mean=mean, std=std, input_size=input_size)
+        if members is not None:
+            self._meta["members"] = members
         if self.writes:
             self._acquire_lock()
             self._remove_stale_temporaries()
@@ -137,7 +142,8 @@ class RunDirectory:
         if self.writes and best and self.config.checkpoint.keep_best:
             copy_checkpoint(self.last, self.checkpoints / "best.safetensors")
         if self.writes and self.config.checkpoint.keep:
-            copy_checkpoint(self.last, self.checkpoints / f"step-{int(train_state.step):08d}.safetensors")
+            step = int(train_state.step.reshape(-1)[0])  # stacked members step together
+            copy_checkpoint(self.last, self.checkpoints / f"step-{step:08d}.safetensors")
             for old in sorted(self.checkpoints.glob("step-*.safetensors"))[:-self.config.checkpoint.keep]:
                 old.unlink()
         self.reporter.epoch(row)
@@ -149,6 +155,10 @@ class RunDirectory:
     def epoch_rows(self) -> list[dict]:
         """The epoch rows logged in metrics.jsonl so far (a resumed run's earlier ones included)."""
         return [row for row in self._rows() if row.get("kind") == "epoch"]
+
+    def member_rows(self) -> list[dict]:
+        """The ``member_epoch`` lines logged in metrics.jsonl so far (a run of members)."""
+        return [row for row in self._rows() if row.get("kind") == "member_epoch"]
 
     def best_accuracy(self) -> float | None:
         """The best test accuracy logged in metrics.jsonl so far (for a resumed run)."""

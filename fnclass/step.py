@@ -75,13 +75,14 @@ def _eager_grad_and_value(loss_and_aux: Callable) -> Callable:
     return grad_and_value
 
 
-def mean_gradient(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
+def mean_gradient(loss_and_aux: Callable, *, compile: bool = False, transformable: bool = False) -> Callable:
     """The default gradient of :func:`make_train_step`: of the batch's mean loss, ``grad_and_value``-shaped.
 
-    Compiled, it is ``torch.func.grad_and_value(loss_and_aux, has_aux=True)`` (traced into the step's one
-    graph); eager, the same computation through ``torch.autograd.grad`` (see :func:`_eager_grad_and_value`).
+    Compiled or ``transformable`` (the step will run under ``vmap``), it is ``torch.func.grad_and_value(
+    loss_and_aux, has_aux=True)``; eager, the same computation through ``torch.autograd.grad`` (see
+    :func:`_eager_grad_and_value`), which functorch transforms refuse.
     """
-    if compile:
+    if compile or transformable:
         return torch.func.grad_and_value(loss_and_aux, has_aux=True)
     return _eager_grad_and_value(loss_and_aux)
 
@@ -152,6 +153,29 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         return TrainState(train_state.step + 1, params, new_state, opt_state, train_state.key), metrics
 
     return torch.compile(step) if compile else step
+
+
+def make_members_step(build_step: Callable[[dict], Callable], *, compile: bool = False,
+                      chunk_size: int | None = None) -> Callable:
+    """Build ``step(train_states, batches, keys, hyper) -> (train_states, metrics)`` for K stacked members.
+
+    Every argument carries the members on a leading axis: a TrainState stacked with
+    :func:`fnclass.tree.tree_stack`, batches ``(K, B, ...)``, keys ``(K, 2)`` and ``hyper``, a dict of ``(K,)``
+    tensors of swept hyperparameters (may be empty). One member's update is ``build_step(hyper_i)``, a step made
+    by :func:`make_train_step` with ``gradient=functools.partial(mean_gradient, transformable=True)`` from that
+    member's 0-d hyperparameters; the members run at once under ``torch.func.vmap`` (randomness comes only from
+    the keys, so vmap's ``randomness="error"`` holds). ``metrics`` leaves are ``(K,)``.
+
+    Args:
+      build_step: ``hyper -> step`` for one member.
+      compile: compile the vmapped step as one graph.
+      chunk_size: vmap this many members at a time (bounds activation memory; ``None``: all at once).
+    """
+    def member_step(train_state, batch, key, hyper):
+        return build_step(hyper)(train_state, batch, key)
+
+    stacked = torch.func.vmap(member_step, randomness="error", chunk_size=chunk_size)
+    return torch.compile(stacked) if compile else stacked
 
 
 def make_eval_step(model: Model, *, compile: bool = False, precision: str = "fp32",

@@ -1,4 +1,4 @@
-"""Pytree helpers on top of optree: flat dotted paths, sizes, norms and comparisons."""
+"""Pytree helpers on top of optree: flat dotted paths, stacking, sizes, norms and comparisons."""
 
 from __future__ import annotations
 
@@ -49,6 +49,36 @@ def unflatten_paths(skeleton: Any, flat: dict[str, torch.Tensor]) -> Any:
         if tuple(flat[path].shape) != tuple(leaf.shape):
             raise ValueError(f"{path}: expected shape {tuple(leaf.shape)}, got {tuple(flat[path].shape)}")
     return optree.tree_unflatten(optree.tree_structure(skeleton), [flat[p] for p in expected])
+
+
+def tree_stack(trees: list[Any] | tuple[Any, ...]) -> Any:
+    """Stack trees of the same structure leaf by leaf on a new leading axis (K models as one tree).
+
+    The JAX idiom ``jax.tree.map(lambda *xs: jnp.stack(xs), *trees)``; :func:`tree_unstack` undoes it.
+
+    Args:
+      trees: a non-empty sequence of trees with one structure and equal leaf shapes.
+
+    Returns:
+      One tree whose leaves have shape ``(len(trees), *leaf.shape)``.
+    """
+    if not trees:
+        raise ValueError("tree_stack needs at least one tree")
+    return optree.tree_map(lambda *leaves: torch.stack(leaves), *trees)
+
+
+def tree_unstack(tree: Any) -> list[Any]:
+    """Split a stacked tree along its leading axis into the list of trees it stacks (views, no copies)."""
+    leaves, treedef = optree.tree_flatten(tree)
+    count = len(leaves[0]) if leaves else 0
+    if any(leaf.ndim == 0 or len(leaf) != count for leaf in leaves):
+        raise ValueError("tree_unstack needs every leaf to have the same leading axis")
+    return [optree.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(count)]
+
+
+def tree_index(tree: Any, i: int) -> Any:
+    """Member ``i`` of a stacked tree (views)."""
+    return optree.tree_map(lambda leaf: leaf[i], tree)
 
 
 def num_params(tree: Any) -> int:

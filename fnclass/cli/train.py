@@ -46,8 +46,9 @@ class RichReporter:
         cfg = info["config"]
         resumed = (f", resuming at step {info['start_step']} from {Path(info['resumed_from']).name}"
                    if info.get("resumed_from") else "")
+        count = f"{len(info['members'])} members of " if info.get("members") else ""
         self.console.print(
-            f"fnclass train: {cfg.model.name} ({info['num_params'] / 1e6:.2f}M parameters) on {info['device']}, "
+            f"fnclass train: {count}{cfg.model.name} ({info['num_params'] / 1e6:.2f}M parameters) on {info['device']}, "
             f"{info['train_images']} train / {info['test_images']} test images from {info['data_dir']}, "
             f"{info['steps_per_epoch']} steps/epoch x {cfg.train.epochs} epochs{resumed} -> {info['workdir']}",
             highlight=False)
@@ -77,6 +78,13 @@ class RichReporter:
         values = [fmt.format(row[key]) for key, (_, _, fmt) in zip(
             ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"], COLUMNS)]
         self.console.print(_row(values), highlight=False)
+        if "members" in row:  # the test columns are the ensemble's; the members' spread follows
+            self.console.print(f"{'':>7}{row['members']} members: {_spread(row, 'test_accuracy')}, ensemble "
+                               f"{row['test_accuracy']:.2%}", highlight=False)
+            for group in row.get("groups", []):
+                setting = ", ".join(f"{k} = {v:g}" for k, v in group["hyperparameters"].items())
+                self.console.print(f"{'':>9}{setting}: {_spread(group, '')} ({group['members']} seeds)",
+                                   highlight=False)
 
     def end(self, summary):
         if self.progress is not None:
@@ -88,6 +96,15 @@ class RichReporter:
                  f"best test accuracy   {summary['best_test_accuracy']:.2%}"]
         if "test_accuracy_tta" in summary:
             lines.append(f"with TTA             {summary['test_accuracy_tta']:.2%}")
+        if "members" in summary:
+            lines = [f"members              {len(summary['members'])}: {_spread(summary, 'test_accuracy')}",
+                     f"ensemble             {summary['ensemble_test_accuracy']:.2%} (mean of the members' logits)"]
+            if "test_accuracy_tta" in summary:
+                lines += [f"with TTA             {_spread(summary, 'test_accuracy_tta')}; ensemble "
+                          f"{summary['ensemble_test_accuracy_tta']:.2%}"]
+            for group in summary.get("groups", []):
+                setting = ", ".join(f"{k} = {v:g}" for k, v in group["hyperparameters"].items())
+                lines.append(f"  {setting:<19}{_spread(group, '')} ({group['members']} seeds)")
         ips = summary["images_per_second"]
         lines += [f"training time        {summary['train_seconds']:.1f} s"
                   + (f" (+{summary['compile_seconds']:.1f} s compile)" if summary["compile_seconds"] else ""),
@@ -95,6 +112,13 @@ class RichReporter:
                   f"device               {summary['device']}, torch {summary['torch_version']}",
                   f"run directory        {summary['run_dir']}"]
         _show(self.console, "summary", lines, summary["per_class_accuracy"] if self.mode == "normal" else None)
+
+
+def _spread(values: dict, prefix: str) -> str:
+    """``85.12% ± 0.31 (84.70–85.50)``: mean ± sample std in points, min–max."""
+    key = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)
+    return (f"{values[key('mean')]:.2%} ± {100 * values[key('std')]:.2f} ({values[key('min')]:.2%}–"
+            f"{values[key('max')]:.2%})")
 
 
 def _show(console: Console, title: str, lines: list[str], per_class: dict | None) -> None:
@@ -118,6 +142,46 @@ def _per_class_table(per_class: dict) -> Table:
     for name, accuracy in per_class.items():
         table.add_row(name, f"{accuracy:.2%}")
     return table
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """``0-7``, ``0,3,5`` or ``0-3,8``: the seeds, in order, each once."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            low, high = int(first), int(last) if last else int(first)
+            if low < 0 or high < low or high - low >= 4096:
+                raise ValueError
+            seeds += [s for s in range(low, high + 1) if s not in seeds]
+    except ValueError:
+        raise UsageProblem(f"--seeds {text}: expected seeds >= 0 as a range or a list, e.g. --seeds 0-7 or "
+                           "--seeds 0,3,5") from None
+    return seeds
+
+
+def _parse_sweep(text: str) -> str:
+    """``optim.lr=0.05,0.1`` -> the ``--set`` override ``members.lr=[0.05, 0.1]``."""
+    from fnclass.config import SECTION_CLASSES, SECTIONS, SWEEPS
+
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    known = {f"{section}.{field}" for section, cls in zip(SECTIONS, SECTION_CLASSES)
+             for field in cls.__dataclass_fields__}
+    sweepable = ", ".join(SWEEPS.values())
+    if not sep or not values.strip():
+        raise UsageProblem(f"--sweep {text}: expected KEY=V1,V2,..., e.g. --sweep optim.lr=0.05,0.1,0.2")
+    if key not in SWEEPS.values():
+        why = ("changes the model's shapes or the program, which is one for all members" if key in known
+               else "is not a config key")
+        raise UsageProblem(f"--sweep {key}: {key} {why}; sweeps take {sweepable} (run other settings one after "
+                           "another)")
+    try:
+        numbers = [float(v) for v in values.split(",")]
+    except ValueError:
+        raise UsageProblem(f"--sweep {text}: the values must be numbers separated by commas") from None
+    name = next(name for name, dotted in SWEEPS.items() if dotted == key)
+    return f"members.{name}=[{', '.join(repr(v) for v in numbers)}]"
 
 
 def _default_config(device: str) -> tuple[str, str]:
@@ -166,17 +230,28 @@ def _resume_config(run_dir: Path, config_path, overrides, out):
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
 @options.data_dir
 @options.no_download
+@click.option("--seeds", "seeds_text", metavar="SEEDS",
+              help="Train one member per seed at once under vmap, e.g. 0-7 or 0,3,5 (members.seeds).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
+              help="One member per value, vmapped: optim.lr, optim.weight_decay or train.label_smoothing "
+                   "(a grid with --seeds and other --sweep options).")
+@click.option("--members-per-pass", type=click.IntRange(min=1),
+              help="Vmap this many members at a time within each step, to bound memory (members.per_pass).")
 @click.option("--grad-stats-every", type=click.IntRange(min=1),
               help="Shorthand for --set train.grad_stats_every=N: log the gradient noise scale every N steps.")
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 @options.as_json("only the summary")
 @one_line_errors
-def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, grad_stats_every, quiet, as_json):
+def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, seeds_text, sweeps,
+          members_per_pass, grad_stats_every, quiet, as_json):
     """Train a model on CIFAR and write a run directory.
 
     \b
-    Example:
+    \b
+    Examples:
       fnclass train --config cpu --data-dir ../shared/data/cifar10 --out runs/cpu
+      fnclass train --config cpu --seeds 0-3 --out runs/cpu-seeds
+      fnclass train --config cpu --sweep optim.lr=0.1,0.2,0.4 --seeds 0,1 --out runs/cpu-lr
     """
     from fnclass.training import TrainingDiverged, TrainingInterrupted
     from fnclass.training import train as run_training
@@ -184,6 +259,10 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
     console = Console(stderr=as_json)
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
     overrides += [f"train.grad_stats_every={grad_stats_every}"] if grad_stats_every is not None else []
+    if seeds_text is not None:
+        overrides.append(f"members.seeds={_parse_seeds(seeds_text)}")
+    overrides += [_parse_sweep(text) for text in sweeps]
+    overrides += [f"members.per_pass={members_per_pass}"] if members_per_pass is not None else []
     if resume is not None:
         config = _resume_config(resume, config_path, overrides, out)
         workdir = resume

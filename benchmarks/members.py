@@ -1,0 +1,103 @@
+"""K members at once under vmap against K runs one after another (issue 13): step time and peak memory.
+
+Each measurement runs in a fresh process (so its peak resident memory is its own): the `cpu` config's model and
+recipe, batch 256 of random CIFAR-shaped images, ``--steps`` timed steps after two warm-up steps.
+``sequential`` trains K models one after another with the single-run step (channels-last, as `fnclass train`
+does); ``vmapped`` trains them as one stacked TrainState with the members step. Same total work either way.
+
+    python -m benchmarks.members [--members 1 2 4 8] [--steps 8] [--per-pass M] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def measure(mode: str, members: int, steps: int, per_pass: int | None, device: str) -> dict:
+    """Seconds for ``steps`` steps of ``members`` models, and this process's peak resident memory."""
+    import functools
+
+    from benchmarks.common import random_batch
+    from fnclass import random, recipe, tree
+    from fnclass import step as step_module
+    from fnclass.config import load_config
+    from fnclass.models import resolve_config
+
+    dev = torch.device(device)
+    config = resolve_config(load_config("cpu"))
+    model = recipe.create_model(config)
+    optimizer = recipe.create_optimizer(config.optim, model.param_labels, 97, config.train.epochs)
+    loss_fn = recipe.create_loss(config)
+    images, labels = random_batch(config.train.batch_size, dev)
+    states = [tree.tree_to(step_module.create_train_state(model, optimizer, random.key(i)), dev)
+              for i in range(members)]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if mode == "sequential":
+        step = step_module.make_train_step(model, loss_fn, optimizer, channels_last=config.train.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+
+        def run(count):
+            for i in range(members):
+                for _ in range(count):
+                    states[i], _ = step(states[i], (images, labels), random.key(1))
+    else:
+        member_step = step_module.make_train_step(
+            model, loss_fn, optimizer, gradient=functools.partial(step_module.mean_gradient, transformable=True))
+        stacked_step = step_module.make_members_step(lambda hyper: member_step, chunk_size=per_pass)
+        stacked = [tree.tree_stack(states)]
+        batch = (images.expand(members, *images.shape), labels.expand(members, *labels.shape))
+        keys = torch.stack([random.key(1)] * members).to(dev)
+
+        def run(count):
+            for _ in range(count):
+                stacked[0], _ = stacked_step(stacked[0], batch, keys, {})
+    run(2)
+    sync()
+    tick = time.perf_counter()
+    run(steps)
+    sync()
+    seconds = time.perf_counter() - tick
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {"mode": mode, "members": members, "steps": steps, "seconds": seconds, "peak_mib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--per-pass", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.steps, args.per_pass, args.device)))
+        return
+    from benchmarks.common import device_name
+
+    print(f"cpu config (batch 256), {args.steps} steps per member, {device_name(torch.device(args.device))}, "
+          f"torch {torch.__version__}")
+    print(f"{'K':>3} {'sequential s':>13} {'vmapped s':>10} {'ratio':>6} {'seq peak MiB':>13} {'vmap peak MiB':>14}")
+    for members in args.members:
+        results = {}
+        for mode in ("sequential", "vmapped"):
+            command = [sys.executable, "-m", "benchmarks.members", "--one", mode, str(members), "--steps",
+                       str(args.steps), "--device", args.device]
+            command += ["--per-pass", str(args.per_pass)] if args.per_pass else []
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            results[mode] = json.loads(out.strip().splitlines()[-1])
+        seq, vm = results["sequential"], results["vmapped"]
+        print(f"{members:>3} {seq['seconds']:>13.2f} {vm['seconds']:>10.2f} {seq['seconds'] / vm['seconds']:>5.2f}x "
+              f"{seq['peak_mib']:>13.0f} {vm['peak_mib']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The epoch loop every training program shares: the run's data on the device, batches cut and augmented from
+``fold_in(key, step)``, steps, the non-finite checks, metrics lines and mid-epoch checkpoints.
+
+One model or K stacked members (:mod:`fnclass.members`) run through the same loop: a member's batches and keys
+are exactly those of the single run with its seed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fnclass import data, random
+from fnclass.augment import alternating_flips, augment
+from fnclass.config import Config, ConfigError
+from fnclass.io import fault_point, synchronize
+from fnclass.run import RunDirectory
+from fnclass.step import TrainState
+
+
+class TrainingDiverged(Exception):
+    """A loss or gradient became nan or inf; the last good checkpoint is kept. The CLI exits with code 3."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(Exception):
+    """Training was stopped with Ctrl-C; ``last.safetensors`` holds the state at ``step``."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; saved {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns: the final TrainState and the summary (also in ``summary.json``)."""
+
+    train_state: TrainState
+    summary: dict
+
+
+class RunData(NamedTuple):
+    """A run's data on its device: uint8 NHWC images, labels, the normalisation and where it came from."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: tuple
+    std: tuple
+    mean_t: torch.Tensor
+    std_t: torch.Tensor
+    classes: tuple
+    folder: Path
+
+
+def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -> RunData:
+    """The run's data set on the device, checked against the config."""
+    folder = data.resolve_data_dir(data_dir or config.data.data_dir, config.data.dataset, download=download)
+    dataset = data.load_dataset(folder, train_limit=config.data.train_limit, test_limit=config.data.test_limit)
+    if len(dataset.classes) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes = {config.model.num_classes} but {folder} has "
+                          f"{len(dataset.classes)} classes: set model.num_classes = {len(dataset.classes)}")
+    if config.train.batch_size > len(dataset.train_images):
+        raise ConfigError(f"train.batch_size = {config.train.batch_size} is more than the "
+                          f"{len(dataset.train_images)} training images: set train.batch_size <= "
+                          f"{len(dataset.train_images)} or use more data (data.train_limit)")
+    mean, std = data.channel_stats(dataset.train_images)
+    # Made once on the device: a Python tuple would be copied to the GPU (and wait for it) at every step.
+    mean_t, std_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    return RunData(dataset.train_images.to(dev), dataset.train_labels.to(dev), dataset.test_images.to(dev),
+                 dataset.test_labels.to(dev), mean, std, mean_t, std_t, dataset.classes, folder)
+
+
+def normalized(ds: RunData, images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC images -> normalised float NCHW."""
+    return data.normalize(images, ds.mean_t, ds.std_t)
+
+
+class EpochLoop:
+    """One epoch of steps: batches cut and augmented on the device from ``fold_in(key, step)``, metrics kept there.
+
+    ``key`` is the run's key (one model) or the members' keys stacked ``(K, 2)``; then ``train_step`` is a
+    :func:`fnclass.step.make_members_step` step, called with ``hyper`` (the swept values, ``(K,)`` tensors), each
+    member gets the batches and keys of the single run with its key, and sums, flags and logged lines are per
+    member (``member_names`` name them in messages).
+    """
+
+    def __init__(self, config: Config, ds: RunData, key, train_step, schedule, run: RunDirectory, model,
+                 steps_per_epoch: int, *, hyper: dict | None = None, member_names: list[str] | None = None,
+                 lr_scales: list[float] | None = None):
+        self.config, self.ds, self.train_step, self.schedule, self.run_dir = config, ds, train_step, schedule, run
+        self.steps_per_epoch, self.batch_size, self.images_seen = steps_per_epoch, config.train.batch_size, 0
+        self.members = key.ndim == 2
+        self.hyper, self.member_names = hyper or {}, member_names or []
+        self.lr_scales = lr_scales or [1.0] * (len(key) if self.members else 1)  # a member's lr / the schedule's
+        roots = [random.split(k) for k in (list(key) if self.members else [key])]
+        self.order_roots, self.step_roots = [r[0] for r in roots], [r[1] for r in roots]
+        n_train = len(ds.train_images)
+        # Alternating flips: which half of the data is mirrored in even epochs, drawn once for the run.
+        self.first_flips = ([random.bernoulli(random.fold_in(root, -1), 0.5, (n_train,)) for root in self.order_roots]
+                            if config.data.alternate_flips else None)
+        self.grad_stats = GradStats(config, ds, model) if config.train.grad_stats_every else None
+        self.latest = None  # the state after the last finished step, for a Ctrl-C between steps
+        self.first_bad = None
+        self.sums: dict = {}  # the epoch's sums so far, on the device
+
+    def first_epoch(self, start_step: int) -> int:
+        """The epoch a run starting at ``start_step`` begins with.
+
+        A checkpoint saved at an epoch's last step before that epoch's evaluation (every_steps, Ctrl-C) has no
+        epoch row yet: the run evaluates and logs that epoch first.
+        """
+        epoch = start_step // self.steps_per_epoch
+        if start_step and start_step % self.steps_per_epoch == 0 and not self.run_dir.has_epoch_row(start_step):
+            epoch -= 1
+        return epoch
+
+    def batch(self, idx: torch.Tensor, epoch: int, key, member: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented, normalised batch of the examples ``idx`` (for ``member``'s alternating flips)."""
+        flips = None if self.first_flips is None else alternating_flips(self.first_flips[member], idx, epoch)
+        images = augment(key, normalized(self.ds, self.ds.train_images[idx]), self.config.data, flip=flips)
+        return images, self.ds.train_labels[idx]
+
+    def _run_step(self, train_state, orders, epoch: int, epoch_step: int, step: int):
+        """The step ``step`` (0-based): every member's own batch and model key, then one (vmapped) call."""
+        batches, keys = [], []
+        for member, (order, root) in enumerate(zip(orders, self.step_roots)):
+            aug_key, model_key = random.split(random.fold_in(root, step))
+            idx = order[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
+            batches.append(self.batch(idx, epoch, aug_key, member))
+            keys.append(model_key)
+        if not self.members:
+            return self.train_step(train_state, batches[0], keys[0])
+        batch = (torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
+        return self.train_step(train_state, batch, torch.stack(keys), self.hyper)
+
+    def compile(self, train_state: TrainState, dev) -> float:
+        """Compile the step on a throwaway call (the step is pure: its result is dropped); the seconds it took.
+
+        Every real step is then timed, as airbench's clock includes its first step.
+        """
+        tick = time.perf_counter()
+        orders = [torch.arange(self.batch_size, device=dev)] * len(self.step_roots)
+        self._run_step(train_state, orders, 0, 0, -1)  # no real step uses a negative step number
+        synchronize(dev)
+        return time.perf_counter() - tick
+
+    def __call__(self, train_state: TrainState, epoch: int, dev,
+                 progress: dict | None = None) -> tuple[TrainState, float, dict]:
+        """The rest of ``epoch`` from ``train_state.step``: the new state, the seconds and the summed metrics.
+
+        ``progress`` holds the sums of the epoch's steps run before a resume (from the checkpoint), so the
+        epoch's train loss and accuracy add up as in an uninterrupted run. With members, the metrics' values
+        are lists, one per member.
+        """
+        config, n_train = self.config, len(self.ds.train_images)
+        progress = progress if progress and progress.get("epoch") == epoch else {}
+        orders = [random.permutation(random.fold_in(root, epoch), n_train) for root in self.order_roots]
+        shape = (len(orders),) if self.members else ()
+        self.sums = {"loss_sum": torch.tensor(progress.get("loss_sum", 0.0), device=dev).expand(shape).clone(),
+                     "correct": torch.tensor(progress.get("correct", 0), device=dev).expand(shape).clone(),
+                     "skipped": torch.tensor(progress.get("skipped", 0), device=dev).expand(shape).clone(),
+                     "images": int(progress.get("images", 0)), "epoch": epoch}
+        loss_sum, correct, skipped = self.sums["loss_sum"], self.sums["correct"], self.sums["skipped"]
+        self.first_bad = torch.zeros(shape, dtype=torch.int64, device=dev)  # the first non-finite step (0: none)
+        images, start = 0, time.perf_counter()
+        step, self.latest = _step_of(train_state), train_state
+        for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+            train_state, metrics = self._run_step(train_state, orders, epoch, epoch_step, step)
+            self.latest = train_state
+            finite = metrics["finite"]
+            # Flags kept on the device: nothing here waits for the step to finish.
+            self.first_bad = torch.where((self.first_bad == 0) & ~finite, train_state.step, self.first_bad)
+            skipped += ~finite
+            loss_sum += torch.where(finite, metrics["loss"], 0.0) * self.batch_size
+            correct += metrics["correct"]
+            step, images = step + 1, images + self.batch_size
+            self.sums["images"] += self.batch_size
+            fault_point("step")
+            log = config.train.log_every_steps and step % config.train.log_every_steps == 0
+            if log:
+                synchronize(dev)
+                self.check_finite()
+            lr = float(self.schedule(step - 1))
+            info = {"step": step, "epoch": epoch, "epoch_step": epoch_step + 1,
+                    "steps_per_epoch": self.steps_per_epoch, "lr": lr,
+                    "images_per_second": images * len(orders) / max(time.perf_counter() - start, 1e-9)}
+            if log:
+                losses = metrics["loss"].reshape(-1).tolist()
+                info["loss"] = sum(losses) / len(losses)
+                counts = skipped.reshape(-1).tolist()
+                for member, (loss, scale) in enumerate(zip(losses, self.lr_scales)):
+                    row = {"kind": "step", "step": step, "epoch": epoch, "loss": loss if math.isfinite(loss) else None,
+                           "lr": lr * scale}
+                    if self.members:
+                        row = {"kind": "step", "member": member, **{k: v for k, v in row.items() if k != "kind"}}
+                    if config.train.nan_policy == "skip":
+                        row["skipped_steps"] = counts[member]  # this epoch's, so far
+                    self.run_dir.log(row)
+            if self.grad_stats is not None and step % config.train.grad_stats_every == 0:
+                self.run_dir.log({"kind": "grad_stats", "step": step, "epoch": epoch, **self.grad_stats(train_state)})
+            self.run_dir.step(info)
+            if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+                self.check_finite()  # a state after a non-finite step is never saved
+                self.run_dir.save(train_state, self.progress())
+        synchronize(dev)  # steps run asynchronously: the epoch ends when the GPU is done
+        seconds = time.perf_counter() - start
+        self.images_seen += images * len(orders)
+        self.check_finite()  # before evaluating and saving: the last good checkpoint stays
+        epoch_images = self.sums["images"]
+        losses, rights, skips = (t.reshape(-1).tolist() for t in (loss_sum, correct, skipped))
+        # The loss of a skipped step is not finite: it is left out of the mean.
+        means = [total / (epoch_images - skip * self.batch_size) if epoch_images > skip * self.batch_size
+                 else float("nan") for total, skip in zip(losses, skips)]
+        accuracies = [right / max(epoch_images, 1) for right in rights]
+        if self.members:
+            return train_state, seconds, {"loss": means, "accuracy": accuracies, "skipped_steps": skips}
+        return train_state, seconds, {"loss": means[0], "accuracy": accuracies[0], "skipped_steps": skips[0]}
+
+    def progress(self) -> dict | None:
+        """The epoch's sums so far as JSON numbers (saved with a mid-epoch checkpoint); None before any epoch."""
+        if not self.sums:
+            return None
+        return {"loss_sum": self.sums["loss_sum"].tolist(), "correct": self.sums["correct"].tolist(),
+                "skipped": self.sums["skipped"].tolist(), "images": self.sums["images"], "epoch": self.sums["epoch"]}
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if a step of this epoch had a non-finite loss or gradient (policy stop).
+
+        Called where the loop synchronises anyway, so detection comes at most ``min(train.log_every_steps,
+        checkpoint.every_steps, steps left in the epoch)`` steps late; the message names the exact step.
+        """
+        if self.config.train.nan_policy != "stop" or self.first_bad is None:
+            return
+        flags = self.first_bad.reshape(-1).tolist()
+        bad = [(step, member) for member, step in enumerate(flags) if step]
+        if bad:
+            bad, member = min(bad)
+            who = f" in member {member} ({self.member_names[member]})" if self.members and self.member_names else ""
+            optim, last = self.config.optim, self.run_dir.last
+            kept = f"{last} holds the last good state" if last.is_file() else "no checkpoint was written before it"
+            raise TrainingDiverged(
+                f"training diverged: the loss or a gradient is nan/inf at step {bad} (epoch "
+                f"{(bad - 1) // self.steps_per_epoch + 1}){who}; likely causes: a learning rate too high (optim.lr = "
+                f"{optim.lr}), no gradient clipping (optim.clip_norm = {optim.clip_norm}), bf16 overflow "
+                f"(train.precision = {self.config.train.precision!r}) or bad input data; {kept}; lower optim.lr, "
+                "or set train.nan_policy = \"skip\" to skip such updates",
+                step=bad)
+
+
+def _step_of(train_state: TrainState) -> int:
+    """The step count of a TrainState (of its first member when stacked: members step together)."""
+    return int(train_state.step.reshape(-1)[0])
+
+
+class GradStats:
+    """Noise scale and per-layer-group gradient norms of a fixed probe batch (BatchNorm in eval mode)."""
+
+    def __init__(self, config: Config, ds: RunData, model):
+        probe = slice(0, min(config.train.grad_stats_examples, len(ds.train_images)))
+        self.images, self.labels = normalized(ds, ds.train_images[probe]), ds.train_labels[probe]
+        self.model, self.chunk_size = model, config.train.eval_batch_size
+
+    def __call__(self, train_state: TrainState) -> dict:
+        from fnclass.analysis import gradient_statistics  # analysis is a program of its own; only this uses it
+
+        stats = gradient_statistics(self.model, train_state.params, train_state.state, self.images, self.labels,
+                                    cosine=False, chunk_size=self.chunk_size)
+        return {"noise_scale": stats["noise_scale"]["b_simple"],
+                "grad_norm": float(stats["per_example"]["grad_norm"].mean()),
+                "group_grad_norms": {g: float(n.mean()) for g, n in stats["per_example"]["group_norms"].items()}}

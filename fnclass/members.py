@@ -1,0 +1,253 @@
+"""K models in one run: seeds, ensembles and hyperparameter sweeps as one stacked TrainState under ``vmap``.
+
+A model here is a pure function of its parameter tree, so K members train at once: their TrainStates are
+stacked on a leading axis (:func:`fnclass.tree.tree_stack`) and one step, vmapped, updates all of them
+(:func:`fnclass.step.make_members_step`). Member ``i`` is exactly the single run with its seed and swept values:
+the same init key, data order, augmentation and model keys. Swept values (``optim.lr``, ``optim.weight_decay``,
+``train.label_smoothing``) reach each member's optimizer and loss as 0-d tensors, so the program is one.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fnclass import random, recipe, tree
+from fnclass._version import __version__
+from fnclass.config import SWEEPS, Config
+from fnclass.epoch import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized
+from fnclass.evaluate import evaluate_members
+from fnclass.io import device_name, pick_device, save_figure, synchronize
+from fnclass.run import Reporter, RunDirectory
+from fnclass.step import create_train_state, make_eval_step, make_members_step, make_train_step, mean_gradient
+
+
+def member_name(member: dict) -> str:
+    """``seed 3, optim.lr 0.2``: a member's seed and swept values."""
+    return ", ".join(f"{key} {value}" for key, value in member.items())
+
+
+def train_members(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
+                  download: bool = True, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Train ``config.member_list()`` at once; :func:`fnclass.training.train` calls this when members are set.
+
+    Writes the run directory as a single run does, with stacked checkpoints (every leaf ``(K, ...)``, the
+    members in the metadata), a ``member_epoch`` line per member per epoch in metrics.jsonl, epoch rows whose
+    ``test_accuracy`` is the ensemble's (the mean of the members' logits) with the members' mean, std, min and
+    max, ``plots/members.png`` and a summary holding every member.
+    """
+    members = config.member_list()
+    dev = pick_device(device)
+    run = RunDirectory(workdir, config, reporter=reporter)
+    ds = load_run_data(config, data_dir, download, dev)
+    n_train, epochs = len(ds.train_images), config.train.epochs
+    steps_per_epoch = n_train // config.train.batch_size
+    model = recipe.create_model(config)
+    swept = [key for key in members[0] if key != "seed"]
+    hyper_values = {key: torch.tensor([m[key] for m in members], dtype=torch.float32) for key in swept}
+
+    def optimizer_for(hyper):
+        return recipe.create_optimizer(config.optim, model.param_labels, steps_per_epoch, epochs, hyper)
+
+    first = {key: values[0] for key, values in hyper_values.items()}  # the optimizer state's structure is one
+    states = [create_train_state(model, optimizer_for(first), random.key(m["seed"])) for m in members]
+    clock = {"whitening": 0.0, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
+    if model.data_init is not None and not resume:
+        tick = time.perf_counter()
+        normalize = lambda images: normalized(ds, images)
+        states = [s._replace(state=model.data_init(s.state, ds.train_images, normalize)) for s in states]
+        synchronize(dev)
+        clock["whitening"] = time.perf_counter() - tick
+    train_state = tree.tree_stack(states)
+    train_state = tree.tree_to(run.restore(train_state) if resume else train_state, dev)
+    start_step = int(train_state.step[0])
+    options = dict(precision=config.train.precision, channels_last=config.train.channels_last)
+    gradient = functools.partial(mean_gradient, transformable=True)
+
+    def build_step(hyper):
+        # Memory formats cannot be asked for inside vmap: members train in the default (contiguous) layout.
+        return make_train_step(model, recipe.create_loss(config, hyper), optimizer_for(hyper), gradient=gradient,
+                               skip_nonfinite=config.train.nan_policy == "skip", precision=config.train.precision)
+
+    train_step = make_members_step(build_step, compile=config.train.compile,
+                                   chunk_size=config.members.per_pass or None)
+    eval_step = make_eval_step(model, compile=config.train.compile, **options)
+    schedule = recipe.create_schedule(config.optim, steps_per_epoch, epochs)
+    lr_scales = [m.get("optim.lr", config.optim.lr) / config.optim.lr for m in members]
+    loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch,
+                     hyper={k: v.to(dev) for k, v in hyper_values.items()},
+                     member_names=[member_name(m) for m in members], lr_scales=lr_scales)
+    run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
+              input_size=tuple(ds.train_images.shape[1:3]), members=members,
+              info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
+                    "test_images": len(ds.test_images), "steps_per_epoch": steps_per_epoch,
+                    "total_steps": steps_per_epoch * epochs, "members": members,
+                    "num_params": tree.num_params(train_state.params) // len(members), "start_step": start_step,
+                    "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
+    try:
+        if config.train.compile:
+            clock["compile"] = loop.compile(train_state, dev)
+        best, result = run.best_accuracy(), None
+        tta = (1 + config.train.tta_translate) if config.train.tta else 0
+        first_epoch, progress = loop.first_epoch(start_step), run.progress
+        for epoch in range(first_epoch, epochs):
+            train_state, seconds, train_metrics = loop(train_state, epoch, dev, progress)
+            progress = None
+            clock["train"] += seconds
+            tick = time.perf_counter()
+            result = _evaluate(eval_step, train_state, ds, config, tta if epoch + 1 == epochs else 0)
+            clock["final_eval"] = time.perf_counter() - tick
+            lr = float(schedule(train_state.step[0] - 1))
+            for row in _member_rows(members, epoch, train_state, train_metrics, result, lr, lr_scales):
+                run.log(row)
+            row = _epoch_row(members, epoch, train_state, train_metrics, result, lr, seconds)
+            run.end_epoch(row, train_state, best=best is None or row["test_accuracy"] > best)
+            best = row["test_accuracy"] if best is None else max(best, row["test_accuracy"])
+        if result is None:  # resumed a finished run: evaluate what is there
+            result = _evaluate(eval_step, train_state, ds, config, tta)
+            best = max(best or 0.0, result["ensemble"]["accuracy"])
+        summary = _summary(config, members, train_state, result, best, clock, loop.images_seen, start_step, dev,
+                           ds, run)
+        _plot_members(run, members)
+        run.finish(summary)
+    except KeyboardInterrupt:
+        if loop.latest is not None:
+            loop.check_finite()
+            train_state = loop.latest
+        run.save(train_state, loop.progress())
+        raise TrainingInterrupted(int(train_state.step[0]), run.last) from None
+    finally:
+        run.close()
+    return TrainResult(train_state, summary)
+
+
+def _evaluate(eval_step, train_state, ds, config: Config, tta: int) -> dict:
+    """Each member's test metrics and the ensemble's (the mean of the members' logits)."""
+    models = list(zip(tree.tree_unstack(train_state.params), tree.tree_unstack(train_state.state)))
+    result = evaluate_members(eval_step, models, ds.test_images, ds.test_labels, mean=ds.mean_t, std=ds.std_t,
+                              batch_size=config.train.eval_batch_size, tta=tta)
+    if result["ensemble"] is None:  # one member: its own logits are the ensemble's
+        result["ensemble"] = result["members"][0]
+    return result
+
+
+def _member_rows(members, epoch: int, train_state, train_metrics: dict, result: dict, lr: float,
+                 lr_scales: list[float]) -> list[dict]:
+    """The ``member_epoch`` lines of metrics.jsonl: one per member, as a single run's epoch row."""
+    rows = []
+    for i, (member, metrics) in enumerate(zip(members, result["members"])):
+        row = {"kind": "member_epoch", "member": i, "step": int(train_state.step[i]), "epoch": epoch + 1,
+               **{k: v for k, v in member.items()}, "train_loss": train_metrics["loss"][i],
+               "train_accuracy": train_metrics["accuracy"][i], "test_loss": metrics["loss"],
+               "test_accuracy": metrics["accuracy"], "lr": lr * lr_scales[i],
+               "skipped_steps": train_metrics["skipped_steps"][i]}
+        if "tta_accuracy" in metrics:
+            row["test_accuracy_tta"] = metrics["tta_accuracy"]
+        rows.append(row)
+    return rows
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def _groups(members: list[dict], accuracies: list[float]) -> list[dict]:
+    """Accuracy spread over the seeds of each swept setting (a sweep's table groups by these)."""
+    settings: dict[tuple, list[float]] = {}
+    for member, accuracy in zip(members, accuracies):
+        settings.setdefault(tuple((k, v) for k, v in member.items() if k != "seed"), []).append(accuracy)
+    return [{"hyperparameters": dict(key), "members": len(values), **spread(values)}
+            for key, values in settings.items()]
+
+
+def _epoch_row(members, epoch: int, train_state, train_metrics: dict, result: dict, lr: float,
+               seconds: float) -> dict:
+    """The epoch row: the ensemble's test metrics, the members' spread, their mean train metrics."""
+    accuracies = [m["accuracy"] for m in result["members"]]
+    ensemble = result["ensemble"]
+    row = {"kind": "epoch", "step": int(train_state.step[0]), "epoch": epoch + 1,
+           "train_loss": statistics.fmean(train_metrics["loss"]),
+           "train_accuracy": statistics.fmean(train_metrics["accuracy"]), "test_loss": ensemble["loss"],
+           "test_accuracy": ensemble["accuracy"], "lr": lr, "seconds": seconds,
+           "skipped_steps": sum(train_metrics["skipped_steps"]), "members": len(members),
+           **{f"test_accuracy_{k}": v for k, v in spread(accuracies).items()}}
+    if any(k != "seed" for k in members[0]):
+        row["groups"] = _groups(members, accuracies)
+    if "tta_accuracy" in ensemble:
+        row["test_accuracy_tta"] = ensemble["tta_accuracy"]
+        row.update({f"test_accuracy_tta_{k}": v for k, v in
+                    spread([m["tta_accuracy"] for m in result["members"]]).items()})
+    return row
+
+
+def _summary(config: Config, members, train_state, result: dict, best, clock: dict, images_seen: int,
+             start_step: int, dev, ds, run: RunDirectory) -> dict:
+    """summary.json: every member, their spread, the ensemble (whose numbers fill the single-run keys)."""
+    ensemble = result["ensemble"]
+    per_member = []
+    for i, (member, metrics) in enumerate(zip(members, result["members"])):
+        entry = {"member": i, "seed": member["seed"],
+                 "hyperparameters": {k: v for k, v in member.items() if k != "seed"},
+                 "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
+        if "tta_accuracy" in metrics:
+            entry["test_accuracy_tta"] = metrics["tta_accuracy"]
+        per_member.append(entry)
+    accuracies = [m["test_accuracy"] for m in per_member]
+    summary = {
+        "test_accuracy": ensemble["accuracy"], "best_test_accuracy": best, "test_loss": ensemble["loss"],
+        "ensemble_test_accuracy": ensemble["accuracy"], "members": per_member,
+        **{f"test_accuracy_{k}": v for k, v in spread(accuracies).items()},
+        "train_seconds": clock["train"], "compile_seconds": clock["compile"], "whitening_seconds": clock["whitening"],
+        "final_eval_seconds": clock["final_eval"],
+        "images_per_second": images_seen / clock["train"] if clock["train"] else None,
+        "steps": int(train_state.step[0]), "epochs": config.train.epochs, "resumed_from_step": start_step or None,
+        "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
+        "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
+        "nan_policy": config.train.nan_policy,
+        "device": device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
+        "seed": [m["seed"] for m in members], "num_params": tree.num_params(train_state.params) // len(members),
+        "model": config.model.name, "data_dir": str(ds.folder), "train_images": len(ds.train_images),
+        "test_images": len(ds.test_images),
+        "per_class_accuracy": dict(zip(ds.classes, ensemble["per_class_accuracy"])), "run_dir": str(run.path),
+    }
+    if any(k != "seed" for k in members[0]):
+        summary["groups"] = _groups(members, accuracies)
+    if "tta_accuracy" in ensemble:
+        summary["test_accuracy_tta"] = summary["ensemble_test_accuracy_tta"] = ensemble["tta_accuracy"]
+        summary.update({f"test_accuracy_tta_{k}": v for k, v in
+                        spread([m["test_accuracy_tta"] for m in per_member]).items()})
+    return summary
+
+
+def _plot_members(run: RunDirectory, members: list[dict]) -> None:
+    """plots/members.png: each member's test accuracy per epoch, and the ensemble's."""
+    if not run.writes:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = run.member_rows()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, member in enumerate(members):
+        mine = [r for r in rows if r["member"] == i]
+        ax.plot([r["epoch"] for r in mine], [r["test_accuracy"] for r in mine], alpha=0.6, linewidth=1,
+                label=member_name(member) if len(members) <= 10 else None)
+    epochs = run.epoch_rows()
+    ax.plot([r["epoch"] for r in epochs], [r["test_accuracy"] for r in epochs], color="black", linewidth=2,
+            label="ensemble (mean logits)")
+    ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{len(members)} members")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, run.path / "plots" / "members.png")
+
+
+__all__ = ["SWEEPS", "member_name", "spread", "train_members"]

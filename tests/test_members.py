@@ -1,0 +1,242 @@
+"""K models at once under vmap: each member is the single run with its seed and swept values; the ensemble is the
+mean of the members' logits; stacked runs resume bit for bit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from click.testing import CliRunner
+
+from fnclass import data, random, recipe, tree
+from fnclass import step as step_module
+from fnclass.cli import main
+from fnclass.config import load_config
+from fnclass.models import resolve_config
+from fnclass.training import train
+from tests.oneline import one_error_line
+
+SMALL = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]
+RUN = SMALL + ["data.train_limit=400", "data.test_limit=300", "train.epochs=2", "train.batch_size=100",
+               "train.log_every_steps=2", "checkpoint.keep=0", "optim.lr=0.01"]
+
+
+def test_stack_and_unstack_round_trip():
+    trees = [{"a": torch.full((2, 3), float(i)), "b": (torch.tensor(i), torch.arange(4) + i)} for i in range(3)]
+    stacked = tree.tree_stack(trees)
+    assert stacked["a"].shape == (3, 2, 3) and stacked["b"][1].shape == (3, 4)
+    back = tree.tree_unstack(stacked)
+    assert len(back) == 3 and all(tree.tree_allclose(x, y, rtol=0, atol=0) for x, y in zip(back, trees))
+    assert tree.tree_allclose(tree.tree_index(stacked, 2), trees[2], rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        tree.tree_unstack({"a": torch.zeros(2), "b": torch.zeros(3)})
+
+
+def _real_batches(count: int, size: int = 100):
+    images = np.load(os.environ["FNCLASS_DATA"] + "/test_images.npy", mmap_mode="r")[:count * size]
+    labels = np.load(os.environ["FNCLASS_DATA"] + "/test_labels.npy")[:count * size]
+    mean, std = torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1), torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1)
+    x = data.normalize(torch.from_numpy(images.copy()), mean, std)
+    return [(x[i * size:(i + 1) * size], torch.from_numpy(labels[i * size:(i + 1) * size]).long())
+            for i in range(count)]
+
+
+def _worst(a, b) -> float:
+    """The largest elementwise difference between two trees, relative to each leaf's largest magnitude."""
+    return max(((x.double() - y.double()).abs().max() / y.double().abs().max().clamp(min=1e-30)).item()
+               for x, y in zip(tree.tree_leaves(a), tree.tree_leaves(b)) if x.is_floating_point())
+
+
+@pytest.mark.parametrize("sweep", [{}, {"optim.lr": [0.05, 0.2, 0.3]}, {"optim.weight_decay": [0.0, 2e-3, 1e-2]},
+                                   {"train.label_smoothing": [0.0, 0.2, 0.4]}])
+def test_a_vmapped_step_equals_each_members_single_step(cifar_dir, sweep):
+    """One step of K = 3 members (seeds 0..2, and a swept value each) against the single step of each config.
+
+    vmap reorders the convolutions' reductions (grouped over members), so the member may differ from the single
+    step by rounding: at most 4x the distance between the float32 single step and the same step in float64
+    (real images make that distance about 1e-5 relative: batch-norm biases' gradients cancel).
+    """
+    config = resolve_config(load_config("cpu", SMALL))
+    model = recipe.create_model(config)
+    key, values = (next(iter(sweep.items())) if sweep else (None, [None] * 3))
+    hyper = {key: torch.tensor(values)} if key else {}
+
+    def build(h):
+        optimizer = recipe.create_optimizer(config.optim, model.param_labels, 4, 2, h)
+        return step_module.make_train_step(model, recipe.create_loss(config, h), optimizer,
+                                           gradient=functools.partial(step_module.mean_gradient, transformable=True))
+    first = {k: v[0] for k, v in hyper.items()}
+    states = [step_module.create_train_state(model, recipe.create_optimizer(config.optim, model.param_labels, 4, 2,
+                                                                             first), random.key(seed))
+              for seed in range(3)]
+    (images, labels), = _real_batches(1)
+    keys = torch.stack([random.key(10 + i) for i in range(3)])
+    batch = (images.expand(3, -1, -1, -1, -1), labels.expand(3, -1))
+    stacked, metrics = step_module.make_members_step(build)(tree.tree_stack(states), batch, keys, hyper)
+    double = functools.partial(tree.tree_map, lambda v: v.double() if v.is_floating_point() else v)
+    for i, value in enumerate(values):
+        single_config = resolve_config(load_config("cpu", SMALL + ([f"{key}={value}"] if key else [])))
+        optimizer = recipe.create_optimizer(single_config.optim, model.param_labels, 4, 2)
+        single = step_module.make_train_step(model, recipe.create_loss(single_config), optimizer)
+        start = step_module.create_train_state(model, optimizer, random.key(i))  # its own optimizer's state
+        expected, single_metrics = single(start, (images, labels), keys[i])
+        exact, _ = single(double(start), (images.double(), labels), keys[i])
+        rounding = _worst(expected, exact)  # how far float32 itself lands from the float64 step
+        member = tree.tree_index(stacked, i)
+        for got, want in ((member.params, expected.params), (member.state, expected.state),
+                          (member.params, exact.params)):
+            assert _worst(got, want) <= 4 * rounding, (key, value, rounding)
+        assert abs(float(metrics["loss"][i]) - float(single_metrics["loss"])) < 1e-5
+
+
+def _recording(monkeypatch, calls: list):
+    """Record every train-step call of the epoch loop into ``calls``: (inputs, outputs)."""
+    from fnclass import epoch
+
+    monkeypatch.undo()  # one recorder at a time
+    real = epoch.EpochLoop._run_step
+
+    def run_step(self, *args):
+        inner = self.train_step
+
+        def recorded(*step_args):
+            out = inner(*step_args)
+            calls.append((step_args, out))
+            return out
+        self.train_step = recorded
+        try:
+            return real(self, *args)
+        finally:
+            self.train_step = inner
+    monkeypatch.setattr(epoch.EpochLoop, "_run_step", run_step)
+
+
+def test_members_get_exactly_the_batches_keys_and_start_of_their_single_runs(cifar_dir, tmp_path, monkeypatch):
+    """K = 3 seeds in one run against three single runs, step by step (real data, 8 steps).
+
+    Every member's batch (augmented images, labels), model key and initial state equal the single run's bit for
+    bit at every step; each member's update from its own input equals the single step's within float32
+    rounding of the float64 step. Over whole runs the states then drift apart by rounding, amplified by
+    training: the single run's channels-last oneDNN convolutions give gradients about 2e-4 (relative) from the
+    float64 ones on real images, the vmapped grouped convolutions about 2e-6 (measured), and 8 steps amplify
+    that to up to 0.25 in a BatchNorm bias (relative to its leaf's largest value). So runs are not compared
+    at the end.
+    """
+    members_calls, single_calls = [], []
+    _recording(monkeypatch, members_calls)
+    train(load_config("cpu", RUN + ["members.seeds=[0, 1, 2]"]), tmp_path / "members", data_dir=str(cifar_dir))
+    singles = []
+    for seed in range(3):
+        single_calls = []
+        _recording(monkeypatch, single_calls)
+        train(load_config("cpu", RUN + [f"train.seed={seed}"]), tmp_path / f"single{seed}", data_dir=str(cifar_dir))
+        singles.append(single_calls)
+    assert len(members_calls) == 8 and all(len(calls) == 8 for calls in singles)
+    config = resolve_config(load_config("cpu", RUN))
+    model = recipe.create_model(config)
+    single_step = step_module.make_train_step(model, recipe.create_loss(config), recipe.create_optimizer(
+        config.optim, model.param_labels, 4, 2))
+    double = functools.partial(tree.tree_map, lambda v: v.double() if v.is_floating_point() else v)
+    for step, ((state, (images, labels), keys, _hyper), (out, _)) in enumerate(members_calls):
+        for i in range(3):
+            (single_state, (single_images, single_labels), single_key), _ = singles[i][step]
+            assert images[i].equal(single_images) and labels[i].equal(single_labels) and keys[i].equal(single_key)
+            if step == 0:
+                assert all(a.equal(b) for a, b in zip(tree.tree_leaves(tree.tree_index(state, i)),
+                                                      tree.tree_leaves(single_state)))
+            if step in (0, 5):  # the member's update from its own input, against the single step's
+                start = tree.tree_index(state, i)
+                expected, _ = single_step(start, (images[i], labels[i]), keys[i])
+                exact, _ = single_step(double(start), (images[i].double(), labels[i]), keys[i])
+                rounding = _worst(expected.params, exact.params)
+                assert _worst(tree.tree_index(out, i).params, exact.params) <= 4 * rounding + 1e-6, (step, i)
+
+
+def test_the_ensemble_is_the_mean_of_the_members_logits(cifar_dir, tmp_path):
+    result = train(load_config("cpu", RUN + ["members.seeds=[0, 1, 2]"]), tmp_path / "run", data_dir=str(cifar_dir))
+    model = recipe.create_model(resolve_config(load_config("cpu", RUN)))
+    images, labels = data.load_split(cifar_dir, "test", limit=300)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    mean, std = summary_norm(tmp_path / "run")
+    x = data.normalize(images, mean, std)
+    logits = []
+    for i in range(3):
+        params, state = (tree.tree_index(t, i) for t in (result.train_state.params, result.train_state.state))
+        logits.append(model.apply(params, state, x, train=False)[0])
+        accuracy = (logits[-1].argmax(-1) == labels).float().mean().item()
+        assert accuracy == pytest.approx(summary["members"][i]["test_accuracy"], abs=1e-6)
+    ensemble = (torch.stack(logits).mean(0).argmax(-1) == labels).float().mean().item()
+    assert summary["ensemble_test_accuracy"] == pytest.approx(ensemble, abs=1e-6)
+    accuracies = [m["test_accuracy"] for m in summary["members"]]
+    assert summary["test_accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    assert summary["test_accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert summary["test_accuracy_min"] == min(accuracies) and summary["test_accuracy_max"] == max(accuracies)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["member"] for r in rows if r["kind"] == "member_epoch"}) == [0, 1, 2]
+    assert (tmp_path / "run/plots/members.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def summary_norm(run_dir):
+    with safetensors.safe_open(str(run_dir / "checkpoints/last.safetensors"), "pt") as handle:
+        normalization = json.loads(handle.metadata()["normalization"])
+    return (torch.tensor(normalization["mean"]).view(1, 3, 1, 1), torch.tensor(normalization["std"]).view(1, 3, 1, 1))
+
+
+def test_a_sweep_through_the_cli_groups_its_table_and_summary(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(out),
+                                       *[a for s in RUN for a in ("--set", s)], "--seeds", "0-1",
+                                       "--sweep", "optim.lr=0.01,0.05"])
+    assert result.exit_code == 0, result.output
+    assert "4 members:" in result.output and "optim.lr = 0.05:" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(m["seed"], m["hyperparameters"]) for m in summary["members"]] == [
+        (0, {"optim.lr": 0.01}), (0, {"optim.lr": 0.05}), (1, {"optim.lr": 0.01}), (1, {"optim.lr": 0.05})]
+    assert [g["hyperparameters"] for g in summary["groups"]] == [{"optim.lr": 0.01}, {"optim.lr": 0.05}]
+    assert load_config(out / "config.toml").members.lr == (0.01, 0.05)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sweep", "model.widths=8,16"], "model.widths changes the model's shapes or the program"),
+    (["--sweep", "train.batch_size=64,128"], "train.batch_size changes the model's shapes or the program"),
+    (["--sweep", "optim.lrr=0.1"], "optim.lrr is not a config key"),
+    (["--sweep", "optim.lr=fast,slow"], "must be numbers"),
+    (["--seeds", "3-1"], "--seeds 3-1: expected seeds >= 0"),
+    (["--seeds", "0,0,1", "--set", "train.grad_stats_every=5"], "train.grad_stats_every = 5 is not allowed"),
+])
+def test_bad_member_options_are_one_line(cifar_dir, tmp_path, args, message):
+    one_error_line(["train", "--config", "cpu", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), *args],
+                   message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_killed_stacked_run_resumes_bit_exact(cifar_dir, tmp_path):
+    sets = [a for s in RUN + ["checkpoint.every_steps=3"] for a in ("--set", s)]
+    command = [sys.executable, "-c", "from fnclass.cli import main; main()", "train", "--quiet", "--data-dir",
+               str(cifar_dir), "--seeds", "0-2"]
+    reference = subprocess.run([*command, "--out", str(tmp_path / "reference"), *sets], capture_output=True,
+                               text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "run"
+    killed = subprocess.run([*command, "--out", str(out), *sets], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FNCLASS_KILL_AT": "step:7"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run([*command[:3], "train", "--quiet", "--data-dir", str(cifar_dir), "--resume", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    got = safetensors.torch.load_file(out / "checkpoints/last.safetensors")
+    want = safetensors.torch.load_file(tmp_path / "reference/checkpoints/last.safetensors")
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    assert next(iter(want.values())).shape[0] == 3 or want["step"].shape == (3,)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "reference/metrics.jsonl").read_text().splitlines()]
+    assert [{**r, "seconds": 0} for r in rows] == [{**r, "seconds": 0} for r in expected]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 6  # every 3 steps: mid-epoch 2
