@@ -11,6 +11,7 @@ left half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from fnclass import tree
 from fnclass._version import __version__
-from fnclass.config import Config, ConfigError, config_from_dict, config_to_dict
+from fnclass.config import MAX_MEMBERS, Config, ConfigError, MembersConfig, config_from_dict, config_to_dict
 from fnclass.errors import InputError
 from fnclass.io import write_atomic
 from fnclass.models import Model, build_model, resolve_config
@@ -52,6 +53,31 @@ class Checkpoint(NamedTuple):
     step: int
     metadata: dict
     tensors: dict[str, torch.Tensor]
+    members: tuple[dict, ...] = ()  # a run of K members: params and state stacked (K, ...), one dict per member
+
+    def member(self, index: int) -> Checkpoint:
+        """Member ``index`` of a stacked checkpoint as a single model's checkpoint (config: its seed and values)."""
+        if not self.members:
+            raise CheckpointError("this checkpoint holds one model, not members: drop --member")
+        if not 0 <= index < len(self.members):
+            raise CheckpointError(f"member {index} does not exist: this checkpoint holds members "
+                                  f"0..{len(self.members) - 1}")
+        chosen = self.members[index]
+        config = dataclasses.replace(self.config, members=MembersConfig(),
+                                     train=dataclasses.replace(self.config.train, seed=chosen["seed"]))
+        for key, value in chosen.items():
+            if key != "seed":
+                section, name = key.split(".")
+                config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section),
+                                                                                     **{name: value})})
+        tensors = {k: v[index] for k, v in self.tensors.items()}
+        return self._replace(params=tree.tree_index(self.params, index), state=tree.tree_index(self.state, index),
+                             config=config, tensors=tensors, members=())
+
+    def logits(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images -> float32 logits in eval mode (members: the mean of their logits)."""
+        return ensemble_logits(self.model, self.params, self.state, self.mean, self.std, dtype, images,
+                               len(self.members))
 
     def check_split(self, folder, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Refuse a data split this model cannot be run on: another image size, or labels beyond its classes."""
@@ -232,10 +258,43 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not an fnclass checkpoint (format {metadata.get('format')!r}, "
                               f"expected {FORMAT!r})")
     config, classes, mean, std, input_size = read_model_metadata(path, metadata)
+    members = read_members(path, metadata)
     model = build_model(config.model)
-    params, state = restore_model(path, model, tensors)
+    params, state = restore_model(path, model, tensors, members=len(members))
     return Checkpoint(model, params, state, config, classes, mean, std, input_size, int(metadata.get("step", 0)),
-                      metadata, tensors)
+                      metadata, tensors, members)
+
+
+def read_members(path, metadata: dict) -> tuple[dict, ...]:
+    """The members a stacked file records (``()`` for one model), checked."""
+    if "members" not in metadata:
+        return ()
+    members = _metadata_json(path, metadata, "members")
+    allowed = {"seed", "optim.lr", "optim.weight_decay", "train.label_smoothing"}
+    ok = (isinstance(members, list) and 1 <= len(members) <= MAX_MEMBERS
+          and all(isinstance(m, dict) and type(m.get("seed")) is int and set(m) <= allowed
+                  and all(type(v) in (int, float) for v in m.values()) for m in members))
+    if not ok:
+        raise CheckpointError(f"{path}: metadata 'members' is malformed (the file was altered); use another file")
+    return tuple(members)
+
+
+def ensemble_logits(model: Model, params, state, mean, std, dtype: torch.dtype, images: torch.Tensor,
+                    members: int = 0) -> torch.Tensor:
+    """Normalise uint8 NHWC images in ``dtype`` and run the model in eval mode: float32 logits.
+
+    With ``members`` > 0, ``params`` and ``state`` are stacked and the logits are the mean of the members'.
+    """
+    from fnclass.data import normalize
+
+    x = normalize(images, mean, std, dtype)
+    if not members:
+        return model.apply(params, state, x, train=False)[0].float()
+    total = None
+    for i in range(members):
+        logits = model.apply(tree.tree_index(params, i), tree.tree_index(state, i), x, train=False)[0].float()
+        total = logits if total is None else total + logits
+    return total / members
 
 
 def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], tuple, tuple, tuple[int, int]]:
@@ -266,16 +325,19 @@ def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], 
     return config, tuple(classes), mean, std, (input_size[0], input_size[1])
 
 
-def restore_model(path, model: Model, tensors: dict, dtype: torch.dtype | None = None):
+def restore_model(path, model: Model, tensors: dict, dtype: torch.dtype | None = None, *, members: int = 0):
     """``(params, state)`` of ``model`` filled from the ``params.*`` and ``state.*`` tensors of a file.
 
     The skeleton is built on the meta device, so a tampered config cannot make this allocate memory
     before the tensors are checked against it. ``dtype`` is the floating dtype the tensors must have
-    (default: the model's own).
+    (default: the model's own). ``members`` > 0: the tensors are stacked, ``(members, ...)``.
     """
     try:
         with torch.device("meta"):
             skeleton_params, skeleton_state = model.init(torch.zeros(2, dtype=torch.int64))
+            if members:
+                stack = lambda leaf: torch.empty((members, *leaf.shape), dtype=leaf.dtype)
+                skeleton_params, skeleton_state = tree.tree_map(stack, (skeleton_params, skeleton_state))
     except (RuntimeError, ValueError, OverflowError) as error:  # e.g. absurd widths in a tampered config
         raise CheckpointError(f"{path}: the model in its config cannot be built ({first_line(error)}); the file "
                               "was altered: use another file") from None

@@ -36,15 +36,17 @@ from fnclass._version import __version__
 from fnclass.checkpoint import (
     Checkpoint,
     CheckpointError,
+    ensemble_logits,
     first_line,
     load_checkpoint,
     read_file,
+    read_members,
     read_model_metadata,
     restore_model,
     serialize,
 )
 from fnclass.config import ModelConfig, config_to_dict
-from fnclass.data import file_sha256, normalize, read_image
+from fnclass.data import file_sha256, read_image
 from fnclass.io import write_atomic
 from fnclass.models import Model, build_model
 
@@ -68,10 +70,12 @@ class Exported(NamedTuple):
     input_size: tuple[int, int]
     dtype: torch.dtype
     metadata: dict
+    members: tuple[dict, ...] = ()  # an ensemble export: stacked weights, logits are the members' mean
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) images -> float32 logits (N, classes), computed in the export's dtype."""
-        return _classify(self.model, self.params, self.state, self.mean, self.std, self.dtype, images)
+        return ensemble_logits(self.model, self.params, self.state, self.mean, self.std, self.dtype, images,
+                               len(self.members))
 
 
 class Predictor(NamedTuple):
@@ -81,12 +85,6 @@ class Predictor(NamedTuple):
     classes: tuple[str, ...]
     input_size: tuple[int, int]
     format: str
-
-
-def _classify(model: Model, params, state, mean, std, dtype: torch.dtype, images: torch.Tensor) -> torch.Tensor:
-    """Normalise uint8 NHWC images in ``dtype`` and run the model in eval mode; float32 logits."""
-    logits, _ = model.apply(params, state, normalize(images, mean, std, dtype), train=False)
-    return logits.float()
 
 
 def export_metadata(ckpt: Checkpoint, *, dtype: str, source_sha256: str) -> dict[str, str]:
@@ -103,6 +101,7 @@ def export_metadata(ckpt: Checkpoint, *, dtype: str, source_sha256: str) -> dict
         "fnclass_version": __version__,
         "source_sha256": source_sha256,
         "source_step": str(ckpt.step),
+        **({"members": json.dumps(list(ckpt.members))} if ckpt.members else {}),
     }
 
 
@@ -126,8 +125,8 @@ class _Program(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         leaves = [getattr(self, f"w{i}") for i in range(self.treespec.num_leaves)]
         weights = tree.tree_unflatten(self.treespec, leaves)
-        return _classify(self.ckpt.model, weights["params"], weights["state"], self.ckpt.mean, self.ckpt.std,
-                         self.dtype, images)
+        return ensemble_logits(self.ckpt.model, weights["params"], weights["state"], self.ckpt.mean, self.ckpt.std,
+                               self.dtype, images, len(self.ckpt.members))
 
 
 def export_program(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.export.ExportedProgram:
@@ -140,7 +139,7 @@ def export_program(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torc
 
 
 def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: str = "safetensors",
-                      dtype: str = "float32") -> dict:
+                      dtype: str = "float32", member: int | None = None, ensemble: bool = False) -> dict:
     """Export a training checkpoint as inference weights or a standalone program.
 
     Args:
@@ -148,6 +147,8 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: s
       out: the file to write (atomically); its folder is created.
       format: ``"safetensors"``, ``"pt2"`` or ``"onnx"``.
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the weights' dtype and the program's compute dtype.
+      member: export this member of a stacked checkpoint (a run of members) as one model.
+      ensemble: export all members of a stacked checkpoint as one model whose logits are their mean.
 
     Returns:
       A summary: the output path, format, dtype, size in bytes and the metadata written.
@@ -161,6 +162,15 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: s
     if format == "onnx" and dtype == "bfloat16":
         raise CheckpointError("ONNX Runtime has no bfloat16 convolution: export ONNX with --dtype float16 or float32")
     ckpt = load_checkpoint(checkpoint_path)
+    if ckpt.members and member is None and not ensemble:
+        raise CheckpointError(f"{checkpoint_path} holds {len(ckpt.members)} members: choose --member I (one of "
+                              f"0..{len(ckpt.members) - 1}) or --ensemble (their mean logits)")
+    if member is not None and ensemble:
+        raise CheckpointError("--member and --ensemble exclude each other: choose one")
+    if ensemble and not ckpt.members:
+        raise CheckpointError(f"{checkpoint_path} holds one model, not members: drop --ensemble")
+    if member is not None:
+        ckpt = ckpt.member(member)
     metadata = export_metadata(ckpt, dtype=dtype, source_sha256=file_sha256(Path(checkpoint_path)))
     writers = {"safetensors": _write_safetensors, "pt2": _write_pt2, "onnx": _write_onnx}
     writers[format](ckpt, Path(out), DTYPES[dtype], metadata)
@@ -174,7 +184,7 @@ def _check_export(ckpt: Checkpoint, out: Path, count: int = 16) -> float:
     height, width = ckpt.input_size
     images = random.randint(random.key(0), (count, height, width, 3), 0, 256).to(torch.uint8)
     with torch.no_grad():
-        expected = _classify(ckpt.model, ckpt.params, ckpt.state, ckpt.mean, ckpt.std, torch.float32, images)
+        expected = ckpt.logits(images)
         return float((load_predictor(out, trust_program=True).logits(images) - expected).abs().max())
 
 
@@ -228,8 +238,9 @@ def load_exported(path: str | Path) -> Exported:
     config, classes, mean, std, input_size = read_model_metadata(path, metadata)
     model = build_model(config.model)
     dtype = DTYPES[metadata["dtype"]]
-    params, state = restore_model(path, model, tensors, dtype)
-    return Exported(model, params, state, config.model, classes, mean, std, input_size, dtype, metadata)
+    members = read_members(path, metadata)
+    params, state = restore_model(path, model, tensors, dtype, members=len(members))
+    return Exported(model, params, state, config.model, classes, mean, std, input_size, dtype, metadata, members)
 
 
 def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predictor:
@@ -259,8 +270,7 @@ def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predicto
             exported = load_exported(path)
             return Predictor(exported.logits, exported.classes, exported.input_size, "safetensors")
         ckpt = load_checkpoint(path)
-        return Predictor(lambda images: _classify(ckpt.model, ckpt.params, ckpt.state, ckpt.mean, ckpt.std,
-                                                  torch.float32, images),
+        return Predictor(ckpt.logits,
                          ckpt.classes, ckpt.input_size, "checkpoint")
     if path.suffix == ".onnx" or head[:1] == b"\x08":  # an ONNX ModelProto starts with field 1 (ir_version)
         return _onnx_predictor(path)

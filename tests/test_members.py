@@ -240,3 +240,68 @@ def test_a_killed_stacked_run_resumes_bit_exact(cifar_dir, tmp_path):
     expected = [json.loads(line) for line in (tmp_path / "reference/metrics.jsonl").read_text().splitlines()]
     assert [{**r, "seconds": 0} for r in rows] == [{**r, "seconds": 0} for r in expected]
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 6  # every 3 steps: mid-epoch 2
+
+
+@pytest.fixture(scope="module")
+def members_run(cifar_dir, tmp_path_factory):
+    """Two members trained for 2 epochs: the stacked checkpoint and the run's result."""
+    out = tmp_path_factory.mktemp("members") / "run"
+    result = train(load_config("cpu", RUN + ["members.seeds=[0, 1]"]), out, data_dir=str(cifar_dir))
+    return out / "checkpoints/last.safetensors", result
+
+
+def _member_logits(result, images, mean, std):
+    model = recipe.create_model(resolve_config(load_config("cpu", RUN)))
+    x = data.normalize(images, mean, std)
+    return [model.apply(tree.tree_index(result.train_state.params, i), tree.tree_index(result.train_state.state, i),
+                        x, train=False)[0] for i in range(2)]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt2", "onnx"])
+def test_exports_of_one_member_and_of_the_ensemble(members_run, cifar_dir, tmp_path, fmt):
+    from fnclass.export import load_predictor
+
+    if fmt == "onnx":
+        from tests.needs import require_onnx
+        require_onnx()
+    checkpoint, result = members_run
+    images, _ = data.load_split(cifar_dir, "test", limit=64)
+    mean, std = summary_norm(checkpoint.parent.parent)
+    members = _member_logits(result, images, mean, std)
+    suffix = {"safetensors": ".safetensors", "pt2": ".pt2", "onnx": ".onnx"}[fmt]
+    for flag, expected in ((["--member", "1"], members[1]), (["--ensemble"], (members[0] + members[1]) / 2)):
+        out = tmp_path / f"{flag[0][2:]}{suffix}"
+        run = CliRunner().invoke(main, ["export", str(checkpoint), "--format", fmt, "--out", str(out), *flag])
+        assert run.exit_code == 0, run.output
+        logits = load_predictor(out, trust_program=True).logits(images)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    one_error_line(["export", str(checkpoint), "--format", fmt, "--out", str(tmp_path / f"x{suffix}")],
+                   "holds 2 members: choose --member I")
+    one_error_line(["export", str(checkpoint), "--member", "2", "--out", str(tmp_path / f"y{suffix}")],
+                   "member 2 does not exist")
+
+
+def test_eval_and_predict_take_a_stacked_checkpoint_as_its_ensemble(members_run, cifar_dir, tmp_path):
+    checkpoint, result = members_run
+    summary = json.loads((checkpoint.parent.parent / "summary.json").read_text())
+    run = CliRunner().invoke(main, ["eval", str(checkpoint), "--data-dir", str(cifar_dir), "--limit", "300",
+                                    "--json"])  # RUN's test_limit: the images the run evaluated
+    assert run.exit_code == 0, run.output
+    output = json.loads(run.stdout)
+    assert output["accuracy"] == pytest.approx(summary["ensemble_test_accuracy"], abs=1e-6)
+    assert [m["accuracy"] for m in output["members"]] == pytest.approx(
+        [m["test_accuracy"] for m in summary["members"]], abs=1e-6)
+    from PIL import Image
+
+    images, _ = data.load_split(cifar_dir, "test", limit=2)
+    paths = []
+    for i, image in enumerate(images.numpy()):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    run = CliRunner().invoke(main, ["predict", str(checkpoint), *map(str, paths), "--json"])
+    assert run.exit_code == 0, run.output
+    mean, std = summary_norm(checkpoint.parent.parent)
+    members = _member_logits(result, images, mean, std)
+    expected = ((members[0] + members[1]) / 2).softmax(-1).max(-1).values
+    got = [p["top"][0]["probability"] for p in json.loads(run.stdout)["predictions"]]
+    assert got == pytest.approx(expected.tolist(), abs=1e-5)

@@ -27,15 +27,19 @@ SUFFIXES = {"safetensors": ".inference.safetensors", "pt2": ".pt2", "onnx": ".on
               help="Dtype of the weights and of the program's arithmetic (logits are always float32).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="File to write [default: beside CHECKPOINT, named <stem>.inference.safetensors, .pt2 or .onnx].")
+@click.option("--member", type=click.IntRange(min=0), default=None,
+              help="From a run of members: export this member as one model.")
+@click.option("--ensemble", is_flag=True, help="From a run of members: one model whose logits are their mean.")
 @options.as_json("the summary")
 @one_line_errors
-def export(checkpoint, format_, dtype, out, as_json):
+def export(checkpoint, format_, dtype, out, member, ensemble, as_json):
     """Export a checkpoint for inference: pure data or a program that runs without fnclass.
 
     \b
     Examples:
       fnclass export runs/cpu/checkpoints/best.safetensors --format pt2 --out model.pt2
       fnclass export runs/cpu/checkpoints/best.safetensors --format onnx --dtype float16 --out model.onnx
+      fnclass export runs/seeds/checkpoints/last.safetensors --ensemble --format pt2 --out ensemble.pt2
     """
     from fnclass.export import export_checkpoint
 
@@ -48,7 +52,7 @@ def export(checkpoint, format_, dtype, out, as_json):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageProblem(f"--out {out}: cannot create its folder ({error.strerror}); choose another path") from None
-    summary = export_checkpoint(checkpoint, out, format=format_, dtype=dtype)
+    summary = export_checkpoint(checkpoint, out, format=format_, dtype=dtype, member=member, ensemble=ensemble)
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -58,6 +62,8 @@ def export(checkpoint, format_, dtype, out, as_json):
                         ("bytes", f"{summary['bytes']:,}"), ("model", metadata["model"]),
                         ("classes", ", ".join(json.loads(metadata["classes"]))),
                         ("input", f"uint8 (N, {', '.join(map(str, json.loads(metadata['input_size'])))}, 3)"),
+                        ("members", str(len(json.loads(metadata["members"]))) + " (logits: their mean)"
+                         if "members" in metadata else f"member {member}" if member is not None else "-"),
                         ("source sha256", metadata["source_sha256"]), ("source step", metadata["source_step"]),
                         ("check", f"max |logit diff| vs checkpoint {summary['max_abs_logit_diff']:.2e} "
                                   "on 16 random images")]:

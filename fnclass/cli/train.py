@@ -314,10 +314,12 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
     """
     from fnclass.checkpoint import load_checkpoint
     from fnclass.data import load_split, resolve_data_dir
-    from fnclass.evaluate import evaluate_dataset
+    from fnclass.evaluate import evaluate_members
     from fnclass.io import pick_device
+    from fnclass.members import member_name
     from fnclass.step import make_eval_step
     from fnclass.tree import tree_to
+    from fnclass.tree import tree_unstack as unstack
 
     ckpt = load_checkpoint(checkpoint)
     dev = pick_device(device)
@@ -325,14 +327,20 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
     images, labels = load_split(folder, split, limit=limit)
     ckpt.check_split(folder, images, labels)
     params, state = tree_to((ckpt.params, ckpt.state), dev)
-    result = evaluate_dataset(make_eval_step(ckpt.model), params, state, images.to(dev), labels.to(dev),
-                              mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,
-                              tta=(1 + ckpt.config.train.tta_translate) if tta else 0)
+    models = list(zip(unstack(params), unstack(state))) if ckpt.members else [(params, state)]
+    results = evaluate_members(make_eval_step(ckpt.model), models, images.to(dev), labels.to(dev),
+                               mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,
+                               tta=(1 + ckpt.config.train.tta_translate) if tta else 0)
+    result = results["ensemble"] or results["members"][0]  # a stacked checkpoint: its ensemble (mean logits)
     output = {"checkpoint": str(checkpoint), "split": split, "images": len(labels), "loss": result["loss"],
               "accuracy": result["accuracy"],
               "per_class_accuracy": dict(zip(ckpt.classes, result["per_class_accuracy"]))}
     if tta:
         output["accuracy_tta"] = result["tta_accuracy"]
+    if ckpt.members:
+        output["members"] = [{"member": i, **member, "accuracy": r["accuracy"],
+                              **({"accuracy_tta": r["tta_accuracy"]} if tta else {})}
+                             for i, (member, r) in enumerate(zip(ckpt.members, results["members"]))]
     if as_json:
         click.echo(json.dumps(output))
         return
@@ -340,6 +348,10 @@ def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_js
              f"accuracy     {result['accuracy']:.2%}"]
     if tta:
         lines.append(f"TTA          {result['tta_accuracy']:.2%}")
+    if ckpt.members:
+        lines[2] += f" (ensemble of {len(ckpt.members)} members: the mean of their logits)"
+        for entry, member in zip(output["members"], ckpt.members):
+            lines.append(f"member {entry['member']:<5} {entry['accuracy']:.2%}  ({member_name(member)})")
     _show(Console(), str(checkpoint), lines, output["per_class_accuracy"])
 
 
