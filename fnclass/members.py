@@ -66,15 +66,22 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
     train_state = tree.tree_to(run.restore(train_state) if resume else train_state, dev)
     start_step = int(train_state.step[0])
     options = dict(precision=config.train.precision, channels_last=config.train.channels_last)
-    gradient = functools.partial(mean_gradient, transformable=True)
+    strategy = config.members.strategy
+    if strategy == "auto":
+        strategy = "vmap" if dev.type == "cuda" else "loop"
+    vmapped = strategy == "vmap"
 
     def build_step(hyper):
-        # Memory formats cannot be asked for inside vmap: members train in the default (contiguous) layout.
-        return make_train_step(model, recipe.create_loss(config, hyper), optimizer_for(hyper), gradient=gradient,
-                               skip_nonfinite=config.train.nan_policy == "skip", precision=config.train.precision)
+        # Under vmap: torch.func's gradient, and no memory-format requests (vmap refuses them). In a loop: the
+        # single run's own step (eager gradient, channels-last), compiled per member when asked.
+        return make_train_step(model, recipe.create_loss(config, hyper), optimizer_for(hyper),
+                               gradient=functools.partial(mean_gradient, transformable=vmapped),
+                               skip_nonfinite=config.train.nan_policy == "skip", precision=config.train.precision,
+                               channels_last=config.train.channels_last and not vmapped,
+                               compile=config.train.compile and not vmapped)
 
-    train_step = make_members_step(build_step, compile=config.train.compile,
-                                   chunk_size=config.members.per_pass or None)
+    train_step = make_members_step(build_step, compile=config.train.compile and vmapped,
+                                   chunk_size=config.members.per_pass or None, strategy=strategy)
     eval_step = make_eval_step(model, compile=config.train.compile, **options)
     schedule = recipe.create_schedule(config.optim, steps_per_epoch, epochs)
     lr_scales = [m.get("optim.lr", config.optim.lr) / config.optim.lr for m in members]

@@ -15,6 +15,7 @@ import torch
 
 from fnclass import optim, random
 from fnclass.models import Model
+from fnclass.tree import tree_index, tree_stack
 
 
 class TrainState(NamedTuple):
@@ -156,7 +157,7 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
 
 
 def make_members_step(build_step: Callable[[dict], Callable], *, compile: bool = False,
-                      chunk_size: int | None = None) -> Callable:
+                      chunk_size: int | None = None, strategy: str = "vmap") -> Callable:
     """Build ``step(train_states, batches, keys, hyper) -> (train_states, metrics)`` for K stacked members.
 
     Every argument carries the members on a leading axis: a TrainState stacked with
@@ -170,10 +171,25 @@ def make_members_step(build_step: Callable[[dict], Callable], *, compile: bool =
       build_step: ``hyper -> step`` for one member.
       compile: compile the vmapped step as one graph.
       chunk_size: vmap this many members at a time (bounds activation memory; ``None``: all at once).
+      strategy: ``"vmap"``, or ``"loop"``: the same stacked-in, stacked-out step computed member after member
+        with ``build_step`` (which may then use the eager gradient and channels-last images, and equals the
+        single runs bit for bit when nothing is swept). On the CPU, vmap's grouped convolutions measured 2–5x
+        slower than the loop (benchmarks/RESULTS.md).
     """
     def member_step(train_state, batch, key, hyper):
         return build_step(hyper)(train_state, batch, key)
 
+    if strategy == "loop":
+        steps: dict[int, Callable] = {}  # member -> its step, built once (its hyperparameters never change)
+
+        def looped(train_state, batch, key, hyper):
+            outs = []
+            for i in range(len(key)):
+                if i not in steps:
+                    steps[i] = build_step({name: value[i] for name, value in hyper.items()})
+                outs.append(steps[i](tree_index(train_state, i), (batch[0][i], batch[1][i]), key[i]))
+            return tree_stack([out[0] for out in outs]), tree_stack([out[1] for out in outs])
+        return looped
     stacked = torch.func.vmap(member_step, randomness="error", chunk_size=chunk_size)
     return torch.compile(stacked) if compile else stacked
 

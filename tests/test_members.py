@@ -119,8 +119,19 @@ def _recording(monkeypatch, calls: list):
     monkeypatch.setattr(epoch.EpochLoop, "_run_step", run_step)
 
 
+def test_members_looped_on_the_cpu_end_bit_identical_to_their_single_runs(cifar_dir, tmp_path):
+    """``members.strategy = "loop"`` (the CPU's default): K = 3 seeds equal three single runs bit for bit."""
+    members = train(load_config("cpu", RUN + ["members.seeds=[0, 1, 2]", "members.strategy=loop"]),
+                    tmp_path / "members", data_dir=str(cifar_dir))
+    for i in range(3):
+        single = train(load_config("cpu", RUN + [f"train.seed={i}"]), tmp_path / f"single{i}", data_dir=str(cifar_dir))
+        got = tree.tree_index(members.train_state, i)
+        assert all(a.equal(b) for a, b in zip(tree.tree_leaves(got), tree.tree_leaves(single.train_state)))
+        assert members.summary["members"][i]["test_accuracy"] == single.summary["test_accuracy"]
+
+
 def test_members_get_exactly_the_batches_keys_and_start_of_their_single_runs(cifar_dir, tmp_path, monkeypatch):
-    """K = 3 seeds in one run against three single runs, step by step (real data, 8 steps).
+    """K = 3 seeds vmapped in one run against three single runs, step by step (real data, 8 steps).
 
     Every member's batch (augmented images, labels), model key and initial state equal the single run's bit for
     bit at every step; each member's update from its own input equals the single step's within float32
@@ -132,7 +143,8 @@ def test_members_get_exactly_the_batches_keys_and_start_of_their_single_runs(cif
     """
     members_calls, single_calls = [], []
     _recording(monkeypatch, members_calls)
-    train(load_config("cpu", RUN + ["members.seeds=[0, 1, 2]"]), tmp_path / "members", data_dir=str(cifar_dir))
+    train(load_config("cpu", RUN + ["members.seeds=[0, 1, 2]", "members.strategy=vmap"]), tmp_path / "members",
+          data_dir=str(cifar_dir))
     singles = []
     for seed in range(3):
         single_calls = []
@@ -161,7 +173,8 @@ def test_members_get_exactly_the_batches_keys_and_start_of_their_single_runs(cif
 
 
 def test_the_ensemble_is_the_mean_of_the_members_logits(cifar_dir, tmp_path):
-    result = train(load_config("cpu", RUN + ["members.seeds=[0, 1, 2]"]), tmp_path / "run", data_dir=str(cifar_dir))
+    result = train(load_config("cpu", RUN + ["members.seeds=[0, 1, 2]", "members.strategy=vmap"]), tmp_path / "run",
+                   data_dir=str(cifar_dir))
     model = recipe.create_model(resolve_config(load_config("cpu", RUN)))
     images, labels = data.load_split(cifar_dir, "test", limit=300)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
@@ -218,8 +231,9 @@ def test_bad_member_options_are_one_line(cifar_dir, tmp_path, args, message):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_killed_stacked_run_resumes_bit_exact(cifar_dir, tmp_path):
-    sets = [a for s in RUN + ["checkpoint.every_steps=3"] for a in ("--set", s)]
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_a_killed_stacked_run_resumes_bit_exact(cifar_dir, tmp_path, strategy):
+    sets = [a for s in RUN + ["checkpoint.every_steps=3", f"members.strategy={strategy}"] for a in ("--set", s)]
     command = [sys.executable, "-c", "from fnclass.cli import main; main()", "train", "--quiet", "--data-dir",
                str(cifar_dir), "--seeds", "0-2"]
     reference = subprocess.run([*command, "--out", str(tmp_path / "reference"), *sets], capture_output=True,
