@@ -25,7 +25,7 @@ from fnclass.epoch import (
     normalized,
 )
 from fnclass.evaluate import evaluate_dataset
-from fnclass.io import device_name, pick_device, synchronize
+from fnclass.io import device_name, keep_freed_memory, pick_device, synchronize
 from fnclass.members import train_members
 from fnclass.models import resolve_config
 from fnclass.run import Reporter, RunDirectory
@@ -58,6 +58,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         loop synchronises anyway: logging steps, checkpoint saves and epoch ends.
     """
     config = resolve_config(config)
+    keep_freed_memory()  # a pure step allocates afresh every step: do not fault that memory in again each time
     if config.members.active:  # K models at once: fnclass.members
         return train_members(config, workdir, data_dir=data_dir, device=device, download=download, resume=resume,
                              reporter=reporter)

@@ -319,3 +319,28 @@ def test_eval_and_predict_take_a_stacked_checkpoint_as_its_ensemble(members_run,
     expected = ((members[0] + members[1]) / 2).softmax(-1).max(-1).values
     got = [p["top"][0]["probability"] for p in json.loads(run.stdout)["predictions"]]
     assert got == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_the_vmapped_members_step_traces_as_one_graph(sweep):
+    """vmap under torch.compile: gradient, per-member optimizers (foreach-free under vmap) and swept values as
+    tensors, one graph with no break (dynamo's explain; the GPU's compiled path uses the same trace)."""
+    config = resolve_config(load_config("fast", ["model.name=tiny", "model.widths=[8, 16, 16]",
+                                                 "optim.lookahead_every=5", "model.whiten=false",
+                                                 "optim.whiten_bias_epochs=0"]))
+    model = recipe.create_model(config)
+    hyper = {"optim.lr": torch.tensor([0.1, 0.2]), "train.label_smoothing": torch.tensor([0.0, 0.2])} if sweep else {}
+
+    def build(h):
+        optimizer = recipe.create_optimizer(config.optim, model.param_labels, 10, 2, h)
+        return step_module.make_train_step(model, recipe.create_loss(config, h), optimizer,
+                                           gradient=functools.partial(step_module.mean_gradient, transformable=True))
+    first = {k: v[0] for k, v in hyper.items()}
+    optimizer = recipe.create_optimizer(config.optim, model.param_labels, 10, 2, first)
+    stacked = tree.tree_stack([step_module.create_train_state(model, optimizer, random.key(i)) for i in range(2)])
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(2, 8, 3, 32, 32, generator=gen), torch.randint(0, 10, (2, 8), generator=gen))
+    keys = torch.stack([random.key(5), random.key(6)])
+    compiled = step_module.make_members_step(build, compile=True)
+    explanation = torch._dynamo.explain(compiled._torchdynamo_orig_callable)(stacked, batch, keys, hyper)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
