@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import safetensors
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
 
 from fnclass import tree
 from fnclass._version import __version__
@@ -216,7 +217,7 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise CheckpointError(f"{path}: its format ({metadata['format']}) records a checksum but the file has none; "
                               "the file was altered: use another file")
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)  # safetensors' own parser: no pickle anywhere
     except Exception as error:  # safetensors raises several types for truncated or garbled files
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(error)}); it may be "
                               "truncated or corrupted: use another checkpoint or re-run training") from None
