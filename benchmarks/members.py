@@ -1,12 +1,14 @@
 """K members at once under vmap against K runs one after another (issue 13): step time and peak memory.
 
 Each measurement runs in a fresh process (so its peak resident memory is its own): the `cpu` config's model and
-recipe, batch 256 of random CIFAR-shaped images, ``--steps`` timed steps after two warm-up steps.
+recipe (``--config``, default `cpu`: batch 256), random CIFAR-shaped images, ``--steps`` timed steps after two warm-up
+steps.
 ``sequential`` trains K models one after another with the single-run step (channels-last, as `fnclass train`
 does); ``vmapped`` trains them as one stacked TrainState with the vmapped members step; ``looped`` as one stacked
 TrainState with the members step's loop strategy (the CPU's default). Same total work every way.
 
-    python -m benchmarks.members [--members 1 2 4 8] [--steps 8] [--per-pass M] [--device cpu]
+    python -m benchmarks.members [--members 1 2 4 8] [--steps 8] [--per-pass M] [--device cpu] [--config cpu]
+    python -m benchmarks.members --config fast --device cuda --members 1 8     # the issue's GPU check
     python -m benchmarks.members --paired 4     # sequential vs looped in one process, paired rounds
 """
 
@@ -22,7 +24,7 @@ import time
 import torch
 
 
-def measure(mode: str, members: int, steps: int, per_pass: int | None, device: str) -> dict:
+def measure(mode: str, members: int, steps: int, per_pass: int | None, device: str, config_name: str = "cpu") -> dict:
     """Seconds for ``steps`` steps of ``members`` models, and this process's peak resident memory."""
     import functools
 
@@ -33,7 +35,7 @@ def measure(mode: str, members: int, steps: int, per_pass: int | None, device: s
     from fnclass.models import resolve_config
 
     dev = torch.device(device)
-    config = resolve_config(load_config("cpu"))
+    config = resolve_config(load_config(config_name))
     model = recipe.create_model(config)
     optimizer = recipe.create_optimizer(config.optim, model.param_labels, 97, config.train.epochs)
     loss_fn = recipe.create_loss(config)
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--per-pass", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", default="cpu", help="shipped config whose model and recipe are timed (cpu, fast)")
     parser.add_argument("--paired", type=int, metavar="K", help="only the in-process paired sequential/looped check")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,11 +137,11 @@ def main() -> None:
         paired(args.paired, rounds=9, steps=3)
         return
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.steps, args.per_pass, args.device)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.steps, args.per_pass, args.device, args.config)))
         return
     from benchmarks.common import device_name
 
-    print(f"cpu config (batch 256), {args.steps} steps per member, {device_name(torch.device(args.device))}, "
+    print(f"{args.config} config, {args.steps} steps per member, {device_name(torch.device(args.device))}, "
           f"torch {torch.__version__}")
     print(f"{'K':>3} {'sequential s':>13} {'vmapped s':>10} {'ratio':>6} {'looped s':>9} {'ratio':>6} "
           f"{'seq peak MiB':>13} {'vmap peak MiB':>14} {'loop peak MiB':>14}")
@@ -146,7 +149,7 @@ def main() -> None:
         results = {}
         for mode in ("sequential", "vmapped", "looped"):
             command = [sys.executable, "-m", "benchmarks.members", "--one", mode, str(members), "--steps",
-                       str(args.steps), "--device", args.device]
+                       str(args.steps), "--device", args.device, "--config", args.config]
             command += ["--per-pass", str(args.per_pass)] if args.per_pass else []
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
