@@ -255,6 +255,26 @@ class EpochLoop:
                 step=bad)
 
 
+def run_facts(config: Config, *, clock: dict, images_seen: int, steps: int, start_step: int, dev, ds: RunData,
+              run: RunDirectory, seed, num_params: int) -> dict:
+    """The summary.json fields every training program writes: timings, steps, resume, device, versions, data."""
+    from fnclass._version import __version__
+    from fnclass.io import device_name
+
+    return {
+        "train_seconds": clock["train"], "compile_seconds": clock["compile"], "whitening_seconds": clock["whitening"],
+        "final_eval_seconds": clock["final_eval"],
+        "images_per_second": images_seen / clock["train"] if clock["train"] else None,
+        "steps": steps, "epochs": config.train.epochs, "resumed_from_step": start_step or None,
+        "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
+        "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
+        "nan_policy": config.train.nan_policy,
+        "device": device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
+        "seed": seed, "num_params": num_params, "model": config.model.name, "data_dir": str(ds.folder),
+        "train_images": len(ds.train_images), "test_images": len(ds.test_images), "run_dir": str(run.path),
+    }
+
+
 def _step_of(train_state: TrainState) -> int:
     """The step count of a TrainState (of its first member when stacked: members step together)."""
     return int(train_state.step.reshape(-1)[0])

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from fnclass import random, recipe, tree
-from fnclass._version import __version__
 from fnclass.config import SWEEPS, Config
-from fnclass.epoch import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized
+from fnclass.epoch import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized, run_facts
 from fnclass.evaluate import evaluate_members
-from fnclass.io import device_name, pick_device, save_figure, synchronize
+from fnclass.io import pick_device, save_figure, synchronize
 from fnclass.run import Reporter, RunDirectory
 from fnclass.step import create_train_state, make_eval_step, make_members_step, make_train_step, mean_gradient
 
@@ -210,18 +209,10 @@ def _summary(config: Config, members, train_state, result: dict, best, clock: di
         "test_accuracy": ensemble["accuracy"], "best_test_accuracy": best, "test_loss": ensemble["loss"],
         "ensemble_test_accuracy": ensemble["accuracy"], "members": per_member,
         **{f"test_accuracy_{k}": v for k, v in spread(accuracies).items()},
-        "train_seconds": clock["train"], "compile_seconds": clock["compile"], "whitening_seconds": clock["whitening"],
-        "final_eval_seconds": clock["final_eval"],
-        "images_per_second": images_seen / clock["train"] if clock["train"] else None,
-        "steps": int(train_state.step[0]), "epochs": config.train.epochs, "resumed_from_step": start_step or None,
-        "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
-        "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
-        "nan_policy": config.train.nan_policy,
-        "device": device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
-        "seed": [m["seed"] for m in members], "num_params": tree.num_params(train_state.params) // len(members),
-        "model": config.model.name, "data_dir": str(ds.folder), "train_images": len(ds.train_images),
-        "test_images": len(ds.test_images),
-        "per_class_accuracy": dict(zip(ds.classes, ensemble["per_class_accuracy"])), "run_dir": str(run.path),
+        **run_facts(config, clock=clock, images_seen=images_seen, steps=int(train_state.step[0]),
+                    start_step=start_step, dev=dev, ds=ds, run=run, seed=[m["seed"] for m in members],
+                    num_params=tree.num_params(train_state.params) // len(members)),
+        "per_class_accuracy": dict(zip(ds.classes, ensemble["per_class_accuracy"])),
     }
     if any(k != "seed" for k in members[0]):
         summary["groups"] = _groups(members, accuracies)

@@ -10,10 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from fnclass import random, recipe, tree
-from fnclass._version import __version__
 from fnclass.config import Config
 from fnclass.epoch import (
     EpochLoop,
@@ -23,9 +20,10 @@ from fnclass.epoch import (
     TrainResult,
     load_run_data,
     normalized,
+    run_facts,
 )
 from fnclass.evaluate import evaluate_dataset
-from fnclass.io import device_name, keep_freed_memory, pick_device, synchronize
+from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.members import train_members
 from fnclass.models import resolve_config
 from fnclass.run import Reporter, RunDirectory
@@ -148,21 +146,11 @@ def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result:
 def _summary(config: Config, train_state: TrainState, result: dict, best, clock: dict, images_seen: int,
              start_step: int, dev, ds: RunData, run: RunDirectory) -> dict:
     """The summary.json contents."""
-    summary = {
-        "test_accuracy": result["accuracy"], "best_test_accuracy": best, "test_loss": result["loss"],
-        "train_seconds": clock["train"], "compile_seconds": clock["compile"], "whitening_seconds": clock["whitening"],
-        "final_eval_seconds": clock["final_eval"],
-        "images_per_second": images_seen / clock["train"] if clock["train"] else None,
-        "steps": int(train_state.step), "epochs": config.train.epochs, "resumed_from_step": start_step or None,
-        "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
-        "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
-        "nan_policy": config.train.nan_policy,
-        "device": device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
-        "seed": config.train.seed, "num_params": tree.num_params(train_state.params),
-        "model": config.model.name, "data_dir": str(ds.folder), "train_images": len(ds.train_images),
-        "test_images": len(ds.test_images),
-        "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"])), "run_dir": str(run.path),
-    }
+    summary = {"test_accuracy": result["accuracy"], "best_test_accuracy": best, "test_loss": result["loss"],
+               **run_facts(config, clock=clock, images_seen=images_seen, steps=int(train_state.step),
+                           start_step=start_step, dev=dev, ds=ds, run=run, seed=config.train.seed,
+                           num_params=tree.num_params(train_state.params)),
+               "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"]))}
     if "tta_accuracy" in result:
         summary["test_accuracy_tta"] = result["tta_accuracy"]
     return summary
