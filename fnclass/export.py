@@ -243,6 +243,26 @@ def load_exported(path: str | Path) -> Exported:
     return Exported(model, params, state, config.model, classes, mean, std, input_size, dtype, metadata, members)
 
 
+def load_for_evaluation(path: str | Path) -> Checkpoint:
+    """A training checkpoint, or a safetensors export as one (weights widened to float32, no optimizer state).
+
+    What ``fnclass eval`` runs on: exports compute in float32 whatever dtype stores their weights, the way the
+    model zoo's cards measure accuracy.
+
+    Raises:
+      CheckpointError: when the file is neither, or is damaged.
+    """
+    _, metadata = read_file(path)
+    if metadata.get("format") not in READ_FORMATS:
+        return load_checkpoint(path)
+    exported = load_exported(path)
+    config, *_ = read_model_metadata(path, metadata)
+    widen = lambda leaf: leaf.float() if leaf.is_floating_point() else leaf
+    params, state = tree.tree_map(widen, (exported.params, exported.state))
+    return Checkpoint(exported.model, params, state, config, exported.classes, exported.mean, exported.std,
+                      exported.input_size, int(metadata.get("source_step", 0)), metadata, {}, exported.members)
+
+
 def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predictor:
     """Open any model file (training checkpoint, safetensors export, pt2 or ONNX) as a :class:`Predictor`.
 
@@ -373,7 +393,8 @@ def _onnx_predictor(path: Path) -> Predictor:
     return Predictor(logits, classes, size, "onnx")
 
 
-def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool = False) -> dict:
+def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool = False,
+            predictor: Predictor | None = None) -> dict:
     """Classify image files with any model file: the top-``top`` classes and probabilities of each.
 
     Args:
@@ -381,6 +402,7 @@ def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool 
       image_paths: PNG/JPEG files of any size (resized to the model's input size).
       top: how many classes to report per image.
       trust_program: allow a pt2 program (see :func:`load_predictor`).
+      predictor: an already loaded model (e.g. :func:`fnclass.zoo.predictor`); ``path`` then only names it.
 
     Returns:
       ``{"model": ..., "format": ..., "predictions": [{"image", "top": [{"class", "probability"}]}]}``.
@@ -389,7 +411,7 @@ def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool 
       CheckpointError, DataError: for a bad model file or an image that cannot be decoded.
     """
 
-    predictor = load_predictor(path, trust_program=trust_program)
+    predictor = predictor or load_predictor(path, trust_program=trust_program)
     height, width = predictor.input_size
     images = torch.stack([torch.tensor(read_image(Path(p), (height, width))) for p in image_paths])
     try:

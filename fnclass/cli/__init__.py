@@ -28,7 +28,7 @@ def main() -> None:
 
 
 for _command in (train.train, train.evaluate, train.info, config.config, data.data, grads.grads, export.export,
-                 export.predict_command):
+                 export.predict_command, export.models):
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -72,26 +72,40 @@ def export(checkpoint, format_, dtype, out, member, ensemble, as_json):
 
 
 @click.command(name="predict")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--model", "model_name", metavar="NAME",
+              help="A pretrained model of the zoo (see `fnclass models`); then every argument is an image.")
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
 @click.option("--trust-program", is_flag=True,
               help="Allow a pt2 MODEL: loading a torch.export program runs code stored in it.")
 @options.as_json("the predictions")
 @one_line_errors
-def predict_command(model, images, top, trust_program, as_json):
-    """Classify PNG/JPEG images with a checkpoint or any exported model file.
+def predict_command(model, images, model_name, top, trust_program, as_json):
+    """Classify PNG/JPEG images with a checkpoint, any exported model file or a pretrained model.
 
     Images of any size are resized to the model's input size.
 
     \b
-    Example:
+    Examples:
       fnclass predict model.onnx cat.png ship.jpg --top 3
       fnclass predict model.pt2 cat.png --trust-program
+      fnclass predict --model cifar10-cpu cat.png ship.jpg
     """
     from fnclass.export import predict
 
-    result = predict(model, images, top=top, trust_program=trust_program)
+    predictor = None
+    if model_name is not None:  # MODEL, if given, is the first image
+        images = (model, *images) if model is not None else images
+        from fnclass.zoo import predictor as zoo_predictor
+
+        if not images:
+            raise UsageProblem("no images to classify: give one or more PNG/JPEG files after --model NAME")
+        predictor, model = zoo_predictor(model_name), model_name
+    elif model is None or not images:
+        raise UsageProblem("give a MODEL file and one or more images, or --model NAME and images "
+                           "(see `fnclass models`)")
+    result = predict(model, images, top=top, trust_program=trust_program, predictor=predictor)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -105,4 +119,40 @@ def predict_command(model, images, top, trust_program, as_json):
     Console().print(table)
 
 
-__all__ = ["export", "predict_command"]
+@click.command()
+@options.as_json("the model cards")
+@one_line_errors
+def models(as_json):
+    """List the pretrained models shipped with fnclass (the model zoo).
+
+    \b
+    Examples:
+      fnclass models
+      fnclass predict --model cifar10-cpu cat.png
+      fnclass eval --model cifar10-cpu --tta --data-dir ../shared/data/cifar10
+    """
+    from fnclass.zoo import cards
+
+    entries = cards()
+    if as_json:
+        click.echo(json.dumps(list(entries.values())))
+        return
+    table = Table(title="fnclass model zoo (weights ship with the package)")
+    for column in ("name", "model", "params", "weights", "test acc", "TTA acc"):
+        table.add_column(column, no_wrap=True, justify="right" if column in ("params", "test acc", "TTA acc")
+                         else "left")
+    notes = []
+    for name, entry in entries.items():
+        accuracy, trained = entry["accuracy"], entry["trained"]
+        table.add_row(name, entry["model"], f"{entry.get('parameters', 0):,}",
+                      f"{entry['dtype']} {entry.get('weights_bytes', 0) / 1e6:.1f} MB", f"{accuracy['test']:.2%}",
+                      f"{accuracy['test_tta']:.2%}" if "test_tta" in accuracy else "-")
+        notes.append(f"{name}: {entry['summary']}; config {entry['config']}, seed {entry['seed']}, trained "
+                     f"{trained.get('date', '?')} in {trained.get('wall', '?')} on {trained.get('machine', '?')}")
+    console = Console()
+    console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
+
+
+__all__ = ["export", "models", "predict_command"]

@@ -121,6 +121,18 @@ def _spread(values: dict, prefix: str) -> str:
             f"{values[key('max')]:.2%})")
 
 
+def _model_file(path: Path | None, model_name: str | None) -> Path:
+    """The file to evaluate: CHECKPOINT, or the verified weights of the zoo entry ``--model`` names."""
+    if (path is None) == (model_name is None):
+        raise UsageProblem("give either a CHECKPOINT file or --model NAME (see `fnclass models`), not "
+                           + ("both" if path else "neither"))
+    if path is not None:
+        return path
+    from fnclass.zoo import weights_path
+
+    return weights_path(model_name)
+
+
 def _show(console: Console, title: str, lines: list[str], per_class: dict | None) -> None:
     """A panel and a per-class table on a terminal; the same facts as plain lines anywhere else."""
     if not console.is_terminal:
@@ -295,7 +307,9 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
 
 
 @click.command(name="eval")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--model", "model_name", metavar="NAME",
+              help="A pretrained model of the zoo (see `fnclass models`) instead of CHECKPOINT.")
 @click.option("--tta", is_flag=True, help="Also report test-time-augmented accuracy (flips, plus one-pixel "
               "translations when the checkpoint's config sets train.tta_translate).")
 @options.data_dir
@@ -305,23 +319,25 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
 @options.no_download
 @options.as_json("the result")
 @one_line_errors
-def evaluate(checkpoint, tta, data_dir, split, limit, device, no_download, as_json):
-    """Evaluate a checkpoint on a data split.
+def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_download, as_json):
+    """Evaluate a checkpoint, a safetensors export or a pretrained model on a data split.
 
     \b
-    Example:
+    Examples:
       fnclass eval runs/cpu/checkpoints/best.safetensors --tta --data-dir ../shared/data/cifar10
+      fnclass eval --model cifar10-cpu --tta --data-dir ../shared/data/cifar10
     """
-    from fnclass.checkpoint import load_checkpoint
     from fnclass.data import load_split, resolve_data_dir
     from fnclass.evaluate import evaluate_members
+    from fnclass.export import load_for_evaluation
     from fnclass.io import pick_device
     from fnclass.members import member_name
     from fnclass.step import make_eval_step
     from fnclass.tree import tree_to
     from fnclass.tree import tree_unstack as unstack
 
-    ckpt = load_checkpoint(checkpoint)
+    checkpoint = _model_file(checkpoint, model_name)
+    ckpt = load_for_evaluation(checkpoint)
     dev = pick_device(device)
     folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
     images, labels = load_split(folder, split, limit=limit)
