@@ -127,7 +127,7 @@ def test_out_directory_with_a_run_is_not_overwritten(quick_run):
     (["train", "--bogus"], "No such option"),
     (["train", "--config", "missing.toml"], "no such config file"),
     (["train", "--data-dir", "/nonexistent/data", *_sets(QUICK)], "/nonexistent/data"),
-    (["eval"], "Missing argument"),
+    (["eval"], "give either a CHECKPOINT file or --model NAME"),
     (["info", "/nonexistent/ck.safetensors"], "no such checkpoint file"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(args, message, tmp_path):

@@ -123,13 +123,19 @@ def test_wheel_in_a_fresh_venv_trains_from_an_empty_folder(cifar_dir, tmp_path):
     fnclass_cli = tmp_path / "venv" / "bin" / "fnclass"
     data_dir = str(cifar_dir.resolve())  # FNCLASS_DATA may be relative to the checkout; this runs elsewhere
     done = subprocess.run([str(fnclass_cli), "train", "--device", "cpu", "--data-dir", data_dir, "--no-download",
-                           "--set", "data.train_limit=512", "--set", "data.test_limit=256", "--set", "train.epochs=1",
+                           "--set", "data.train_limit=1000", "--set", "data.test_limit=256", "--set", "train.epochs=1",
                            "--out", "run", "--json"], capture_output=True, text=True, cwd=empty, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["steps"] == 2 and summary["model"] == "tiny"  # the shipped cpu config: tiny, batch 256
+    assert summary["steps"] == 2 and summary["model"] == "tiny"  # the shipped cpu config: tiny, batch 500
     assert (empty / "run" / "summary.json").is_file() and (empty / "run" / "config.toml").is_file()
     assert "no --config given: using the shipped cpu config" not in done.stdout  # --json prints only the summary
+    zoo = subprocess.run([str(fnclass_cli), "models", "--json"], capture_output=True, text=True, cwd=empty,
+                         check=True, env=env).stdout  # the pretrained weights install with the package
+    assert [entry["name"] for entry in json.loads(zoo)] == ["cifar10-cpu"]
+    predicted = subprocess.run([str(fnclass_cli), "eval", "--model", "cifar10-cpu", "--data-dir", data_dir, "--limit",
+                                "500", "--json"], capture_output=True, text=True, cwd=empty, env=env)
+    assert predicted.returncode == 0 and json.loads(predicted.stdout)["accuracy"] > 0.8, predicted.stderr
     shown = subprocess.run([str(fnclass_cli), "config", "show", "--config", "fast95"], capture_output=True, text=True,
                            cwd=empty, check=True, env=env).stdout
     assert "widths = [128, 384, 384]" in shown and "whiten = true" in shown  # fast95 = fast + its differences
