@@ -19,7 +19,8 @@ loaded with fnclass's own loader and trained twice from the same initial paramet
   ``weights`` group (momentum, Newton-Schulz orthogonalisation, decay, lr: the order of fnclass's chain). Each
   step sets every group's lr from ``fnclass.recipe.create_schedule``; the loss is ``F.cross_entropy`` with the
   config's label smoothing. Batches come from fnclass's own data code (``EpochLoop.batch``, with the epoch's
-  permutation and each step's key derived as ``EpochLoop`` derives them), so both programs see the same pixels.
+  permutation and each step's batch and key from ``EpochLoop.order`` and ``EpochLoop.step_batch``), so both
+  programs see the same pixels.
   Images and the module are channels-last when the config says so; bf16 is autocast on CUDA when the config
   says so; ``train.compile`` compiles the module (forward and backward) on a throwaway pass on the first batch,
   its BatchNorm statistics restored after, while the optimizers stay eager (foreach).
@@ -249,19 +250,6 @@ def batch_source(config: Config, ds: RunData, key: torch.Tensor, steps_per_epoch
     return EpochLoop(config, ds, key, None, None, None, None, steps_per_epoch)
 
 
-def epoch_order(loop: EpochLoop, epoch: int) -> torch.Tensor:
-    """The permutation of the training images ``EpochLoop`` draws for ``epoch``."""
-    return random.permutation(random.fold_in(loop.order_roots[0], epoch), len(loop.ds.train_images))
-
-
-def batch_of_step(loop: EpochLoop, order: torch.Tensor, epoch: int, epoch_step: int, step: int):
-    """``(images, labels, model key)`` of ``step``, as ``EpochLoop`` cuts and augments it."""
-    aug_key, model_key = random.split(random.fold_in(loop.step_roots[0], step))
-    idx = order[epoch_step * loop.batch_size:(epoch_step + 1) * loop.batch_size]
-    images, labels = loop.batch(idx, epoch, aug_key)
-    return images, labels, model_key
-
-
 def initial_state(config: Config, ds: RunData, steps_per_epoch: int, device: torch.device) -> TrainState:
     """The TrainState ``fnclass.train`` starts from: init from ``train.seed``, then the model's data init."""
     model = recipe.create_model(config)
@@ -296,7 +284,7 @@ def first_step_difference(config: Config, ds: RunData, initial: TrainState, step
     train_step = make_train_step(model, recipe.create_loss(config), optimizer,
                                  channels_last=config.train.channels_last)
     loop = batch_source(config, ds, initial.key, steps_per_epoch)
-    images, labels, key = batch_of_step(loop, epoch_order(loop, 0), 0, 0, 0)
+    images, labels, key = loop.step_batch(loop.order(0), 0, 0, 0)
     functional, _ = train_step(initial, (images, labels), key)
     twin = build_twin(config, initial.params, initial.state, steps_per_epoch, device)
     twin_step(twin, config.train, images, labels, 0)
@@ -344,15 +332,15 @@ def train_stateful(config: Config, ds: RunData, initial: TrainState, steps_per_e
     loop = batch_source(config, ds, initial.key, steps_per_epoch)
     compile_seconds = 0.0
     if config.train.compile:  # on the batch fnclass compiles on: the first examples, step -1's key
-        images, labels, _ = batch_of_step(loop, torch.arange(loop.batch_size, device=device), 0, 0, -1)
+        images, labels, _ = loop.step_batch(torch.arange(loop.batch_size, device=device), 0, 0, -1)
         compile_seconds = warm_up(twin, config.train, images, labels)
     seconds, step = 0.0, 0
     for epoch in range(config.train.epochs):
-        order = epoch_order(loop, epoch)
+        order = loop.order(epoch)
         loss_sum = torch.zeros((), device=device)
         start = time.perf_counter()
         for epoch_step in range(steps_per_epoch):
-            images, labels, _ = batch_of_step(loop, order, epoch, epoch_step, step)
+            images, labels, _ = loop.step_batch(order, epoch, epoch_step, step)
             loss_sum += twin_step(twin, config.train, images, labels, step)
             step += 1
         synchronize(device)

@@ -84,6 +84,7 @@ def main() -> None:
         weights = args.folder / f"{args.name}.safetensors"
         write_atomic(weights, measured[keep][0].read_bytes())
     accuracy = measured[keep][1]
+    widened = " widened to float32" if keep != "float32" else ""
     ckpt = load_for_evaluation(weights)
     card = {
         "format": zoo.FORMAT,
@@ -108,8 +109,8 @@ def main() -> None:
         "accuracy": {"test": accuracy["test"], "test_tta": accuracy["test_tta"],
                      "tta": "flips and one-pixel translations" if ckpt.config.train.tta_translate else "flips",
                      "float32_test": full["test"], "float32_test_tta": full["test_tta"],
-                     "measured_with": f"the shipped {keep} weights" + (" widened to float32" if keep != "float32" else "")
-                                      + f" on the {accuracy['test_images']:,} test images (fnclass eval --model)"},
+                     "measured_with": f"the shipped {keep} weights{widened} on "
+                                      f"the {accuracy['test_images']:,} test images (fnclass eval --model)"},
         "trained": {"date": datetime.date.today().isoformat(), "device": summary["device"], "machine": cpu_name(),
                     "cores": torch.get_num_threads(), "torch": summary["torch_version"],
                     "python": platform.python_version(), "fnclass": summary["fnclass_version"],

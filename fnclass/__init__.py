@@ -14,7 +14,8 @@ from fnclass._version import __version__
 _PUBLIC = {
     "Checkpoint": "fnclass.checkpoint", "load_checkpoint": "fnclass.checkpoint", "load_config": "fnclass.config",
     "Exported": "fnclass.export", "load_exported": "fnclass.export", "Model": "fnclass.models",
-    "build_model": "fnclass.models", "pretrained": "fnclass.zoo", "fold_in": "fnclass.random", "key": "fnclass.random", "split": "fnclass.random",
+    "build_model": "fnclass.models", "pretrained": "fnclass.zoo", "fold_in": "fnclass.random",
+    "key": "fnclass.random", "split": "fnclass.random",
     "TrainState": "fnclass.step", "create_train_state": "fnclass.step", "make_eval_step": "fnclass.step",
     "make_train_step": "fnclass.step", "TrainResult": "fnclass.training", "train": "fnclass.training",
 }

@@ -128,13 +128,23 @@ class EpochLoop:
         images = augment(key, normalized(self.ds, self.ds.train_images[idx]), self.config.data, flip=flips)
         return images, self.ds.train_labels[idx]
 
+    def order(self, epoch: int, member: int = 0) -> torch.Tensor:
+        """``member``'s permutation of the training images for ``epoch``."""
+        return random.permutation(random.fold_in(self.order_roots[member], epoch), len(self.ds.train_images))
+
+    def step_batch(self, order: torch.Tensor, epoch: int, epoch_step: int, step: int, member: int = 0):
+        """``(images, labels, model key)`` of step ``step`` (0-based) for ``member``, cut from its epoch ``order``."""
+        aug_key, model_key = random.split(random.fold_in(self.step_roots[member], step))
+        idx = order[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
+        images, labels = self.batch(idx, epoch, aug_key, member)
+        return images, labels, model_key
+
     def _run_step(self, train_state, orders, epoch: int, epoch_step: int, step: int):
         """The step ``step`` (0-based): every member's own batch and model key, then one (vmapped) call."""
         batches, keys = [], []
-        for member, (order, root) in enumerate(zip(orders, self.step_roots)):
-            aug_key, model_key = random.split(random.fold_in(root, step))
-            idx = order[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
-            batches.append(self.batch(idx, epoch, aug_key, member))
+        for member, order in enumerate(orders):
+            images, labels, model_key = self.step_batch(order, epoch, epoch_step, step, member)
+            batches.append((images, labels))
             keys.append(model_key)
         if not self.members:
             return self.train_step(train_state, batches[0], keys[0])
@@ -160,9 +170,9 @@ class EpochLoop:
         epoch's train loss and accuracy add up as in an uninterrupted run. With members, the metrics' values
         are lists, one per member.
         """
-        config, n_train = self.config, len(self.ds.train_images)
+        config = self.config
         progress = progress if progress and progress.get("epoch") == epoch else {}
-        orders = [random.permutation(random.fold_in(root, epoch), n_train) for root in self.order_roots]
+        orders = [self.order(epoch, member) for member in range(len(self.order_roots))]
         shape = (len(orders),) if self.members else ()
         self.sums = {"loss_sum": torch.tensor(progress.get("loss_sum", 0.0), device=dev).expand(shape).clone(),
                      "correct": torch.tensor(progress.get("correct", 0), device=dev).expand(shape).clone(),

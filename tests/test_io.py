@@ -92,7 +92,8 @@ def test_a_full_disk_during_training_is_one_line_with_exit_code_2(cifar_dir, tmp
     monkeypatch.setattr(io.os, "fsync", no_space)
     result = CliRunner().invoke(main, ["train", "--config", "cpu", "--data-dir", str(cifar_dir), "--out",
                                        str(tmp_path / "run"), "--set", "data.train_limit=256", "--set",
-                                       "train.batch_size=128", "--set", "data.test_limit=100", "--set", "train.epochs=1", "--quiet"])
+                                       "train.batch_size=128", "--set", "data.test_limit=100", "--set",
+                                       "train.epochs=1", "--quiet"])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "No space left on device" in lines[0] and lines[0].startswith("error: cannot write")

@@ -98,10 +98,10 @@ def test_twin_batches_are_the_epoch_loops(tmp_path):
     start = TrainState(torch.tensor(epoch * steps_per_epoch), None, None, None, key)
     loop(start, epoch, torch.device("cpu"))
     twin_loop = stateful_twin.batch_source(config, ds, key, steps_per_epoch)
-    order = stateful_twin.epoch_order(twin_loop, epoch)
+    order = twin_loop.order(epoch)
     assert len(recorder.calls) == steps_per_epoch
     for epoch_step, ((images, labels), model_key) in enumerate(recorder.calls):
         step = epoch * steps_per_epoch + epoch_step
-        twin_batch = stateful_twin.batch_of_step(twin_loop, order, epoch, epoch_step, step)
+        twin_batch = twin_loop.step_batch(order, epoch, epoch_step, step)
         for ours, theirs in zip(twin_batch, (images, labels, model_key), strict=True):
             assert torch.equal(ours, theirs)  # the same code on the same keys: exact
