@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     args, config = parse_args(argv)
     keep_freed_memory()  # what fnclass.train sets for the process anyway: both programs run under it
     device = pick_device(args.device)
-    ds = load_run_data(config, args.data_dir, False, device)
+    config, ds = load_run_data(config, args.data_dir, False, device)
     steps_per_epoch = len(ds.train_images) // config.train.batch_size  # fnclass drops the last partial batch
     initial = initial_state(config, ds, steps_per_epoch, device)
     check = first_step_difference(config, ds, initial, steps_per_epoch, device)

@@ -114,6 +114,8 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
         as the uninterrupted run's does.
       members: for a stacked TrainState (K members on a leading axis), each member's seed and swept values.
     """
+    if config.model.num_classes is None:  # left to the data: the file records the number its classes say
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=len(classes)))
     flat = tree.flatten_paths(train_state._asdict())
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}
     metadata = {

@@ -13,6 +13,7 @@ import difflib
 import importlib.resources
 import itertools
 import math
+import re
 import tomllib
 import types
 import typing
@@ -38,7 +39,7 @@ class ModelConfig:
     :func:`fnclass.models.resolve`, which also checks the model-specific keys)."""
 
     name: str = "resnet_attn"
-    num_classes: int = 10
+    num_classes: int | None = None  # None: the data folder's classes.txt (10 for a model built without data)
     widths: tuple[int, ...] | None = None  # channels per stage
     depths: tuple[int, ...] | None = None  # residual blocks per stage (resnet_attn only)
     stem_width: int | None = None  # channels of the first convolution (fast/tiny)
@@ -55,21 +56,23 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values (the model's own checks: :func:`fnclass.models.resolve`)."""
         _check(isinstance(self.name, str) and self.name != "", "model.name", self.name, "a model name")
-        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.num_classes is None or self.num_classes >= 2, "model.num_classes", self.num_classes,
+               "an integer >= 2 (or leave it out: the data folder's classes.txt)")
         _check(self.attn_impl in ("sdpa", "math"), "model.attn_impl", self.attn_impl, '"sdpa" or "math"')
         _check(0.0 <= self.bn_momentum <= 1.0, "model.bn_momentum", self.bn_momentum, "a number in [0, 1]")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
         _check(1 <= self.whiten_kernel <= 4, "model.whiten_kernel", self.whiten_kernel, "an integer in 1..4")
 
 
-DATASETS = ("cifar10", "cifar100")
+# A data folder's name, used as ~/.cache/fnclass/<dataset>: no path separators, not hidden, not "..".
+DATASET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how training batches are augmented."""
 
-    dataset: str = "cifar10"  # names the cache folder ~/.cache/fnclass/<dataset> and the download
+    dataset: str = "cifar10"  # names the cache folder ~/.cache/fnclass/<dataset>; torchvision's are downloaded
     data_dir: str | None = None  # a canonical .npy folder; else --data-dir, $FNCLASS_DATA, the cache
     train_limit: int | None = None  # use only the first N training images (quick runs, tests)
     test_limit: int | None = None  # use only the first N test images
@@ -78,16 +81,24 @@ class DataConfig:
     flip: bool = True  # random horizontal flips
     alternate_flips: bool = False  # derandomised: a random half flipped in even epochs, the other half in odd ones
     cutout: int = 0  # side of a random square set to zero (0: off)
+    val_size: int | float = 0  # hold out this many training images (or this fraction, < 1) to choose "best" on;
+    # 0: none, and "best" is chosen on the test set (the historical default)
+    val_seed: int = 0  # the held-out images depend on this, not on train.seed: every seed is scored on one split
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
-        _check(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {', '.join(DATASETS)}")
+        _check(isinstance(self.dataset, str) and DATASET_NAME.fullmatch(self.dataset) is not None, "data.dataset",
+               self.dataset, "a data folder's name (it names ~/.cache/fnclass/<dataset>): letters, digits, '-', '_' "
+               "and '.' (not first), at most 64 characters, such as cifar10 or svhn")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"data.{name}", value, "a positive integer (or leave it out)")
         _check(0 <= self.crop_padding <= 16, "data.crop_padding", self.crop_padding, "an integer in 0..16")
         _check(self.pad_mode in ("reflect", "zeros"), "data.pad_mode", self.pad_mode, '"reflect" or "zeros"')
         _check(0 <= self.cutout <= 32, "data.cutout", self.cutout, "an integer in 0..32")
+        _check(0 <= self.val_size if type(self.val_size) is int else 0 < self.val_size < 1, "data.val_size",
+               self.val_size, "a number of images (an integer >= 0) or a fraction in (0, 1)")
+        _check(self.val_seed >= 0, "data.val_seed", self.val_seed, "an integer >= 0")
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

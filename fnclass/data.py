@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib
 import math
 import os
 import tokenize
@@ -156,6 +157,50 @@ def load_dataset(folder: str | Path, *, train_limit: int | None = None, test_lim
     return Dataset(train_images, train_labels, test_images, test_labels, load_classes(Path(folder)))
 
 
+def validation_split(labels: torch.Tensor, size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(train, val)`` of a fixed, seeded, class-balanced hold-out of a training split.
+
+    Each class gives its share of the ``size`` held-out images (``size`` < 1: that fraction of all), rounded
+    by largest remainder so the shares add up to exactly the size; which of its images go is a permutation drawn
+    from ``fold_in(key(seed), class)``. Both index tensors are sorted, so the training images keep their order.
+
+    Args:
+      labels: the (N,) int64 labels of the training split.
+      size: how many images to hold out (an int), or a fraction in (0, 1).
+      seed: the split's seed (``data.val_seed``).
+
+    Returns:
+      ``(train_indices, val_indices)``, int64 CPU tensors that partition ``range(N)``.
+
+    Raises:
+      DataError: when the split would leave no training or no validation image.
+    """
+    from fnclass import random
+
+    labels = labels.cpu()
+    n = len(labels)
+    count = round(size * n) if isinstance(size, float) else size
+    if not 0 < count < n:
+        raise DataError(f"data.val_size = {size} holds out {count} of {n} training images: choose a size that "
+                        "leaves images on both sides")
+    classes, counts = torch.unique(labels, return_counts=True)
+    quotas = counts.double() * count / n
+    shares = quotas.floor().long()
+    # Largest remainder (ties to the lower class label) hands out the images the floors left over.
+    order = sorted(range(len(classes)), key=lambda i: (-(quotas[i] - shares[i]).item(), i))
+    for i in order[:count - int(shares.sum())]:
+        shares[i] += 1
+    root = random.key(seed)
+    held = []
+    for label, share in zip(classes.tolist(), shares.tolist()):
+        members = torch.nonzero(labels == label).flatten()
+        held.append(members[random.permutation(random.fold_in(root, label), len(members))[:share]])
+    val = torch.sort(torch.cat(held)).values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    return torch.nonzero(keep).flatten(), val
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 NHWC images, scaled to [0, 1]."""
     total = torch.zeros(3, dtype=torch.float64)
@@ -178,7 +223,28 @@ def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float3
     return (x - mean_t) / std_t
 
 
-TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+class TorchvisionSource(NamedTuple):
+    """How torchvision holds one dataset: what its class is asked and where the arrays come out."""
+
+    class_name: str  # in torchvision.datasets
+    split_by: str  # "train": the class takes train=True/False; "split": split="train"/"test"
+    layout: str  # of the class's image array: "NHWC", "NCHW" or "NHW" (grey, repeated into RGB)
+    labels: str  # the attribute holding the labels
+    size: int  # the side written unless --size chooses another
+    resizable: bool  # whether --size may choose another side
+    classes: tuple[str, ...] | None = None  # where torchvision has no .classes
+    needs: str | None = None  # a module the class's reader imports that fnclass does not depend on
+
+
+TORCHVISION_DATASETS = {
+    "cifar10": TorchvisionSource("CIFAR10", "train", "NHWC", "targets", 32, False),
+    "cifar100": TorchvisionSource("CIFAR100", "train", "NHWC", "targets", 32, False),
+    "svhn": TorchvisionSource("SVHN", "split", "NCHW", "labels", 32, False, tuple("0123456789"), needs="scipy"),
+    # STL-10's 96x96 images come down to CIFAR's 32x32, so a CIFAR recipe runs on them unchanged.
+    "stl10": TorchvisionSource("STL10", "split", "NCHW", "labels", 32, True),
+    "fashion-mnist": TorchvisionSource("FashionMNIST", "train", "NHW", "targets", 28, True),
+    "mnist": TorchvisionSource("MNIST", "train", "NHW", "targets", 28, True),
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_FORMATS = ("PNG", "JPEG")  # what Pillow may decode: other formats (EPS runs Ghostscript) are refused
 MAX_IMAGE_SIDE = 4096  # the largest input size a checkpoint may record (fnclass.checkpoint)
@@ -260,14 +326,16 @@ class _Unavailable(Exception):
 
 
 def _torchvision_split(name: str, root: Path, *, train: bool, download: bool):
-    """One split as a torchvision dataset object (``.data`` uint8 NHWC, ``.targets``, ``.classes``)."""
+    """One split as a torchvision dataset object; raises :class:`_Unavailable`."""
     import torchvision.datasets
 
-    dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+    source = TORCHVISION_DATASETS[name]
+    dataset_class = getattr(torchvision.datasets, source.class_name)
+    split = {"train": train} if source.split_by == "train" else {"split": "train" if train else "test"}
     try:
-        # torchvision's own files are pickles; this is torchvision reading its own download. What we write
+        # torchvision's own CIFAR files are pickles; this is torchvision reading its own download. What we write
         # from them is plain .npy and text.
-        return dataset_class(str(root), train=train, download=download)
+        return dataset_class(str(root), **split, download=download)
     except OSError as error:  # urllib's URLError, socket timeouts, connection resets
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise _Unavailable(f"{name} is not in {root} and downloading it failed ({reason}): "
@@ -275,26 +343,65 @@ def _torchvision_split(name: str, root: Path, *, train: bool, download: bool):
     except RuntimeError as error:
         if not download:
             raise _Unavailable(f"{name} is not in {root} and downloading is off") from None
-        raise _Unavailable(f"torchvision could not read {name} from {root} ({error})") from None
+        # MNIST's download reports every mirror it tried (URLErrors for an offline machine) on lines of their own.
+        raise _Unavailable(f"torchvision could neither read nor download {name} into {root} "
+                           f"({' '.join(str(error).split())})") from None
 
 
-def _write_torchvision(name: str, out_dir: Path, root: Path, *, download: bool) -> Path:
+def _rgb_images(images, layout: str) -> np.ndarray:
+    """A torchvision image array in ``layout`` ("NHWC", "NCHW" or "NHW" grey) as uint8 (N, H, W, 3) RGB."""
+    images = np.asarray(images, dtype=np.uint8)
+    if layout == "NHW":
+        return np.repeat(images[..., None], 3, axis=-1)
+    return images.transpose(0, 2, 3, 1) if layout == "NCHW" else images
+
+
+def _resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) images resized to ``size`` x ``size`` with Pillow's bicubic filter, each on its own."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return images
+    # BICUBIC: Pillow widens its support by the scale factor when shrinking, so STL-10's 96 -> 32 is antialiased,
+    # and it interpolates smoothly when enlarging MNIST's 28 -> 32, where an area (BOX) filter would copy pixels
+    # into blocks. Without reducing_gap Pillow resamples in one exact pass: the same bytes on every machine.
+    return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+                     for image in images])
+
+
+def _write_torchvision(name: str, out_dir: Path, root: Path, *, download: bool, size: int | None = None) -> Path:
     """Both splits from torchvision (kept in ``root``) written to ``out_dir``; raises :class:`_Unavailable`."""
-    train = _torchvision_split(name, root, train=True, download=download)
-    test = _torchvision_split(name, root, train=False, download=download)
-    return write_dataset(out_dir, train.data, train.targets, test.data, test.targets, train.classes)
+    source = TORCHVISION_DATASETS[name]
+    if source.needs is not None:
+        try:
+            importlib.import_module(source.needs)
+        except ImportError:
+            raise DataError(f"reading {name} needs {source.needs}, which is not installed: pip install "
+                            f"{source.needs} (or pip install 'fnclass[datasets]')") from None
+    splits = [_torchvision_split(name, root, train=train, download=download) for train in (True, False)]
+    classes = source.classes or getattr(splits[0], "classes", None)
+    if classes is None:  # STL-10 reads its names from class_names.txt, which a partial copy may lack
+        raise _Unavailable(f"torchvision found no class names for {name} in {root}; its files seem incomplete")
+    arrays = []
+    for split in splits:
+        arrays += [_resize_images(_rgb_images(split.data, source.layout), size or source.size),
+                   np.asarray(getattr(split, source.labels))]
+    return write_dataset(out_dir, *arrays, classes)
 
 
-def prepare_torchvision(name: str, out_dir: str | Path, *, download_root: str | Path | None = None,
-                        download: bool = True) -> Path:
-    """Fetch CIFAR-10 or CIFAR-100 through torchvision and write it in the canonical format.
+def prepare_torchvision(name: str, out_dir: str | Path, *, size: int | None = None,
+                        download_root: str | Path | None = None, download: bool = True) -> Path:
+    """Fetch a dataset through torchvision and write it in the canonical format (see :data:`TORCHVISION_DATASETS`).
 
-    The images keep torchvision's order (the original batches, already a class mix) and its train/test split;
-    CIFAR-100 uses the 100 fine labels.
+    The images keep torchvision's order and its train/test split, and become uint8 RGB: grey MNIST and
+    Fashion-MNIST repeat their one channel, SVHN's digit 0 is label 0 (torchvision's mapping of the files' 10).
+    CIFAR-100 uses the 100 fine labels. STL-10 (96x96) is resized to 32x32 and (Fashion-)MNIST keeps its 28x28
+    unless ``size`` says otherwise, with Pillow's bicubic filter; CIFAR and SVHN come as 32x32 only.
 
     Args:
-      name: ``"cifar10"`` or ``"cifar100"``.
+      name: ``"cifar10"``, ``"cifar100"``, ``"svhn"``, ``"stl10"``, ``"fashion-mnist"`` or ``"mnist"``.
       out_dir: where the canonical files go.
+      size: the side of the written images, for STL-10 and (Fashion-)MNIST; None: 32 resp. 28.
       download_root: where torchvision keeps (or looks for) its own download; default ``out_dir / "torchvision"``.
       download: download when ``download_root`` does not hold the data yet.
 
@@ -302,14 +409,22 @@ def prepare_torchvision(name: str, out_dir: str | Path, *, download_root: str | 
       ``out_dir`` as a Path.
 
     Raises:
-      DataError: for an unknown name, or when the data is neither in ``download_root`` nor downloadable.
+      DataError: for an unknown name or a size the dataset does not take, when SVHN's reader (scipy) is
+        missing, or when the data is neither in ``download_root`` nor downloadable.
     """
     if name not in TORCHVISION_DATASETS:
-        raise DataError(f"unknown dataset {name!r}: expected {' or '.join(TORCHVISION_DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}: expected one of {', '.join(TORCHVISION_DATASETS)}")
+    source = TORCHVISION_DATASETS[name]
+    if size is not None and not source.resizable and size != source.size:
+        resizable = ", ".join(other for other, entry in TORCHVISION_DATASETS.items() if entry.resizable)
+        raise DataError(f"the image size and test fraction apply to image folders (the size also to {resizable}); "
+                        f"{name} comes as {source.size}x{source.size} images with its own train/test split")
+    if size is not None and not 1 <= size <= MAX_IMAGE_SIDE:
+        raise DataError(f"image size must be 1..{MAX_IMAGE_SIDE} pixels, got {size}")
     out_dir = Path(out_dir)
     root = Path(download_root) if download_root is not None else out_dir / "torchvision"
     try:
-        return _write_torchvision(name, out_dir, root, download=download)
+        return _write_torchvision(name, out_dir, root, download=download, size=size)
     except _Unavailable as problem:
         raise DataError(f"cannot prepare {name}: {problem}; run `fnclass data prepare {name} --out DIR` on a "
                         "machine with the data or internet access and copy DIR here, or point --data-dir at a "
@@ -478,17 +593,17 @@ def prepare_image_folder(src: str | Path, out_dir: str | Path, *, size: int = 32
 
 def prepare(source: str | Path, out_dir: str | Path, *, size: int | None = None, test_fraction: float | None = None,
             download: bool = True) -> Path:
-    """Write a canonical data folder from ``"cifar10"``, ``"cifar100"`` or an image folder (what the CLI calls).
+    """Write a canonical data folder from a torchvision dataset's name or an image folder (what the CLI calls).
 
-    A name goes to :func:`prepare_torchvision` (``size`` and ``test_fraction`` do not apply: CIFAR comes as
-    32x32 with its own split); anything else is a path for :func:`prepare_image_folder` (``size`` default 32).
-    A folder that happens to be called ``cifar10`` is reached as ``./cifar10``.
+    A name in :data:`TORCHVISION_DATASETS` goes to :func:`prepare_torchvision` (``test_fraction`` does not
+    apply: those come with their own split); anything else is a path for :func:`prepare_image_folder`
+    (``size`` default 32). A folder that happens to be called ``cifar10`` is reached as ``./cifar10``.
     """
     if str(source) in TORCHVISION_DATASETS:
-        if size not in (None, 32) or test_fraction is not None:
-            raise DataError(f"the image size and test fraction apply to image folders; {source} comes as 32x32 "
-                            "images with its own train/test split")
-        return prepare_torchvision(str(source), out_dir, download=download)
+        if test_fraction is not None:
+            raise DataError(f"the test fraction applies to image folders; {source} comes with its own train/test "
+                            "split")
+        return prepare_torchvision(str(source), out_dir, size=size, download=download)
     return prepare_image_folder(source, out_dir, size=32 if size is None else size, test_fraction=test_fraction)
 
 
@@ -549,12 +664,13 @@ def _is_data_folder(folder: Path) -> bool:
 
 
 def resolve_data_dir(data_dir: str | Path | None, dataset: str, *, download: bool = True) -> Path:
-    """Find the data folder for ``dataset``, downloading CIFAR into the cache when nothing else has it.
+    """Find the data folder for ``dataset``, downloading it into the cache when torchvision has it and nothing else.
 
     Looks, in order, at ``data_dir`` (when given it must be a data folder: no falling through), then
-    ``$FNCLASS_DATA``, then :func:`cache_dir`. When none has ``train_images.npy`` and ``dataset`` is cifar10 or
-    cifar100 and ``download`` is true, it runs :func:`prepare_torchvision` into the cache folder, with
-    torchvision's own download in ``<cache folder>/torchvision``.
+    ``$FNCLASS_DATA``, then :func:`cache_dir`. When none has ``train_images.npy`` and ``dataset`` is a name in
+    :data:`TORCHVISION_DATASETS` (cifar10, svhn, mnist, ...) and ``download`` is true, it runs
+    :func:`prepare_torchvision` into the cache folder, with torchvision's own download in
+    ``<cache folder>/torchvision``. Any other name must have been prepared there (or be given as ``data_dir``).
 
     Args:
       data_dir: an explicit folder (the CLI's ``--data-dir``), or None.

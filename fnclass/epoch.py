@@ -7,6 +7,7 @@ are exactly those of the single run with its seed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -46,7 +47,11 @@ class TrainResult(NamedTuple):
 
 
 class RunData(NamedTuple):
-    """A run's data on its device: uint8 NHWC images, labels, the normalisation and where it came from."""
+    """A run's data on its device: uint8 NHWC images, labels, the normalisation and where it came from.
+
+    With ``data.val_size``, ``val_images``/``val_labels`` are the held-out part of the training split (not in
+    ``train_images``, and not in the normalisation statistics).
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -58,15 +63,36 @@ class RunData(NamedTuple):
     std_t: torch.Tensor
     classes: tuple
     folder: Path
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+
+    @property
+    def selection_split(self) -> str:
+        """The split evaluated every epoch and that "best" is chosen on: ``"val"`` when held out, else ``"test"``."""
+        return "test" if self.val_images is None else "val"
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of ``"val"`` or ``"test"``."""
+        return (self.val_images, self.val_labels) if name == "val" else (self.test_images, self.test_labels)
 
 
-def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -> RunData:
-    """The run's data set on the device, checked against the config."""
+def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -> tuple[Config, RunData]:
+    """The run's data set on the device, checked against the config, and the config completed from it.
+
+    ``model.num_classes``, when left out, becomes the number of the data folder's classes.
+    """
     folder = data.resolve_data_dir(data_dir or config.data.data_dir, config.data.dataset, download=download)
     dataset = data.load_dataset(folder, train_limit=config.data.train_limit, test_limit=config.data.test_limit)
-    if len(dataset.classes) != config.model.num_classes:
+    if config.model.num_classes not in (None, len(dataset.classes)):
         raise ConfigError(f"model.num_classes = {config.model.num_classes} but {folder} has "
-                          f"{len(dataset.classes)} classes: set model.num_classes = {len(dataset.classes)}")
+                          f"{len(dataset.classes)} classes: set model.num_classes = {len(dataset.classes)} "
+                          "(or leave it out)")
+    val_images = val_labels = None
+    if config.data.val_size:
+        train_idx, val_idx = data.validation_split(dataset.train_labels, config.data.val_size, config.data.val_seed)
+        val_images, val_labels = dataset.train_images[val_idx].to(dev), dataset.train_labels[val_idx].to(dev)
+        dataset = dataset._replace(train_images=dataset.train_images[train_idx],
+                                   train_labels=dataset.train_labels[train_idx])
     if config.train.batch_size > len(dataset.train_images):
         raise ConfigError(f"train.batch_size = {config.train.batch_size} is more than the "
                           f"{len(dataset.train_images)} training images: set train.batch_size <= "
@@ -74,8 +100,12 @@ def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -
     mean, std = data.channel_stats(dataset.train_images)
     # Made once on the device: a Python tuple would be copied to the GPU (and wait for it) at every step.
     mean_t, std_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1)
-    return RunData(dataset.train_images.to(dev), dataset.train_labels.to(dev), dataset.test_images.to(dev),
-                 dataset.test_labels.to(dev), mean, std, mean_t, std_t, dataset.classes, folder)
+    if config.model.num_classes is None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                       num_classes=len(dataset.classes)))
+    return config, RunData(dataset.train_images.to(dev), dataset.train_labels.to(dev), dataset.test_images.to(dev),
+                           dataset.test_labels.to(dev), mean, std, mean_t, std_t, dataset.classes, folder,
+                           val_images, val_labels)
 
 
 def normalized(ds: RunData, images: torch.Tensor) -> torch.Tensor:
@@ -281,7 +311,8 @@ def run_facts(config: Config, *, clock: dict, images_seen: int, steps: int, star
         "nan_policy": config.train.nan_policy,
         "device": device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
         "seed": seed, "num_params": num_params, "model": config.model.name, "data_dir": str(ds.folder),
-        "train_images": len(ds.train_images), "test_images": len(ds.test_images), "run_dir": str(run.path),
+        "train_images": len(ds.train_images), "test_images": len(ds.test_images),
+        "val_images": 0 if ds.val_images is None else len(ds.val_images), "run_dir": str(run.path),
     }
 
 

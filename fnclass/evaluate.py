@@ -10,6 +10,8 @@ from fnclass import data
 from fnclass.io import fault_point
 from fnclass.losses import per_example_cross_entropy
 
+TOP5_MIN_CLASSES = 5  # top-5 accuracy is reported with more classes than this (with 5 or fewer it is always 1)
+
 
 def tta_logits(eval_step: Callable, params, state, images: torch.Tensor, level: int,
                logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,6 +37,9 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
                      mean, std, batch_size: int, tta: int = 0) -> dict:
     """Logits-based metrics over a whole uint8 split: loss, accuracy, per-class accuracy (and TTA accuracy).
 
+    With more than 5 classes (CIFAR-100), also ``top5_accuracy``: the share whose label is among the 5 highest
+    logits (of the plain view).
+
     ``tta`` is the :func:`tta_logits` level (0: off; 1: flips; 2: flips and translations). Returns a dict
     of Python numbers plus ``predictions`` (an int64 tensor on the CPU).
     """
@@ -55,6 +60,7 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
     count = len(models)
     loss_sums = [torch.zeros((), device=images.device) for _ in range(count + 1)]
     predictions = [[] for _ in range(count + 1)]
+    top5_hits = [[] for _ in range(count + 1)]
     tta_predictions = [[] for _ in range(count + 1)]
     for start in range(0, len(images), batch_size):
         fault_point("eval")
@@ -72,21 +78,32 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
         for i, logits in enumerate(batch_logits):
             loss_sums[i] += per_example_cross_entropy(logits, y).sum()
             predictions[i].append(logits.argmax(dim=-1))
+            if logits.shape[-1] > TOP5_MIN_CLASSES:
+                top5_hits[i].append((logits.topk(5, dim=-1).indices == y[:, None]).any(dim=-1))
             if tta:
                 tta_predictions[i].append(batch_tta[i].argmax(dim=-1))
     results = [_metrics(loss_sums[i], torch.cat(predictions[i]), labels,
-                        torch.cat(tta_predictions[i]) if tta else None) for i in range(len(batch_logits))]
+                        torch.cat(tta_predictions[i]) if tta else None,
+                        torch.cat(top5_hits[i]) if top5_hits[i] else None) for i in range(len(batch_logits))]
     return {"members": results[:count], "ensemble": results[count] if count > 1 else None}
 
 
 def _metrics(loss_sum: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
-             tta_predictions: torch.Tensor | None) -> dict:
-    """Loss, accuracy, per-class accuracy (and TTA accuracy) of one model's predictions over a split."""
+             tta_predictions: torch.Tensor | None, top5_hits: torch.Tensor | None = None) -> dict:
+    """Loss, accuracy, per-class accuracy (and TTA and top-5 accuracy) of one model's predictions over a split."""
     correct = predictions == labels
     per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, correct.float())
     counts = torch.bincount(labels, minlength=len(per_class)).clamp(min=1)
     result = {"loss": loss_sum.item() / len(labels), "accuracy": correct.float().mean().item(),
               "per_class_accuracy": (per_class / counts).tolist(), "predictions": predictions.cpu()}
+    if top5_hits is not None:
+        result["top5_accuracy"] = top5_hits.float().mean().item()
     if tta_predictions is not None:
         result["tta_accuracy"] = (tta_predictions == labels).float().mean().item()
     return result
+
+
+def split_metrics(result: dict, split: str) -> dict:
+    """An evaluation's numbers under the split's names: ``val_loss``, ``val_accuracy``, ``val_top5_accuracy``..."""
+    names = {"loss": "loss", "accuracy": "accuracy", "top5_accuracy": "top5_accuracy", "tta_accuracy": "accuracy_tta"}
+    return {f"{split}_{name}": result[key] for key, name in names.items() if key in result}

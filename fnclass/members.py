@@ -19,7 +19,7 @@ import torch
 from fnclass import random, recipe, tree
 from fnclass.config import SWEEPS, Config
 from fnclass.epoch import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized, run_facts
-from fnclass.evaluate import evaluate_members
+from fnclass.evaluate import evaluate_members, split_metrics
 from fnclass.io import pick_device, save_figure, synchronize
 from fnclass.run import Reporter, RunDirectory
 from fnclass.step import create_train_state, make_eval_step, make_members_step, make_train_step, mean_gradient
@@ -41,8 +41,8 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
     """
     members = config.member_list()
     dev = pick_device(device)
+    config, ds = load_run_data(config, data_dir, download, dev)
     run = RunDirectory(workdir, config, reporter=reporter)
-    ds = load_run_data(config, data_dir, download, dev)
     n_train, epochs = len(ds.train_images), config.train.epochs
     steps_per_epoch = n_train // config.train.batch_size
     model = recipe.create_model(config)
@@ -91,6 +91,8 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
               input_size=tuple(ds.train_images.shape[1:3]), members=members,
               info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
                     "test_images": len(ds.test_images), "steps_per_epoch": steps_per_epoch,
+                    "selection_split": ds.selection_split,
+                    "val_images": 0 if ds.val_images is None else len(ds.val_images),
                     "total_steps": steps_per_epoch * epochs, "members": members,
                     "num_params": tree.num_params(train_state.params) // len(members), "start_step": start_step,
                     "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
@@ -99,25 +101,30 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
             clock["compile"] = loop.compile(train_state, dev)
         best, result = run.best_accuracy(), None
         tta = (1 + config.train.tta_translate) if config.train.tta else 0
+        split = ds.selection_split  # evaluated every epoch; "best" is chosen on it
+        split_tta = tta if split == "test" else 0  # with a validation split, TTA is for the one test evaluation
         first_epoch, progress = loop.first_epoch(start_step), run.progress
         for epoch in range(first_epoch, epochs):
             train_state, seconds, train_metrics = loop(train_state, epoch, dev, progress)
             progress = None
             clock["train"] += seconds
             tick = time.perf_counter()
-            result = _evaluate(eval_step, train_state, ds, config, tta if epoch + 1 == epochs else 0)
+            result = _evaluate(eval_step, train_state, ds, config, split, split_tta if epoch + 1 == epochs else 0)
             clock["final_eval"] = time.perf_counter() - tick
             lr = float(schedule(train_state.step[0] - 1))
-            for row in _member_rows(members, epoch, train_state, train_metrics, result, lr, lr_scales):
+            for row in _member_rows(members, epoch, train_state, train_metrics, result, split, lr, lr_scales):
                 run.log(row)
-            row = _epoch_row(members, epoch, train_state, train_metrics, result, lr, seconds)
-            run.end_epoch(row, train_state, best=best is None or row["test_accuracy"] > best)
-            best = row["test_accuracy"] if best is None else max(best, row["test_accuracy"])
+            row = _epoch_row(members, epoch, train_state, train_metrics, result, split, lr, seconds)
+            run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
+            best = row[run.selection] if best is None else max(best, row[run.selection])
         if result is None:  # resumed a finished run: evaluate what is there
-            result = _evaluate(eval_step, train_state, ds, config, tta)
+            result = _evaluate(eval_step, train_state, ds, config, split, split_tta)
             best = max(best or 0.0, result["ensemble"]["accuracy"])
-        summary = _summary(config, members, train_state, result, best, clock, loop.images_seen, start_step, dev,
-                           ds, run)
+        tick = time.perf_counter()
+        test_result = result if split == "test" else _evaluate(eval_step, train_state, ds, config, "test", tta)
+        clock["final_eval"] += time.perf_counter() - tick
+        summary = _summary(config, members, train_state, result, test_result, split, best, clock, loop.images_seen,
+                           start_step, dev, ds, run)
         _plot_members(run, members)
         run.finish(summary)
     except KeyboardInterrupt:
@@ -131,29 +138,26 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
     return TrainResult(train_state, summary)
 
 
-def _evaluate(eval_step, train_state, ds, config: Config, tta: int) -> dict:
-    """Each member's test metrics and the ensemble's (the mean of the members' logits)."""
+def _evaluate(eval_step, train_state, ds, config: Config, split: str, tta: int) -> dict:
+    """Each member's metrics of the ``"val"`` or ``"test"`` split, and the ensemble's (the mean of their logits)."""
     models = list(zip(tree.tree_unstack(train_state.params), tree.tree_unstack(train_state.state)))
-    result = evaluate_members(eval_step, models, ds.test_images, ds.test_labels, mean=ds.mean_t, std=ds.std_t,
+    images, labels = ds.split(split)
+    result = evaluate_members(eval_step, models, images, labels, mean=ds.mean_t, std=ds.std_t,
                               batch_size=config.train.eval_batch_size, tta=tta)
     if result["ensemble"] is None:  # one member: its own logits are the ensemble's
         result["ensemble"] = result["members"][0]
     return result
 
 
-def _member_rows(members, epoch: int, train_state, train_metrics: dict, result: dict, lr: float,
+def _member_rows(members, epoch: int, train_state, train_metrics: dict, result: dict, split: str, lr: float,
                  lr_scales: list[float]) -> list[dict]:
     """The ``member_epoch`` lines of metrics.jsonl: one per member, as a single run's epoch row."""
     rows = []
     for i, (member, metrics) in enumerate(zip(members, result["members"])):
-        row = {"kind": "member_epoch", "member": i, "step": int(train_state.step[i]), "epoch": epoch + 1,
-               **{k: v for k, v in member.items()}, "train_loss": train_metrics["loss"][i],
-               "train_accuracy": train_metrics["accuracy"][i], "test_loss": metrics["loss"],
-               "test_accuracy": metrics["accuracy"], "lr": lr * lr_scales[i],
-               "skipped_steps": train_metrics["skipped_steps"][i]}
-        if "tta_accuracy" in metrics:
-            row["test_accuracy_tta"] = metrics["tta_accuracy"]
-        rows.append(row)
+        rows.append({"kind": "member_epoch", "member": i, "step": int(train_state.step[i]), "epoch": epoch + 1,
+                     **{k: v for k, v in member.items()}, "train_loss": train_metrics["loss"][i],
+                     "train_accuracy": train_metrics["accuracy"][i], **split_metrics(metrics, split),
+                     "lr": lr * lr_scales[i], "skipped_steps": train_metrics["skipped_steps"][i]})
     return rows
 
 
@@ -172,41 +176,43 @@ def _groups(members: list[dict], accuracies: list[float]) -> list[dict]:
             for key, values in settings.items()]
 
 
-def _epoch_row(members, epoch: int, train_state, train_metrics: dict, result: dict, lr: float,
+def _epoch_row(members, epoch: int, train_state, train_metrics: dict, result: dict, split: str, lr: float,
                seconds: float) -> dict:
-    """The epoch row: the ensemble's test metrics, the members' spread, their mean train metrics."""
+    """The epoch row: the ensemble's metrics of ``split``, the members' spread, their mean train metrics."""
     accuracies = [m["accuracy"] for m in result["members"]]
     ensemble = result["ensemble"]
     row = {"kind": "epoch", "step": int(train_state.step[0]), "epoch": epoch + 1,
            "train_loss": statistics.fmean(train_metrics["loss"]),
-           "train_accuracy": statistics.fmean(train_metrics["accuracy"]), "test_loss": ensemble["loss"],
-           "test_accuracy": ensemble["accuracy"], "lr": lr, "seconds": seconds,
-           "skipped_steps": sum(train_metrics["skipped_steps"]), "members": len(members),
-           **{f"test_accuracy_{k}": v for k, v in spread(accuracies).items()}}
+           "train_accuracy": statistics.fmean(train_metrics["accuracy"]), **split_metrics(ensemble, split),
+           "lr": lr, "seconds": seconds, "skipped_steps": sum(train_metrics["skipped_steps"]), "members": len(members),
+           **{f"{split}_accuracy_{k}": v for k, v in spread(accuracies).items()}}
     if any(k != "seed" for k in members[0]):
         row["groups"] = _groups(members, accuracies)
     if "tta_accuracy" in ensemble:
-        row["test_accuracy_tta"] = ensemble["tta_accuracy"]
-        row.update({f"test_accuracy_tta_{k}": v for k, v in
+        row.update({f"{split}_accuracy_tta_{k}": v for k, v in
                     spread([m["tta_accuracy"] for m in result["members"]]).items()})
     return row
 
 
-def _summary(config: Config, members, train_state, result: dict, best, clock: dict, images_seen: int,
-             start_step: int, dev, ds, run: RunDirectory) -> dict:
-    """summary.json: every member, their spread, the ensemble (whose numbers fill the single-run keys)."""
-    ensemble = result["ensemble"]
+def _summary(config: Config, members, train_state, result: dict, test_result: dict, split: str, best, clock: dict,
+             images_seen: int, start_step: int, dev, ds, run: RunDirectory) -> dict:
+    """summary.json: every member, their spread, the ensemble (whose numbers fill the single-run keys).
+
+    The test numbers come from ``test_result`` (evaluated once, at the end, when a validation split was held out).
+    """
+    ensemble = test_result["ensemble"]
     per_member = []
-    for i, (member, metrics) in enumerate(zip(members, result["members"])):
+    for i, (member, metrics) in enumerate(zip(members, test_result["members"])):
         entry = {"member": i, "seed": member["seed"],
                  "hyperparameters": {k: v for k, v in member.items() if k != "seed"},
-                 "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
-        if "tta_accuracy" in metrics:
-            entry["test_accuracy_tta"] = metrics["tta_accuracy"]
+                 **split_metrics(metrics, "test")}
+        if split == "val":
+            entry.update(split_metrics(result["members"][i], "val"))
         per_member.append(entry)
     accuracies = [m["test_accuracy"] for m in per_member]
     summary = {
-        "test_accuracy": ensemble["accuracy"], "best_test_accuracy": best, "test_loss": ensemble["loss"],
+        **split_metrics(ensemble, "test"), f"best_{split}_accuracy": best,
+        **(split_metrics(result["ensemble"], "val") if split == "val" else {}),
         "ensemble_test_accuracy": ensemble["accuracy"], "members": per_member,
         **{f"test_accuracy_{k}": v for k, v in spread(accuracies).items()},
         **run_facts(config, clock=clock, images_seen=images_seen, steps=int(train_state.step[0]),
@@ -217,7 +223,7 @@ def _summary(config: Config, members, train_state, result: dict, best, clock: di
     if any(k != "seed" for k in members[0]):
         summary["groups"] = _groups(members, accuracies)
     if "tta_accuracy" in ensemble:
-        summary["test_accuracy_tta"] = summary["ensemble_test_accuracy_tta"] = ensemble["tta_accuracy"]
+        summary["ensemble_test_accuracy_tta"] = ensemble["tta_accuracy"]
         summary.update({f"test_accuracy_tta_{k}": v for k, v in
                         spread([m["test_accuracy_tta"] for m in per_member]).items()})
     return summary
@@ -232,16 +238,16 @@ def _plot_members(run: RunDirectory, members: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = run.member_rows()
+    rows, key = run.member_rows(), run.selection
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, member in enumerate(members):
         mine = [r for r in rows if r["member"] == i]
-        ax.plot([r["epoch"] for r in mine], [r["test_accuracy"] for r in mine], alpha=0.6, linewidth=1,
+        ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], alpha=0.6, linewidth=1,
                 label=member_name(member) if len(members) <= 10 else None)
     epochs = run.epoch_rows()
-    ax.plot([r["epoch"] for r in epochs], [r["test_accuracy"] for r in epochs], color="black", linewidth=2,
+    ax.plot([r["epoch"] for r in epochs], [r[key] for r in epochs], color="black", linewidth=2,
             label="ensemble (mean logits)")
-    ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{len(members)} members")
+    ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=f"{len(members)} members")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

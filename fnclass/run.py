@@ -160,9 +160,15 @@ class RunDirectory:
         """The ``member_epoch`` lines logged in metrics.jsonl so far (a run of members)."""
         return [row for row in self._rows() if row.get("kind") == "member_epoch"]
 
+    @property
+    def selection(self) -> str:
+        """The epoch-row metric ``best.safetensors`` is chosen on: validation accuracy when the run holds a split
+        out (``data.val_size``), else test accuracy."""
+        return "val_accuracy" if self.config.data.val_size else "test_accuracy"
+
     def best_accuracy(self) -> float | None:
-        """The best test accuracy logged in metrics.jsonl so far (for a resumed run)."""
-        accuracies = [row["test_accuracy"] for row in self.epoch_rows()]
+        """The best :attr:`selection` accuracy logged in metrics.jsonl so far (for a resumed run)."""
+        accuracies = [row[self.selection] for row in self.epoch_rows()]
         return max(accuracies) if accuracies else None
 
     def finish(self, summary: dict) -> None:
@@ -231,7 +237,7 @@ class RunDirectory:
         epochs = self.epoch_rows()
         if not any(row["step"] == step for row in epochs) or not source.is_file():
             return  # not resumed from an epoch end
-        best = max(epochs, key=lambda row: row["test_accuracy"])  # the first of equals, as end_epoch keeps it
+        best = max(epochs, key=lambda row: row[self.selection])  # the first of equals, as end_epoch keeps it
         if self.config.checkpoint.keep_best and best["step"] == step:
             copy_checkpoint(source, self.checkpoints / "best.safetensors")
         kept = self.checkpoints / f"step-{step:08d}.safetensors"
@@ -258,12 +264,13 @@ class RunDirectory:
         if not rows:
             return
         epochs = [r["epoch"] for r in rows]
+        split = self.selection.split("_")[0]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-        ax_loss.plot(epochs, [r["test_loss"] for r in rows], label="test")
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], label=split)
         ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
         ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
-        ax_acc.plot(epochs, [r["test_accuracy"] for r in rows], label="test")
+        ax_acc.plot(epochs, [r[f"{split}_accuracy"] for r in rows], label=split)
         ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)

@@ -22,7 +22,7 @@ from fnclass.epoch import (
     normalized,
     run_facts,
 )
-from fnclass.evaluate import evaluate_dataset
+from fnclass.evaluate import evaluate_dataset, split_metrics
 from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.members import train_members
 from fnclass.models import resolve_config
@@ -61,8 +61,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         return train_members(config, workdir, data_dir=data_dir, device=device, download=download, resume=resume,
                              reporter=reporter)
     dev = pick_device(device)
+    config, ds = load_run_data(config, data_dir, download, dev)
     run = RunDirectory(workdir, config, reporter=reporter)
-    ds = load_run_data(config, data_dir, download, dev)
     n_train, batch_size = len(ds.train_images), config.train.batch_size
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: static shapes
     model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
@@ -87,6 +87,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
               input_size=tuple(ds.train_images.shape[1:3]),
               info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
                     "test_images": len(ds.test_images), "steps_per_epoch": steps_per_epoch,
+                    "selection_split": ds.selection_split,
+                    "val_images": 0 if ds.val_images is None else len(ds.val_images),
                     "total_steps": steps_per_epoch * config.train.epochs,
                     "num_params": tree.num_params(train_state.params), "start_step": start_step,
                     "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
@@ -95,6 +97,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             clock["compile"] = epoch_loop.compile(train_state, dev)
         best, last_eval = run.best_accuracy(), None
         tta = (1 + config.train.tta_translate) if config.train.tta else 0
+        split = ds.selection_split  # evaluated every epoch; "best" is chosen on it
+        split_tta = tta if split == "test" else 0  # with a validation split, TTA is for the one test evaluation
         first_epoch, progress = epoch_loop.first_epoch(start_step), run.progress
         for epoch in range(first_epoch, config.train.epochs):
             train_state, seconds, train_metrics = epoch_loop(train_state, epoch, dev, progress)
@@ -102,17 +106,20 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             clock["train"] += seconds
             final = epoch + 1 == config.train.epochs
             tick = time.perf_counter()
-            last_eval = _evaluate(eval_step, train_state, ds, config, tta if final else 0)
+            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta if final else 0)
             clock["final_eval"] = time.perf_counter() - tick  # evaluate_dataset ends with .item(): synchronised
             lr = float(schedule(train_state.step - 1))
-            row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
-            run.end_epoch(row, train_state, best=best is None or row["test_accuracy"] > best)
-            best = row["test_accuracy"] if best is None else max(best, row["test_accuracy"])
+            row = _epoch_row(train_state, epoch, train_metrics, last_eval, split, lr, seconds)
+            run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
+            best = row[run.selection] if best is None else max(best, row[run.selection])
         if last_eval is None:  # resumed a finished run: evaluate what is there
-            last_eval = _evaluate(eval_step, train_state, ds, config, tta)
+            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta)
             best = max(best or 0.0, last_eval["accuracy"])
-        summary = _summary(config, train_state, last_eval, best, clock, epoch_loop.images_seen, start_step, dev, ds,
-                           run)
+        tick = time.perf_counter()
+        test_eval = last_eval if split == "test" else _evaluate(eval_step, train_state, ds, config, "test", tta)
+        clock["final_eval"] += time.perf_counter() - tick
+        summary = _summary(config, train_state, last_eval, test_eval, split, best, clock, epoch_loop.images_seen,
+                           start_step, dev, ds, run)
         run.finish(summary)
     except KeyboardInterrupt:
         if epoch_loop.latest is not None:
@@ -125,34 +132,30 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     return TrainResult(train_state, summary)
 
 
-def _evaluate(eval_step, train_state: TrainState, ds: RunData, config: Config, tta: int) -> dict:
-    """Metrics of the test split."""
-    return evaluate_dataset(eval_step, train_state.params, train_state.state, ds.test_images, ds.test_labels,
+def _evaluate(eval_step, train_state: TrainState, ds: RunData, config: Config, split: str, tta: int) -> dict:
+    """Metrics of the ``"val"`` or ``"test"`` split."""
+    images, labels = ds.split(split)
+    return evaluate_dataset(eval_step, train_state.params, train_state.state, images, labels,
                             mean=ds.mean_t, std=ds.std_t, batch_size=config.train.eval_batch_size, tta=tta)
 
 
-def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result: dict, lr: float,
+def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result: dict, split: str, lr: float,
                seconds: float) -> dict:
-    """The metrics.jsonl row of an epoch."""
-    row = {"kind": "epoch", "step": int(train_state.step), "epoch": epoch + 1, "train_loss": train_metrics["loss"],
-           "train_accuracy": train_metrics["accuracy"], "test_loss": result["loss"],
-           "test_accuracy": result["accuracy"], "lr": lr, "seconds": seconds,
-           "skipped_steps": train_metrics["skipped_steps"]}
-    if "tta_accuracy" in result:
-        row["test_accuracy_tta"] = result["tta_accuracy"]
-    return row
+    """The metrics.jsonl row of an epoch (its evaluation is of ``split``, the one "best" is chosen on)."""
+    return {"kind": "epoch", "step": int(train_state.step), "epoch": epoch + 1, "train_loss": train_metrics["loss"],
+            "train_accuracy": train_metrics["accuracy"], **split_metrics(result, split), "lr": lr,
+            "seconds": seconds, "skipped_steps": train_metrics["skipped_steps"]}
 
 
-def _summary(config: Config, train_state: TrainState, result: dict, best, clock: dict, images_seen: int,
-             start_step: int, dev, ds: RunData, run: RunDirectory) -> dict:
-    """The summary.json contents."""
-    summary = {"test_accuracy": result["accuracy"], "best_test_accuracy": best, "test_loss": result["loss"],
+def _summary(config: Config, train_state: TrainState, result: dict, test_result: dict, split: str, best,
+             clock: dict, images_seen: int, start_step: int, dev, ds: RunData, run: RunDirectory) -> dict:
+    """The summary.json contents: the test split's metrics (evaluated once, at the end, with a validation split)."""
+    summary = {**split_metrics(test_result, "test"), f"best_{split}_accuracy": best,
+               **(split_metrics(result, "val") if split == "val" else {}),
                **run_facts(config, clock=clock, images_seen=images_seen, steps=int(train_state.step),
                            start_step=start_step, dev=dev, ds=ds, run=run, seed=config.train.seed,
                            num_params=tree.num_params(train_state.params)),
-               "per_class_accuracy": dict(zip(ds.classes, result["per_class_accuracy"]))}
-    if "tta_accuracy" in result:
-        summary["test_accuracy_tta"] = result["tta_accuracy"]
+               "per_class_accuracy": dict(zip(ds.classes, test_result["per_class_accuracy"]))}
     return summary
 
 

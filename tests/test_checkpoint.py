@@ -1,5 +1,6 @@
 """Checkpoints: safetensors round trip, no pickle, clean errors, atomic writes."""
 
+import dataclasses
 import json
 
 import pytest
@@ -43,7 +44,10 @@ def test_round_trip_restores_everything(tmp_path):
     restored = checkpoint.restore_train_state(tmp_path / "ck.safetensors", skeleton)
     assert tree.tree_allclose(restored, ts, rtol=0, atol=0)
     ckpt = fnclass.load_checkpoint(tmp_path / "ck.safetensors")
-    assert ckpt.config == CONFIG and ckpt.classes == tuple(f"c{i}" for i in range(10)) and ckpt.step == 1
+    # model.num_classes, left to the data in CONFIG, is recorded as the number of classes the file holds
+    assert CONFIG.model.num_classes is None and ckpt.config.model.num_classes == 10
+    assert ckpt.config == dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, num_classes=10))
+    assert ckpt.classes == tuple(f"c{i}" for i in range(10)) and ckpt.step == 1
     assert tree.tree_allclose(ckpt.params, ts.params, rtol=0, atol=0)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     torch.testing.assert_close(ckpt.preprocess(images), data.normalize(images, MEAN, STD))

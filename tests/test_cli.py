@@ -8,8 +8,10 @@ import pytest
 import safetensors.torch
 from click.testing import CliRunner
 
+import fnclass
 from fnclass.cli import main
 from fnclass.config import load_config
+from fnclass.data import channel_stats, load_split, validation_split, write_dataset
 from fnclass.models import resolve_config
 from fnclass.run import Reporter
 from fnclass.training import TrainingInterrupted, train
@@ -44,7 +46,9 @@ def test_train_writes_the_run_directory(quick_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
     assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4, 6, 8, 10, 12]
-    assert load_config(out / "config.toml") == resolve_config(load_config("configs/cpu.toml", QUICK))
+    # config.toml is the resolved config: model.num_classes, left out, is the data folder's 10 classes
+    assert load_config(out / "config.toml") == resolve_config(load_config("configs/cpu.toml",
+                                                                          [*QUICK, "model.num_classes=10"]))
     assert "final test accuracy" in output and "accuracy airplane" in output  # plain lines off a terminal
     assert "╭" not in output
     assert (out / "plots/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -190,3 +194,61 @@ def test_grads_bad_flags_are_one_line(quick_run, flag, value):
     out, _ = quick_run
     result = CliRunner().invoke(main, ["grads", str(out / "checkpoints/last.safetensors"), flag, value])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1 and flag in result.stderr
+
+
+def test_a_validation_split_chooses_best_and_the_test_split_is_evaluated_once(cifar_dir, tmp_path):
+    out = tmp_path / "val"
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(out), "--json",
+                                       *_sets([*QUICK, "train.epochs=3", "data.val_size=200", "data.val_seed=3"])])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in epochs if row["kind"] == "epoch"]
+    assert all("val_accuracy" in row and "val_top5_accuracy" in row and "test_accuracy" not in row for row in epochs)
+    assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (400, 200, 200)
+    best_row = max(epochs, key=lambda row: row["val_accuracy"])  # max keeps the first of equals, as the run does
+    assert summary["best_val_accuracy"] == best_row["val_accuracy"] and "best_test_accuracy" not in summary
+    assert summary["val_accuracy"] == epochs[-1]["val_accuracy"]
+    best = fnclass.load_checkpoint(out / "checkpoints/best.safetensors")
+    assert best.step == best_row["step"]
+
+    def evaluate(name, *args):
+        outcome = CliRunner().invoke(main, ["eval", str(out / "checkpoints" / name), "--data-dir", str(cifar_dir),
+                                            "--json", *args])
+        assert outcome.exit_code == 0, outcome.output
+        return json.loads(outcome.output)
+
+    # the test numbers are the final weights' on the test split; --split val rebuilds the held-out images
+    last_test = evaluate("last.safetensors", "--limit", "200")
+    assert last_test["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert last_test["top5_accuracy"] == pytest.approx(summary["test_top5_accuracy"], abs=1e-6)
+    best_val = evaluate("best.safetensors", "--split", "val")
+    assert best_val["images"] == 200 and best_val["accuracy"] == pytest.approx(best_row["val_accuracy"], abs=1e-6)
+    # the normalisation comes from the 400 training images alone, not the held-out ones
+    images, labels = load_split(cifar_dir, "train", limit=600)
+    train_idx, val_idx = validation_split(labels, 200, 3)
+    assert best.mean == pytest.approx(channel_stats(images[train_idx])[0], abs=1e-6)
+    assert best.mean != pytest.approx(channel_stats(images)[0], abs=1e-6)
+
+
+def test_num_classes_defaults_to_the_data_folders_classes(cifar_dir, tmp_path):
+    images, labels = load_split(cifar_dir, "train", limit=2000)
+    test_images, test_labels = load_split(cifar_dir, "test", limit=500)
+    keep, keep_test = labels < 4, test_labels < 4
+    write_dataset(tmp_path / "four", images[keep].numpy(), labels[keep].numpy(), test_images[keep_test].numpy(),
+                  test_labels[keep_test].numpy(), ["airplane", "automobile", "bird", "cat"])
+    sets = [item for item in QUICK if not item.startswith("data.")] + ["train.epochs=1"]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path / "four"), "--out", str(out),
+                                       "--quiet", *_sets(sets)])
+    assert result.exit_code == 0, result.output
+    ckpt = fnclass.load_checkpoint(out / "checkpoints/last.safetensors")
+    assert ckpt.config.model.num_classes == 4 and ckpt.params["head"]["weight"].shape[0] == 4
+    assert load_config(out / "config.toml").model.num_classes == 4
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(out), "--data-dir", str(tmp_path / "four"),
+                                        *_sets(sets), "--quiet"])
+    assert resumed.exit_code == 0, resumed.output  # the left-out key agrees with the recorded 4
+    wrong = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path / "four"), "--out", str(tmp_path / "x"),
+                                      *_sets([*sets, "model.num_classes=10"])])
+    assert wrong.exit_code == 2 and "model.num_classes = 10 but" in wrong.stderr and "has 4 classes" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1

@@ -139,7 +139,7 @@ def test_every_key_refuses_every_wrong_type(tmp_path, section, field):
     ("data.crop_padding", "17", "an integer in 0..16"),
     ("data.cutout", "-1", "an integer in 0..32"),
     ("data.train_limit", "0", "a positive integer"),
-    ("data.dataset", '"mnist"', "one of cifar10, cifar100"),
+    ("data.dataset", '"../mnist"', "a data folder's name"),
     ("checkpoint.keep", "-1", "an integer >= 0"),
     ("model.stem_width", "0", "an integer in 1..65536"),
     ("model.attn_layers", "1001", "an integer in 0..1000"),

@@ -13,7 +13,7 @@ import torch
 import torchvision.datasets
 from PIL import Image
 
-from fnclass import data
+from fnclass import data, random
 from fnclass.data import FILES, DataError
 from tests.needs import missing
 
@@ -322,8 +322,8 @@ def test_prepare_torchvision_offline_is_one_line_naming_the_place(tmp_path, offl
     assert "fnclass data prepare" in message and "--data-dir" in message
     with pytest.raises(DataError, match="downloading is off"):
         data.prepare_torchvision("cifar10", tmp_path / "out", download=False)
-    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
-        data.prepare_torchvision("mnist", tmp_path / "out")
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
+        data.prepare_torchvision("imagenet", tmp_path / "out")
 
 
 def test_prepare_dispatches_and_rejects_folder_options_for_cifar(tmp_path, fake_cifar):
@@ -389,3 +389,26 @@ def test_resolve_without_download_or_for_other_datasets(places, fake_cifar):
     with pytest.raises(DataError, match="no flowers data found.*fnclass data prepare IMAGE_FOLDER"):
         data.resolve_data_dir(None, "flowers")
     assert fake_cifar.calls == []
+
+
+def test_validation_split_is_class_balanced_seeded_and_a_partition():
+    shuffle = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[shuffle]
+    train_idx, val_idx = data.validation_split(labels, 15, seed=0)
+    assert torch.equal(torch.sort(torch.cat([train_idx, val_idx])).values, torch.arange(100))  # a partition
+    assert torch.equal(train_idx, torch.sort(train_idx).values) and torch.equal(val_idx, torch.sort(val_idx).values)
+    # Quotas 15 x (50, 30, 20) / 100 = 7.5, 4.5, 3.0: floors 7, 4, 3 and the one left over goes to the largest
+    # remainder, a tie of 0.5 broken towards the lower label: 8, 4, 3.
+    assert torch.bincount(labels[val_idx], minlength=3).tolist() == [8, 4, 3]
+    assert torch.equal(data.validation_split(labels, 15, seed=0)[1], val_idx)  # fixed by its seed
+    assert not torch.equal(data.validation_split(labels, 15, seed=1)[1], val_idx)
+    assert torch.equal(data.validation_split(labels, 0.15, seed=0)[1], val_idx)  # a fraction of 100 is the same
+    # Which images of a class go is the seed's permutation of that class's images.
+    root = random.key(0)
+    for label, share in enumerate([8, 4, 3]):
+        members = torch.nonzero(labels == label).flatten()
+        expected = members[random.permutation(random.fold_in(root, label), len(members))[:share]]
+        assert set(expected.tolist()) == set(val_idx[labels[val_idx] == label].tolist())
+    for size in (100, 1.0 - 1e-9, 0.001):
+        with pytest.raises(DataError, match="leaves images on both sides"):
+            data.validation_split(labels, size, seed=0)

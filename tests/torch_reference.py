@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from fnclass.models import DEFAULT_NUM_CLASSES
+
 _RENAMES = [
     (r"\.qkv\.weight$", ".mha.in_proj_weight"),
     (r"\.qkv\.bias$", ".mha.in_proj_bias"),
@@ -85,7 +87,7 @@ class ResNetAttn(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.sites = [s for s in cfg.attn_after for _ in range(cfg.attn_layers)]
         self.attn = nn.ModuleList([SpatialAttention(cfg.widths[s], cfg.attn_heads) for s in self.sites])
-        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes)
+        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes or DEFAULT_NUM_CLASSES)
 
     def forward(self, x):
         x = torch.relu(self.stem.bn(self.stem.conv(x)))
@@ -128,7 +130,7 @@ class Fast(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.sites = [s for s in cfg.attn_after for _ in range(cfg.attn_layers)]
         self.attn = nn.ModuleList([SpatialAttention(cfg.widths[s], cfg.attn_heads) for s in self.sites])
-        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes, bias=False)
+        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes or DEFAULT_NUM_CLASSES, bias=False)
 
     def forward(self, x):
         if hasattr(self, "whiten"):

@@ -32,7 +32,8 @@ def data() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the five files into (created if needed).")
 @click.option("--size", type=click.IntRange(min=1), default=None,
-              help="Side of the square images in pixels, for image folders.  [default: 32]")
+              help="Side of the square images in pixels, for image folders, stl10, fashion-mnist and mnist.  "
+                   "[default: 32; 28 for (fashion-)mnist]")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of each class held out for test, for image folders without train/ and test/ "
                    f"(every 5th sorted file at 0.2).  [default: {DEFAULT_TEST_FRACTION}]")
@@ -40,15 +41,20 @@ def data() -> None:
 @one_line_errors
 def prepare_command(source: str, out_dir: Path, size: int | None, test_fraction: float | None,
                     no_download: bool) -> None:
-    """Write a data folder from cifar10, cifar100 or an image folder.
+    """Write a data folder from a torchvision dataset or an image folder.
 
-    SOURCE is cifar10 or cifar100 (through torchvision, downloaded into OUT/torchvision unless already
-    there) or a folder with one sub-folder of PNG/JPEG images per class, optionally inside train/ and
-    test/ folders. Images are converted to RGB and resized to SIZE x SIZE.
+    SOURCE is cifar10, cifar100, svhn, stl10, fashion-mnist or mnist (through torchvision, downloaded
+    into OUT/torchvision unless already there; svhn needs scipy) or a folder with one sub-folder of
+    PNG/JPEG images per class, optionally inside train/ and test/ folders. Images are converted to RGB
+    (grey ones repeat their channel) and resized to SIZE x SIZE: Lanczos for image folders, bicubic for
+    stl10 (96x96, made 32x32) and (fashion-)mnist (kept at 28x28 without --size). cifar and svhn are
+    32x32 only. A folder named like a dataset is reached as ./NAME.
 
     \b
     Examples:
       fnclass data prepare cifar10 --out ~/.cache/fnclass/cifar10
+      fnclass data prepare svhn --out ~/.cache/fnclass/svhn
+      fnclass data prepare mnist --out ~/.cache/fnclass/mnist --size 32
       fnclass data prepare ./flowers --out data/flowers --size 32 --test-fraction 0.2
     """
     from fnclass.data import prepare

@@ -10,7 +10,7 @@ device = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), de
                       help="auto: CUDA when available, else the CPU.")
 data_dir = click.option("--data-dir", type=click.Path(path_type=Path),
                         help="Data folder (else $FNCLASS_DATA, then the cache).")
-no_download = click.option("--no-download", is_flag=True, help="Never fetch CIFAR through torchvision.")
+no_download = click.option("--no-download", is_flag=True, help="Never download a data set through torchvision.")
 
 
 def as_json(what: str):

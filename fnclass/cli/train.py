@@ -31,6 +31,7 @@ class RichReporter:
 
     def __init__(self, console: Console, *, mode: str):
         self.console, self.mode = console, mode
+        self.split = "test"  # the split evaluated each epoch: "val" when the run holds one out
         self.progress = None
         self.task = None
         self.loss = float("nan")
@@ -41,18 +42,21 @@ class RichReporter:
         if info.get("rejected_checkpoints"):
             click.echo(f"warning: resuming from {Path(info['resumed_from']).name} (step {info['start_step']}), the "
                        "newest checkpoint that verifies", err=True)
+        self.split = info.get("selection_split", "test")
         if self.mode != "normal":
             return
         cfg = info["config"]
         resumed = (f", resuming at step {info['start_step']} from {Path(info['resumed_from']).name}"
                    if info.get("resumed_from") else "")
         count = f"{len(info['members'])} members of " if info.get("members") else ""
+        held = f"{info['val_images']} validation / " if info.get("val_images") else ""
         self.console.print(
             f"fnclass train: {count}{cfg.model.name} ({info['num_params'] / 1e6:.2f}M parameters) on {info['device']}, "
-            f"{info['train_images']} train / {info['test_images']} test images from {info['data_dir']}, "
+            f"{info['train_images']} train / {held}{info['test_images']} test images from {info['data_dir']}, "
             f"{info['steps_per_epoch']} steps/epoch x {cfg.train.epochs} epochs{resumed} -> {info['workdir']}",
             highlight=False)
-        self.console.print(_row([name for name, _, _ in COLUMNS]), style="bold", highlight=False)
+        header = [name.replace("test", self.split) for name, _, _ in COLUMNS]
+        self.console.print(_row(header), style="bold", highlight=False)
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
@@ -75,12 +79,13 @@ class RichReporter:
     def epoch(self, row):
         if self.mode != "normal":
             return
+        split = self.split
         values = [fmt.format(row[key]) for key, (_, _, fmt) in zip(
-            ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"], COLUMNS)]
+            ["epoch", "train_loss", "train_accuracy", f"{split}_loss", f"{split}_accuracy", "lr", "seconds"], COLUMNS)]
         self.console.print(_row(values), highlight=False)
-        if "members" in row:  # the test columns are the ensemble's; the members' spread follows
-            self.console.print(f"{'':>7}{row['members']} members: {_spread(row, 'test_accuracy')}, ensemble "
-                               f"{row['test_accuracy']:.2%}", highlight=False)
+        if "members" in row:  # the evaluation columns are the ensemble's; the members' spread follows
+            self.console.print(f"{'':>7}{row['members']} members: {_spread(row, f'{split}_accuracy')}, ensemble "
+                               f"{row[f'{split}_accuracy']:.2%}", highlight=False)
             for group in row.get("groups", []):
                 setting = ", ".join(f"{k} = {v:g}" for k, v in group["hyperparameters"].items())
                 self.console.print(f"{'':>9}{setting}: {_spread(group, '')} ({group['members']} seeds)",
@@ -92,13 +97,22 @@ class RichReporter:
         if self.mode == "json":
             click.echo(json.dumps(summary))
             return
-        lines = [f"final test accuracy  {summary['test_accuracy']:.2%}",
-                 f"best test accuracy   {summary['best_test_accuracy']:.2%}"]
+        lines = [f"final test accuracy  {summary['test_accuracy']:.2%}"]
+        if "best_val_accuracy" in summary:  # "best" was chosen on the held-out validation split
+            lines = [f"final val accuracy   {summary['val_accuracy']:.2%}",
+                     f"best val accuracy    {summary['best_val_accuracy']:.2%}",
+                     f"test accuracy        {summary['test_accuracy']:.2%} (final weights, evaluated once)"]
+        else:
+            lines.append(f"best test accuracy   {summary['best_test_accuracy']:.2%}")
         if "test_accuracy_tta" in summary:
             lines.append(f"with TTA             {summary['test_accuracy_tta']:.2%}")
+        if "test_top5_accuracy" in summary:
+            lines.append(f"test top-5 accuracy  {summary['test_top5_accuracy']:.2%}")
         if "members" in summary:
             lines = [f"members              {len(summary['members'])}: {_spread(summary, 'test_accuracy')}",
                      f"ensemble             {summary['ensemble_test_accuracy']:.2%} (mean of the members' logits)"]
+            if "best_val_accuracy" in summary:
+                lines.append(f"best val (ensemble)  {summary['best_val_accuracy']:.2%}")
             if "test_accuracy_tta" in summary:
                 lines += [f"with TTA             {_spread(summary, 'test_accuracy_tta')}; ensemble "
                           f"{summary['ensemble_test_accuracy_tta']:.2%}"]
@@ -208,9 +222,9 @@ def _default_config(device: str) -> tuple[str, str]:
 def _differences(given, recorded) -> list[str]:
     """``section.key: given vs recorded`` for every key where two configs differ."""
     a, b = config_to_dict(given), config_to_dict(recorded)
+    # A key left out of the given config (model.num_classes: taken from the data) agrees with any recorded value.
     return [f"{section}.{key} = {a[section].get(key)!r} here but {b[section].get(key)!r} in the run"
-            for section in a for key in sorted(set(a[section]) | set(b[section]))
-            if a[section].get(key) != b[section].get(key)]
+            for section in a for key in sorted(a[section]) if a[section].get(key) != b[section].get(key)]
 
 
 def _resume_config(run_dir: Path, config_path, overrides, out):
@@ -313,7 +327,8 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
 @click.option("--tta", is_flag=True, help="Also report test-time-augmented accuracy (flips, plus one-pixel "
               "translations when the checkpoint's config sets train.tta_translate).")
 @options.data_dir
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["test", "train", "val"]), default="test", show_default=True,
+              help="val: the validation images the checkpoint's run held out (data.val_size).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of the split.")
 @options.device
 @options.no_download
@@ -327,7 +342,7 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
       fnclass eval runs/cpu/checkpoints/best.safetensors --tta --data-dir ../shared/data/cifar10
       fnclass eval --model cifar10-cpu --tta --data-dir ../shared/data/cifar10
     """
-    from fnclass.data import load_split, resolve_data_dir
+    from fnclass.data import resolve_data_dir
     from fnclass.evaluate import evaluate_members
     from fnclass.export import load_for_evaluation
     from fnclass.io import pick_device
@@ -340,7 +355,7 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
     ckpt = load_for_evaluation(checkpoint)
     dev = pick_device(device)
     folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
-    images, labels = load_split(folder, split, limit=limit)
+    images, labels = _eval_split(ckpt, folder, split, limit)
     ckpt.check_split(folder, images, labels)
     params, state = tree_to((ckpt.params, ckpt.state), dev)
     models = list(zip(unstack(params), unstack(state))) if ckpt.members else [(params, state)]
@@ -351,6 +366,8 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
     output = {"checkpoint": str(checkpoint), "split": split, "images": len(labels), "loss": result["loss"],
               "accuracy": result["accuracy"],
               "per_class_accuracy": dict(zip(ckpt.classes, result["per_class_accuracy"]))}
+    if "top5_accuracy" in result:
+        output["top5_accuracy"] = result["top5_accuracy"]
     if tta:
         output["accuracy_tta"] = result["tta_accuracy"]
     if ckpt.members:
@@ -362,6 +379,8 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
         return
     lines = [f"{split} images  {len(labels)}", f"loss         {result['loss']:.4f}",
              f"accuracy     {result['accuracy']:.2%}"]
+    if "top5_accuracy" in result:
+        lines.append(f"top-5        {result['top5_accuracy']:.2%}")
     if tta:
         lines.append(f"TTA          {result['tta_accuracy']:.2%}")
     if ckpt.members:
@@ -369,6 +388,21 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
         for entry, member in zip(output["members"], ckpt.members):
             lines.append(f"member {entry['member']:<5} {entry['accuracy']:.2%}  ({member_name(member)})")
     _show(Console(), str(checkpoint), lines, output["per_class_accuracy"])
+
+
+def _eval_split(ckpt, folder: Path, split: str, limit: int | None):
+    """``(images, labels)`` of a split; ``val`` is rebuilt from the run's data.val_size and data.val_seed."""
+    from fnclass.data import load_split, validation_split
+
+    if split != "val":
+        return load_split(folder, split, limit=limit)
+    data = ckpt.config.data
+    if not data.val_size:
+        raise UsageProblem("--split val: this checkpoint's run held out no validation split (data.val_size = 0); "
+                           "use --split test")
+    images, labels = load_split(folder, "train", limit=data.train_limit)
+    val = validation_split(labels, data.val_size, data.val_seed)[1][:limit]
+    return images[val], labels[val]
 
 
 @click.command()

@@ -14,6 +14,7 @@ from fnclass.models import fast, resnet_attn, tiny
 from fnclass.models.model import LABELS, Model
 
 MODELS = {"resnet_attn": resnet_attn, "fast": fast, "tiny": tiny}
+DEFAULT_NUM_CLASSES = 10  # a model built without data (``model.num_classes`` left out): CIFAR-10's
 
 
 def resolve(config: ModelConfig) -> ModelConfig:
@@ -50,6 +51,8 @@ def build_model(config: ModelConfig) -> Model:
       The model's ``Model(init, apply, param_labels, data_init)``.
     """
     config = resolve(config)
+    if config.num_classes is None:  # a run fills it from the data folder's classes.txt before building
+        config = dataclasses.replace(config, num_classes=DEFAULT_NUM_CLASSES)
     return MODELS[config.name].build(config)
 
 
