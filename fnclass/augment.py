@@ -2,6 +2,7 @@
 
 All functions take a normalised float NCHW batch and return a new one; each example gets its own
 random translation, flip and cutout from ``key``, so the same key reproduces the same batch.
+:func:`mix_batch` mixes examples with each other (mixup, CutMix) and returns soft targets with them.
 """
 
 from __future__ import annotations
@@ -66,6 +67,74 @@ def cutout(key, images: torch.Tensor, size: int) -> torch.Tensor:
     cols = torch.arange(w, device=images.device)[None, :]
     inside = ((rows >= top) & (rows < top + size))[:, :, None] & ((cols >= left) & (cols < left + size))[:, None, :]
     return images * (~inside)[:, None, :, :].to(images.dtype)
+
+
+def _cutmix_box(key, lam: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix's box as an (H, W) bool mask, and ``lam`` corrected to the part of the image outside it."""
+    ratio = torch.sqrt(1.0 - lam)
+    half_h, half_w = (h * ratio).floor().long() // 2, (w * ratio).floor().long() // 2
+    k_row, k_col = random.split(key)
+    centre_row, centre_col = random.randint(k_row, (), 0, h), random.randint(k_col, (), 0, w)
+    # As timm: the box spans centre +- cut // 2, clipped to the image.
+    top, bottom = (centre_row - half_h).clamp(0, h), (centre_row + half_h).clamp(0, h)
+    left, right = (centre_col - half_w).clamp(0, w), (centre_col + half_w).clamp(0, w)
+    rows = torch.arange(h, device=lam.device)[:, None]
+    cols = torch.arange(w, device=lam.device)[None, :]
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    return inside, (1.0 - (bottom - top) * (right - left) / (h * w)).to(torch.float32)
+
+
+def mix_batch(key, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mixup_alpha: float = 0.0,
+              cutmix_alpha: float = 0.0, mix_prob: float = 1.0,
+              switch_prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019) of a batch with itself reversed: timm's batch mode.
+
+    As timm's ``Mixup(mode="batch")``: one ``lam ~ Beta(alpha, alpha)`` is drawn for the batch, and example
+    ``i`` is mixed with example ``N - 1 - i``. Mixup blends the images, ``lam * x + (1 - lam) * x.flip(0)``;
+    CutMix pastes a box of side ratio ``sqrt(1 - lam)`` (spanning ``centre +- int(H * sqrt(1 - lam)) // 2``)
+    at a uniformly random centre, clipped to the image, from the flipped batch, and ``lam`` becomes the
+    fraction of the image outside the box. The targets are ``lam * onehot(y) + (1 - lam) * onehot(y.flip(0))``,
+    unsmoothed (the loss smooths). Every choice is made with tensor ops on the images' device, so the host
+    never waits for it.
+
+    Args:
+      key: the key.
+      images: (N, C, H, W) float batch; not modified.
+      labels: (N,) integer class indices.
+      num_classes: the number of classes (the targets' width).
+      mixup_alpha: Beta parameter for mixup; 0 turns mixup off.
+      cutmix_alpha: Beta parameter for CutMix; 0 turns CutMix off. With both off the images come back
+        unchanged with one-hot targets.
+      mix_prob: the probability that the batch is mixed at all (otherwise ``lam`` = 1).
+      switch_prob: the probability of CutMix rather than mixup when both are on.
+
+    Returns:
+      ``(images, targets)``: the mixed batch (same shape and dtype) and (N, num_classes) float32 rows summing to 1.
+    """
+    # A comparison rather than F.one_hot, which checks the labels' range by reading them on the host.
+    targets = (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(torch.float32)
+    if mixup_alpha <= 0.0 and cutmix_alpha <= 0.0:
+        return images, targets
+    k_apply, k_switch, k_mixup, k_cutmix, k_box = random.split(key.to(images.device), 5)
+    partners = images.flip(0)
+    if mixup_alpha > 0.0:
+        lam_mixup = random.beta(k_mixup, mixup_alpha, mixup_alpha, ())
+        mixup = lam_mixup * images + (1.0 - lam_mixup) * partners
+    if cutmix_alpha > 0.0:
+        # Drawn in float64 so that the box side int(H * sqrt(1 - lam)) rounds as timm's NumPy arithmetic does.
+        lam_cutmix = random.beta(k_cutmix, cutmix_alpha, cutmix_alpha, (), dtype=torch.float64)
+        inside, lam_cutmix = _cutmix_box(k_box, lam_cutmix, *images.shape[2:])
+        cutmix = torch.where(inside, partners, images)
+    if mixup_alpha <= 0.0:
+        mixed, lam = cutmix, lam_cutmix
+    elif cutmix_alpha <= 0.0:
+        mixed, lam = mixup, lam_mixup
+    else:
+        use_cutmix = random.bernoulli(k_switch, switch_prob, ())
+        mixed, lam = torch.where(use_cutmix, cutmix, mixup), torch.where(use_cutmix, lam_cutmix, lam_mixup)
+    apply = random.bernoulli(k_apply, mix_prob, ())
+    lam = torch.where(apply, lam, 1.0)
+    return torch.where(apply, mixed, images), lam * targets + (1.0 - lam) * targets.flip(0)
 
 
 def augment(key, images: torch.Tensor, config: DataConfig, *, flip: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Losses and metrics: pure functions of logits and integer labels."""
+"""Losses and metrics: pure functions of logits and integer labels or probability rows (mixed targets)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,46 @@ import torch
 import torch.nn.functional as F
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing) -> torch.Tensor:
+    """Per-example cross-entropy against probability rows, smoothed towards the uniform distribution."""
+    if targets.shape != logits.shape:
+        raise ValueError(f"float targets must be probability rows of the logits' shape {tuple(logits.shape)}, "
+                         f"got {tuple(targets.shape)}; pass integer class indices as an integer tensor")
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    smoothed = (1.0 - label_smoothing) * targets.float() + label_smoothing / logits.shape[-1]
+    return -(smoothed * log_probs).sum(dim=-1)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean softmax cross-entropy, optionally with label smoothing (as ``torch.nn.CrossEntropyLoss``).
 
     Args:
       logits: (N, classes) unnormalised scores (any float dtype; computed in float32).
-      labels: (N,) integer class indices.
+      targets: (N,) integer class indices, or (N, classes) float probability rows (mixup and cutmix targets,
+        see :func:`fnclass.augment.mix_batch`).
       label_smoothing: the mass spread uniformly over all classes, in [0, 1); a 0-d tensor (one value per
-        member of a vmapped sweep) is computed by the same formula written out.
+        member of a vmapped sweep) is computed by the same formula written out. Probability rows become
+        ``(1 - label_smoothing) * targets + label_smoothing / classes``, which is the same as smoothing each
+        one-hot row before mixing them.
 
     Returns:
       A 0-d float32 tensor.
     """
+    if targets.is_floating_point():
+        return _soft_cross_entropy(logits, targets, label_smoothing).mean()
     if isinstance(label_smoothing, torch.Tensor):
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        nll = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
+        nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
         return ((1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1)).mean()
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
-def per_example_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
+def per_example_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
                               label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of each example, shape (N,)."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="none")
+    """Cross-entropy of each example, shape (N,); ``targets`` as in :func:`cross_entropy`."""
+    if targets.is_floating_point():
+        return _soft_cross_entropy(logits, targets, label_smoothing)
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="none")
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
