@@ -84,6 +84,10 @@ class DataConfig:
     val_size: int | float = 0  # hold out this many training images (or this fraction, < 1) to choose "best" on;
     # 0: none, and "best" is chosen on the test set (the historical default)
     val_seed: int = 0  # the held-out images depend on this, not on train.seed: every seed is scored on one split
+    mixup_alpha: float = 0.0  # mixup's Beta(alpha, alpha) (timm's default when on: 0.8); 0: off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) (timm's default when on: 1.0); 0: off
+    mix_prob: float = 1.0  # the probability that a batch is mixed at all
+    mix_switch_prob: float = 0.5  # with both on: the probability of CutMix rather than mixup (timm's switch_prob)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -99,6 +103,16 @@ class DataConfig:
         _check(0 <= self.val_size if type(self.val_size) is int else 0 < self.val_size < 1, "data.val_size",
                self.val_size, "a number of images (an integer >= 0) or a fraction in (0, 1)")
         _check(self.val_seed >= 0, "data.val_seed", self.val_seed, "an integer >= 0")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            _check(0 <= value <= 100, f"data.{name}", value, "a number in [0, 100] (0: off)")
+        for name in ("mix_prob", "mix_switch_prob"):
+            _check(0 <= getattr(self, name) <= 1, f"data.{name}", getattr(self, name), "a probability in [0, 1]")
+
+    @property
+    def mixing(self) -> bool:
+        """Whether batches are mixed (mixup or CutMix): the loss then takes soft targets."""
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -152,6 +166,9 @@ class OptimConfig:
                f"a number in [0, {MAX_EPOCHS:,}]")
 
 
+LOGGERS = ("none", "tensorboard")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How long and how to train and evaluate."""
@@ -170,6 +187,7 @@ class TrainConfig:
     grad_stats_every: int = 0  # log noise scale and per-layer gradient norms of a probe batch every N steps (0: off)
     grad_stats_examples: int = 256  # size of that fixed probe batch (the first training images, not augmented)
     nan_policy: str = "stop"  # a non-finite loss or gradient: "stop" the run (exit 3) or "skip" that update
+    logger: str = "none"  # "tensorboard": also write metrics.jsonl's rows as TensorBoard events in RUN_DIR/tb
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -183,6 +201,7 @@ class TrainConfig:
         _check(self.grad_stats_every >= 0, "train.grad_stats_every", self.grad_stats_every, "an integer >= 0")
         _check(self.grad_stats_examples >= 2, "train.grad_stats_examples", self.grad_stats_examples, "an integer >= 2")
         _check(self.nan_policy in ("stop", "skip"), "train.nan_policy", self.nan_policy, '"stop" or "skip"')
+        _check(self.logger in LOGGERS, "train.logger", self.logger, " or ".join(f'"{name}"' for name in LOGGERS))
 
 
 @dataclass(frozen=True)

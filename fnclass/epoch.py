@@ -16,11 +16,13 @@ from typing import NamedTuple
 import torch
 
 from fnclass import data, random
-from fnclass.augment import alternating_flips, augment
+from fnclass.augment import alternating_flips, augment, mix_batch
 from fnclass.config import Config, ConfigError
 from fnclass.io import fault_point, synchronize
 from fnclass.run import RunDirectory
 from fnclass.step import TrainState
+
+MIX = 0x313  # folded into a step's augmentation key for mixup/CutMix, so crops and flips keep their keys
 
 
 class TrainingDiverged(Exception):
@@ -153,10 +155,19 @@ class EpochLoop:
         return epoch
 
     def batch(self, idx: torch.Tensor, epoch: int, key, member: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented, normalised batch of the examples ``idx`` (for ``member``'s alternating flips)."""
+        """The augmented, normalised batch of the examples ``idx`` (for ``member``'s alternating flips).
+
+        With mixup or CutMix (``data.mixup_alpha``, ``data.cutmix_alpha``) the labels are soft targets,
+        ``(B, classes)`` float rows, mixed from ``fold_in(key, MIX)`` (the other augmentations' keys are unchanged).
+        """
+        cfg = self.config.data
         flips = None if self.first_flips is None else alternating_flips(self.first_flips[member], idx, epoch)
-        images = augment(key, normalized(self.ds, self.ds.train_images[idx]), self.config.data, flip=flips)
-        return images, self.ds.train_labels[idx]
+        images = augment(key, normalized(self.ds, self.ds.train_images[idx]), cfg, flip=flips)
+        if not cfg.mixing:
+            return images, self.ds.train_labels[idx]
+        return mix_batch(random.fold_in(key, MIX), images, self.ds.train_labels[idx],
+                         num_classes=len(self.ds.classes), mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                         mix_prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
 
     def order(self, epoch: int, member: int = 0) -> torch.Tensor:
         """``member``'s permutation of the training images for ``epoch``."""
@@ -260,9 +271,12 @@ class EpochLoop:
         means = [total / (epoch_images - skip * self.batch_size) if epoch_images > skip * self.batch_size
                  else float("nan") for total, skip in zip(losses, skips)]
         accuracies = [right / max(epoch_images, 1) for right in rights]
+        speed = images * len(orders) / seconds if seconds > 0 else None  # this process's images, all members
         if self.members:
-            return train_state, seconds, {"loss": means, "accuracy": accuracies, "skipped_steps": skips}
-        return train_state, seconds, {"loss": means[0], "accuracy": accuracies[0], "skipped_steps": skips[0]}
+            return train_state, seconds, {"loss": means, "accuracy": accuracies, "skipped_steps": skips,
+                                          "images_per_second": speed}
+        return train_state, seconds, {"loss": means[0], "accuracy": accuracies[0], "skipped_steps": skips[0],
+                                      "images_per_second": speed}
 
     def progress(self) -> dict | None:
         """The epoch's sums so far as JSON numbers (saved with a mid-epoch checkpoint); None before any epoch."""

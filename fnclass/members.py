@@ -184,7 +184,8 @@ def _epoch_row(members, epoch: int, train_state, train_metrics: dict, result: di
     row = {"kind": "epoch", "step": int(train_state.step[0]), "epoch": epoch + 1,
            "train_loss": statistics.fmean(train_metrics["loss"]),
            "train_accuracy": statistics.fmean(train_metrics["accuracy"]), **split_metrics(ensemble, split),
-           "lr": lr, "seconds": seconds, "skipped_steps": sum(train_metrics["skipped_steps"]), "members": len(members),
+           "lr": lr, "seconds": seconds, "images_per_second": train_metrics["images_per_second"],
+           "skipped_steps": sum(train_metrics["skipped_steps"]), "members": len(members),
            **{f"{split}_accuracy_{k}": v for k, v in spread(accuracies).items()}}
     if any(k != "seed" for k in members[0]):
         row["groups"] = _groups(members, accuracies)

@@ -1,7 +1,8 @@
 """The run directory: every file a training run writes, and the reporter that shows its progress.
 
 ``RunDirectory`` owns ``config.toml``, ``metrics.jsonl``, ``checkpoints/`` (``last``, ``best`` and the
-``checkpoint.keep`` most recent epoch ends), ``summary.json`` and ``plots/``. Every write of a run goes through
+``checkpoint.keep`` most recent epoch ends), ``summary.json``, ``plots/`` and, with ``train.logger =
+"tensorboard"``, ``tb/`` (TensorBoard events mirroring metrics.jsonl). Every write of a run goes through
 it, so a run that must not write (another process of a data-parallel run) sets ``writes=False`` once. A writing
 run holds an OS lock on ``.lock`` in the directory from :meth:`RunDirectory.start` to :meth:`RunDirectory.close`:
 a second writer is refused, and the kernel releases the lock when the process dies, so a killed run never
@@ -16,7 +17,7 @@ import os
 from pathlib import Path
 
 from fnclass.checkpoint import CheckpointError, copy_checkpoint, read_train_state, save_checkpoint
-from fnclass.config import Config, config_to_toml
+from fnclass.config import Config, config_to_dict, config_to_toml
 from fnclass.errors import InputError
 from fnclass.io import WriteError, fault_point, fsync_folder, save_figure, write_atomic, write_json
 
@@ -60,6 +61,7 @@ class RunDirectory:
         self.checkpoints, self.metrics_path = self.path / "checkpoints", self.path / "metrics.jsonl"
         self._meta: dict = {}
         self._lock = None
+        self._tensorboard = None  # a TensorBoardLogger with train.logger = "tensorboard"
         self.resumed_from: Path | None = None
         self.rejected: list[tuple[str, str]] = []
         self.progress: dict = {}
@@ -102,6 +104,8 @@ class RunDirectory:
             self._meta["members"] = members
         if self.writes:
             self._acquire_lock()
+            if self.config.train.logger == "tensorboard":  # before any file changes: the extra may be missing
+                self._open_tensorboard(step)
             self._remove_stale_temporaries()
             if step:
                 self._truncate_metrics(step)
@@ -125,6 +129,8 @@ class RunDirectory:
                 handle.flush()
                 fault_point("write:metrics.jsonl")
                 handle.write(line[len(line) // 2:])
+            if self._tensorboard is not None:
+                self._tensorboard.row(row)
 
     def step(self, info: dict) -> None:
         """Report a step's progress."""
@@ -176,14 +182,29 @@ class RunDirectory:
         if self.writes:
             write_json(self.path / "summary.json", summary)
             self._plot_curves(self.path / "plots" / "curves.png")
+            if self._tensorboard is not None:
+                self._tensorboard.hparams(config_to_dict(self.config), summary)
         self.close()
         self.reporter.end(summary)
 
     def close(self) -> None:
         """Release the directory's lock (the kernel also releases it if the process dies)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def _open_tensorboard(self, step: int) -> None:
+        """Open RUN_DIR/tb; a resumed run hides the events logged after its checkpoint, as metrics.jsonl drops them."""
+        from fnclass.loggers import TensorBoardLogger
+
+        try:
+            self._tensorboard = TensorBoardLogger(self.path / "tb", purge_step=step + 1 if step else None)
+        except InputError:
+            self.close()
+            raise
 
     def _acquire_lock(self) -> None:
         """Take the directory's lock, or raise :class:`RunLockedError` naming the process that holds it."""

@@ -127,7 +127,8 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         selected on the device with ``torch.where``, so nothing waits for the host.
 
     Returns:
-      The step function. ``batch`` is ``(images, labels)``: float NCHW images and int64 labels;
+      The step function. ``batch`` is ``(images, labels)``: float NCHW images and int64 labels (or float
+      ``(B, classes)`` soft targets from mixup/CutMix: ``correct`` then counts the targets' largest entry);
       ``key`` drives the model's randomness (dropout) for this step.
     """
     def loss_and_aux(params, state, images, labels, key):
@@ -150,7 +151,8 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
             params, new_state, opt_state = optree.tree_map(
                 lambda new, old: torch.where(finite, new, old), (params, new_state, opt_state),
                 (train_state.params, train_state.state, train_state.opt_state))
-        metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == labels).sum(), "finite": finite}
+        hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # soft (mixed) targets: their larger part
+        metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(), "finite": finite}
         return TrainState(train_state.step + 1, params, new_state, opt_state, train_state.key), metrics
 
     return torch.compile(step) if compile else step

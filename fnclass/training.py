@@ -144,7 +144,8 @@ def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result:
     """The metrics.jsonl row of an epoch (its evaluation is of ``split``, the one "best" is chosen on)."""
     return {"kind": "epoch", "step": int(train_state.step), "epoch": epoch + 1, "train_loss": train_metrics["loss"],
             "train_accuracy": train_metrics["accuracy"], **split_metrics(result, split), "lr": lr,
-            "seconds": seconds, "skipped_steps": train_metrics["skipped_steps"]}
+            "seconds": seconds, "images_per_second": train_metrics["images_per_second"],
+            "skipped_steps": train_metrics["skipped_steps"]}
 
 
 def _summary(config: Config, train_state: TrainState, result: dict, test_result: dict, split: str, best,

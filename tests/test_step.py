@@ -252,3 +252,30 @@ def test_a_finite_step_is_the_same_with_or_without_the_skip_guard():
     a, metrics = guarded(ts, _batch(2), fnclass.key(1))
     b, _ = plain(ts, _batch(2), fnclass.key(1))
     assert bool(metrics["finite"]) and _equal_trees(a, b) and not _equal_trees(a.params, ts.params)
+
+
+def test_soft_targets_train_as_the_stateful_module_with_probability_targets():
+    """mixup/CutMix targets: the step's loss and update equal nn.Module + torch.optim with F.cross_entropy's
+    probability targets, label smoothing applied to the mixed rows; ``correct`` counts the targets' argmax."""
+    model = fnclass.build_model(SMALL)
+    opt = optim.sgd(0.05, momentum=0.9, nesterov=True)
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0))
+    train_step = fnclass.make_train_step(model, functools.partial(losses.cross_entropy, label_smoothing=0.1), opt)
+    module = reference_module(SMALL, ts.params, ts.state).train()
+    torch_opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, nesterov=True, foreach=True)
+    for i in range(2):
+        images, labels = _batch(i)
+        lam = 0.3 + 0.2 * i
+        targets = lam * torch.nn.functional.one_hot(labels, 10) + (1 - lam) * torch.nn.functional.one_hot(
+            labels.flip(0), 10)
+        ts, metrics = train_step(ts, (images, targets.float()), random.fold_in(ts.key, ts.step))
+        torch_opt.zero_grad()
+        logits = module(images)
+        ref_loss = torch.nn.functional.cross_entropy(logits, targets.float(), label_smoothing=0.1)
+        ref_loss.backward()
+        torch_opt.step()
+        torch.testing.assert_close(metrics["loss"], ref_loss.detach(), rtol=1e-5, atol=1e-6)
+        assert int(metrics["correct"]) == int((logits.argmax(-1) == targets.argmax(-1)).sum())
+    reference = module.state_dict()
+    for path, value in tree.flatten_paths(ts.params).items():
+        torch.testing.assert_close(value, reference[torch_name(path)], rtol=1e-4, atol=1e-5)

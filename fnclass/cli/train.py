@@ -265,11 +265,13 @@ def _resume_config(run_dir: Path, config_path, overrides, out):
               help="Vmap this many members at a time within each step, to bound memory (members.per_pass).")
 @click.option("--grad-stats-every", type=click.IntRange(min=1),
               help="Shorthand for --set train.grad_stats_every=N: log the gradient noise scale every N steps.")
+@click.option("--logger", type=click.Choice(["tensorboard"]),
+              help="Also write TensorBoard events to RUN_DIR/tb (train.logger; needs fnclass[tensorboard]).")
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 @options.as_json("only the summary")
 @one_line_errors
 def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, seeds_text, sweeps,
-          members_per_pass, grad_stats_every, quiet, as_json):
+          members_per_pass, grad_stats_every, logger, quiet, as_json):
     """Train a model on CIFAR and write a run directory.
 
     \b
@@ -289,6 +291,7 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
         overrides.append(f"members.seeds={_parse_seeds(seeds_text)}")
     overrides += [_parse_sweep(text) for text in sweeps]
     overrides += [f"members.per_pass={members_per_pass}"] if members_per_pass is not None else []
+    overrides += [f"train.logger={logger}"] if logger is not None else []
     if resume is not None:
         config = _resume_config(resume, config_path, overrides, out)
         workdir = resume
