@@ -55,6 +55,7 @@ class Checkpoint(NamedTuple):
     metadata: dict
     tensors: dict[str, torch.Tensor]
     members: tuple[dict, ...] = ()  # a run of K members: params and state stacked (K, ...), one dict per member
+    weights: str = "raw"  # "ema": params and state are the run's exponential moving average (train.ema_decay)
 
     def member(self, index: int) -> Checkpoint:
         """Member ``index`` of a stacked checkpoint as a single model's checkpoint (config: its seed and values)."""
@@ -242,11 +243,17 @@ def _metadata_json(path, metadata: dict, name: str):
         raise CheckpointError(f"{path}: metadata field {name!r} is not valid JSON (the file was altered)") from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def load_checkpoint(path: str | Path, *, weights: str = "auto") -> Checkpoint:
     """Load a checkpoint without pickle and rebuild its model.
 
     Args:
       path: a ``.safetensors`` file written by :func:`save_checkpoint`.
+      weights: which weights ``params``/``state`` hold: ``"ema"`` the exponential moving average a run with
+        ``train.ema_decay`` keeps, ``"raw"`` the trained weights themselves, ``"auto"`` the EMA when the file has
+        one (the default of ``fnclass eval``, ``export`` and ``grads``).
 
     Returns:
       A :class:`Checkpoint`: ``model`` (``init``/``apply``), ``params``, ``state``, ``config``, ``classes``,
@@ -263,9 +270,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     config, classes, mean, std, input_size = read_model_metadata(path, metadata)
     members = read_members(path, metadata)
     model = build_model(config.model)
-    params, state = restore_model(path, model, tensors, members=len(members))
+    has_ema = any(name.startswith("ema.") for name in tensors)
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights = {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{path} holds no EMA weights (its run had train.ema_decay = 0): use the raw weights "
+                              "(--weights raw)")
+    chosen = "ema" if weights == "ema" or weights == "auto" and has_ema else "raw"
+    params, state = restore_model(path, model, tensors, members=len(members),
+                                  prefix="ema." if chosen == "ema" else "")
     return Checkpoint(model, params, state, config, classes, mean, std, input_size, int(metadata.get("step", 0)),
-                      metadata, tensors, members)
+                      metadata, tensors, members, chosen)
 
 
 def read_members(path, metadata: dict) -> tuple[dict, ...]:
@@ -328,8 +343,10 @@ def read_model_metadata(path, metadata: dict) -> tuple[Config, tuple[str, ...], 
     return config, tuple(classes), mean, std, (input_size[0], input_size[1])
 
 
-def restore_model(path, model: Model, tensors: dict, dtype: torch.dtype | None = None, *, members: int = 0):
-    """``(params, state)`` of ``model`` filled from the ``params.*`` and ``state.*`` tensors of a file.
+def restore_model(path, model: Model, tensors: dict, dtype: torch.dtype | None = None, *, members: int = 0,
+                  prefix: str = ""):
+    """``(params, state)`` of ``model`` filled from the ``params.*`` and ``state.*`` tensors of a file (with
+    ``prefix = "ema."``: from ``ema.params.*`` and ``ema.state.*``).
 
     The skeleton is built on the meta device, so a tampered config cannot make this allocate memory
     before the tensors are checked against it. ``dtype`` is the floating dtype the tensors must have
@@ -344,8 +361,8 @@ def restore_model(path, model: Model, tensors: dict, dtype: torch.dtype | None =
     except (RuntimeError, ValueError, OverflowError) as error:  # e.g. absurd widths in a tampered config
         raise CheckpointError(f"{path}: the model in its config cannot be built ({first_line(error)}); the file "
                               "was altered: use another file") from None
-    return (_restore(path, skeleton_params, tensors, "params.", dtype),
-            _restore(path, skeleton_state, tensors, "state.", dtype))
+    return (_restore(path, skeleton_params, tensors, prefix + "params.", dtype),
+            _restore(path, skeleton_state, tensors, prefix + "state.", dtype))
 
 
 def _restore(path, skeleton, tensors: dict, prefix: str, dtype: torch.dtype | None = None):

@@ -177,7 +177,8 @@ class TrainConfig:
     batch_size: int = 128  # the paper's batch
     seed: int = 0
     label_smoothing: float = 0.0
-    precision: str = "fp32"  # "bf16" autocasts on CUDA (params and BN statistics stay float32)
+    precision: str = "fp32"  # "bf16" autocasts on CUDA (params and BN statistics stay float32); "fp16" too, with
+    # dynamic loss scaling (GradScaler's rules), for GPUs without fast bf16 (V100, T4)
     compile: bool = False  # compile the whole step; pays on a GPU, not on a CPU
     channels_last: bool = False  # channels-last images (faster convolutions on GPUs and with oneDNN on CPUs)
     eval_batch_size: int = 1000
@@ -188,6 +189,9 @@ class TrainConfig:
     grad_stats_examples: int = 256  # size of that fixed probe batch (the first training images, not augmented)
     nan_policy: str = "stop"  # a non-finite loss or gradient: "stop" the run (exit 3) or "skip" that update
     logger: str = "none"  # "tensorboard": also write metrics.jsonl's rows as TensorBoard events in RUN_DIR/tb
+    accumulate_steps: int = 1  # average the gradients of this many batches per optimizer step (Optax's MultiSteps)
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off
+    ema_warmup: bool = False  # ramp the EMA decay up as min(decay, (1 + t) / (10 + t)) over updates t (timm, TF)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -195,12 +199,16 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
         _check(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
-        _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, '"fp32" or "bf16"')
+        _check(self.precision in ("fp32", "bf16", "fp16"), "train.precision", self.precision,
+               '"fp32", "bf16" or "fp16"')
+        _check(1 <= self.accumulate_steps <= 1024, "train.accumulate_steps", self.accumulate_steps,
+               "an integer in 1..1024 (1: no accumulation)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
         _check(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps, "an integer >= 0")
         _check(self.grad_stats_every >= 0, "train.grad_stats_every", self.grad_stats_every, "an integer >= 0")
         _check(self.grad_stats_examples >= 2, "train.grad_stats_examples", self.grad_stats_examples, "an integer >= 2")
         _check(self.nan_policy in ("stop", "skip"), "train.nan_policy", self.nan_policy, '"stop" or "skip"')
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a number in [0, 1) (0: no EMA)")
         _check(self.logger in LOGGERS, "train.logger", self.logger, " or ".join(f'"{name}"' for name in LOGGERS))
 
 
@@ -295,6 +303,8 @@ class Config:
         _check(not self.train.grad_stats_every or not self.members.active, "train.grad_stats_every",
                self.train.grad_stats_every, "0 with members (members.seeds or a sweep): analyse one member with "
                "`fnclass grads`")
+        _check(not self.train.ema_decay or not self.members.active, "train.ema_decay", self.train.ema_decay,
+               "0 with members (members.seeds or a sweep): a run of members does not keep an EMA yet")
         if self.data.train_limit is not None:
             _check(self.train.batch_size <= self.data.train_limit, "train.batch_size", self.train.batch_size,
                    f"at most data.train_limit = {self.data.train_limit}")

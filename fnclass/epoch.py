@@ -229,8 +229,9 @@ class EpochLoop:
             finite = metrics["finite"]
             # Flags kept on the device: nothing here waits for the step to finish.
             self.first_bad = torch.where((self.first_bad == 0) & ~finite, train_state.step, self.first_bad)
-            skipped += ~finite
-            loss_sum += torch.where(finite, metrics["loss"], 0.0) * self.batch_size
+            applied = finite & ~metrics["overflow"] if "overflow" in metrics else finite  # fp16 skips overflows
+            skipped += ~applied
+            loss_sum += torch.where(applied, metrics["loss"], 0.0) * self.batch_size
             correct += metrics["correct"]
             step, images = step + 1, images + self.batch_size
             self.sums["images"] += self.batch_size
@@ -252,7 +253,7 @@ class EpochLoop:
                            "lr": lr * scale}
                     if self.members:
                         row = {"kind": "step", "member": member, **{k: v for k, v in row.items() if k != "kind"}}
-                    if config.train.nan_policy == "skip":
+                    if config.train.nan_policy == "skip" or config.train.precision == "fp16":
                         row["skipped_steps"] = counts[member]  # this epoch's, so far
                     self.run_dir.log(row)
             if self.grad_stats is not None and step % config.train.grad_stats_every == 0:

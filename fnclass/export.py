@@ -101,6 +101,7 @@ def export_metadata(ckpt: Checkpoint, *, dtype: str, source_sha256: str) -> dict
         "fnclass_version": __version__,
         "source_sha256": source_sha256,
         "source_step": str(ckpt.step),
+        "weights": ckpt.weights,
         **({"members": json.dumps(list(ckpt.members))} if ckpt.members else {}),
     }
 
@@ -139,7 +140,8 @@ def export_program(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torc
 
 
 def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: str = "safetensors",
-                      dtype: str = "float32", member: int | None = None, ensemble: bool = False) -> dict:
+                      dtype: str = "float32", member: int | None = None, ensemble: bool = False,
+                      weights: str = "auto") -> dict:
     """Export a training checkpoint as inference weights or a standalone program.
 
     Args:
@@ -149,6 +151,8 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: s
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the weights' dtype and the program's compute dtype.
       member: export this member of a stacked checkpoint (a run of members) as one model.
       ensemble: export all members of a stacked checkpoint as one model whose logits are their mean.
+      weights: ``"auto"`` (the EMA weights when the checkpoint keeps them), ``"ema"`` or ``"raw"``; recorded
+        in the export's metadata.
 
     Returns:
       A summary: the output path, format, dtype, size in bytes and the metadata written.
@@ -161,7 +165,7 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, format: s
                               f"{', '.join(FORMATS)}; dtypes {', '.join(DTYPES)}")
     if format == "onnx" and dtype == "bfloat16":
         raise CheckpointError("ONNX Runtime has no bfloat16 convolution: export ONNX with --dtype float16 or float32")
-    ckpt = load_checkpoint(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path, weights=weights)
     if ckpt.members and member is None and not ensemble:
         raise CheckpointError(f"{checkpoint_path} holds {len(ckpt.members)} members: choose --member I (one of "
                               f"0..{len(ckpt.members) - 1}) or --ensemble (their mean logits)")
@@ -243,7 +247,7 @@ def load_exported(path: str | Path) -> Exported:
     return Exported(model, params, state, config.model, classes, mean, std, input_size, dtype, metadata, members)
 
 
-def load_for_evaluation(path: str | Path) -> Checkpoint:
+def load_for_evaluation(path: str | Path, *, weights: str = "auto") -> Checkpoint:
     """A training checkpoint, or a safetensors export as one (weights widened to float32, no optimizer state).
 
     What ``fnclass eval`` runs on: exports compute in float32 whatever dtype stores their weights, the way the
@@ -254,13 +258,18 @@ def load_for_evaluation(path: str | Path) -> Checkpoint:
     """
     _, metadata = read_file(path)
     if metadata.get("format") not in READ_FORMATS:
-        return load_checkpoint(path)
+        return load_checkpoint(path, weights=weights)
+    recorded = metadata.get("weights", "raw")
+    if weights not in ("auto", recorded):
+        raise CheckpointError(f"{path} is an export of the {recorded} weights, not the {weights} ones: export the "
+                              f"training checkpoint again with --weights {weights}")
     exported = load_exported(path)
     config, *_ = read_model_metadata(path, metadata)
     widen = lambda leaf: leaf.float() if leaf.is_floating_point() else leaf
     params, state = tree.tree_map(widen, (exported.params, exported.state))
     return Checkpoint(exported.model, params, state, config, exported.classes, exported.mean, exported.std,
-                      exported.input_size, int(metadata.get("source_step", 0)), metadata, {}, exported.members)
+                      exported.input_size, int(metadata.get("source_step", 0)), metadata, {}, exported.members,
+                      recorded)
 
 
 def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predictor:

@@ -50,10 +50,11 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
     hyper_values = {key: torch.tensor([m[key] for m in members], dtype=torch.float32) for key in swept}
 
     def optimizer_for(hyper):
-        return recipe.create_optimizer(config.optim, model.param_labels, steps_per_epoch, epochs, hyper)
+        return recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch, hyper)
 
     first = {key: values[0] for key, values in hyper_values.items()}  # the optimizer state's structure is one
-    states = [create_train_state(model, optimizer_for(first), random.key(m["seed"])) for m in members]
+    states = [create_train_state(model, optimizer_for(first), random.key(m["seed"]),
+                                 loss_scaling=config.train.precision == "fp16") for m in members]
     clock = {"whitening": 0.0, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
     if model.data_init is not None and not resume:
         tick = time.perf_counter()
@@ -82,7 +83,7 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
     train_step = make_members_step(build_step, compile=config.train.compile and vmapped,
                                    chunk_size=config.members.per_pass or None, strategy=strategy)
     eval_step = make_eval_step(model, compile=config.train.compile, **options)
-    schedule = recipe.create_schedule(config.optim, steps_per_epoch, epochs)
+    schedule = recipe.create_batch_schedule(config, steps_per_epoch)
     lr_scales = [m.get("optim.lr", config.optim.lr) / config.optim.lr for m in members]
     loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch,
                      hyper={k: v.to(dev) for k, v in hyper_values.items()},
@@ -212,7 +213,7 @@ def _summary(config: Config, members, train_state, result: dict, test_result: di
         per_member.append(entry)
     accuracies = [m["test_accuracy"] for m in per_member]
     summary = {
-        **split_metrics(ensemble, "test"), f"best_{split}_accuracy": best,
+        **split_metrics(ensemble, "test"), "selection": run.selection, f"best_{run.selection}": best,
         **(split_metrics(result["ensemble"], "val") if split == "val" else {}),
         "ensemble_test_accuracy": ensemble["accuracy"], "members": per_member,
         **{f"test_accuracy_{k}": v for k, v in spread(accuracies).items()},

@@ -347,6 +347,52 @@ def lookahead(inner: Transform, every: int, decay: Schedule, total_steps: int | 
     return Transform(init, update)
 
 
+def multi_steps(inner: Transform, every: int) -> Transform:
+    """Gradient accumulation, as Optax's ``MultiSteps``: ``inner`` updates once per ``every`` mini steps.
+
+    Each mini step adds its gradient to a running sum. On every ``every``-th one (``count % every == every - 1``)
+    ``inner`` updates with the sum divided by ``every`` and the sum restarts from zero; on the others the updates
+    are zeros and ``inner``'s state is kept, so its counters (Adam's bias correction, a learning-rate schedule)
+    count optimizer steps, not mini steps. With a mean loss and equal mini-batches, ``every`` mini steps of B
+    examples then equal one step of ``every * B`` examples up to rounding, for a model without BatchNorm (whose
+    statistics stay those of each mini-batch).
+
+    ``inner`` is evaluated on every mini step and its result discarded off the boundary by ``torch.where`` (where
+    Optax uses a ``cond``): the cost of a step that stays one static graph, compiled or under ``vmap``.
+
+    Args:
+      inner: the optimizer applied to the mean of the accumulated gradients, learning rate included.
+      every: mini steps per optimizer step, at least 1; 1 returns ``inner`` itself.
+
+    Returns:
+      A Transform whose state is ``{"count": int64 tensor (mini steps made), "grad_sum": tree like params (the
+      gradients since the last optimizer step), "inner": inner's state}``.
+
+    Raises:
+      ValueError: if ``every`` is not a positive int.
+    """
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"multi_steps: every must be a positive int (mini steps per optimizer step), got {every!r}")
+    if every == 1:
+        return inner
+
+    def init(params):
+        return {"count": _count_like(params), "grad_sum": _zeros_like(params), "inner": inner.init(params)}
+
+    def update(grads, state, params=None):
+        boundary = state["count"] % every == every - 1
+        grad_sum = _add(_leaves(state["grad_sum"]), _leaves(grads))
+        updates, inner_state = inner.update(_like(grads, _mul(grad_sum, 1.0 / every)), state["inner"], params)
+        # Selecting the whole inner state, counters included, keeps it as it was off the boundary.
+        inner_state = optree.tree_map(lambda new, old: torch.where(boundary, new, old), inner_state, state["inner"])
+        updates = [torch.where(boundary, u, 0.0) for u in _leaves(updates)]
+        grad_sum = [torch.where(boundary, 0.0, s) for s in grad_sum]
+        new_state = {"count": state["count"] + 1, "grad_sum": _like(state["grad_sum"], grad_sum), "inner": inner_state}
+        return _like(grads, updates), new_state
+
+    return Transform(init, update)
+
+
 def apply_updates(params, updates):
     """Return ``params + updates`` leaf by leaf (a new tree; ``params`` is not modified).
 

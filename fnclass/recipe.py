@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,7 +43,7 @@ def create_loss(config: Config, hyper: dict | None = None) -> Callable:
     return functools.partial(cross_entropy, label_smoothing=smoothing)
 
 
-def create_schedule(config: OptimConfig, steps_per_epoch: int, epochs: int) -> schedules.Schedule:
+def create_schedule(config: OptimConfig, steps_per_epoch: float, epochs: int) -> schedules.Schedule:
     """The learning-rate schedule an :class:`OptimConfig` describes, over ``steps_per_epoch * epochs`` steps.
 
     ``warmup_cosine`` rises linearly from 0 over the warm-up and follows a cosine down to
@@ -50,7 +51,7 @@ def create_schedule(config: OptimConfig, steps_per_epoch: int, epochs: int) -> s
     A run shorter than twice its warm-up keeps the warm-up's slope and peaks at its midpoint, at the learning
     rate the warm-up reaches there, so it still comes back down and never climbs faster than the full run.
     """
-    total = steps_per_epoch * epochs
+    total = math.floor(steps_per_epoch * epochs + 1e-9)  # steps_per_epoch is fractional with accumulation
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     low = config.lr * config.final_lr_fraction
     start = 0.0 if config.schedule == "warmup_cosine" else low
@@ -64,8 +65,8 @@ def create_schedule(config: OptimConfig, steps_per_epoch: int, epochs: int) -> s
     return schedules.piecewise_linear([0, warmup, total], [low, peak, low])
 
 
-def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoch: int,
-                     epochs: int, hyper: dict | None = None) -> optim.Transform:
+def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoch: float,
+                     epochs: int, hyper: dict | None = None, *, accumulate_steps: int = 1) -> optim.Transform:
     """The optimizer an :class:`OptimConfig` describes, with its schedule (see :func:`create_schedule`).
 
     Decoupled weight decay applies to weights (filters, matrices, the head's weight), not to norm scales or
@@ -83,9 +84,11 @@ def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoc
       hyper: swept values as 0-d tensors, ``"optim.lr"`` and ``"optim.weight_decay"`` (a member of a vmapped
         sweep). The schedule is linear in the learning rate, so a swept one multiplies the schedule of lr 1; a
         swept decay keeps the decay transform in every member's chain (the state's structure stays one).
+      accumulate_steps: wrap everything in :func:`fnclass.optim.multi_steps`: one optimizer step per that many
+        batches, on their mean gradient. ``steps_per_epoch`` counts optimizer steps then (batches / accumulate).
     """
     hyper = hyper or {}
-    total = steps_per_epoch * epochs
+    total = math.floor(steps_per_epoch * epochs + 1e-9)  # steps_per_epoch is fractional with accumulation
     schedule = create_schedule(config, steps_per_epoch, epochs)
     if "optim.lr" in hyper:
         unit, lr = create_schedule(dataclasses.replace(config, lr=1.0), steps_per_epoch, epochs), hyper["optim.lr"]
@@ -115,4 +118,21 @@ def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoc
         peak = config.lookahead_decay
         decay = lambda count: torch.where(count >= total, 1.0, peak * (count / total) ** 3)
         optimizer = optim.lookahead(optimizer, config.lookahead_every, decay, total)
-    return optimizer
+    return optim.multi_steps(optimizer, accumulate_steps)  # outermost: every count inside is in optimizer steps
+
+
+def create_run_optimizer(config: Config, param_labels: Callable, batches_per_epoch: int,
+                         hyper: dict | None = None) -> optim.Transform:
+    """A run's optimizer: :func:`create_optimizer` over its epochs, stepping once per ``train.accumulate_steps``
+    batches."""
+    accumulate = config.train.accumulate_steps
+    return create_optimizer(config.optim, param_labels, batches_per_epoch / accumulate, config.train.epochs, hyper,
+                            accumulate_steps=accumulate)
+
+
+def create_batch_schedule(config: Config, batches_per_epoch: int) -> schedules.Schedule:
+    """The learning rate in effect at each batch (0-based), for the logs: with gradient accumulation the optimizer
+    steps once per ``train.accumulate_steps`` batches."""
+    accumulate = config.train.accumulate_steps
+    schedule = create_schedule(config.optim, batches_per_epoch / accumulate, config.train.epochs)
+    return schedule if accumulate == 1 else lambda count: schedule(count // accumulate)

@@ -169,8 +169,10 @@ class RunDirectory:
     @property
     def selection(self) -> str:
         """The epoch-row metric ``best.safetensors`` is chosen on: validation accuracy when the run holds a split
-        out (``data.val_size``), else test accuracy."""
-        return "val_accuracy" if self.config.data.val_size else "test_accuracy"
+        out (``data.val_size``), else test accuracy; the EMA weights' (``ema_val_accuracy``) when it keeps an EMA,
+        as those are what eval and export use by default."""
+        split = "val_accuracy" if self.config.data.val_size else "test_accuracy"
+        return f"ema_{split}" if self.config.train.ema_decay else split
 
     def best_accuracy(self) -> float | None:
         """The best :attr:`selection` accuracy logged in metrics.jsonl so far (for a resumed run)."""
@@ -285,7 +287,7 @@ class RunDirectory:
         if not rows:
             return
         epochs = [r["epoch"] for r in rows]
-        split = self.selection.split("_")[0]
+        split = self.selection.removeprefix("ema_").split("_")[0]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], label=split)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fnclass import optim, random
+from fnclass import loss_scale, optim, random
 from fnclass.models import Model
 from fnclass.tree import tree_index, tree_stack
 
@@ -27,6 +27,10 @@ class TrainState(NamedTuple):
       state: the model's state tree (BatchNorm running statistics).
       opt_state: the optimizer's state tree.
       key: the run's random key; per-step keys are ``fold_in(key, step)``.
+      ema: with ``train.ema_decay``, ``{"params": ..., "state": ...}``: the exponential moving average of the
+        parameters and of the BatchNorm statistics (see :func:`ema_update`); None without.
+      loss_scale: with ``train.precision = "fp16"``, the dynamic loss scale's state (:mod:`fnclass.loss_scale`);
+        None without.
     """
 
     step: torch.Tensor
@@ -34,28 +38,66 @@ class TrainState(NamedTuple):
     state: Any
     opt_state: Any
     key: torch.Tensor
+    ema: Any = None
+    loss_scale: Any = None
 
 
-def create_train_state(model: Model, optimizer: optim.Transform, key: torch.Tensor) -> TrainState:
+def start_ema(train_state: TrainState) -> TrainState:
+    """``train_state`` with its EMA set to copies of its current parameters and model state."""
+    copy = lambda tree: optree.tree_map(torch.clone, tree)
+    return train_state._replace(ema={"params": copy(train_state.params), "state": copy(train_state.state)})
+
+
+def ema_decay_at(decay: float, step: torch.Tensor, warmup: bool) -> torch.Tensor | float:
+    """The EMA decay used for update number ``step`` (1 for the first update).
+
+    With ``warmup``, ``min(decay, (1 + step) / (10 + step))`` (TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``, timm's ``ModelEmaV3`` warm-up), so early averages are not dominated by the random start.
+    """
+    if not warmup:
+        return decay
+    return torch.clamp((1.0 + step) / (10.0 + step), max=decay)
+
+
+def ema_update(ema: dict, params, state, decay) -> dict:
+    """``ema + (1 - decay) * (new - ema)`` for the parameters and the model state (BatchNorm statistics)."""
+    old = [leaf.detach() for leaf in optree.tree_leaves(ema)]
+    new = [leaf.detach() for leaf in optree.tree_leaves({"params": params, "state": state})]
+    if isinstance(decay, torch.Tensor):  # a warm-up's decay: one lerp per leaf (a tensor weight is not foreach on
+        averaged = [torch.lerp(a, b, 1.0 - decay) for a, b in zip(old, new)]  # every torch this runs on)
+    else:
+        averaged = optim._lerp(old, new, 1.0 - decay)
+    return optree.tree_unflatten(optree.tree_structure(ema), averaged)
+
+
+def create_train_state(model: Model, optimizer: optim.Transform, key: torch.Tensor, *,
+                       ema: bool = False, loss_scaling: bool = False) -> TrainState:
     """Initialise a model and its optimizer from one key.
 
     Args:
       model: the model.
       optimizer: the optimizer transform.
       key: the run's key; split into the init key and the run key.
+      ema: also start an EMA of the parameters and model state (:func:`start_ema`).
+      loss_scaling: also start a dynamic loss scale (fp16; :func:`fnclass.loss_scale.init`).
 
     Returns:
       A TrainState at step 0 (on the CPU; move it with :func:`fnclass.tree.tree_to`).
     """
     init_key, run_key = random.split(key)
     params, state = model.init(init_key)
-    return TrainState(torch.zeros((), dtype=torch.int64), params, state, optimizer.init(params), run_key)
+    train_state = TrainState(torch.zeros((), dtype=torch.int64), params, state, optimizer.init(params), run_key,
+                             loss_scale=loss_scale.init() if loss_scaling else None)
+    return start_ema(train_state) if ema else train_state
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _autocast(device_type: str, precision: str):
-    """bf16 autocast on CUDA when asked for; float32 everywhere else."""
-    if precision == "bf16" and device_type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """bf16 or fp16 autocast on CUDA when asked for; float32 everywhere else."""
+    if precision in AUTOCAST and device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=AUTOCAST[precision])
     return contextlib.nullcontext()
 
 
@@ -88,15 +130,17 @@ def mean_gradient(loss_and_aux: Callable, *, compile: bool = False, transformabl
     return _eager_grad_and_value(loss_and_aux)
 
 
-def all_finite(loss: torch.Tensor, grads) -> torch.Tensor:
-    """A 0-d bool device tensor: ``loss`` and every element of the gradient tree are finite (no host sync)."""
-    checks = [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in optree.tree_leaves(grads)]
+def all_finite(loss: torch.Tensor | None, grads) -> torch.Tensor:
+    """A 0-d bool device tensor: ``loss`` (unless None) and every element of the gradient tree are finite (no host
+    sync)."""
+    checks = [torch.isfinite(g).all() for g in optree.tree_leaves(grads)]
+    checks += [torch.isfinite(loss).all()] if loss is not None else []
     return torch.stack(checks).all()
 
 
 def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform, *, gradient: Callable = mean_gradient,
                     compile: bool = False, precision: str = "fp32", channels_last: bool = False,
-                    skip_nonfinite: bool = False) -> Callable:
+                    skip_nonfinite: bool = False, ema_decay: float = 0.0, ema_warmup: bool = False) -> Callable:
     """Build ``step(train_state, batch, key) -> (train_state, metrics)``.
 
     One call computes the loss and its gradient (model state as an auxiliary output), transforms the
@@ -118,23 +162,35 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         does. The default, :func:`mean_gradient`, differentiates the batch's mean loss; a per-example clipped
         and noised sum (DP-SGD) or a cross-process average (data parallel) drops in here.
       compile: compile the whole step (gradient and update) as one graph with ``torch.compile``.
-      precision: ``"fp32"``, or ``"bf16"`` for bf16 autocast on CUDA (params, optimizer state and BatchNorm
-        statistics stay float32; ignored on the CPU).
+      precision: ``"fp32"``, ``"bf16"`` for bf16 autocast on CUDA (params, optimizer state and BatchNorm
+        statistics stay float32; ignored on the CPU), or ``"fp16"``: fp16 autocast on CUDA with dynamic loss
+        scaling by ``torch.amp.GradScaler``'s rules (:mod:`fnclass.loss_scale`; the TrainState holds the scale).
+        The loss is scaled before differentiation and the gradients unscaled; a step whose gradients overflow is
+        skipped (parameters, model and optimizer state unchanged), the scale halves and ``metrics["overflow"]``
+        is True; only when the scale falls below 1 (even unscaled gradients overflow) does ``metrics["finite"]``
+        turn False, the divergence ``train.nan_policy`` acts on. On the CPU the scaling runs in float32, which
+        lets tests inject overflows.
       channels_last: feed images in channels-last memory format (faster convolutions on recent GPUs, and
         about 1.5x faster on this project's 2-core CPU with oneDNN).
       skip_nonfinite: when the loss or a gradient is not finite, return the parameters, model state and
         optimizer state unchanged (``step`` still counts the batch), as Optax's ``apply_if_finite`` does;
         selected on the device with ``torch.where``, so nothing waits for the host.
+      ema_decay: when > 0 (the TrainState then has an ``ema``, see :func:`start_ema`), average the new
+        parameters and model state into it with this decay after every update (:func:`ema_update`).
+      ema_warmup: ramp the decay up as :func:`ema_decay_at` says.
 
     Returns:
       The step function. ``batch`` is ``(images, labels)``: float NCHW images and int64 labels (or float
       ``(B, classes)`` soft targets from mixup/CutMix: ``correct`` then counts the targets' largest entry);
       ``key`` drives the model's randomness (dropout) for this step.
     """
-    def loss_and_aux(params, state, images, labels, key):
+    scaling = precision == "fp16"
+
+    def loss_and_aux(params, state, images, labels, key, *scale):
         with _autocast(images.device.type, precision):
             logits, new_state = model.apply(params, state, images, train=True, key=key)
-        return loss_fn(logits, labels), (new_state, logits.detach())
+        loss = loss_fn(logits, labels)
+        return loss * scale[0] if scale else loss, (new_state, logits.detach())
 
     grad_and_value = gradient(loss_and_aux, compile=compile)
 
@@ -142,18 +198,29 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         images, labels = batch
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        scale = (train_state.loss_scale["scale"],) if scaling else ()
         grads, (loss, (new_state, logits)) = grad_and_value(train_state.params, train_state.state, images,
-                                                            labels, key)
+                                                            labels, key, *scale)
+        if scaling:
+            grads, loss = loss_scale.unscale(grads, train_state.loss_scale), loss / scale[0]
         updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
         params = optim.apply_updates(train_state.params, updates)
-        finite = all_finite(loss, grads)
-        if skip_nonfinite:
-            params, new_state, opt_state = optree.tree_map(
-                lambda new, old: torch.where(finite, new, old), (params, new_state, opt_state),
-                (train_state.params, train_state.state, train_state.opt_state))
+        finite = all_finite(None if scaling else loss, grads)  # GradScaler looks at the gradients alone
+        ema = train_state.ema
+        if ema_decay:
+            ema = ema_update(ema, params, new_state, ema_decay_at(ema_decay, train_state.step + 1, ema_warmup))
+        if skip_nonfinite or scaling:
+            params, new_state, opt_state, ema = optree.tree_map(
+                lambda new, old: torch.where(finite, new, old), (params, new_state, opt_state, ema),
+                (train_state.params, train_state.state, train_state.opt_state, train_state.ema), none_is_leaf=False)
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # soft (mixed) targets: their larger part
         metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(), "finite": finite}
-        return TrainState(train_state.step + 1, params, new_state, opt_state, train_state.key), metrics
+        scale_state = train_state.loss_scale
+        if scaling:  # an overflow is skipped and backs the scale off; divergence is a scale that collapsed
+            scale_state = loss_scale.update(scale_state, finite)
+            metrics.update(overflow=~finite, finite=finite | (scale_state["scale"] >= 1.0))
+        return TrainState(train_state.step + 1, params, new_state, opt_state, train_state.key, ema,
+                          scale_state), metrics
 
     return torch.compile(step) if compile else step
 
@@ -178,8 +245,9 @@ def make_members_step(build_step: Callable[[dict], Callable], *, compile: bool =
         single runs bit for bit when nothing is swept). On the CPU, vmap's grouped convolutions measured 2–5x
         slower than the loop (benchmarks/RESULTS.md).
     """
-    def member_step(train_state, batch, key, hyper):
-        return build_step(hyper)(train_state, batch, key)
+    def member_step(fields, batch, key, hyper):
+        train_state, metrics = build_step(hyper)(TrainState(**fields), batch, key)
+        return _present(train_state), metrics
 
     if strategy == "loop":
         steps: dict[int, Callable] = {}  # member -> its step, built once (its hyperparameters never change)
@@ -193,7 +261,16 @@ def make_members_step(build_step: Callable[[dict], Callable], *, compile: bool =
             return tree_stack([out[0] for out in outs]), tree_stack([out[1] for out in outs])
         return looped
     stacked = torch.func.vmap(member_step, randomness="error", chunk_size=chunk_size)
-    return torch.compile(stacked) if compile else stacked
+
+    def vmapped(train_state, batch, key, hyper):
+        fields, metrics = stacked(_present(train_state), batch, key, hyper)
+        return TrainState(**fields), metrics
+    return torch.compile(vmapped) if compile else vmapped
+
+
+def _present(train_state: TrainState) -> dict:
+    """The fields of a TrainState that are set: vmap maps over tensors only, and the optional ones may be None."""
+    return {name: value for name, value in train_state._asdict().items() if value is not None}
 
 
 def make_eval_step(model: Model, *, compile: bool = False, precision: str = "fp32",

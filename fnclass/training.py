@@ -27,7 +27,7 @@ from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.members import train_members
 from fnclass.models import resolve_config
 from fnclass.run import Reporter, RunDirectory
-from fnclass.step import TrainState, create_train_state, make_eval_step, make_train_step
+from fnclass.step import TrainState, create_train_state, make_eval_step, make_train_step, start_ema
 
 
 def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
@@ -66,22 +66,24 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     n_train, batch_size = len(ds.train_images), config.train.batch_size
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: static shapes
     model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
-    optimizer = recipe.create_optimizer(config.optim, model.param_labels, steps_per_epoch, config.train.epochs)
-    train_state = create_train_state(model, optimizer, random.key(config.train.seed))
+    optimizer = recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch)
+    train_state = create_train_state(model, optimizer, random.key(config.train.seed), ema=bool(config.train.ema_decay),
+                                     loss_scaling=config.train.precision == "fp16")
     train_state = tree.tree_to(run.restore(train_state) if resume else train_state, dev)
     start_step, clock = int(train_state.step), {"whitening": 0.0, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
     if model.data_init is not None and not resume:
         tick = time.perf_counter()
         normalize = lambda images: normalized(ds, images)
         train_state = train_state._replace(state=model.data_init(train_state.state, ds.train_images, normalize))
+        train_state = start_ema(train_state) if train_state.ema is not None else train_state  # the fitted state
         synchronize(dev)
         clock["whitening"] = time.perf_counter() - tick
     options = dict(compile=config.train.compile, precision=config.train.precision,
                    channels_last=config.train.channels_last)
     train_step = make_train_step(model, loss_fn, optimizer, skip_nonfinite=config.train.nan_policy == "skip",
-                                 **options)
+                                 ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup, **options)
     eval_step = make_eval_step(model, **options)
-    schedule = recipe.create_schedule(config.optim, steps_per_epoch, config.train.epochs)
+    schedule = recipe.create_batch_schedule(config, steps_per_epoch)
     epoch_loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch)
     run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
               input_size=tuple(ds.train_images.shape[1:3]),
@@ -109,12 +111,12 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta if final else 0)
             clock["final_eval"] = time.perf_counter() - tick  # evaluate_dataset ends with .item(): synchronised
             lr = float(schedule(train_state.step - 1))
-            row = _epoch_row(train_state, epoch, train_metrics, last_eval, split, lr, seconds)
+            row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
             run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
             best = row[run.selection] if best is None else max(best, row[run.selection])
         if last_eval is None:  # resumed a finished run: evaluate what is there
             last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta)
-            best = max(best or 0.0, last_eval["accuracy"])
+            best = max(best or 0.0, last_eval[run.selection])
         tick = time.perf_counter()
         test_eval = last_eval if split == "test" else _evaluate(eval_step, train_state, ds, config, "test", tta)
         clock["final_eval"] += time.perf_counter() - tick
@@ -133,17 +135,27 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
 
 
 def _evaluate(eval_step, train_state: TrainState, ds: RunData, config: Config, split: str, tta: int) -> dict:
-    """Metrics of the ``"val"`` or ``"test"`` split."""
+    """The metrics of the ``"val"`` or ``"test"`` split under their row names (``val_accuracy``, ...), and the
+    EMA weights' beside them (``ema_val_accuracy``, ...) when the run keeps an EMA."""
     images, labels = ds.split(split)
-    return evaluate_dataset(eval_step, train_state.params, train_state.state, images, labels,
-                            mean=ds.mean_t, std=ds.std_t, batch_size=config.train.eval_batch_size, tta=tta)
+    weights = {split: (train_state.params, train_state.state)}
+    if train_state.ema is not None:
+        weights[f"ema_{split}"] = (train_state.ema["params"], train_state.ema["state"])
+    named = {}
+    for prefix, (params, state) in weights.items():
+        result = evaluate_dataset(eval_step, params, state, images, labels, mean=ds.mean_t, std=ds.std_t,
+                                  batch_size=config.train.eval_batch_size, tta=tta)
+        named.update(split_metrics(result, prefix))
+        named[prefix.replace(split, "per_class_accuracy")] = result["per_class_accuracy"]
+    return named
 
 
-def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result: dict, split: str, lr: float,
+def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result: dict, lr: float,
                seconds: float) -> dict:
-    """The metrics.jsonl row of an epoch (its evaluation is of ``split``, the one "best" is chosen on)."""
+    """The metrics.jsonl row of an epoch (its evaluation is of the split "best" is chosen on)."""
+    scores = {name: value for name, value in result.items() if "per_class" not in name}
     return {"kind": "epoch", "step": int(train_state.step), "epoch": epoch + 1, "train_loss": train_metrics["loss"],
-            "train_accuracy": train_metrics["accuracy"], **split_metrics(result, split), "lr": lr,
+            "train_accuracy": train_metrics["accuracy"], **scores, "lr": lr,
             "seconds": seconds, "images_per_second": train_metrics["images_per_second"],
             "skipped_steps": train_metrics["skipped_steps"]}
 
@@ -151,12 +163,15 @@ def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result:
 def _summary(config: Config, train_state: TrainState, result: dict, test_result: dict, split: str, best,
              clock: dict, images_seen: int, start_step: int, dev, ds: RunData, run: RunDirectory) -> dict:
     """The summary.json contents: the test split's metrics (evaluated once, at the end, with a validation split)."""
-    summary = {**split_metrics(test_result, "test"), f"best_{split}_accuracy": best,
-               **(split_metrics(result, "val") if split == "val" else {}),
+    scores = lambda named: {name: value for name, value in named.items() if "per_class" not in name}
+    summary = {**scores(test_result), "selection": run.selection, f"best_{run.selection}": best,
+               **(scores(result) if split == "val" else {}),
                **run_facts(config, clock=clock, images_seen=images_seen, steps=int(train_state.step),
                            start_step=start_step, dev=dev, ds=ds, run=run, seed=config.train.seed,
-                           num_params=tree.num_params(train_state.params)),
-               "per_class_accuracy": dict(zip(ds.classes, test_result["per_class_accuracy"]))}
+                           num_params=tree.num_params(train_state.params))}
+    for name in ("per_class_accuracy", "ema_per_class_accuracy"):
+        if name in test_result:
+            summary[name] = dict(zip(ds.classes, test_result[name]))
     return summary
 
 

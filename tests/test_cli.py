@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import safetensors.torch
+import torch
 from click.testing import CliRunner
 
 import fnclass
@@ -252,3 +253,70 @@ def test_num_classes_defaults_to_the_data_folders_classes(cifar_dir, tmp_path):
                                       *_sets([*sets, "model.num_classes=10"])])
     assert wrong.exit_code == 2 and "model.num_classes = 10 but" in wrong.stderr and "has 4 classes" in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1
+
+
+def test_ema_is_evaluated_saved_chosen_and_resumed(cifar_dir, tmp_path):
+    config = load_config(None, [*QUICK, "train.ema_decay=0.8", "train.ema_warmup=true"])
+    straight = train(config, tmp_path / "straight", data_dir=str(cifar_dir)).summary
+    with pytest.raises(TrainingInterrupted):
+        train(config, tmp_path / "broken", data_dir=str(cifar_dir), reporter=_StopAt(9))
+    train(config, tmp_path / "broken", data_dir=str(cifar_dir), resume=True)
+    a = safetensors.torch.load_file(tmp_path / "straight/checkpoints/last.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "broken/checkpoints/last.safetensors")
+    assert any(name.startswith("ema.params.") for name in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a)  # resume is exact: the average included
+    rows = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in rows if row["kind"] == "epoch"]
+    assert straight["selection"] == "ema_test_accuracy"
+    assert straight["best_ema_test_accuracy"] == max(row["ema_test_accuracy"] for row in epochs)
+    last = str(tmp_path / "straight/checkpoints/last.safetensors")
+
+    def evaluate(*args):
+        outcome = CliRunner().invoke(main, ["eval", *args, "--data-dir", str(cifar_dir), "--limit", "200", "--json"])
+        assert outcome.exit_code == 0, outcome.output
+        return json.loads(outcome.output)
+
+    assert evaluate(last)["weights"] == "ema"  # the default when the checkpoint keeps an EMA
+    assert evaluate(last)["accuracy"] == pytest.approx(straight["ema_test_accuracy"], abs=1e-6)
+    assert evaluate(last, "--weights", "raw")["accuracy"] == pytest.approx(straight["test_accuracy"], abs=1e-6)
+    ema = fnclass.load_checkpoint(last)
+    raw = fnclass.load_checkpoint(last, weights="raw")
+    assert torch.equal(ema.params["head"]["weight"], a["ema.params.head.weight"])
+    assert torch.equal(raw.params["head"]["weight"], a["params.head.weight"])
+    exported = tmp_path / "ema.safetensors"
+    result = CliRunner().invoke(main, ["export", last, "--out", str(exported), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["metadata"]["weights"] == "ema"
+    assert evaluate(str(exported))["accuracy"] == pytest.approx(straight["ema_test_accuracy"], abs=1e-6)
+    refused = CliRunner().invoke(main, ["eval", str(exported), "--weights", "raw", "--data-dir", str(cifar_dir)])
+    assert refused.exit_code == 2 and "--weights raw" in refused.stderr
+    plain = train(load_config(None, QUICK), tmp_path / "plain", data_dir=str(cifar_dir)).summary
+    no_ema = CliRunner().invoke(main, ["eval", str(tmp_path / "plain/checkpoints/last.safetensors"), "--weights",
+                                       "ema", "--data-dir", str(cifar_dir)])
+    assert no_ema.exit_code == 2 and "holds no EMA weights" in no_ema.stderr and "ema_test_accuracy" not in plain
+
+
+def test_fp16_scaling_and_gradient_accumulation_train_and_resume_exactly(cifar_dir, tmp_path):
+    """Both keep state in the TrainState (the loss scale; the accumulated gradient and mini-step count), so a run
+    stopped between the two halves of an accumulation window resumes bit for bit; the logged learning rate is the
+    schedule's in optimizer steps (one per two batches)."""
+    config = load_config(None, [*QUICK, "train.precision=fp16", "train.accumulate_steps=2"])
+    straight = train(config, tmp_path / "straight", data_dir=str(cifar_dir)).summary
+    with pytest.raises(TrainingInterrupted):
+        train(config, tmp_path / "broken", data_dir=str(cifar_dir), reporter=_StopAt(7))  # mid-window
+    train(config, tmp_path / "broken", data_dir=str(cifar_dir), resume=True)
+    a = safetensors.torch.load_file(tmp_path / "straight/checkpoints/last.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "broken/checkpoints/last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert float(a["loss_scale.scale"]) == 2.0 ** 16 and int(a["loss_scale.growth_tracker"]) == 12
+    assert int(a["opt_state.count"]) == 12 and int(a["step"]) == 12  # 12 batches, 6 optimizer steps
+    assert not a["opt_state.grad_sum.head.weight"].any()  # the window closed at the last batch
+    from fnclass import recipe
+
+    schedule = recipe.create_schedule(resolve_config(config).optim, 6 / 2, 2)  # 3 optimizer steps an epoch
+    rows = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["kind"] == "step":
+            assert row["lr"] == pytest.approx(float(schedule((row["step"] - 1) // 2)), rel=1e-6)
+            assert row["skipped_steps"] == 0  # fp16 logs its skipped (overflow) steps, none here
+    assert straight["steps"] == 12

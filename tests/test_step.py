@@ -279,3 +279,95 @@ def test_soft_targets_train_as_the_stateful_module_with_probability_targets():
     reference = module.state_dict()
     for path, value in tree.flatten_paths(ts.params).items():
         torch.testing.assert_close(value, reference[torch_name(path)], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_equals_a_hand_written_moving_average(warmup):
+    model = fnclass.build_model(SMALL)
+    opt = optim.sgd(0.05, momentum=0.9)
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0), ema=True)
+    train_step = fnclass.make_train_step(model, losses.cross_entropy, opt, ema_decay=0.9, ema_warmup=warmup,
+                                         skip_nonfinite=True)
+    double = lambda tree_: tree.tree_map(lambda leaf: leaf.double(), tree_)
+    average = double({"params": ts.params, "state": ts.state})  # the reference, in float64
+    for t in range(1, 6):
+        images, labels = _batch(t)
+        if t == 4:
+            images = images.clone()
+            images[0, 0, 0, 0] = float("nan")  # a skipped step: nothing moves, the average included
+        ts, metrics = train_step(ts, (images, labels), random.fold_in(ts.key, ts.step))
+        decay = min(0.9, (1 + t) / (10 + t)) if warmup else 0.9
+        if bool(metrics["finite"]):
+            current = double({"params": ts.params, "state": ts.state})
+            average = tree.tree_map(lambda a, x, d=decay: d * a + (1 - d) * x, average, current)
+    assert int(ts.step) == 5
+    # float32 lerps of values of scale ~1, five times: a few float32 eps
+    for path, value in tree.flatten_paths(ts.ema).items():
+        torch.testing.assert_close(value.double(), tree.flatten_paths(average)[path], rtol=1e-6, atol=1e-6)
+    assert not tree.tree_allclose(ts.ema["params"], ts.params)
+
+
+def test_fp16_loss_scaling_follows_grad_scaler_with_an_injected_overflow(monkeypatch):
+    """precision="fp16" on the CPU (float32 arithmetic, the scaling machinery as on a GPU): the same run as an
+    nn.Module + torch.optim.SGD + torch.amp.GradScaler. A start at 2**124 on a loss x1000 makes the scaled gradients
+    overflow: those steps are skipped and the scale backs off; after ``growth_interval`` finite steps it grows and
+    overflows again. Scales are compared step by step, parameters at the end."""
+    import fnclass.loss_scale as loss_scale_module
+
+    interval, real_update = 3, loss_scale_module.update
+    monkeypatch.setattr(loss_scale_module, "update",  # the run's rules with a short interval, to see growth here
+                        lambda state, finite: real_update(state, finite, growth_interval=interval))
+    model = fnclass.build_model(SMALL)
+    opt = optim.sgd(1e-5, momentum=0.9)  # on a loss x1000: as lr 0.01
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0), loss_scaling=True)
+    assert float(ts.loss_scale["scale"]) == 2.0 ** 16 and int(ts.loss_scale["growth_tracker"]) == 0
+    ts = ts._replace(loss_scale={"scale": torch.tensor(2.0 ** 124), "growth_tracker": torch.tensor(0)})
+    loss_fn = lambda logits, labels: 1000 * losses.cross_entropy(logits, labels)
+    train_step = fnclass.make_train_step(model, loss_fn, opt, precision="fp16")
+    module = reference_module(SMALL, ts.params, ts.state).train()
+    torch_opt = torch.optim.SGD(module.parameters(), lr=1e-5, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 124, growth_interval=interval)
+    overflows, scales = 0, [2.0 ** 124]
+    for i in range(14):
+        images, labels = _batch(i)
+        ts, metrics = train_step(ts, (images, labels), random.fold_in(ts.key, ts.step))
+        torch_opt.zero_grad()
+        scaler.scale(1000 * torch.nn.functional.cross_entropy(module(images), labels)).backward()
+        scaler.step(torch_opt)
+        scaler.update()
+        assert float(ts.loss_scale["scale"]) == scaler.get_scale(), i  # GradScaler's scale, step by step
+        overflows += int(metrics["overflow"])
+        scales.append(scaler.get_scale())
+        assert bool(metrics["finite"])  # an overflow with a scale >= 1 is not divergence
+    steps = list(zip(scales, scales[1:]))
+    assert overflows >= 2 and any(b < a for a, b in steps) and any(b > a for a, b in steps)
+    reference = module.state_dict()
+    for path, value in tree.flatten_paths(ts.params).items():
+        torch.testing.assert_close(value, reference[torch_name(path)], rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_step_with_a_power_of_two_scale_equals_the_fp32_step_and_an_overflow_changes_nothing():
+    model = fnclass.build_model(SMALL)
+    opt = optim.sgd(0.05, momentum=0.9)
+    plain = fnclass.create_train_state(model, opt, fnclass.key(0))
+    scaled = fnclass.create_train_state(model, opt, fnclass.key(0), loss_scaling=True)
+    images, labels = _batch(0)
+    key = random.fold_in(plain.key, 0)
+    after, metrics = fnclass.make_train_step(model, losses.cross_entropy, opt)(plain, (images, labels), key)
+    step16 = fnclass.make_train_step(model, losses.cross_entropy, opt, precision="fp16")
+    after16, metrics16 = step16(scaled, (images, labels), key)
+    # multiplying by 2**16 and back is exact in float32, and backprop is linear in the loss
+    assert tree.tree_allclose(after16.params, after.params, rtol=0, atol=0)
+    assert torch.equal(metrics16["loss"], metrics["loss"]) and not bool(metrics16["overflow"])
+    nan_images = images.clone()
+    nan_images[0] = float("inf")  # an injected overflow: inf activations, non-finite gradients
+    huge = scaled._replace(loss_scale={"scale": torch.tensor(3e38), "growth_tracker": torch.tensor(5)})
+    skipped, flags = step16(huge, (nan_images, labels), key)
+    assert bool(flags["overflow"]) and bool(flags["finite"]) and int(skipped.step) == 1
+    assert tree.tree_allclose((skipped.params, skipped.state, skipped.opt_state),
+                              (huge.params, huge.state, huge.opt_state), rtol=0, atol=0)
+    assert float(skipped.loss_scale["scale"]) == float(torch.tensor(1.5e38)) and int(
+        skipped.loss_scale["growth_tracker"]) == 0
+    collapsed = scaled._replace(loss_scale={"scale": torch.tensor(1.5), "growth_tracker": torch.tensor(0)})
+    _, flags = step16(collapsed, (nan_images, labels), key)
+    assert bool(flags["overflow"]) and not bool(flags["finite"])  # the scale fell below 1: divergence

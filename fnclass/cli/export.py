@@ -30,9 +30,10 @@ SUFFIXES = {"safetensors": ".inference.safetensors", "pt2": ".pt2", "onnx": ".on
 @click.option("--member", type=click.IntRange(min=0), default=None,
               help="From a run of members: export this member as one model.")
 @click.option("--ensemble", is_flag=True, help="From a run of members: one model whose logits are their mean.")
+@options.weights
 @options.as_json("the summary")
 @one_line_errors
-def export(checkpoint, format_, dtype, out, member, ensemble, as_json):
+def export(checkpoint, format_, dtype, out, member, ensemble, weights, as_json):
     """Export a checkpoint for inference: pure data or a program that runs without fnclass.
 
     \b
@@ -52,7 +53,8 @@ def export(checkpoint, format_, dtype, out, member, ensemble, as_json):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageProblem(f"--out {out}: cannot create its folder ({error.strerror}); choose another path") from None
-    summary = export_checkpoint(checkpoint, out, format=format_, dtype=dtype, member=member, ensemble=ensemble)
+    summary = export_checkpoint(checkpoint, out, format=format_, dtype=dtype, member=member, ensemble=ensemble,
+                                weights=weights)
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -10,6 +10,9 @@ device = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), de
                       help="auto: CUDA when available, else the CPU.")
 data_dir = click.option("--data-dir", type=click.Path(path_type=Path),
                         help="Data folder (else $FNCLASS_DATA, then the cache).")
+weights = click.option("--weights", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
+                       help="ema: the moving average a run with train.ema_decay keeps; raw: the trained weights; "
+                            "auto: the EMA when the checkpoint has one.")
 no_download = click.option("--no-download", is_flag=True, help="Never download a data set through torchvision.")
 
 

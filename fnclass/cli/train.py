@@ -83,6 +83,9 @@ class RichReporter:
         values = [fmt.format(row[key]) for key, (_, _, fmt) in zip(
             ["epoch", "train_loss", "train_accuracy", f"{split}_loss", f"{split}_accuracy", "lr", "seconds"], COLUMNS)]
         self.console.print(_row(values), highlight=False)
+        if f"ema_{split}_accuracy" in row:
+            self.console.print(f"{'':>7}EMA: {split} loss {row[f'ema_{split}_loss']:.4f}, {split} accuracy "
+                               f"{row[f'ema_{split}_accuracy']:.2%}", highlight=False)
         if "members" in row:  # the evaluation columns are the ensemble's; the members' spread follows
             self.console.print(f"{'':>7}{row['members']} members: {_spread(row, f'{split}_accuracy')}, ensemble "
                                f"{row[f'{split}_accuracy']:.2%}", highlight=False)
@@ -97,15 +100,18 @@ class RichReporter:
         if self.mode == "json":
             click.echo(json.dumps(summary))
             return
-        lines = [f"final test accuracy  {summary['test_accuracy']:.2%}"]
-        if "best_val_accuracy" in summary:  # "best" was chosen on the held-out validation split
-            lines = [f"final val accuracy   {summary['val_accuracy']:.2%}",
-                     f"best val accuracy    {summary['best_val_accuracy']:.2%}",
-                     f"test accuracy        {summary['test_accuracy']:.2%} (final weights, evaluated once)"]
-        else:
-            lines.append(f"best test accuracy   {summary['best_test_accuracy']:.2%}")
+        selection = summary.get("selection", "test_accuracy")  # the metric "best" was chosen on
+        held_out = selection.endswith("val_accuracy")
+        lines = [f"final test accuracy  {summary['test_accuracy']:.2%}" + (" (evaluated once)" if held_out else "")]
         if "test_accuracy_tta" in summary:
             lines.append(f"with TTA             {summary['test_accuracy_tta']:.2%}")
+        if "ema_test_accuracy" in summary:
+            tta = f" ({summary['ema_test_accuracy_tta']:.2%} TTA)" if "ema_test_accuracy_tta" in summary else ""
+            lines.append(f"EMA test accuracy    {summary['ema_test_accuracy']:.2%}{tta}")
+        if held_out:
+            lines.append(f"final val accuracy   {summary['val_accuracy']:.2%}")
+        if f"best_{selection}" in summary:
+            lines.append(f"best {selection.replace('_', ' '):<16}{summary[f'best_{selection}']:.2%}")
         if "test_top5_accuracy" in summary:
             lines.append(f"test top-5 accuracy  {summary['test_top5_accuracy']:.2%}")
         if "members" in summary:
@@ -335,9 +341,10 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of the split.")
 @options.device
 @options.no_download
+@options.weights
 @options.as_json("the result")
 @one_line_errors
-def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_download, as_json):
+def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_download, weights, as_json):
     """Evaluate a checkpoint, a safetensors export or a pretrained model on a data split.
 
     \b
@@ -355,7 +362,7 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
     from fnclass.tree import tree_unstack as unstack
 
     checkpoint = _model_file(checkpoint, model_name)
-    ckpt = load_for_evaluation(checkpoint)
+    ckpt = load_for_evaluation(checkpoint, weights=weights)
     dev = pick_device(device)
     folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
     images, labels = _eval_split(ckpt, folder, split, limit)
@@ -366,7 +373,8 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
                                mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,
                                tta=(1 + ckpt.config.train.tta_translate) if tta else 0)
     result = results["ensemble"] or results["members"][0]  # a stacked checkpoint: its ensemble (mean logits)
-    output = {"checkpoint": str(checkpoint), "split": split, "images": len(labels), "loss": result["loss"],
+    output = {"checkpoint": str(checkpoint), "weights": ckpt.weights, "split": split, "images": len(labels),
+              "loss": result["loss"],
               "accuracy": result["accuracy"],
               "per_class_accuracy": dict(zip(ckpt.classes, result["per_class_accuracy"]))}
     if "top5_accuracy" in result:
@@ -380,7 +388,7 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
     if as_json:
         click.echo(json.dumps(output))
         return
-    lines = [f"{split} images  {len(labels)}", f"loss         {result['loss']:.4f}",
+    lines = [f"{split} images  {len(labels)}", f"weights      {ckpt.weights}", f"loss         {result['loss']:.4f}",
              f"accuracy     {result['accuracy']:.2%}"]
     if "top5_accuracy" in result:
         lines.append(f"top-5        {result['top5_accuracy']:.2%}")
