@@ -189,6 +189,7 @@ class TrainConfig:
     grad_stats_examples: int = 256  # size of that fixed probe batch (the first training images, not augmented)
     nan_policy: str = "stop"  # a non-finite loss or gradient: "stop" the run (exit 3) or "skip" that update
     logger: str = "none"  # "tensorboard": also write metrics.jsonl's rows as TensorBoard events in RUN_DIR/tb
+    init_from: str | None = None  # start from this checkpoint's (EMA) or export's weights: fine-tuning (--init-from)
     accumulate_steps: int = 1  # average the gradients of this many batches per optimizer step (Optax's MultiSteps)
     ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off
     ema_warmup: bool = False  # ramp the EMA decay up as min(decay, (1 + t) / (10 + t)) over updates t (timm, TF)
@@ -208,6 +209,8 @@ class TrainConfig:
         _check(self.grad_stats_every >= 0, "train.grad_stats_every", self.grad_stats_every, "an integer >= 0")
         _check(self.grad_stats_examples >= 2, "train.grad_stats_examples", self.grad_stats_examples, "an integer >= 2")
         _check(self.nan_policy in ("stop", "skip"), "train.nan_policy", self.nan_policy, '"stop" or "skip"')
+        _check(self.init_from is None or 0 < len(self.init_from) <= 4096, "train.init_from", self.init_from,
+               "the path of a checkpoint or a safetensors export")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a number in [0, 1) (0: no EMA)")
         _check(self.logger in LOGGERS, "train.logger", self.logger, " or ".join(f'"{name}"' for name in LOGGERS))
 

@@ -323,7 +323,7 @@ def run_facts(config: Config, *, clock: dict, images_seen: int, steps: int, star
         "steps": steps, "epochs": config.train.epochs, "resumed_from_step": start_step or None,
         "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
         "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
-        "nan_policy": config.train.nan_policy,
+        "nan_policy": config.train.nan_policy, "init_from": config.train.init_from,
         "device": device_name(dev), "torch_version": torch.__version__, "fnclass_version": __version__,
         "seed": seed, "num_params": num_params, "model": config.model.name, "data_dir": str(ds.folder),
         "train_images": len(ds.train_images), "test_images": len(ds.test_images),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fnclass import random, recipe, tree
+from fnclass import finetune, random, recipe, tree
 from fnclass.config import SWEEPS, Config
 from fnclass.epoch import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized, run_facts
 from fnclass.evaluate import evaluate_members, split_metrics
@@ -56,7 +56,13 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
     states = [create_train_state(model, optimizer_for(first), random.key(m["seed"]),
                                  loss_scaling=config.train.precision == "fp16") for m in members]
     clock = {"whitening": 0.0, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
-    if model.data_init is not None and not resume:
+    init_source = None
+    if config.train.init_from and not resume:  # every member starts from the same weights, heads from its own key
+        source = finetune.load_source(config.train.init_from)
+        starts = [finetune.init_from(s, model, optimizer_for(first), source, path=config.train.init_from,
+                                     input_size=tuple(ds.train_images.shape[1:3])) for s in states]
+        states, init_source = [s for s, _ in starts], starts[0][1]
+    elif model.data_init is not None and not resume:
         tick = time.perf_counter()
         normalize = lambda images: normalized(ds, images)
         states = [s._replace(state=model.data_init(s.state, ds.train_images, normalize)) for s in states]
@@ -96,6 +102,7 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
                     "val_images": 0 if ds.val_images is None else len(ds.val_images),
                     "total_steps": steps_per_epoch * epochs, "members": members,
                     "num_params": tree.num_params(train_state.params) // len(members), "start_step": start_step,
+                    "init_from": init_source._asdict() if init_source else None,
                     "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
     try:
         if config.train.compile:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fnclass import random, recipe, tree
+from fnclass import finetune, random, recipe, tree
 from fnclass.config import Config
 from fnclass.epoch import (
     EpochLoop,
@@ -71,7 +71,13 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
                                      loss_scaling=config.train.precision == "fp16")
     train_state = tree.tree_to(run.restore(train_state) if resume else train_state, dev)
     start_step, clock = int(train_state.step), {"whitening": 0.0, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
-    if model.data_init is not None and not resume:
+    init_source = None
+    if config.train.init_from and not resume:  # fine-tuning: the source's weights (and fitted whitening)
+        source = finetune.load_source(config.train.init_from)
+        train_state, init_source = finetune.init_from(train_state, model, optimizer, source,
+                                                      path=config.train.init_from,
+                                                      input_size=tuple(ds.train_images.shape[1:3]))
+    elif model.data_init is not None and not resume:
         tick = time.perf_counter()
         normalize = lambda images: normalized(ds, images)
         train_state = train_state._replace(state=model.data_init(train_state.state, ds.train_images, normalize))
@@ -93,6 +99,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
                     "val_images": 0 if ds.val_images is None else len(ds.val_images),
                     "total_steps": steps_per_epoch * config.train.epochs,
                     "num_params": tree.num_params(train_state.params), "start_step": start_step,
+                    "init_from": init_source._asdict() if init_source else None,
                     "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
     try:  # the run directory's lock is released however the run ends
         if config.train.compile:

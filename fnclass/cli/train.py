@@ -48,6 +48,12 @@ class RichReporter:
         cfg = info["config"]
         resumed = (f", resuming at step {info['start_step']} from {Path(info['resumed_from']).name}"
                    if info.get("resumed_from") else "")
+        source = info.get("init_from")
+        if source:
+            head = (f"; the head is re-initialised from this run's key ({len(source['classes'])} classes there, "
+                    f"{cfg.model.num_classes} here)" if source["head_reinitialised"] else "")
+            self.console.print(f"starting from {source['path']} (step {source['step']}, {source['weights']} weights)"
+                               f"{head}", highlight=False, soft_wrap=True)
         count = f"{len(info['members'])} members of " if info.get("members") else ""
         held = f"{info['val_images']} validation / " if info.get("val_images") else ""
         self.console.print(
@@ -271,13 +277,16 @@ def _resume_config(run_dir: Path, config_path, overrides, out):
               help="Vmap this many members at a time within each step, to bound memory (members.per_pass).")
 @click.option("--grad-stats-every", type=click.IntRange(min=1),
               help="Shorthand for --set train.grad_stats_every=N: log the gradient noise scale every N steps.")
+@click.option("--init-from", type=click.Path(dir_okay=False, path_type=Path),
+              help="Start from this checkpoint's or export's weights (fine-tuning; train.init_from). A head for a "
+                   "different number of classes is re-initialised.")
 @click.option("--logger", type=click.Choice(["tensorboard"]),
               help="Also write TensorBoard events to RUN_DIR/tb (train.logger; needs fnclass[tensorboard]).")
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 @options.as_json("only the summary")
 @one_line_errors
 def train(config_path, overrides, out, device, seed, resume, data_dir, no_download, seeds_text, sweeps,
-          members_per_pass, grad_stats_every, logger, quiet, as_json):
+          members_per_pass, grad_stats_every, init_from, logger, quiet, as_json):
     """Train a model on CIFAR and write a run directory.
 
     \b
@@ -298,6 +307,7 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
     overrides += [_parse_sweep(text) for text in sweeps]
     overrides += [f"members.per_pass={members_per_pass}"] if members_per_pass is not None else []
     overrides += [f"train.logger={logger}"] if logger is not None else []
+    overrides += [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
     if resume is not None:
         config = _resume_config(resume, config_path, overrides, out)
         workdir = resume
