@@ -94,9 +94,16 @@ class TensorBoardLogger:
         flat = {key: str(list(value)) if isinstance(value, (list, tuple)) else value
                 for key, value in flatten_config(hparams).items() if value is not None}
         numbers = {f"hparams/{name}": value for name, value in metrics.items() if _is_number(value)}
-        # add_hparams writes through a writer of its own into log_dir/run_name, a time stamp by default, which
-        # TensorBoard would list as a second run: "." keeps the hparams beside this run's scalars.
-        self._writer.add_hparams(flat, numbers, run_name=".")
+        # Through this run's own event file, as add_hparams does with a writer of its own: a second file would sort
+        # by name before this one when both start in the same second, and this file's session start (step 0) would
+        # then purge the hparams from TensorBoard's view.
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(flat, numbers):
+            self._writer.file_writer.add_summary(summary, 0)
+        for tag, value in numbers.items():
+            self._writer.add_scalar(tag, value, 0)
+        self._writer.flush()
 
     def close(self) -> None:
         """Flush and close the event file."""
