@@ -189,6 +189,7 @@ class TrainConfig:
     grad_stats_examples: int = 256  # size of that fixed probe batch (the first training images, not augmented)
     nan_policy: str = "stop"  # a non-finite loss or gradient: "stop" the run (exit 3) or "skip" that update
     logger: str = "none"  # "tensorboard": also write metrics.jsonl's rows as TensorBoard events in RUN_DIR/tb
+    sync_batchnorm: bool = True  # under torchrun: BatchNorm statistics over the global batch, not each process's shard
     init_from: str | None = None  # start from this checkpoint's (EMA) or export's weights: fine-tuning (--init-from)
     accumulate_steps: int = 1  # average the gradients of this many batches per optimizer step (Optax's MultiSteps)
     ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from fnclass import data, random
+from fnclass import data, distributed, random
 from fnclass.augment import alternating_flips, augment, mix_batch
 from fnclass.config import Config, ConfigError
 from fnclass.io import fault_point, synchronize
@@ -126,10 +126,11 @@ class EpochLoop:
 
     def __init__(self, config: Config, ds: RunData, key, train_step, schedule, run: RunDirectory, model,
                  steps_per_epoch: int, *, hyper: dict | None = None, member_names: list[str] | None = None,
-                 lr_scales: list[float] | None = None):
+                 lr_scales: list[float] | None = None, process=None):
         self.config, self.ds, self.train_step, self.schedule, self.run_dir = config, ds, train_step, schedule, run
         self.steps_per_epoch, self.batch_size, self.images_seen = steps_per_epoch, config.train.batch_size, 0
         self.members = key.ndim == 2
+        self.process = process  # data parallel: each step gets this process's shard of the global batch
         self.hyper, self.member_names = hyper or {}, member_names or []
         self.lr_scales = lr_scales or [1.0] * (len(key) if self.members else 1)  # a member's lr / the schedule's
         roots = [random.split(k) for k in (list(key) if self.members else [key])]
@@ -188,7 +189,9 @@ class EpochLoop:
             batches.append((images, labels))
             keys.append(model_key)
         if not self.members:
-            return self.train_step(train_state, batches[0], keys[0])
+            # Every process cuts the same global batch (the same keys) and steps on its own shard of it.
+            images, labels = (distributed.shard(self.process, part) for part in batches[0])
+            return self.train_step(train_state, (images, labels), keys[0])
         batch = (torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
         return self.train_step(train_state, batch, torch.stack(keys), self.hyper)
 

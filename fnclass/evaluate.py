@@ -34,7 +34,7 @@ def tta_logits(eval_step: Callable, params, state, images: torch.Tensor, level: 
 
 
 def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, labels: torch.Tensor, *,
-                     mean, std, batch_size: int, tta: int = 0) -> dict:
+                     mean, std, batch_size: int, tta: int = 0, process=None) -> dict:
     """Logits-based metrics over a whole uint8 split: loss, accuracy, per-class accuracy (and TTA accuracy).
 
     With more than 5 classes (CIFAR-100), also ``top5_accuracy``: the share whose label is among the 5 highest
@@ -44,28 +44,31 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
     of Python numbers plus ``predictions`` (an int64 tensor on the CPU).
     """
     return evaluate_members(eval_step, [(params, state)], images, labels, mean=mean, std=std,
-                            batch_size=batch_size, tta=tta)["members"][0]
+                            batch_size=batch_size, tta=tta, process=process)["members"][0]
 
 
 def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, labels: torch.Tensor, *,
-                     mean, std, batch_size: int, tta: int = 0) -> dict:
+                     mean, std, batch_size: int, tta: int = 0, process=None) -> dict:
     """:func:`evaluate_dataset` for each of several ``(params, state)`` and for their ensemble.
 
-    The ensemble's logits are the mean of the members' logits (and its TTA logits the mean of theirs).
+    The ensemble's logits are the mean of the members' logits (and its TTA logits the mean of theirs). With a
+    data-parallel ``process`` (:mod:`fnclass.distributed`) each process evaluates a contiguous shard of the split
+    and the per-image results are gathered, so every process returns the metrics of the whole split.
 
     Returns:
       ``{"members": [metrics of each], "ensemble": metrics of the mean logits}`` (the ensemble's only when
       there are two or more models).
     """
+    from fnclass.distributed import gather_rows, split_rows
+
     count = len(models)
-    loss_sums = [torch.zeros((), device=images.device) for _ in range(count + 1)]
-    predictions = [[] for _ in range(count + 1)]
-    top5_hits = [[] for _ in range(count + 1)]
-    tta_predictions = [[] for _ in range(count + 1)]
-    for start in range(0, len(images), batch_size):
+    kinds = {"loss": torch.float32, "prediction": torch.int64, "top5": torch.bool, "tta": torch.int64}
+    rows = [{kind: [] for kind in kinds} for _ in range(count + 1)]
+    local_images, local_labels = split_rows(images, process), split_rows(labels, process)
+    for start in range(0, len(local_images), batch_size):
         fault_point("eval")
-        x = data.normalize(images[start:start + batch_size], mean, std)
-        y = labels[start:start + batch_size]
+        x = data.normalize(local_images[start:start + batch_size], mean, std)
+        y = local_labels[start:start + batch_size]
         batch_logits, batch_tta = [], []
         for params, state in models:
             logits = eval_step(params, state, x)
@@ -76,16 +79,29 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
             batch_logits.append(torch.stack(batch_logits).mean(dim=0))
             batch_tta += [torch.stack(batch_tta).mean(dim=0)] if tta else []
         for i, logits in enumerate(batch_logits):
-            loss_sums[i] += per_example_cross_entropy(logits, y).sum()
-            predictions[i].append(logits.argmax(dim=-1))
+            rows[i]["loss"].append(per_example_cross_entropy(logits, y))
+            rows[i]["prediction"].append(logits.argmax(dim=-1))
             if logits.shape[-1] > TOP5_MIN_CLASSES:
-                top5_hits[i].append((logits.topk(5, dim=-1).indices == y[:, None]).any(dim=-1))
+                rows[i]["top5"].append((logits.topk(5, dim=-1).indices == y[:, None]).any(dim=-1))
             if tta:
-                tta_predictions[i].append(batch_tta[i].argmax(dim=-1))
-    results = [_metrics(loss_sums[i], torch.cat(predictions[i]), labels,
-                        torch.cat(tta_predictions[i]) if tta else None,
-                        torch.cat(top5_hits[i]) if top5_hits[i] else None) for i in range(len(batch_logits))]
+                rows[i]["tta"].append(batch_tta[i].argmax(dim=-1))
+
+    def whole(parts: list, kind: str) -> torch.Tensor:
+        local = torch.cat(parts) if parts else torch.empty(0, dtype=kinds[kind], device=images.device)
+        return gather_rows(local, len(labels), process)
+
+    top5 = any(part["top5"] for part in rows) or (process is not None and _more_than_five(
+        models, eval_step, images, mean, std))  # a process with an empty shard must still join the gather
+    results = [_metrics(whole(r["loss"], "loss").sum(), whole(r["prediction"], "prediction"), labels,
+                        whole(r["tta"], "tta") if tta else None, whole(r["top5"], "top5") if top5 else None)
+               for r in rows[:count + (count > 1)]]
     return {"members": results[:count], "ensemble": results[count] if count > 1 else None}
+
+
+def _more_than_five(models: list, eval_step: Callable, images: torch.Tensor, mean, std) -> bool:
+    """Whether the models have more than 5 classes (a process whose shard is empty cannot tell from its rows)."""
+    params, state = models[0]
+    return eval_step(params, state, data.normalize(images[:1], mean, std)).shape[-1] > TOP5_MIN_CLASSES
 
 
 def _metrics(loss_sum: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,

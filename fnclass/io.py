@@ -35,7 +35,8 @@ _fault_arrivals: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    """A test hook: ``FNCLASS_KILL_AT=NAME[:N]`` kills this process with SIGKILL on its N-th arrival here (1st).
+    """A test hook: ``FNCLASS_KILL_AT=NAME[:N][@RANK]`` kills this process with SIGKILL on its N-th arrival here
+    (1st); with ``@RANK``, only the process of that rank in a torchrun job (``RANK`` in the environment).
 
     The named points are ``step`` (after a train step), ``eval`` (between evaluation batches) and
     ``write:FILE`` (halfway through writing FILE: a checkpoint, ``metrics.jsonl``, ``summary.json``, ...).
@@ -43,6 +44,9 @@ def fault_point(name: str) -> None:
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
+        return
+    spec, _, rank = spec.partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
         return
     target, _, count = spec.rpartition(":")
     if not count.isdigit():

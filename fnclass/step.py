@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fnclass import loss_scale, optim, random
+from fnclass import layers, loss_scale, optim, random
 from fnclass.models import Model
 from fnclass.tree import tree_index, tree_stack
 
@@ -130,6 +130,35 @@ def mean_gradient(loss_and_aux: Callable, *, compile: bool = False, transformabl
     return _eager_grad_and_value(loss_and_aux)
 
 
+def data_parallel(gradient: Callable, process, *, sync_batch_norm: bool = True) -> Callable:
+    """``gradient`` (e.g. :func:`mean_gradient`) averaged across the processes of a data-parallel job.
+
+    Each process differentiates the mean loss of its shard of the global batch; the gradients and losses are then
+    averaged with an all-reduce (JAX's ``pmean``), so every process holds the global batch's mean gradient. With
+    ``sync_batch_norm``, BatchNorm's statistics span the global batch too (the all-reduces are differentiable), and
+    the result equals one process stepping through the whole batch, up to float rounding.
+
+    Args:
+      gradient: the gradient to distribute, with :func:`make_train_step`'s ``gradient`` signature.
+      process: a :class:`fnclass.distributed.Process`.
+      sync_batch_norm: BatchNorm over the global batch (``train.sync_batchnorm``) rather than each shard.
+    """
+    from fnclass.distributed import all_mean
+
+    def distributed(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
+        def synchronised(*args):
+            with layers.synchronised_batch_norm(process if sync_batch_norm else None):
+                return loss_and_aux(*args)
+
+        grad_and_value = gradient(synchronised, compile=compile)
+
+        def averaged(params, *args):
+            grads, (loss, aux) = grad_and_value(params, *args)
+            return all_mean(grads, process), (all_mean(loss, process), aux)
+        return averaged
+    return distributed
+
+
 def all_finite(loss: torch.Tensor | None, grads) -> torch.Tensor:
     """A 0-d bool device tensor: ``loss`` (unless None) and every element of the gradient tree are finite (no host
     sync)."""
@@ -140,7 +169,8 @@ def all_finite(loss: torch.Tensor | None, grads) -> torch.Tensor:
 
 def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform, *, gradient: Callable = mean_gradient,
                     compile: bool = False, precision: str = "fp32", channels_last: bool = False,
-                    skip_nonfinite: bool = False, ema_decay: float = 0.0, ema_warmup: bool = False) -> Callable:
+                    skip_nonfinite: bool = False, ema_decay: float = 0.0, ema_warmup: bool = False,
+                    process=None, sync_batch_norm: bool = True) -> Callable:
     """Build ``step(train_state, batch, key) -> (train_state, metrics)``.
 
     One call computes the loss and its gradient (model state as an auxiliary output), transforms the
@@ -178,6 +208,10 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
       ema_decay: when > 0 (the TrainState then has an ``ema``, see :func:`start_ema`), average the new
         parameters and model state into it with this decay after every update (:func:`ema_update`).
       ema_warmup: ramp the decay up as :func:`ema_decay_at` says.
+      process: a :class:`fnclass.distributed.Process` of a data-parallel job: ``batch`` is this process's shard
+        of the global batch, the gradient is :func:`data_parallel` of ``gradient``, and ``metrics["correct"]``
+        counts the global batch; every process returns the same TrainState.
+      sync_batch_norm: with ``process``, BatchNorm statistics over the global batch.
 
     Returns:
       The step function. ``batch`` is ``(images, labels)``: float NCHW images and int64 labels (or float
@@ -192,6 +226,8 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         loss = loss_fn(logits, labels)
         return loss * scale[0] if scale else loss, (new_state, logits.detach())
 
+    if process is not None:
+        gradient = data_parallel(gradient, process, sync_batch_norm=sync_batch_norm)
     grad_and_value = gradient(loss_and_aux, compile=compile)
 
     def step(train_state: TrainState, batch, key):
@@ -215,6 +251,10 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
                 (train_state.params, train_state.state, train_state.opt_state, train_state.ema), none_is_leaf=False)
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # soft (mixed) targets: their larger part
         metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(), "finite": finite}
+        if process is not None:  # the shard's count -> the global batch's
+            from fnclass.distributed import all_sum
+
+            metrics["correct"] = all_sum(metrics["correct"], process)
         scale_state = train_state.loss_scale
         if scaling:  # an overflow is skipped and backs the scale off; divergence is a scale that collapsed
             scale_state = loss_scale.update(scale_state, finite)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fnclass import finetune, random, recipe, tree
+from fnclass import distributed, finetune, random, recipe, tree
 from fnclass.config import Config
 from fnclass.epoch import (
     EpochLoop,
@@ -22,6 +22,7 @@ from fnclass.epoch import (
     normalized,
     run_facts,
 )
+from fnclass.errors import InputError
 from fnclass.evaluate import evaluate_dataset, split_metrics
 from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.members import train_members
@@ -57,12 +58,18 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     """
     config = resolve_config(config)
     keep_freed_memory()  # a pure step allocates afresh every step: do not fault that memory in again each time
+    process = distributed.from_environment(device)  # a torchrun job: data parallel, rank 0 writes and reports
+    distributed.check_batch(process, config.train.batch_size)
     if config.members.active:  # K models at once: fnclass.members
+        if process is not None:
+            raise InputError("members (--seeds, --sweep) under torchrun are not supported yet: run them in one "
+                             "process, or one run per process with its own --out")
         return train_members(config, workdir, data_dir=data_dir, device=device, download=download, resume=resume,
                              reporter=reporter)
-    dev = pick_device(device)
+    dev = distributed.device_of(process, pick_device(device))
     config, ds = load_run_data(config, data_dir, download, dev)
-    run = RunDirectory(workdir, config, reporter=reporter)
+    writes = process is None or process.writes
+    run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
     n_train, batch_size = len(ds.train_images), config.train.batch_size
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: static shapes
     model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
@@ -87,10 +94,12 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     options = dict(compile=config.train.compile, precision=config.train.precision,
                    channels_last=config.train.channels_last)
     train_step = make_train_step(model, loss_fn, optimizer, skip_nonfinite=config.train.nan_policy == "skip",
-                                 ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup, **options)
+                                 ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup,
+                                 process=process, sync_batch_norm=config.train.sync_batchnorm, **options)
     eval_step = make_eval_step(model, **options)
     schedule = recipe.create_batch_schedule(config, steps_per_epoch)
-    epoch_loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch)
+    epoch_loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch,
+                           process=process)
     run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
               input_size=tuple(ds.train_images.shape[1:3]),
               info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
@@ -99,6 +108,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
                     "val_images": 0 if ds.val_images is None else len(ds.val_images),
                     "total_steps": steps_per_epoch * config.train.epochs,
                     "num_params": tree.num_params(train_state.params), "start_step": start_step,
+                    "processes": process.world_size if process else 1,
                     "init_from": init_source._asdict() if init_source else None,
                     "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
     try:  # the run directory's lock is released however the run ends
@@ -115,17 +125,18 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             clock["train"] += seconds
             final = epoch + 1 == config.train.epochs
             tick = time.perf_counter()
-            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta if final else 0)
+            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta if final else 0, process)
             clock["final_eval"] = time.perf_counter() - tick  # evaluate_dataset ends with .item(): synchronised
             lr = float(schedule(train_state.step - 1))
             row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
             run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
             best = row[run.selection] if best is None else max(best, row[run.selection])
         if last_eval is None:  # resumed a finished run: evaluate what is there
-            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta)
+            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta, process)
             best = max(best or 0.0, last_eval[run.selection])
         tick = time.perf_counter()
-        test_eval = last_eval if split == "test" else _evaluate(eval_step, train_state, ds, config, "test", tta)
+        test_eval = last_eval if split == "test" else _evaluate(eval_step, train_state, ds, config, "test", tta,
+                                                                      process)
         clock["final_eval"] += time.perf_counter() - tick
         summary = _summary(config, train_state, last_eval, test_eval, split, best, clock, epoch_loop.images_seen,
                            start_step, dev, ds, run)
@@ -141,7 +152,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     return TrainResult(train_state, summary)
 
 
-def _evaluate(eval_step, train_state: TrainState, ds: RunData, config: Config, split: str, tta: int) -> dict:
+def _evaluate(eval_step, train_state: TrainState, ds: RunData, config: Config, split: str, tta: int,
+              process=None) -> dict:
     """The metrics of the ``"val"`` or ``"test"`` split under their row names (``val_accuracy``, ...), and the
     EMA weights' beside them (``ema_val_accuracy``, ...) when the run keeps an EMA."""
     images, labels = ds.split(split)
@@ -151,7 +163,7 @@ def _evaluate(eval_step, train_state: TrainState, ds: RunData, config: Config, s
     named = {}
     for prefix, (params, state) in weights.items():
         result = evaluate_dataset(eval_step, params, state, images, labels, mean=ds.mean_t, std=ds.std_t,
-                                  batch_size=config.train.eval_batch_size, tta=tta)
+                                  batch_size=config.train.eval_batch_size, tta=tta, process=process)
         named.update(split_metrics(result, prefix))
         named[prefix.replace(split, "per_class_accuracy")] = result["per_class_accuracy"]
     return named

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
@@ -15,7 +16,13 @@ class UsageProblem(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        if speaks():
+            click.echo(f"error: {self.format_message()}", err=True)
+
+
+def speaks() -> bool:
+    """Whether this process prints errors: any process but ranks > 0 of a torchrun job (they would repeat it)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class Diverged(UsageProblem):
@@ -44,7 +51,8 @@ class OneLineGroup(click.Group):
             result = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as error:
             where = error.ctx.command_path if error.ctx else "fnclass"
-            click.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
+            if speaks():
+                click.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
             raise SystemExit(2) from None
         except click.ClickException as error:
             error.show()
