@@ -144,8 +144,12 @@ def noise_scale(sum_sq_norms: float, mean_grad_sq_norm: float, n: int) -> dict:
 
 def gradient_statistics(model: Model, params, state, images: torch.Tensor, labels: torch.Tensor, *,
                         chunk_size: int | None = None, loss_fn: Callable = per_example_cross_entropy,
-                        cosine: bool = True, progress: Callable | None = None) -> dict:
+                        cosine: bool = True, progress: Callable | None = None, process=None) -> dict:
     """Streaming per-example gradient statistics over a whole split, one chunk in memory at a time.
+
+    With a data-parallel ``process`` (:mod:`fnclass.distributed`, a torchrun job) each process takes a contiguous
+    shard of the split; the gradient sums are all-reduced and the per-example columns gathered in the split's
+    order, so every process returns what one process would.
 
     Args:
       model, params, state: the model to analyse (BatchNorm in eval mode).
@@ -154,17 +158,22 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
       chunk_size: examples per vmap call (None: all at once); see :func:`auto_chunk_size`.
       loss_fn: per-example loss; default plain cross-entropy.
       cosine: also compute each example's cosine to the mean gradient (a second pass over the data).
-      progress: called with the number of examples done after each chunk of each pass.
+      progress: called with the number of examples done (by this process) after each chunk of each pass.
+      process: a :class:`fnclass.distributed.Process`, or None.
 
     Returns:
       A dict: ``per_example`` (CPU tensors of shape (N,): ``loss``, ``grad_norm``, ``predicted``, ``cos_to_mean``
       and ``group_norms`` per layer group), ``mean_grad`` (a tree like params), ``noise_scale`` (overall) and
       ``group_noise_scale`` (per group), ``groups`` and ``num_examples``.
     """
+    from fnclass.distributed import all_sum, gather_rows, split_rows
+
     grad_fn = make_per_example_grad_fn(model, state, loss_fn=loss_fn)
     leaf_groups, groups = _group_names(params)
     n = len(images)
-    chunks = _chunks(n, chunk_size)
+    images, labels = split_rows(images, process), split_rows(labels, process)
+    whole = lambda parts, like: gather_rows(torch.cat(parts) if parts else like.new_empty(0), n, process)
+    chunks = _chunks(len(images), chunk_size)
     sums = [torch.zeros_like(leaf) for leaf in tree.tree_leaves(params)]
     losses, predicted, group_sq = [], [], {group: [] for group in groups}
     for part in chunks:
@@ -179,13 +188,16 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
         predicted.append(logits.argmax(-1))
         if progress:
             progress(part.stop)
+    if process is not None:
+        sums = all_sum(sums, process)
     mean_leaves = [total / n for total in sums]
-    group_sq = {group: torch.cat(values) for group, values in group_sq.items()}
+    empty = torch.empty(0, device=labels.device)
+    group_sq = {group: whole(values, empty) for group, values in group_sq.items()}
     total_sq = sum(group_sq.values())
     mean_sq = {group: sum(float(m.pow(2).sum()) for m, g in zip(mean_leaves, leaf_groups) if g == group)
                for group in groups}
-    per_example = {"loss": torch.cat(losses).cpu(), "grad_norm": total_sq.sqrt().cpu(),
-                   "predicted": torch.cat(predicted).cpu(),
+    per_example = {"loss": whole(losses, empty).cpu(), "grad_norm": total_sq.sqrt().cpu(),
+                   "predicted": whole(predicted, labels.new_empty(0)).cpu(),
                    "group_norms": {group: values.sqrt().cpu() for group, values in group_sq.items()}}
     if cosine:
         mean_norm = math.sqrt(sum(mean_sq.values()))
@@ -195,8 +207,8 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
             dots.append(sum((leaf.flatten(1) * mean.flatten()).sum(1)
                             for leaf, mean in zip(tree.tree_leaves(grads), mean_leaves)))
             if progress:
-                progress(n + part.stop)
-        per_example["cos_to_mean"] = (torch.cat(dots).cpu() / (per_example["grad_norm"] * mean_norm).clamp(min=1e-30))
+                progress(len(images) + part.stop)
+        per_example["cos_to_mean"] = whole(dots, empty).cpu() / (per_example["grad_norm"] * mean_norm).clamp(min=1e-30)
     return {
         "per_example": per_example,
         "mean_grad": tree.tree_unflatten(tree.tree_structure(params), mean_leaves),
@@ -218,11 +230,17 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     Attention runs through its explicit ``math`` path here, which vectorises under vmap (fused SDPA kernels
     have no batching rule); the parameters and the function are the same.
 
+    Under torchrun (``torchrun --nproc-per-node N -m fnclass grads ...``) the split is sharded over the processes
+    (:func:`gradient_statistics`) and rank 0 writes the outputs.
+
     Returns:
       The report dict (also ``report.json``), with ``top_indices`` added.
     """
+    from fnclass import distributed
+
+    process = distributed.from_environment(device)
     ckpt = load_checkpoint(checkpoint_path)
-    dev = pick_device(device)
+    dev = distributed.device_of(process, pick_device(device))
     folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
     raw_images, labels = data.load_split(folder, split, limit=limit)
     ckpt.check_split(folder, raw_images, labels)
@@ -232,12 +250,14 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(model, params, state, images[0], max_memory=max_memory, limit=len(images))
     start = time.perf_counter()
-    stats = gradient_statistics(model, params, state, images, labels, chunk_size=chunk_size, progress=progress)
+    stats = gradient_statistics(model, params, state, images, labels, chunk_size=chunk_size, progress=progress,
+                                process=process)
     seconds = time.perf_counter() - start
     report = build_report(stats, labels.cpu(), ckpt.classes, split=split, chunk_size=chunk_size, seconds=seconds,
                           checkpoint=str(checkpoint_path), top=top)
-    out_dir = Path(out_dir)
-    write_outputs(out_dir, stats, labels.cpu(), raw_images, ckpt.classes, report)
+    report["processes"] = process.world_size if process else 1
+    if process is None or process.writes:
+        write_outputs(Path(out_dir), stats, labels.cpu(), raw_images, ckpt.classes, report)
     return report
 
 

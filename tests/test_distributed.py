@@ -121,3 +121,27 @@ def test_a_batch_that_does_not_divide_is_refused_in_one_line(cifar_dir, tmp_path
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "train.batch_size = 127 does not divide among 2 processes" in ours[0]
     assert not (tmp_path / "odd").exists()
+
+
+def test_grads_over_two_processes_equal_one_process(cifar_dir, tmp_path):
+    """`fnclass grads` sharded over 2 processes: the CSV (written by rank 0, in the split's order) and the reduced
+    statistics equal one process's, to float32 rounding of the reduction order."""
+    checkpoint = tmp_path / "run/checkpoints/last.safetensors"
+    assert fnclass(*_train_args(cifar_dir, tmp_path / "run", [*SMALL, "train.epochs=1"])).returncode == 0
+    args = lambda out: ["grads", str(checkpoint), "--data-dir", str(cifar_dir), "--limit", "101", "--chunk-size",
+                        "16", "--out", str(out), "--json"]
+    one = fnclass(*args(tmp_path / "one"))
+    two = torchrun("-m", "fnclass", *args(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    report_one, report_two = json.loads(one.stdout), json.loads(two.stdout.strip().splitlines()[-1])
+    assert report_two["processes"] == 2 and report_two["num_examples"] == 101  # 51 + 50: uneven shards
+    for key in ("mean_loss", "accuracy", "mean_grad_norm"):
+        assert report_two[key] == pytest.approx(report_one[key], rel=1e-5), key
+    for key in ("b_simple", "trace_sigma", "mean_grad_sq_norm"):
+        assert report_two["noise_scale"][key] == pytest.approx(report_one["noise_scale"][key], rel=1e-4), key
+    assert report_two["top_indices"][:10] == report_one["top_indices"][:10]
+    rows_one = (tmp_path / "one/per_example.csv").read_text().splitlines()
+    rows_two = (tmp_path / "two/per_example.csv").read_text().splitlines()
+    assert len(rows_two) == 102 and [r.split(",")[:3] for r in rows_two] == [r.split(",")[:3] for r in rows_one]
+    for a, b in zip(rows_one[1:], rows_two[1:]):
+        assert [float(x) for x in a.split(",")[3:]] == pytest.approx([float(x) for x in b.split(",")[3:]], rel=1e-4)

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fnclass.cli import options
-from fnclass.cli.errors import UsageProblem, one_line_errors
+from fnclass.cli.errors import UsageProblem, one_line_errors, speaks
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
@@ -63,7 +63,7 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, out, 
 
     console = Console(stderr=as_json)
     with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not console.is_terminal or as_json) as bar:
+                  console=console, transient=True, disable=not console.is_terminal or as_json or not speaks()) as bar:
         task = bar.add_task("grads", total=None)
 
         def progress(done):
@@ -72,6 +72,8 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, out, 
         report = analyze_checkpoint(checkpoint, out, data_dir=data_dir, split=split, limit=limit,
                                     chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
                                     top=top, device=device, download=not no_download, progress=progress)
+    if not speaks():  # a torchrun job: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(report, default=float))
         return
