@@ -145,3 +145,10 @@ def test_grads_over_two_processes_equal_one_process(cifar_dir, tmp_path):
     assert len(rows_two) == 102 and [r.split(",")[:3] for r in rows_two] == [r.split(",")[:3] for r in rows_one]
     for a, b in zip(rows_one[1:], rows_two[1:]):
         assert [float(x) for x in a.split(",")[3:]] == pytest.approx([float(x) for x in b.split(",")[3:]], rel=1e-4)
+
+
+def test_members_under_torchrun_are_refused_in_one_line(cifar_dir, tmp_path):
+    result = torchrun("-m", "fnclass", *_train_args(cifar_dir, tmp_path / "members"), "--seeds", "0,1")
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "members (--seeds, --sweep) under torchrun are not supported yet" in ours[0]
