@@ -541,7 +541,7 @@ def config_to_dict(config: Config) -> dict:
     return out
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     """One TOML value (the types a config holds: bool, int, float, str, list of those)."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -550,7 +550,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         # Not json.dumps: JSON writes U+1F600 as a surrogate pair and leaves DEL raw, both invalid in TOML.
         return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or c in '"\\\x7f' else c for c in value) + '"'
-    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"
 
 
 def config_to_toml(config: Config) -> str:
@@ -558,6 +558,6 @@ def config_to_toml(config: Config) -> str:
     lines = []
     for name, section in config_to_dict(config).items():
         lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in section.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in section.items()]
         lines.append("")
     return "\n".join(lines)

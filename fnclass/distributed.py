@@ -10,6 +10,7 @@ Every process derives the same batches from the run's key and cuts its own shard
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, NamedTuple
 
@@ -49,7 +50,18 @@ def from_environment(device: str = "auto") -> Process | None:
         if on_gpu:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if on_gpu else "gloo")
+        # Torn down before the interpreter exits: a process group left to the interpreter's shutdown can abort it
+        # ("terminate called without an active exception", seen with Gloo), which torchrun reports as a failure.
+        atexit.register(_shut_down)
     return Process(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
+
+
+def _shut_down() -> None:
+    """Destroy the process group (no barrier: a process that failed alone must not wait for the others)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_of(process: Process | None, device: torch.device) -> torch.device:
@@ -57,6 +69,15 @@ def device_of(process: Process | None, device: torch.device) -> torch.device:
     if process is not None and device.type == "cuda":
         return torch.device("cuda", process.local_rank)
     return device
+
+
+def first_on_rank_zero(process: Process, work) -> None:
+    """Run ``work()`` on rank 0 while the others wait (a download into a shared cache), then let them go on."""
+    import torch.distributed as dist
+
+    if process.rank == 0:
+        work()
+    dist.barrier(group=process.group)
 
 
 def check_batch(process: Process | None, batch_size: int) -> None:
@@ -114,7 +135,8 @@ def gather_rows(rows: torch.Tensor, total: int, process: Process | None) -> torc
 
     per = -(-total // process.world_size)
     padded = torch.cat([rows, rows.new_zeros((per - len(rows), *rows.shape[1:]))]) if len(rows) < per else rows
-    gathered = funcol.all_gather_tensor(padded.contiguous(), 0, process.group)
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the newer name, where it exists
+    gathered = gather(padded.contiguous(), 0, process.group)
     gathered = gathered.wait() if hasattr(gathered, "wait") else gathered
     return torch.cat([gathered[r * per:r * per + len(part)] for r, part in
                       enumerate(split_sizes(total, process.world_size))])

@@ -153,8 +153,10 @@ def data_parallel(gradient: Callable, process, *, sync_batch_norm: bool = True) 
         grad_and_value = gradient(synchronised, compile=compile)
 
         def averaged(params, *args):
-            grads, (loss, aux) = grad_and_value(params, *args)
-            return all_mean(grads, process), (all_mean(loss, process), aux)
+            grads, (loss, (new_state, logits)) = grad_and_value(params, *args)
+            if not sync_batch_norm:  # each shard's running statistics: averaged, so every process keeps one model
+                new_state = all_mean(new_state, process)
+            return all_mean(grads, process), (all_mean(loss, process), (new_state, logits))
         return averaged
     return distributed
 
@@ -169,7 +171,7 @@ def all_finite(loss: torch.Tensor | None, grads) -> torch.Tensor:
 
 def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform, *, gradient: Callable = mean_gradient,
                     compile: bool = False, precision: str = "fp32", channels_last: bool = False,
-                    skip_nonfinite: bool = False, ema_decay: float = 0.0, ema_warmup: bool = False,
+                    skip_nonfinite: bool = False, ema_decay: float = 0.0, ema_warmup: bool = False, ema_every: int = 1,
                     process=None, sync_batch_norm: bool = True) -> Callable:
     """Build ``step(train_state, batch, key) -> (train_state, metrics)``.
 
@@ -196,7 +198,8 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         statistics stay float32; ignored on the CPU), or ``"fp16"``: fp16 autocast on CUDA with dynamic loss
         scaling by ``torch.amp.GradScaler``'s rules (:mod:`fnclass.loss_scale`; the TrainState holds the scale).
         The loss is scaled before differentiation and the gradients unscaled; a step whose gradients overflow is
-        skipped (parameters, model and optimizer state unchanged), the scale halves and ``metrics["overflow"]``
+        skipped (parameters, model state, EMA and the optimizer's floating state unchanged; its integer step
+        counters advance, so schedules stay on the batches), the scale halves and ``metrics["overflow"]``
         is True; only when the scale falls below 1 (even unscaled gradients overflow) does ``metrics["finite"]``
         turn False, the divergence ``train.nan_policy`` acts on. On the CPU the scaling runs in float32, which
         lets tests inject overflows.
@@ -208,6 +211,8 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
       ema_decay: when > 0 (the TrainState then has an ``ema``, see :func:`start_ema`), average the new
         parameters and model state into it with this decay after every update (:func:`ema_update`).
       ema_warmup: ramp the decay up as :func:`ema_decay_at` says.
+      ema_every: average only every this many steps (``train.accumulate_steps``: when the weights move), the
+        warm-up counting those updates.
       process: a :class:`fnclass.distributed.Process` of a data-parallel job: ``batch`` is this process's shard
         of the global batch, the gradient is :func:`data_parallel` of ``gradient``, and ``metrics["correct"]``
         counts the global batch; every process returns the same TrainState.
@@ -244,11 +249,21 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         finite = all_finite(None if scaling else loss, grads)  # GradScaler looks at the gradients alone
         ema = train_state.ema
         if ema_decay:
-            ema = ema_update(ema, params, new_state, ema_decay_at(ema_decay, train_state.step + 1, ema_warmup))
+            # With gradient accumulation the weights move once per ema_every batches: average then, counting updates.
+            updates_made = (train_state.step + 1) // ema_every
+            ema = ema_update(ema, params, new_state, ema_decay_at(ema_decay, updates_made, ema_warmup))
+            if ema_every > 1:
+                due = (train_state.step + 1) % ema_every == 0
+                ema = optree.tree_map(lambda new, old: torch.where(due, new, old), ema, train_state.ema)
         if skip_nonfinite or scaling:
-            params, new_state, opt_state, ema = optree.tree_map(
-                lambda new, old: torch.where(finite, new, old), (params, new_state, opt_state, ema),
-                (train_state.params, train_state.state, train_state.opt_state, train_state.ema), none_is_leaf=False)
+            # fp16 overflows are routine: the optimizer's step counters (schedules, Lookahead's sync, accumulation
+            # windows) follow the batches through them, as a learning-rate scheduler does beside GradScaler.
+            keep = lambda new, old: torch.where(finite, new, old)
+            count = lambda new, old: new if scaling and not new.is_floating_point() else keep(new, old)
+            params, new_state, ema = optree.tree_map(keep, (params, new_state, ema),
+                                                     (train_state.params, train_state.state, train_state.ema),
+                                                     none_is_leaf=False)
+            opt_state = optree.tree_map(count, opt_state, train_state.opt_state)
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # soft (mixed) targets: their larger part
         metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(), "finite": finite}
         if process is not None:  # the shard's count -> the global batch's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fnclass import distributed, finetune, random, recipe, tree
+from fnclass import data, distributed, finetune, random, recipe, tree
 from fnclass.config import Config
 from fnclass.epoch import (
     EpochLoop,
@@ -67,11 +67,18 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         return train_members(config, workdir, data_dir=data_dir, device=device, download=download, resume=resume,
                              reporter=reporter)
     dev = distributed.device_of(process, pick_device(device))
+    if process is not None:  # one download, by rank 0, before the others look for the files
+        distributed.first_on_rank_zero(process, lambda: data.resolve_data_dir(data_dir or config.data.data_dir,
+                                                                              config.data.dataset, download=download))
     config, ds = load_run_data(config, data_dir, download, dev)
     writes = process is None or process.writes
     run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
     n_train, batch_size = len(ds.train_images), config.train.batch_size
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: static shapes
+    if steps_per_epoch * config.train.epochs < config.train.accumulate_steps:
+        raise InputError(f"train.accumulate_steps = {config.train.accumulate_steps} is more than the run's "
+                         f"{steps_per_epoch * config.train.epochs} batches: no optimizer step would be taken; lower "
+                         "it or train longer")
     model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
     optimizer = recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch)
     train_state = create_train_state(model, optimizer, random.key(config.train.seed), ema=bool(config.train.ema_decay),
@@ -95,6 +102,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
                    channels_last=config.train.channels_last)
     train_step = make_train_step(model, loss_fn, optimizer, skip_nonfinite=config.train.nan_policy == "skip",
                                  ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup,
+                                 ema_every=config.train.accumulate_steps,
                                  process=process, sync_batch_norm=config.train.sync_batchnorm, **options)
     eval_step = make_eval_step(model, **options)
     schedule = recipe.create_batch_schedule(config, steps_per_epoch)

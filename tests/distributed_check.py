@@ -49,6 +49,11 @@ def main(data_dir: str, out: str, steps: int = 4, batch: int = 128) -> None:
     explanation = torch._dynamo.explain(compiled._torchdynamo_orig_callable)(start, first, first_key)
     eager_one, _ = parallel(start, first, fnclass.fold_in(start.key, 0))
     compiled_one, _ = compiled(start, first, fnclass.fold_in(start.key, 0))
+    # Without synchronised BatchNorm each shard has its own statistics: their average is kept, one model everywhere.
+    unsynced = make_train_step(model, losses.cross_entropy, opt, process=process, sync_batch_norm=False)
+    own, _ = unsynced(start, first, first_key)
+    own_flat = torch.cat([leaf.reshape(-1).double() for leaf in tree.tree_leaves((own.params, own.state))])
+    own_everyone = distributed.gather_rows(own_flat[None], process.world_size, process)
     flat = torch.cat([leaf.reshape(-1).double() for leaf in tree.tree_leaves((state.params, state.state,
                                                                                  state.opt_state))])
     everyone = distributed.gather_rows(flat[None], process.world_size, process)
@@ -67,6 +72,7 @@ def main(data_dir: str, out: str, steps: int = 4, batch: int = 128) -> None:
                   "parallel_vs_float64": relative_distance((state.params, state.state), (f64.params, f64.state)),
                   "logged": logged, "single_logged": single_logged,
                   "ranks_identical": all(torch.equal(everyone[0], row) for row in everyone),
+                  "unsynced_ranks_identical": all(torch.equal(own_everyone[0], row) for row in own_everyone),
                   "compiled_graphs": explanation.graph_count, "compiled_breaks": explanation.graph_break_count,
                   "compiled_vs_eager": relative_distance(compiled_one.params, eager_one.params)}
         with open(out, "w", encoding="utf-8") as handle:

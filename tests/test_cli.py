@@ -320,3 +320,10 @@ def test_fp16_scaling_and_gradient_accumulation_train_and_resume_exactly(cifar_d
             assert row["lr"] == pytest.approx(float(schedule((row["step"] - 1) // 2)), rel=1e-6)
             assert row["skipped_steps"] == 0  # fp16 logs its skipped (overflow) steps, none here
     assert straight["steps"] == 12
+
+
+def test_an_accumulation_window_longer_than_the_run_is_refused(cifar_dir, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"),
+                                       *_sets([*QUICK, "train.accumulate_steps=13"])])  # 12 batches in all
+    assert result.exit_code == 2 and "train.accumulate_steps = 13 is more than the run's 12 batches" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -54,10 +54,11 @@ def test_data_parallel_steps_are_one_process_steps(cifar_dir, tmp_path):
     is float64: the data-parallel run must be no farther from the float64 run than the single float32 run is
     (both are float32 computations of the same steps); the first step's loss agrees to float32 rounding."""
     out = tmp_path / "check.json"
-    result = torchrun("tests/distributed_check.py", str(cifar_dir), str(out))
+    result = torchrun("-m", "tests.distributed_check", str(cifar_dir), str(out))  # this checkout, not an install
     assert result.returncode == 0, result.stderr[-3000:]
     check = json.loads(out.read_text())
     assert check["world_size"] == 2 and check["ranks_identical"]  # every process holds the same TrainState
+    assert check["unsynced_ranks_identical"]  # also with train.sync_batchnorm = false
     assert check["parallel_vs_float64"] <= 2 * check["single_vs_float64"] + 1e-6, check
     assert (check["compiled_graphs"], check["compiled_breaks"]) == (1, 0)  # the all-reduces trace into the graph
     assert check["compiled_vs_eager"] < 1e-4, check  # one update: rounding apart (inductor reorders the sums)

@@ -371,3 +371,41 @@ def test_fp16_step_with_a_power_of_two_scale_equals_the_fp32_step_and_an_overflo
     collapsed = scaled._replace(loss_scale={"scale": torch.tensor(1.5), "growth_tracker": torch.tensor(0)})
     _, flags = step16(collapsed, (nan_images, labels), key)
     assert bool(flags["overflow"]) and not bool(flags["finite"])  # the scale fell below 1: divergence
+
+
+def test_an_fp16_overflow_skips_the_update_but_the_optimizers_counters_follow_the_batches():
+    """A learning-rate schedule and Adam's count advance through a skipped overflow, as a scheduler beside GradScaler
+    steps every batch: otherwise every overflow would shift the schedule (and Lookahead's final sync) one step."""
+    model = fnclass.build_model(SMALL)
+    opt = optim.adam(schedules.warmup_cosine(1e-3, 2, 10))
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0), loss_scaling=True)
+    images, labels = _batch(0)
+    images[0] = float("inf")
+    after, metrics = fnclass.make_train_step(model, losses.cross_entropy, opt, precision="fp16")(
+        ts, (images, labels), fnclass.key(1))
+    assert bool(metrics["overflow"])
+    old, new = tree.flatten_paths(ts.opt_state), tree.flatten_paths(after.opt_state)
+    counts = [name for name, leaf in old.items() if not leaf.is_floating_point()]
+    assert counts and all(int(new[name]) == int(old[name]) + 1 for name in counts)
+    assert all(torch.equal(new[name], old[name]) for name in old if name not in counts)
+    assert _equal_trees(after.params, ts.params)
+
+
+def test_ema_with_accumulation_averages_once_per_optimizer_step():
+    model = fnclass.build_model(SMALL)
+    opt = optim.multi_steps(optim.sgd(0.05, momentum=0.9), 2)
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0), ema=True)
+    train_step = fnclass.make_train_step(model, losses.cross_entropy, opt, ema_decay=0.9, ema_warmup=True,
+                                         ema_every=2)
+    average = {"params": ts.params, "state": ts.state}
+    for t in range(1, 5):
+        before = ts.ema
+        ts, _ = train_step(ts, _batch(t), random.fold_in(ts.key, ts.step))
+        if t % 2 == 0:  # the weights moved: one EMA update, the warm-up counting updates (1, then 2)
+            decay = min(0.9, (1 + t // 2) / (10 + t // 2))
+            average = tree.tree_map(lambda a, x, d=decay: d * a + (1 - d) * x, average,
+                                    {"params": ts.params, "state": ts.state})
+        else:
+            assert _equal_trees(ts.ema, before)  # between optimizer steps the average waits
+    for path, value in tree.flatten_paths(ts.ema).items():
+        torch.testing.assert_close(value, tree.flatten_paths(average)[path], rtol=1e-6, atol=1e-6)

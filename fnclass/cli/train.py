@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fnclass.cli import options
 from fnclass.cli.errors import Diverged, UsageProblem, one_line_errors
-from fnclass.config import config_to_dict, load_config
+from fnclass.config import config_to_dict, load_config, toml_value
 
 COLUMNS = [("epoch", 5, "{:d}"), ("train loss", 10, "{:.4f}"), ("train acc", 9, "{:.2%}"),
            ("test loss", 9, "{:.4f}"), ("test acc", 8, "{:.2%}"), ("lr", 9, "{:.2e}"), ("seconds", 7, "{:.1f}")]
@@ -307,7 +307,7 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
     overrides += [_parse_sweep(text) for text in sweeps]
     overrides += [f"members.per_pass={members_per_pass}"] if members_per_pass is not None else []
     overrides += [f"train.logger={logger}"] if logger is not None else []
-    overrides += [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
+    overrides += [f"train.init_from={toml_value(str(init_from))}"] if init_from is not None else []
     if resume is not None:
         config = _resume_config(resume, config_path, overrides, out)
         workdir = resume
