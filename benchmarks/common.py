@@ -1,7 +1,9 @@
-"""What several benchmarks share: a fixed random batch and the name of the device they ran on."""
+"""What several benchmarks share: a fixed random batch, the name of the device they ran on, and how results are
+published (a table printed, the numbers as JSON)."""
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 
@@ -29,3 +31,11 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name}, {torch.get_num_threads()} threads"
+
+
+def publish(results: dict, table: str, json_path: str | None) -> None:
+    """Print a benchmark's rendered ``table`` and, when asked, write ``results`` to ``json_path``."""
+    print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {json_path}")

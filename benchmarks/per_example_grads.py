@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import multiprocessing
 import platform
 import statistics
@@ -56,7 +55,7 @@ from torch import nn
 import fnclass
 
 # The repo root, for tests/, and this folder, for step_throughput (a `benchmarks` package elsewhere may shadow it).
-from benchmarks.common import device_name, random_batch
+from benchmarks.common import device_name, publish, random_batch
 from fnclass import tree
 from fnclass.analysis import make_per_example_grad_fn, per_example_grads
 from fnclass.config import ModelConfig
@@ -487,10 +486,7 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     options = parse_options(argv)
     results = measure(options)
-    print(render(results))
-    if options.json:
-        Path(options.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {options.json}")
+    publish(results, render(results), options.json)
 
 
 if __name__ == "__main__":

@@ -51,20 +51,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import device_name
+from benchmarks.common import device_name, publish
 from fnclass import random, recipe, tree
 from fnclass.config import Config, ConfigError, TrainConfig, load_config
 from fnclass.epoch import EpochLoop, RunData, load_run_data, normalized
@@ -436,10 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         "first_step_max_abs_diff": check, "programs": programs,
         "functional_over_stateful": speed["fnclass"] / speed["stateful"],
     }
-    print(render(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    publish(results, render(results), args.json)
 
 
 if __name__ == "__main__":

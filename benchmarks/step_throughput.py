@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import fnclass
-from benchmarks.common import device_name, random_batch
+from benchmarks.common import device_name, publish, random_batch
 from fnclass import losses, optim, random, tree
 from fnclass.config import ModelConfig
 from fnclass.models import MODELS
@@ -233,10 +231,7 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     options = parse_options(argv)
     results = measure(options)
-    print(render(results))
-    if options.json:
-        Path(options.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {options.json}")
+    publish(results, render(results), options.json)
 
 
 if __name__ == "__main__":
