@@ -258,6 +258,7 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     report["processes"] = process.world_size if process else 1
     if process is None or process.writes:
         write_outputs(Path(out_dir), stats, labels.cpu(), raw_images, ckpt.classes, report)
+    distributed.finish(process)
     return report
 
 

@@ -64,6 +64,16 @@ def _shut_down() -> None:
         dist.destroy_process_group()
 
 
+def finish(process: Process | None) -> None:
+    """End a job that every process completed: wait for all (rank 0 writes the last files after the others are
+    done), then tear the process group down, so no rank exits while another still talks to it."""
+    if process is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=process.group)
+        _shut_down()
+
+
 def device_of(process: Process | None, device: torch.device) -> torch.device:
     """This process's device: ``cuda:LOCAL_RANK`` on GPUs."""
     if process is not None and device.type == "cuda":

@@ -157,6 +157,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         raise TrainingInterrupted(int(train_state.step), run.last) from None
     finally:
         run.close()
+    distributed.finish(process)
     return TrainResult(train_state, summary)
 
 
