@@ -29,6 +29,7 @@ from fnclass.checkpoint import load_checkpoint
 from fnclass.io import pick_device, save_figure, write_atomic, write_json
 from fnclass.losses import per_example_cross_entropy
 from fnclass.models import Model, build_model
+from fnclass.per_example import per_example_grad_and_value
 
 LOSS_DESCRIPTION = ("per-example cross-entropy without label smoothing or weight decay; BatchNorm in eval mode "
                     "(running statistics), so each example's gradient depends on that example alone")
@@ -49,11 +50,11 @@ def make_per_example_grad_fn(model: Model, state, *, loss_fn: Callable = per_exa
       state: its state (BatchNorm running statistics), used as is.
       loss_fn: ``loss_fn(logits, labels) -> (N,)`` per-example losses.
     """
-    def example_loss(params, image, label):
-        logits, _ = model.apply(params, state, image[None], train=False)
-        return loss_fn(logits, label[None])[0], logits[0].detach()
+    def example_loss(params, images, labels):  # one example: images (1, C, H, W), labels (1,)
+        logits, _ = model.apply(params, state, images, train=False)
+        return loss_fn(logits, labels)[0], logits[0].detach()
 
-    return torch.func.vmap(torch.func.grad_and_value(example_loss, has_aux=True), in_dims=(None, 0, 0))
+    return per_example_grad_and_value(example_loss)
 
 
 def _chunks(n: int, chunk_size: int | None):

@@ -1,7 +1,7 @@
 """Typed, frozen run configuration read from TOML and validated once, at the edge.
 
-A run's config has the sections ``[model]``, ``[data]``, ``[optim]``, ``[train]`` and ``[checkpoint]``,
-one frozen dataclass each. :func:`load_config` reads a TOML file, applies ``--set key=value``
+A run's config has the sections ``[model]``, ``[data]``, ``[optim]``, ``[train]``, ``[checkpoint]``, ``[members]``
+and ``[privacy]``, one frozen dataclass each. :func:`load_config` reads a TOML file, applies ``--set key=value``
 overrides and raises :class:`ConfigError` (one line naming the file, the key and what is allowed) on
 an unknown key, a wrong type or an impossible value.
 """
@@ -33,6 +33,9 @@ MAX_EPOCHS = 1_000_000  # a million epochs of 50,000 single-image steps keeps ev
 MAX_CONFIG_BYTES = 1 << 20  # the shipped configs are under 2 KB; a config of a MiB is not a config
 
 
+NORMS = ("batch", "group")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network, and its shape. Fields left ``None`` take the named model's defaults (see
@@ -52,6 +55,9 @@ class ModelConfig:
     whiten: bool = False  # fast/tiny: a frozen patch-whitening first layer fitted to the training data (airbench)
     whiten_kernel: int = 2  # patch size of that layer: 2x2 patches give 2*3*2*2 = 24 channels (both signs)
     dirac_init: bool = False  # start 3x3 convs as identities on their first in-channels filters (airbench)
+    norm: str = "batch"  # "batch" (BatchNorm) or "group" (GroupNorm: no statistics across examples; for [privacy])
+    norm_groups: int = 16  # GroupNorm's groups (min(norm_groups, channels) at each layer; De et al. 2022 use 16)
+    weight_standardization: bool = False  # standardise each conv filter before use (Qiao et al.; pairs with GroupNorm)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values (the model's own checks: :func:`fnclass.models.resolve`)."""
@@ -62,6 +68,8 @@ class ModelConfig:
         _check(0.0 <= self.bn_momentum <= 1.0, "model.bn_momentum", self.bn_momentum, "a number in [0, 1]")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
         _check(1 <= self.whiten_kernel <= 4, "model.whiten_kernel", self.whiten_kernel, "an integer in 1..4")
+        _check(self.norm in NORMS, "model.norm", self.norm, " or ".join(f'"{name}"' for name in NORMS))
+        _check(1 <= self.norm_groups <= 65536, "model.norm_groups", self.norm_groups, "an integer in 1..65536")
 
 
 # A data folder's name, used as ~/.cache/fnclass/<dataset>: no path separators, not hidden, not "..".
@@ -231,6 +239,67 @@ class CheckpointConfig:
         _check(self.keep >= 0, "checkpoint.keep", self.keep, "an integer >= 0")
 
 
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differentially private training (DP-SGD): on when ``target_epsilon`` or ``noise_multiplier`` is set.
+
+    Each example's gradient is clipped to ``max_grad_norm``, the clipped gradients are summed, Gaussian noise of
+    standard deviation ``noise_multiplier * max_grad_norm`` is added and the sum divided by the expected batch
+    (``train.batch_size``); batches are Poisson samples of rate ``train.batch_size / training images``. The
+    accountant (Opacus', extra ``fnclass[dp]``) turns a target epsilon into the noise, and the steps into epsilon.
+    """
+
+    target_epsilon: float | None = None  # the privacy budget; the noise multiplier is chosen to spend it exactly
+    noise_multiplier: float | None = None  # the noise's std / max_grad_norm; with target_epsilon: the run is refused
+    # if its epochs would spend more than the target
+    delta: float | None = None  # None: 1 / training images, rounded down to a power of ten (1e-5 for CIFAR-10)
+    max_grad_norm: float = 1.0  # each example's gradient is clipped to this L2 norm
+    accountant: str = "rdp"  # "rdp" (Renyi DP, Mironov 2017) or "prv" (privacy random variables, tighter, slower)
+    augmult: int = 1  # augmentation multiplicity (De et al. 2022): an example's gradient is the mean over this many
+    # augmented copies, taken before clipping, so the privacy cost is unchanged
+    poisson_sampling: bool = True  # batches as the accountant assumes them; false: shuffled fixed-size batches
+    chunk_size: int = 128  # examples whose per-example gradients are computed at once (bounds memory)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values."""
+        _check(self.target_epsilon is None or 0 < self.target_epsilon <= 1000, "privacy.target_epsilon",
+               self.target_epsilon, "a number in (0, 1000] (or leave it out and give privacy.noise_multiplier)")
+        _check(self.noise_multiplier is None or 0 <= self.noise_multiplier <= 1000, "privacy.noise_multiplier",
+               self.noise_multiplier, "a number in [0, 1000] (or leave it out and give privacy.target_epsilon)")
+        _check(self.delta is None or 0 < self.delta < 1, "privacy.delta", self.delta,
+               "a number in (0, 1), below 1 / training images (or leave it out)")
+        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "a positive number")
+        _check(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant,
+               " or ".join(f'"{name}"' for name in ACCOUNTANTS))
+        _check(1 <= self.augmult <= 256, "privacy.augmult", self.augmult, "an integer in 1..256")
+        _check(1 <= self.chunk_size <= 1 << 20, "privacy.chunk_size", self.chunk_size, "a positive integer")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run trains with DP-SGD."""
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+
+# What DP-SGD cannot be combined with, and why: (key, is it in use?, allowed value, the reason).
+_NOT_PRIVATE = (
+    ("model.norm", lambda c: c.model.norm != "group", '"group"',
+     "BatchNorm mixes the examples of a batch, so clipping each example's gradient would not bound its influence"),
+    ("model.whiten", lambda c: c.model.whiten, "false", "the whitening filters are fitted to the private images"),
+    ("train.precision", lambda c: c.train.precision == "fp16", '"fp32" or "bf16"',
+     "loss scaling is not implemented for per-example gradients"),
+    ("train.accumulate_steps", lambda c: c.train.accumulate_steps != 1, "1",
+     "a Poisson batch is one optimizer step; privacy.chunk_size already bounds memory"),
+    ("data.mixup_alpha", lambda c: c.data.mixup_alpha > 0, "0", "mixing examples breaks per-example clipping"),
+    ("data.cutmix_alpha", lambda c: c.data.cutmix_alpha > 0, "0", "mixing examples breaks per-example clipping"),
+    ("train.grad_stats_every", lambda c: c.train.grad_stats_every > 0, "0",
+     "it logs statistics of the private examples' gradients without noise"),
+    ("members", lambda c: c.members.active, "no seeds or sweeps", "train private members one run at a time"),
+)
+
+
 MAX_MEMBERS = 1024  # members of one run; each holds a whole TrainState in memory
 
 SWEEPS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "label_smoothing": "train.label_smoothing"}
@@ -285,6 +354,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     members: MembersConfig = MembersConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def member_list(self) -> list[dict]:
         """The members: ``{"seed": int, "optim.lr": float, ...}`` for each, with only the swept keys besides the seed.
@@ -309,13 +379,25 @@ class Config:
                "`fnclass grads`")
         _check(not self.train.ema_decay or not self.members.active, "train.ema_decay", self.train.ema_decay,
                "0 with members (members.seeds or a sweep): a run of members does not keep an EMA yet")
+        if self.privacy.enabled:
+            for key, used, allowed, why in _NOT_PRIVATE:
+                if used(self):
+                    value = "on" if key == "members" else _value_of(self, key)
+                    raise ConfigError(f"{key} = {shown(value)} is not allowed under [privacy]: expected {allowed} "
+                                      f"({why})")
         if self.data.train_limit is not None:
             _check(self.train.batch_size <= self.data.train_limit, "train.batch_size", self.train.batch_size,
                    f"at most data.train_limit = {self.data.train_limit}")
         return self
 
-SECTIONS = ("model", "data", "optim", "train", "checkpoint", "members")
-SECTION_CLASSES = (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, MembersConfig)
+SECTIONS = ("model", "data", "optim", "train", "checkpoint", "members", "privacy")
+SECTION_CLASSES = (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, MembersConfig, PrivacyConfig)
+
+
+def _value_of(config: Config, key: str) -> Any:
+    """The value of ``section.key`` in ``config``."""
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from fnclass import data, distributed, random
+from fnclass import data, distributed, privacy, random
 from fnclass.augment import alternating_flips, augment, mix_batch
 from fnclass.config import Config, ConfigError
 from fnclass.io import fault_point, synchronize
@@ -23,6 +23,9 @@ from fnclass.run import RunDirectory
 from fnclass.step import TrainState
 
 MIX = 0x313  # folded into a step's augmentation key for mixup/CutMix, so crops and flips keep their keys
+PUBLIC_NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # pixel values in [0, 1] to about [-2, 2]
+SAMPLE = 0x5A3  # folded into a step's augmentation key for its Poisson sample ([privacy])
+AUGMULT = 0xA06  # folded into a step's augmentation key with each augmented copy's index ([privacy] augmult > 1)
 
 
 class TrainingDiverged(Exception):
@@ -99,7 +102,8 @@ def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -
         raise ConfigError(f"train.batch_size = {config.train.batch_size} is more than the "
                           f"{len(dataset.train_images)} training images: set train.batch_size <= "
                           f"{len(dataset.train_images)} or use more data (data.train_limit)")
-    mean, std = data.channel_stats(dataset.train_images)
+    # Under [privacy] the training images' statistics would leak: a fixed, data-independent normalisation instead.
+    mean, std = PUBLIC_NORMALIZATION if config.privacy.enabled else data.channel_stats(dataset.train_images)
     # Made once on the device: a Python tuple would be copied to the GPU (and wait for it) at every step.
     mean_t, std_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1)
     if config.model.num_classes is None:
@@ -126,8 +130,11 @@ class EpochLoop:
 
     def __init__(self, config: Config, ds: RunData, key, train_step, schedule, run: RunDirectory, model,
                  steps_per_epoch: int, *, hyper: dict | None = None, member_names: list[str] | None = None,
-                 lr_scales: list[float] | None = None, process=None):
+                 lr_scales: list[float] | None = None, process=None, privacy_plan: privacy.Plan | None = None):
         self.config, self.ds, self.train_step, self.schedule, self.run_dir = config, ds, train_step, schedule, run
+        # DP-SGD: Poisson batches padded to privacy_plan.max_batch_size, augmult copies of each image
+        self.privacy_plan = privacy_plan
+        self.poisson = privacy_plan is not None and privacy_plan.poisson_sampling
         self.steps_per_epoch, self.batch_size, self.images_seen = steps_per_epoch, config.train.batch_size, 0
         self.members = key.ndim == 2
         self.process = process  # data parallel: each step gets this process's shard of the global batch
@@ -143,6 +150,8 @@ class EpochLoop:
         self.latest = None  # the state after the last finished step, for a Ctrl-C between steps
         self.first_bad = None
         self.sums: dict = {}  # the epoch's sums so far, on the device
+        self.overflow = 0  # sampled examples a padded Poisson batch could not hold ([privacy]; a device tensor)
+        self.sampled = None  # the real examples of the last Poisson batch (a device tensor)
 
     def first_epoch(self, start_step: int) -> int:
         """The epoch a run starting at ``start_step`` begins with.
@@ -163,7 +172,13 @@ class EpochLoop:
         """
         cfg = self.config.data
         flips = None if self.first_flips is None else alternating_flips(self.first_flips[member], idx, epoch)
-        images = augment(key, normalized(self.ds, self.ds.train_images[idx]), cfg, flip=flips)
+        copies = self.privacy_plan.augmult if self.privacy_plan is not None else 1
+        if copies == 1:
+            images = augment(key, normalized(self.ds, self.ds.train_images[idx]), cfg, flip=flips)
+        else:  # augmentation multiplicity: each example's copies side by side, example-major
+            clean = normalized(self.ds, self.ds.train_images[idx])
+            images = torch.stack([augment(random.fold_in(key, AUGMULT + copy), clean, cfg, flip=flips)
+                                  for copy in range(copies)], dim=1).flatten(0, 1)
         if not cfg.mixing:
             return images, self.ds.train_labels[idx]
         return mix_batch(random.fold_in(key, MIX), images, self.ds.train_labels[idx],
@@ -175,8 +190,20 @@ class EpochLoop:
         return random.permutation(random.fold_in(self.order_roots[member], epoch), len(self.ds.train_images))
 
     def step_batch(self, order: torch.Tensor, epoch: int, epoch_step: int, step: int, member: int = 0):
-        """``(images, labels, model key)`` of step ``step`` (0-based) for ``member``, cut from its epoch ``order``."""
+        """``(images, labels, model key)`` of step ``step`` (0-based) for ``member``, cut from its epoch ``order``.
+
+        Under ``[privacy]`` with Poisson sampling the batch is instead the step's Poisson sample padded to the
+        plan's ``max_batch_size``, padded rows labelled :data:`fnclass.privacy.PADDING`; the examples a too-large
+        sample could not hold are added to ``self.overflow``.
+        """
         aug_key, model_key = random.split(random.fold_in(self.step_roots[member], step))
+        if self.poisson:
+            plan = self.privacy_plan
+            idx, valid, overflow = privacy.poisson_sample(random.fold_in(aug_key, SAMPLE), len(self.ds.train_images),
+                                                          plan.sample_rate, plan.max_batch_size)
+            self.overflow, self.sampled = self.overflow + overflow, valid.sum()
+            images, labels = self.batch(idx, epoch, aug_key, member)
+            return images, torch.where(valid, labels, privacy.PADDING), model_key
         idx = order[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
         images, labels = self.batch(idx, epoch, aug_key, member)
         return images, labels, model_key
@@ -222,6 +249,9 @@ class EpochLoop:
                      "correct": torch.tensor(progress.get("correct", 0), device=dev).expand(shape).clone(),
                      "skipped": torch.tensor(progress.get("skipped", 0), device=dev).expand(shape).clone(),
                      "images": int(progress.get("images", 0)), "epoch": epoch}
+        if self.poisson:  # a Poisson batch's size varies: its real examples are counted
+            self.sums["examples"] = torch.tensor(progress.get("examples", 0), device=dev)
+            self.overflow = torch.tensor(progress.get("overflow", 0), device=dev)
         loss_sum, correct, skipped = self.sums["loss_sum"], self.sums["correct"], self.sums["skipped"]
         self.first_bad = torch.zeros(shape, dtype=torch.int64, device=dev)  # the first non-finite step (0: none)
         images, start = 0, time.perf_counter()
@@ -234,7 +264,10 @@ class EpochLoop:
             self.first_bad = torch.where((self.first_bad == 0) & ~finite, train_state.step, self.first_bad)
             applied = finite & ~metrics["overflow"] if "overflow" in metrics else finite  # fp16 skips overflows
             skipped += ~applied
-            loss_sum += torch.where(applied, metrics["loss"], 0.0) * self.batch_size
+            count = self.sampled if self.poisson else self.batch_size
+            loss_sum += torch.where(applied, metrics["loss"], 0.0) * count
+            if self.poisson:
+                self.sums["examples"] += torch.where(applied, count, 0)
             correct += metrics["correct"]
             step, images = step + 1, images + self.batch_size
             self.sums["images"] += self.batch_size
@@ -275,19 +308,28 @@ class EpochLoop:
         means = [total / (epoch_images - skip * self.batch_size) if epoch_images > skip * self.batch_size
                  else float("nan") for total, skip in zip(losses, skips)]
         accuracies = [right / max(epoch_images, 1) for right in rights]
+        extra = {}
+        if self.poisson:  # the real examples the Poisson batches held (the skipped steps' left out of the mean)
+            examples = int(self.sums["examples"])
+            means = [total / examples if examples else float("nan") for total in losses]
+            accuracies = [right / max(examples, 1) for right in rights]
+            extra = {"poisson_overflow": int(self.overflow)}
         speed = images * len(orders) / seconds if seconds > 0 else None  # this process's images, all members
         if self.members:
             return train_state, seconds, {"loss": means, "accuracy": accuracies, "skipped_steps": skips,
                                           "images_per_second": speed}
         return train_state, seconds, {"loss": means[0], "accuracy": accuracies[0], "skipped_steps": skips[0],
-                                      "images_per_second": speed}
+                                      "images_per_second": speed, **extra}
 
     def progress(self) -> dict | None:
         """The epoch's sums so far as JSON numbers (saved with a mid-epoch checkpoint); None before any epoch."""
         if not self.sums:
             return None
-        return {"loss_sum": self.sums["loss_sum"].tolist(), "correct": self.sums["correct"].tolist(),
+        sums = {"loss_sum": self.sums["loss_sum"].tolist(), "correct": self.sums["correct"].tolist(),
                 "skipped": self.sums["skipped"].tolist(), "images": self.sums["images"], "epoch": self.sums["epoch"]}
+        if "examples" in self.sums:
+            sums.update(examples=int(self.sums["examples"]), overflow=int(self.overflow))
+        return sums
 
     def check_finite(self) -> None:
         """Raise :class:`TrainingDiverged` if a step of this epoch had a non-finite loss or gradient (policy stop).

@@ -32,11 +32,23 @@ def conv_init(key, in_channels: int, out_channels: int, kernel_size: int, *, bia
     return params
 
 
-def conv(params: dict, x: torch.Tensor, *, stride: int = 1, padding: int | str = "same") -> torch.Tensor:
-    """2-d convolution of an NCHW batch (``padding="same"`` keeps the spatial size at stride 1)."""
+def conv(params: dict, x: torch.Tensor, *, stride: int = 1, padding: int | str = "same",
+         standardize: bool = False) -> torch.Tensor:
+    """2-d convolution of an NCHW batch (``padding="same"`` keeps the spatial size at stride 1); with
+    ``standardize``, of the filters after :func:`standardize_weight`."""
+    weight = standardize_weight(params["weight"]) if standardize else params["weight"]
     if padding == "same":
-        padding = params["weight"].shape[-1] // 2
-    return F.conv2d(x, params["weight"], params.get("bias"), stride=stride, padding=padding)
+        padding = weight.shape[-1] // 2
+    return F.conv2d(x, weight, params.get("bias"), stride=stride, padding=padding)
+
+
+def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each output filter with zero mean and unit variance over its inputs and taps: weight standardisation
+    (Qiao et al. 2019), which lets GroupNorm networks train as well as BatchNorm ones (Brock et al. 2021)."""
+    axes = tuple(range(1, weight.ndim))
+    mean = weight.mean(dim=axes, keepdim=True)
+    var = weight.var(dim=axes, keepdim=True, unbiased=False)
+    return (weight - mean) * torch.rsqrt(var + eps)
 
 
 def dirac(weight: torch.Tensor) -> torch.Tensor:
@@ -142,6 +154,17 @@ def _global_batch_norm(params: dict, state: dict, x: torch.Tensor, process, mome
     unbiased = var.detach() * count / max(count - 1, 1)
     return y, {"mean": torch.lerp(state["mean"], mean.detach(), momentum),
                "var": torch.lerp(state["var"], unbiased, momentum)}
+
+
+def group_norm_init(channels: int) -> dict:
+    """GroupNorm parameters ``scale`` and ``bias`` (per channel; GroupNorm keeps no running statistics)."""
+    return {"scale": torch.ones(channels), "bias": torch.zeros(channels)}
+
+
+def group_norm(params: dict, x: torch.Tensor, *, groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """Group normalisation of an NCHW batch: statistics over each example's ``groups`` channel groups, so an
+    example's output depends on that example alone (as ``torch.nn.GroupNorm``)."""
+    return F.group_norm(x, groups, params["scale"], params["bias"], eps)
 
 
 def layer_norm_init(features: int) -> dict:

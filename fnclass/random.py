@@ -111,6 +111,15 @@ def normal(key: torch.Tensor, shape, *, dtype: torch.dtype = torch.float32) -> t
     return (torch.erfinv(2.0 * _open_unit(key, shape) - 1.0) * math.sqrt(2.0)).to(dtype)
 
 
+def normal64(key: torch.Tensor, shape) -> torch.Tensor:
+    """Float64 standard normals of ``shape`` from 53-bit uniforms: the tails reach 8.2 standard deviations
+    (:func:`normal`'s 24-bit ones stop at 5.4), as the Gaussian noise of DP-SGD should."""
+    k_high, k_low = split(key)
+    high, low = bits(k_high, shape) >> 5, bits(k_low, shape) >> 6  # 27 + 26 bits
+    unit = ((high * (1 << 26) + low).to(torch.float64) + 0.5) * 2.0 ** -53
+    return torch.erfinv(2.0 * unit - 1.0) * math.sqrt(2.0)
+
+
 # Marsaglia-Tsang accepts a candidate with probability >= 0.9516 (the least, at shape 1), so all 16 of one output
 # are rejected with probability below 0.0484**16 < 1e-21.
 _GAMMA_CANDIDATES = 16

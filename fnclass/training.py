@@ -7,10 +7,11 @@ and ends with the same parameters. The pieces: :mod:`fnclass.recipe` (what to bu
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from fnclass import data, distributed, finetune, random, recipe, tree
+from fnclass import data, distributed, finetune, privacy, random, recipe, tree
 from fnclass.config import Config
 from fnclass.epoch import (
     EpochLoop,
@@ -71,14 +72,23 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         distributed.first_on_rank_zero(process, lambda: data.resolve_data_dir(data_dir or config.data.data_dir,
                                                                               config.data.dataset, download=download))
     config, ds = load_run_data(config, data_dir, download, dev)
-    writes = process is None or process.writes
-    run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
     n_train, batch_size = len(ds.train_images), config.train.batch_size
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: static shapes
     if steps_per_epoch * config.train.epochs < config.train.accumulate_steps:
         raise InputError(f"train.accumulate_steps = {config.train.accumulate_steps} is more than the run's "
                          f"{steps_per_epoch * config.train.epochs} batches: no optimizer step would be taken; lower "
                          "it or train longer")
+    privacy_plan = None
+    if config.privacy.enabled:  # DP-SGD: resolved (noise for the target epsilon) before anything is written
+        if process is not None:
+            raise InputError("[privacy] under torchrun is not supported yet: train a private model in one process")
+        privacy_plan = privacy.plan(config.privacy, n=n_train, batch_size=batch_size,
+                                    steps=steps_per_epoch * config.train.epochs)
+        # The noise used is recorded in config.toml: a resumed run accounts with it, whatever the accountant does.
+        config = dataclasses.replace(config, privacy=dataclasses.replace(
+            config.privacy, noise_multiplier=privacy_plan.noise_multiplier))
+    writes = process is None or process.writes
+    run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
     model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
     optimizer = recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch)
     train_state = create_train_state(model, optimizer, random.key(config.train.seed), ema=bool(config.train.ema_decay),
@@ -100,14 +110,17 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         clock["whitening"] = time.perf_counter() - tick
     options = dict(compile=config.train.compile, precision=config.train.precision,
                    channels_last=config.train.channels_last)
+    gradient = {} if privacy_plan is None else dict(gradient=privacy.clipped_noisy_gradient(
+        privacy_plan.max_grad_norm, privacy_plan.noise_multiplier, privacy_plan.expected_batch_size,
+        chunk_size=config.privacy.chunk_size, copies=privacy_plan.augmult))
     train_step = make_train_step(model, loss_fn, optimizer, skip_nonfinite=config.train.nan_policy == "skip",
                                  ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup,
                                  ema_every=config.train.accumulate_steps,
-                                 process=process, sync_batch_norm=config.train.sync_batchnorm, **options)
+                                 process=process, sync_batch_norm=config.train.sync_batchnorm, **gradient, **options)
     eval_step = make_eval_step(model, **options)
     schedule = recipe.create_batch_schedule(config, steps_per_epoch)
     epoch_loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch,
-                           process=process)
+                           process=process, privacy_plan=privacy_plan)
     run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
               input_size=tuple(ds.train_images.shape[1:3]),
               info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
@@ -117,6 +130,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
                     "total_steps": steps_per_epoch * config.train.epochs,
                     "num_params": tree.num_params(train_state.params), "start_step": start_step,
                     "processes": process.world_size if process else 1,
+                    "privacy": privacy_plan._asdict() if privacy_plan else None,
                     "init_from": init_source._asdict() if init_source else None,
                     "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
     try:  # the run directory's lock is released however the run ends
@@ -137,6 +151,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             clock["final_eval"] = time.perf_counter() - tick  # evaluate_dataset ends with .item(): synchronised
             lr = float(schedule(train_state.step - 1))
             row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
+            if privacy_plan is not None:  # the budget spent so far, by the accountant
+                row["epsilon"] = privacy.epsilon(privacy_plan, int(train_state.step))
             run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
             best = row[run.selection] if best is None else max(best, row[run.selection])
         if last_eval is None:  # resumed a finished run: evaluate what is there
@@ -148,6 +164,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         clock["final_eval"] += time.perf_counter() - tick
         summary = _summary(config, train_state, last_eval, test_eval, split, best, clock, epoch_loop.images_seen,
                            start_step, dev, ds, run)
+        if privacy_plan is not None:
+            summary["privacy"] = privacy_summary(privacy_plan, int(train_state.step), run.epoch_rows())
         run.finish(summary)
     except KeyboardInterrupt:
         if epoch_loop.latest is not None:
@@ -185,7 +203,18 @@ def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result:
     return {"kind": "epoch", "step": int(train_state.step), "epoch": epoch + 1, "train_loss": train_metrics["loss"],
             "train_accuracy": train_metrics["accuracy"], **scores, "lr": lr,
             "seconds": seconds, "images_per_second": train_metrics["images_per_second"],
-            "skipped_steps": train_metrics["skipped_steps"]}
+            "skipped_steps": train_metrics["skipped_steps"],
+            **({"poisson_overflow": train_metrics["poisson_overflow"]} if "poisson_overflow" in train_metrics else {})}
+
+
+def privacy_summary(plan: privacy.Plan, steps: int, rows: list[dict]) -> dict:
+    """summary.json's ``privacy``: the guarantee (epsilon, delta) and everything it was computed from."""
+    return {"epsilon": privacy.epsilon(plan, steps), "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate, "steps": steps, "max_grad_norm": plan.max_grad_norm,
+            "accountant": plan.accountant, "target_epsilon": plan.target_epsilon,
+            "expected_batch_size": plan.expected_batch_size, "max_batch_size": plan.max_batch_size,
+            "augmult": plan.augmult, "poisson_sampling": plan.poisson_sampling,
+            "poisson_overflow": sum(row.get("poisson_overflow", 0) for row in rows)}
 
 
 def _summary(config: Config, train_state: TrainState, result: dict, test_result: dict, split: str, best,

@@ -163,3 +163,21 @@ def test_whitening_filters_whiten_the_patches():
     eigenvalues = np.linalg.eigvalsh(patches.T @ patches / len(patches))[::-1]
     norms = np.linalg.norm(filters[:12].reshape(12, -1).double().numpy(), axis=1)
     np.testing.assert_allclose(norms, 1 / np.sqrt(eigenvalues), rtol=1e-4)
+
+
+def test_group_norm_and_weight_standardization_match_torch():
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4, 12, 5, 5, generator=gen), torch.randn(6, 12, 3, 3, generator=gen)
+    params = {"scale": torch.randn(12, generator=gen), "bias": torch.randn(12, generator=gen)}
+    reference = torch.nn.GroupNorm(3, 12)
+    with torch.no_grad():
+        reference.weight.copy_(params["scale"]), reference.bias.copy_(params["bias"])
+    torch.testing.assert_close(layers.group_norm(params, x, groups=3), reference(x))
+    # Weight standardisation by hand, in float64: each filter's mean 0 and (biased) variance 1 up to eps.
+    w = weight.double()
+    flat = w.flatten(1)
+    by_hand = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(layers.standardize_weight(weight).double(), by_hand.view_as(w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers.conv({"weight": weight}, x, standardize=True),
+                               torch.nn.functional.conv2d(x, by_hand.view_as(w).float(), padding=1),
+                               rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """Models against their stateful torch.nn twins (tests/torch_reference.py) with the same weights."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -17,7 +18,11 @@ SMALL_RESNET = ModelConfig(name="resnet_attn", widths=(16, 32, 32), depths=(1, 2
                            attn_layers=1, attn_heads=4)
 CONFIGS = {"resnet_attn": SMALL_RESNET, "tiny": ModelConfig(name="tiny"),
            "fast": ModelConfig(name="fast", widths=(16, 32, 32), stem_width=8),
-           "fast_whiten": ModelConfig(name="fast", widths=(16, 32, 32), whiten=True, dirac_init=True)}
+           "fast_whiten": ModelConfig(name="fast", widths=(16, 32, 32), whiten=True, dirac_init=True),
+           # GroupNorm (torch.nn.GroupNorm in the twin), with weight-standardised convolutions for the ResNet
+           "resnet_attn_group_ws": dataclasses.replace(SMALL_RESNET, norm="group", norm_groups=4,
+                                                       weight_standardization=True),
+           "tiny_group": ModelConfig(name="tiny", norm="group")}
 
 
 def _checksum(name: str) -> str:
@@ -157,3 +162,23 @@ def test_the_whitening_data_init_normalises_and_uses_only_the_first_5000_images(
     assert seen == [5000, 5000]  # only the examples it uses are normalised
     assert torch.equal(ours["whiten"]["weight"], expected["whiten"]["weight"])
     assert fnclass.build_model(ModelConfig(name="tiny", widths=(8, 16, 16))).data_init is None
+
+
+def test_group_norm_models_treat_each_example_alone():
+    # GroupNorm keeps no statistics across examples: an example's training-mode logits are those it has alone.
+    model = fnclass.build_model(CONFIGS["tiny_group"])
+    params, state = model.init(fnclass.key(3))
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    together, new_state = model.apply(params, state, images, train=True)
+    alone = torch.cat([model.apply(params, state, images[i:i + 1], train=True)[0] for i in range(6)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert tree.flatten_paths(new_state) == {} and "blocks.0.conv1.bn.scale" in tree.flatten_paths(params)
+    bn_params, _ = fnclass.build_model(CONFIGS["tiny"]).init(fnclass.key(3))
+    assert tree.flatten_paths(bn_params).keys() == tree.flatten_paths(params).keys()  # the same paths as BatchNorm's
+
+
+def test_norm_groups_must_divide_the_channels():
+    with pytest.raises(ConfigError, match="model.norm_groups = 12 is not allowed: expected a divisor"):
+        resolve(ModelConfig(name="tiny", norm="group", norm_groups=12))
+    with pytest.raises(ConfigError, match='model.norm = .layer. is not allowed'):
+        ModelConfig(norm="layer").validate()

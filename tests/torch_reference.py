@@ -33,11 +33,36 @@ def torch_name(path: str) -> str:
     return path
 
 
+_NORM = {"norm": "batch", "groups": 16, "standardize": False}  # set by build_module from the config being built
+
+
+def Norm(channels):  # noqa: N802 - a layer factory, named like the layers it returns
+    """BatchNorm2d, or GroupNorm(min(groups, channels)) for ``model.norm = "group"`` (the attribute stays ``bn``)."""
+    if _NORM["norm"] == "group":
+        return nn.GroupNorm(min(_NORM["groups"], channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+class WSConv2d(nn.Conv2d):
+    """A convolution of weight-standardised filters (per output filter: zero mean, unit variance, eps 1e-5)."""
+
+    def forward(self, x):
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return self._conv_forward(x, (w - mean) * torch.rsqrt(var + 1e-5), self.bias)
+
+
+def Conv2d(*args, **kwargs):  # noqa: N802
+    """nn.Conv2d, or WSConv2d with ``model.weight_standardization``."""
+    return (WSConv2d if _NORM["standardize"] else nn.Conv2d)(*args, **kwargs)
+
+
 class ConvBN(nn.Module):
     def __init__(self, cin, cout, k, stride=1, padding=None):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
+        self.conv = Conv2d(cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding, bias=False)
+        self.bn = Norm(cout)
 
 
 class SpatialAttention(nn.Module):
@@ -57,10 +82,10 @@ class SpatialAttention(nn.Module):
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv1 = Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = Norm(cout)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = Norm(cout)
         self.shortcut = ConvBN(cin, cout, 1, stride, 0) if (stride != 1 or cin != cout) else None
 
     def forward(self, x):
@@ -147,6 +172,8 @@ class Fast(nn.Module):
 
 def build_module(cfg) -> nn.Module:
     """The nn.Module twin (fresh weights) of a resolved model config."""
+    _NORM.update(norm=getattr(cfg, "norm", "batch"), groups=getattr(cfg, "norm_groups", 16),
+                 standardize=getattr(cfg, "weight_standardization", False))
     return ResNetAttn(cfg) if cfg.name == "resnet_attn" else Fast(cfg)
 
 

@@ -71,6 +71,11 @@ def _validate_shape(cfg: ModelConfig) -> None:
     _check(list(cfg.attn_after) == sorted(set(cfg.attn_after)), "model.attn_after", cfg.attn_after,
            "distinct stage indices in increasing order")
     _check(0 <= cfg.attn_layers <= 1000, "model.attn_layers", cfg.attn_layers, "an integer in 0..1000")
+    if cfg.norm == "group":  # the channels of every norm layer: the stages' and, where there is one, the stem's
+        channels = list(cfg.widths) + ([cfg.stem_width] if cfg.name != "resnet_attn" and not cfg.whiten else [])
+        for width in channels:
+            _check(width % min(cfg.norm_groups, width) == 0, "model.norm_groups", cfg.norm_groups,
+                   f"a divisor of every norm layer's channels (model.widths, model.stem_width), {width} among them")
     for stage in cfg.attn_after:
         _check(cfg.attn_heads >= 1 and cfg.widths[stage] % cfg.attn_heads == 0, "model.attn_heads",
                cfg.attn_heads, f"a divisor of the attended stage's width {cfg.widths[stage]}")

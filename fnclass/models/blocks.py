@@ -1,10 +1,39 @@
-"""Pieces the models share: the self-attention refinement, the classifier head, conv + BatchNorm labels."""
+"""Pieces the models share: the normalisation layer (BatchNorm or GroupNorm), the self-attention refinement, the
+classifier head, conv + norm labels.
+
+A model's normalisation layers keep the names ``bn``, ``bn1``, ... whichever ``model.norm`` says, so parameter
+paths, per-layer reports and optimizer groups line up between the two; under GroupNorm their state is empty.
+"""
 
 from __future__ import annotations
 
 from fnclass import layers, random
 from fnclass.config import ModelConfig
 from fnclass.models.model import BATCH_NORM_BIASES, BIASES, HEAD_BIASES, HEAD_WEIGHTS, NORM_SCALES, WEIGHTS
+
+
+def norm_init(config: ModelConfig, channels: int) -> tuple[dict, dict]:
+    """``(params, state)`` of the normalisation layer ``model.norm`` names, over ``channels``."""
+    if config.norm == "group":
+        return layers.group_norm_init(channels), {}
+    return layers.batch_norm_init(channels)
+
+
+def norm(params: dict, state: dict, x, config: ModelConfig, *, train: bool):
+    """BatchNorm (running statistics in ``state``) or GroupNorm (none); returns ``(y, new_state)``."""
+    if config.norm == "group":
+        return layers.group_norm(params, x, groups=norm_groups(config, x.shape[1])), state
+    return layers.batch_norm(params, state, x, train=train, momentum=config.bn_momentum)
+
+
+def norm_groups(config: ModelConfig, channels: int) -> int:
+    """GroupNorm's groups at a layer of ``channels``: ``min(model.norm_groups, channels)``."""
+    return min(config.norm_groups, channels)
+
+
+def conv(params: dict, x, config: ModelConfig, **kwargs):
+    """A convolution, of weight-standardised filters when ``model.weight_standardization``."""
+    return layers.conv(params, x, standardize=config.weight_standardization, **kwargs)
 
 
 def attention_init(key, config: ModelConfig) -> list[dict]:

@@ -22,8 +22,11 @@ from fnclass.models.blocks import (
     attention_init,
     attention_labels,
     classify,
+    conv,
     conv_bn_labels,
     head_labels,
+    norm,
+    norm_init,
     refine,
 )
 from fnclass.models.model import WHITENING_BIAS, Model
@@ -34,21 +37,21 @@ WHITENING_EXAMPLES = 5000  # airbench fits its whitening layer to the first 5,00
 
 
 
-def _conv_bn_init(key, in_channels, out_channels, *, dirac=False):
-    """A bias-free 3x3 convolution and its BatchNorm: ``(params, state)``."""
-    bn_params, bn_state = layers.batch_norm_init(out_channels)
+def _conv_bn_init(key, in_channels, out_channels, config, *, dirac=False):
+    """A bias-free 3x3 convolution and its norm: ``(params, state)``."""
+    bn_params, bn_state = norm_init(config, out_channels)
     conv = layers.conv_init(key, in_channels, out_channels, 3)
     if dirac:
         conv["weight"] = layers.dirac(conv["weight"])
     return {"conv": conv, "bn": bn_params}, {"bn": bn_state}
 
 
-def _conv_bn(params, state, x, *, pool, train, momentum):
+def _conv_bn(params, state, x, *, pool, train, config):
     """``gelu(bn(pool(conv(x))))``; returns ``(y, new_state)``."""
-    x = layers.conv(params["conv"], x)
+    x = conv(params["conv"], x, config)
     if pool:
         x = layers.max_pool(x)
-    x, bn = layers.batch_norm(params["bn"], state["bn"], x, train=train, momentum=momentum)
+    x, bn = norm(params["bn"], state["bn"], x, config, train=train)
     return layers.gelu(x), {"bn": bn}
 
 
@@ -65,13 +68,13 @@ def build(config: ModelConfig):
             state["whiten"] = {"weight": torch.zeros(channels, 3, config.whiten_kernel, config.whiten_kernel)}
             in_channels = channels
         else:
-            params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, config.stem_width)
+            params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, config.stem_width, config)
             in_channels = config.stem_width
         params["blocks"], state["blocks"] = [], []
         for i, width in enumerate(widths):
             k1, k2 = random.split(random.fold_in(k_blocks, i))
-            p1, s1 = _conv_bn_init(k1, in_channels, width, dirac=config.dirac_init)
-            p2, s2 = _conv_bn_init(k2, width, width, dirac=config.dirac_init)
+            p1, s1 = _conv_bn_init(k1, in_channels, width, config, dirac=config.dirac_init)
+            p2, s2 = _conv_bn_init(k2, width, width, config, dirac=config.dirac_init)
             params["blocks"].append({"conv1": p1, "conv2": p2})
             state["blocks"].append({"conv1": s1, "conv2": s2})
             in_channels = width
@@ -80,19 +83,16 @@ def build(config: ModelConfig):
         return params, state
 
     def apply(params, state, images, *, train, key=None):
-        momentum = config.bn_momentum
         if config.whiten:
             whiten = {"weight": state["whiten"]["weight"], "bias": params["whiten"]["bias"]}
             x, new_state = layers.gelu(layers.conv(whiten, images, padding=0)), {"whiten": state["whiten"]}
         else:
-            x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, momentum=momentum)
+            x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, config=config)
             new_state = {"stem": stem}
         new_state["blocks"] = []
         for i, (block_params, block_state) in enumerate(zip(params["blocks"], state["blocks"])):
-            x, s1 = _conv_bn(block_params["conv1"], block_state["conv1"], x, pool=True, train=train,
-                             momentum=momentum)
-            y, s2 = _conv_bn(block_params["conv2"], block_state["conv2"], x, pool=False, train=train,
-                             momentum=momentum)
+            x, s1 = _conv_bn(block_params["conv1"], block_state["conv1"], x, pool=True, train=train, config=config)
+            y, s2 = _conv_bn(block_params["conv2"], block_state["conv2"], x, pool=False, train=train, config=config)
             x = x + y
             new_state["blocks"].append({"conv1": s1, "conv2": s2})
             x = refine(params["attn"], x, i, config)

@@ -15,9 +15,12 @@ from fnclass.models.blocks import (
     attention_labels,
     batch_norm_labels,
     classify,
+    conv,
     conv_bn_labels,
     conv_labels,
     head_labels,
+    norm,
+    norm_init,
     refine,
 )
 from fnclass.models.model import Model
@@ -38,37 +41,36 @@ def validate(config: ModelConfig) -> None:
                           "belongs to fast and tiny)")
 
 
-def _conv_bn_init(key, in_channels, out_channels, kernel_size):
-    """A bias-free convolution followed by BatchNorm: ``({"conv", "bn"}, {"bn"})``."""
-    bn_params, bn_state = layers.batch_norm_init(out_channels)
+def _conv_bn_init(key, in_channels, out_channels, kernel_size, config):
+    """A bias-free convolution followed by its norm: ``({"conv", "bn"}, {"bn"})``."""
+    bn_params, bn_state = norm_init(config, out_channels)
     return {"conv": layers.conv_init(key, in_channels, out_channels, kernel_size), "bn": bn_params}, {"bn": bn_state}
 
 
-def _block_init(key, in_channels, out_channels, stride):
+def _block_init(key, in_channels, out_channels, stride, config):
     """A basic residual block; a 1x1 projection shortcut when the shape changes."""
     k1, k2, k3 = random.split(key, 3)
     params = {"conv1": layers.conv_init(k1, in_channels, out_channels, 3),
               "conv2": layers.conv_init(k2, out_channels, out_channels, 3)}
-    params["bn1"], bn1_state = layers.batch_norm_init(out_channels)
-    params["bn2"], bn2_state = layers.batch_norm_init(out_channels)
+    params["bn1"], bn1_state = norm_init(config, out_channels)
+    params["bn2"], bn2_state = norm_init(config, out_channels)
     state = {"bn1": bn1_state, "bn2": bn2_state}
     if stride != 1 or in_channels != out_channels:
-        params["shortcut"], state["shortcut"] = _conv_bn_init(k3, in_channels, out_channels, 1)
+        params["shortcut"], state["shortcut"] = _conv_bn_init(k3, in_channels, out_channels, 1, config)
     return params, state
 
 
-def _block(params, state, x, *, stride, train, momentum):
+def _block(params, state, x, *, stride, train, config):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; returns ``(y, new_state)``."""
-    y = layers.conv(params["conv1"], x, stride=stride, padding=1)
-    y, bn1 = layers.batch_norm(params["bn1"], state["bn1"], y, train=train, momentum=momentum)
-    y = layers.conv(params["conv2"], layers.relu(y))
-    y, bn2 = layers.batch_norm(params["bn2"], state["bn2"], y, train=train, momentum=momentum)
+    y = conv(params["conv1"], x, config, stride=stride, padding=1)
+    y, bn1 = norm(params["bn1"], state["bn1"], y, config, train=train)
+    y = conv(params["conv2"], layers.relu(y), config)
+    y, bn2 = norm(params["bn2"], state["bn2"], y, config, train=train)
     new_state = {"bn1": bn1, "bn2": bn2}
     shortcut = x
     if "shortcut" in params:
-        shortcut = layers.conv(params["shortcut"]["conv"], x, stride=stride, padding=0)
-        shortcut, bn = layers.batch_norm(params["shortcut"]["bn"], state["shortcut"]["bn"], shortcut,
-                                         train=train, momentum=momentum)
+        shortcut = conv(params["shortcut"]["conv"], x, config, stride=stride, padding=0)
+        shortcut, bn = norm(params["shortcut"]["bn"], state["shortcut"]["bn"], shortcut, config, train=train)
         new_state["shortcut"] = {"bn": bn}
     return layers.relu(y + shortcut), new_state
 
@@ -80,13 +82,13 @@ def build(config: ModelConfig):
     def init(key):
         k_stem, k_stages, k_attn, k_head = random.split(key, 4)
         params, state = {}, {}
-        params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, widths[0], 3)
+        params["stem"], state["stem"] = _conv_bn_init(k_stem, 3, widths[0], 3, config)
         params["stages"], state["stages"] = [], []
         in_channels = widths[0]
         for i, (width, depth) in enumerate(zip(widths, depths)):
             keys = random.split(random.fold_in(k_stages, i), depth)
             blocks = [_block_init(keys[j], in_channels if j == 0 else width, width,
-                                  2 if (i > 0 and j == 0) else 1) for j in range(depth)]
+                                  2 if (i > 0 and j == 0) else 1, config) for j in range(depth)]
             params["stages"].append({"blocks": [p for p, _ in blocks]})
             state["stages"].append({"blocks": [s for _, s in blocks]})
             in_channels = width
@@ -95,16 +97,15 @@ def build(config: ModelConfig):
         return params, state
 
     def apply(params, state, images, *, train, key=None):
-        momentum = config.bn_momentum
-        x = layers.conv(params["stem"]["conv"], images)
-        x, stem_bn = layers.batch_norm(params["stem"]["bn"], state["stem"]["bn"], x, train=train, momentum=momentum)
+        x = conv(params["stem"]["conv"], images, config)
+        x, stem_bn = norm(params["stem"]["bn"], state["stem"]["bn"], x, config, train=train)
         x = layers.relu(x)
         new_state = {"stem": {"bn": stem_bn}, "stages": []}
         for i, (stage_params, stage_state) in enumerate(zip(params["stages"], state["stages"])):
             block_states = []
             for j, (block_params, block_state) in enumerate(zip(stage_params["blocks"], stage_state["blocks"])):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x, block_state = _block(block_params, block_state, x, stride=stride, train=train, momentum=momentum)
+                x, block_state = _block(block_params, block_state, x, stride=stride, train=train, config=config)
                 block_states.append(block_state)
             new_state["stages"].append({"blocks": block_states})
             x = refine(params["attn"], x, i, config)
