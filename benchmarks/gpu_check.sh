@@ -17,9 +17,10 @@
 #   GPU_CHECK_SETS       extra space-separated key=value config overrides for the time-to-accuracy run
 #   GPU_CHECK_MODEL      model of the step and per-example benchmarks (default fast on cuda, tiny otherwise)
 #   GPU_CHECK_PARTS      which parts to run (default "bf16_graph accuracy throughput per_example"; "" checks the
-#                        set-up only)
-#   GPU_CHECK_{BF16_GRAPH,ACCURACY,THROUGHPUT,PER_EXAMPLE}_S   each part's timeout in seconds (default 60, 200, 150,
-#                        90)
+#                        set-up only; "dp" is the DP-SGD step against Opacus, benchmarks/dp.py, not in the
+#                        default: run it in the time left after the default parts)
+#   GPU_CHECK_{BF16_GRAPH,ACCURACY,THROUGHPUT,PER_EXAMPLE,DP}_S   each part's timeout in seconds (default 60, 200,
+#                        150, 90, 90)
 # Dry run on a CPU: GPU_CHECK_DEVICE=cpu SEEDS=1 GPU_CHECK_SETS="model.name=tiny data.train_limit=2000
 #   data.test_limit=500 train.epochs=1 train.compile=false" bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -47,10 +48,12 @@ if [[ $device == cuda ]]; then
     # torch.compile, so the trace loops over the examples; benchmarks/RESULTS.md): eager only here.
     throughput_args=(--rounds 7)
     per_example_args=(--rounds 10 --no-compile)
+    dp_args=(--batch-size 1024 --rounds 5 --chunk-sizes 256 1024)
 else
     model="${GPU_CHECK_MODEL:-tiny}"  # a dry run: every code path once, no meaningful figures
     throughput_args=(--batch-size 32 --rounds 2 --steps 1 --warmup 1)
     per_example_args=(--batch-size 8 --rounds 1 --chunk-sizes 8 --no-compile)
+    dp_args=(--batch-size 16 --rounds 1 --chunk-sizes 16)
 fi
 
 fail() {
@@ -195,6 +198,9 @@ run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-150}" python3 -m benchmar
 json="$OUT/per_example_grads.json"
 run_part per_example "$json" "${GPU_CHECK_PER_EXAMPLE_S:-90}" python3 -m benchmarks.per_example_grads \
     --device "$device" --model "$model" "${per_example_args[@]}" --json "$json"
+json="$OUT/dp_step.json"
+run_part dp "$json" "${GPU_CHECK_DP_S:-90}" python3 -m benchmarks.dp speed --device "$device" "${dp_args[@]}" \
+    --json "$json"
 
 echo
 echo "== summary"
@@ -239,6 +245,13 @@ def per_example(results):
         yield f"chunk {m['chunk_size']} peak MiB", f"{m['peak_bytes'] / 2**20:.0f}"
 
 
+def dp(results):
+    yield "setting", f"dp.toml's model, batch {results['batch_size']}, {results['device']}"
+    for name, row in results["results"].items():
+        ratio = "" if row["ratio_to_opacus"] is None else f" ({row['ratio_to_opacus'][1]:.2f}x opacus)"
+        yield f"{name} examples/s", f"{row['examples_per_second']:.0f}{ratio}"
+
+
 def bf16_graph(results):
     autocast = results["autocast_dtype"] if results["autocast_dtype"] == "bfloat16" else "none (a no-op off CUDA)"
     yield "setting", f"{results['model']}, {results['precision']} on {results['device']}, autocast {autocast}"
@@ -246,7 +259,7 @@ def bf16_graph(results):
 
 
 parts = {"bf16_graph": ("bf16_graph.json", bf16_graph), "accuracy": ("time_to_accuracy.json", accuracy), "throughput": ("step_throughput.json", throughput),
-         "per_example": ("per_example_grads.json", per_example)}
+         "per_example": ("per_example_grads.json", per_example), "dp": ("dp_step.json", dp)}
 rows, results = [], {}  # rows: (part, figure, value)
 for part, s in status.items():
     outcome = "ok" if s["exit"] == 0 else "TIMED OUT" if s["exit"] in (124, 137) else f"FAILED (exit {s['exit']})"

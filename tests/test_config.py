@@ -23,7 +23,7 @@ from fnclass.models import resolve_config
 
 
 def test_shipped_configs_load_and_round_trip(tmp_path):
-    for name in ("seed", "fast", "fast95", "cpu"):
+    for name in ("seed", "fast", "fast95", "cpu", "dp"):
         config = resolve_config(load_config(f"configs/{name}.toml"))
         path = tmp_path / f"{name}.toml"
         path.write_text(config_to_toml(config))

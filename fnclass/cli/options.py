@@ -26,5 +26,5 @@ def config_options(command):
     command = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                            help="Override a config key, e.g. optim.lr=3e-4 (repeatable; the value is TOML).")(command)
     return click.option("--config", "config_path", metavar="NAME|FILE",
-                        help="A shipped config by name (cpu, fast, fast95, seed) or a TOML file (default: fast on "
+                        help="A shipped config by name (cpu, dp, fast, fast95, seed) or a TOML file (default: fast on "
                              "a GPU, cpu on the CPU).")(command)

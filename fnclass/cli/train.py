@@ -61,6 +61,14 @@ class RichReporter:
             f"{info['train_images']} train / {held}{info['test_images']} test images from {info['data_dir']}, "
             f"{info['steps_per_epoch']} steps/epoch x {cfg.train.epochs} epochs{resumed} -> {info['workdir']}",
             highlight=False)
+        plan = info.get("privacy")
+        if plan:
+            target = f"to spend epsilon {plan['target_epsilon']:g}" if plan["target_epsilon"] else "(no target epsilon)"
+            self.console.print(
+                f"DP-SGD {target} at delta {plan['delta']:g}: noise multiplier {plan['noise_multiplier']:.4f}, "
+                f"clipping norm {plan['max_grad_norm']:g}, sampling rate {plan['sample_rate']:.5f} "
+                f"({'Poisson, padded to ' + str(plan['max_batch_size']) if plan['poisson_sampling'] else 'shuffled'})"
+                f", {plan['accountant'].upper()} accountant", highlight=False, soft_wrap=True)
         header = [name.replace("test", self.split) for name, _, _ in COLUMNS]
         self.console.print(_row(header), style="bold", highlight=False)
         if self.console.is_terminal:
@@ -92,6 +100,10 @@ class RichReporter:
         if f"ema_{split}_accuracy" in row:
             self.console.print(f"{'':>7}EMA: {split} loss {row[f'ema_{split}_loss']:.4f}, {split} accuracy "
                                f"{row[f'ema_{split}_accuracy']:.2%}", highlight=False)
+        if "epsilon" in row:
+            overflow = f", {row['poisson_overflow']} sampled examples over the padded batch" if row.get(
+                "poisson_overflow") else ""
+            self.console.print(f"{'':>7}privacy spent: epsilon {row['epsilon']:.3f}{overflow}", highlight=False)
         if "members" in row:  # the evaluation columns are the ensemble's; the members' spread follows
             self.console.print(f"{'':>7}{row['members']} members: {_spread(row, f'{split}_accuracy')}, ensemble "
                                f"{row[f'{split}_accuracy']:.2%}", highlight=False)
@@ -131,6 +143,11 @@ class RichReporter:
             for group in summary.get("groups", []):
                 setting = ", ".join(f"{k} = {v:g}" for k, v in group["hyperparameters"].items())
                 lines.append(f"  {setting:<19}{_spread(group, '')} ({group['members']} seeds)")
+        if "privacy" in summary:
+            dp = summary["privacy"]
+            lines.append(f"privacy              epsilon {dp['epsilon']:.3f} at delta {dp['delta']:g} "
+                         f"({dp['accountant'].upper()}, noise {dp['noise_multiplier']:.4f}, {dp['steps']} steps at "
+                         f"rate {dp['sample_rate']:.5f})")
         ips = summary["images_per_second"]
         lines += [f"training time        {summary['train_seconds']:.1f} s"
                   + (f" (+{summary['compile_seconds']:.1f} s compile)" if summary["compile_seconds"] else ""),

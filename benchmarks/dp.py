@@ -1,0 +1,195 @@
+"""DP-SGD: fnclass's private step against Opacus' (``GradSampleModule`` + ``DPOptimizer``), and Opacus training the
+same model with configs/dp.toml's hyperparameters and privacy budget, to compare with ``fnclass train --config dp``.
+
+Run by hand from the repository root (Opacus ships a top-level ``benchmarks`` package), not by pytest::
+
+    python -m benchmarks.dp speed [--batch-size 1024] [--rounds 5] [--json dp-speed.json]
+    python -m benchmarks.dp opacus-train --data-dir ../shared/data/cifar10 [--json dp-opacus.json]
+    fnclass train --config dp --data-dir ../shared/data/cifar10 --out runs/dp     # fnclass's side of it
+
+``speed``: one private step (per-example gradients, clipping, noise, then dp.toml's optimizer) on the same model,
+weights and batch, examples per second. fnclass runs its step (``fnclass.privacy.clipped_noisy_gradient`` through
+``make_train_step``) at each ``--chunk-sizes`` (examples per vmap call); Opacus its hooks on the ``nn.Module`` twin
+(tests/torch_reference.py) with the whole batch as one physical batch. Rounds call every variant once, in an order
+that rotates; the table gives each one's median and the paired per-round ratio to Opacus (median, min, max).
+
+``opacus-train``: dp.toml's run done with Opacus: the twin starting from fnclass's initial weights for
+``train.seed``, Poisson batches of the same rate (``torch.rand < q`` per example, as Opacus' DPDataLoader), the same
+augmentation (fnclass.augment, so only the DP machinery differs), the same learning-rate schedule, noise
+multiplier (Opacus' ``get_noise_multiplier``, as fnclass), clipping norm and steps; Opacus' RDP accountant reports
+the epsilon spent. Test accuracy on the test split at the end, and the wall time of the training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import device_name, publish, random_batch
+from fnclass import data, privacy, random, recipe, tree
+from fnclass.augment import augment
+from fnclass.config import load_config
+from fnclass.epoch import PUBLIC_NORMALIZATION
+from fnclass.io import synchronize
+from fnclass.losses import cross_entropy
+from fnclass.models import resolve_config
+from fnclass.step import create_train_state, make_train_step
+from tests.torch_reference import reference_module
+
+warnings.filterwarnings("ignore", category=UserWarning)  # Opacus' hook and accountant warnings
+
+
+def dp_config(overrides=()):
+    """dp.toml, resolved, for 10 classes."""
+    return resolve_config(load_config("dp", ["model.num_classes=10", *overrides]))
+
+
+def torch_optimizer(config, parameters):
+    """dp.toml's optimizer as torch.optim (its schedule is set per step)."""
+    if config.optim.name == "sgd":
+        return torch.optim.SGD(parameters, lr=config.optim.lr, momentum=config.optim.momentum,
+                               nesterov=config.optim.nesterov)
+    return torch.optim.Adam(parameters, lr=config.optim.lr, betas=(config.optim.b1, config.optim.b2),
+                            eps=config.optim.eps)
+
+
+def opacus_private(config, params, state, *, sigma: float, batch_size: int, device: str = "cpu"):
+    """The twin under ``GradSampleModule`` and its ``DPOptimizer`` (clip, noise, divide by the expected batch)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    module = reference_module(config.model, params, state).to(device).train()
+    if config.train.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    module = GradSampleModule(module)
+    optimizer = DPOptimizer(torch_optimizer(config, module.parameters()), noise_multiplier=sigma,
+                            max_grad_norm=config.privacy.max_grad_norm, expected_batch_size=batch_size)
+    return module, optimizer
+
+
+def speed(args) -> None:
+    config, device = dp_config(), torch.device(args.device)
+    model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
+    optimizer = recipe.create_optimizer(config.optim, model.param_labels, 48, config.train.epochs)
+    train_state = tree.tree_to(create_train_state(model, optimizer, random.key(0)), device)
+    images, labels = random_batch(args.batch_size, device)
+    sigma, clip = 1.0, config.privacy.max_grad_norm
+    runners = {}
+    for chunk in args.chunk_sizes:
+        gradient = privacy.clipped_noisy_gradient(clip, sigma, args.batch_size, chunk_size=chunk)
+        step = make_train_step(model, loss_fn, optimizer, gradient=gradient, channels_last=config.train.channels_last)
+        runners[f"fnclass chunk {chunk}"] = lambda step=step: step(train_state, (images, labels),
+                                                                   random.key(1).to(device))
+    try:
+        module, dp_optimizer = opacus_private(config, train_state.params, train_state.state, sigma=sigma,
+                                              batch_size=args.batch_size, device=device)
+    except ImportError:  # the GPU machine's image has no opacus: fnclass's figures alone
+        module = None
+    if module is not None:
+        opacus_images = images.contiguous(memory_format=torch.channels_last) if config.train.channels_last else images
+
+        def opacus_step():
+            dp_optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(module(opacus_images), labels).backward()
+            dp_optimizer.step()
+        runners["opacus"] = opacus_step
+    for run in runners.values():  # warm-up
+        run()
+    names, times = list(runners), {name: [] for name in runners}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            tick = time.perf_counter()
+            runners[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - tick)
+    base = times.get("opacus")
+    rows = {name: {"examples_per_second": args.batch_size / statistics.median(t),
+                   "ratio_to_opacus": None if base is None else [min(o / s for s, o in zip(t, base)),
+                                                                 statistics.median(o / s for s, o in zip(t, base)),
+                                                                 max(o / s for s, o in zip(t, base))]}
+            for name, t in times.items()}
+    table = [f"DP step, {config.model.name} GroupNorm ({tree.num_params(train_state.params):,} parameters), "
+             f"batch {args.batch_size}, {args.rounds} rounds, {device_name(device)}, torch {torch.__version__}",
+             f"{'variant':<20}{'examples/s':>12}  x opacus (median [min, max] over rounds)"]
+    for name, row in rows.items():
+        ratio = "opacus not installed" if row["ratio_to_opacus"] is None else "{1:.3f} [{0:.3f}, {2:.3f}]".format(
+            *row["ratio_to_opacus"])
+        table.append(f"{name:<20}{row['examples_per_second']:>12,.0f}  {ratio}")
+    publish({"device": device_name(device), "torch": torch.__version__, "batch_size": args.batch_size,
+             "rounds": args.rounds, "results": rows}, "\n".join(table), args.json)
+
+
+def opacus_train(args) -> None:
+    from opacus.accountants import RDPAccountant
+
+    config = dp_config(args.set)
+    folder = data.resolve_data_dir(args.data_dir, "cifar10", download=False)
+    dataset = data.load_dataset(folder, train_limit=config.data.train_limit, test_limit=config.data.test_limit)
+    n, batch_size = len(dataset.train_images), config.train.batch_size
+    steps_per_epoch = n // batch_size
+    plan = privacy.plan(config.privacy, n=n, batch_size=batch_size, steps=steps_per_epoch * config.train.epochs)
+    model = recipe.create_model(config)
+    optimizer = recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch)
+    start = create_train_state(model, optimizer, random.key(config.train.seed))  # fnclass's initial weights
+    module, dp_optimizer = opacus_private(config, start.params, start.state, sigma=plan.noise_multiplier,
+                                          batch_size=batch_size)
+    schedule = recipe.create_schedule(config.optim, steps_per_epoch, config.train.epochs)
+    accountant, generator = RDPAccountant(), torch.Generator().manual_seed(config.train.seed)
+    mean, std = PUBLIC_NORMALIZATION
+    train_images = data.normalize(dataset.train_images, mean, std)
+    tick = time.perf_counter()
+    for step in range(plan.steps):
+        sampled = torch.nonzero(torch.rand(n, generator=generator) < plan.sample_rate).squeeze(1)
+        images = augment(random.fold_in(random.key(config.train.seed), step), train_images[sampled], config.data)
+        if config.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        for group in dp_optimizer.param_groups:
+            group["lr"] = float(schedule(step))
+        dp_optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(module(images), dataset.train_labels[sampled]).backward()
+        dp_optimizer.step()
+        accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+        if (step + 1) % steps_per_epoch == 0:
+            print(f"epoch {(step + 1) // steps_per_epoch}: {time.perf_counter() - tick:.0f} s, epsilon "
+                  f"{accountant.get_epsilon(plan.delta):.3f}", flush=True)
+    seconds = time.perf_counter() - tick
+    module.eval()
+    with torch.no_grad():
+        test = data.normalize(dataset.test_images, mean, std)
+        logits = torch.cat([module(test[i:i + 1000]) for i in range(0, len(test), 1000)])
+    accuracy = float((logits.argmax(1) == dataset.test_labels).float().mean())
+    loss = float(cross_entropy(logits, dataset.test_labels))
+    results = {"test_accuracy": accuracy, "test_loss": loss, "train_seconds": seconds,
+               "epsilon": accountant.get_epsilon(plan.delta), "plan": plan._asdict(),
+               "device": device_name(torch.device("cpu")), "torch": torch.__version__,
+               "config": dataclasses.asdict(config.optim) | {"epochs": config.train.epochs}}
+    publish(results, f"Opacus, dp.toml: test accuracy {accuracy:.2%}, epsilon {results['epsilon']:.3f} "
+                     f"(delta {plan.delta:g}), {seconds:.0f} s of training steps", args.json)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fast = commands.add_parser("speed", help="one private step: fnclass against Opacus")
+    fast.add_argument("--batch-size", type=int, default=1024)
+    fast.add_argument("--rounds", type=int, default=5)
+    fast.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 128, 256])
+    fast.add_argument("--device", default="cpu", help="cpu or cuda")
+    fast.add_argument("--json")
+    slow = commands.add_parser("opacus-train", help="dp.toml's run, trained by Opacus")
+    slow.add_argument("--data-dir", required=True)
+    slow.add_argument("--set", action="append", default=[], help="section.key=value, as fnclass train --set")
+    slow.add_argument("--json")
+    args = parser.parse_args()
+    speed(args) if args.command == "speed" else opacus_train(args)
+
+
+if __name__ == "__main__":
+    main()
