@@ -276,6 +276,11 @@ class PrivacyConfig:
                " or ".join(f'"{name}"' for name in ACCOUNTANTS))
         _check(1 <= self.augmult <= 256, "privacy.augmult", self.augmult, "an integer in 1..256")
         _check(1 <= self.chunk_size <= 1 << 20, "privacy.chunk_size", self.chunk_size, "a positive integer")
+        if not self.enabled:  # a [privacy] section that would train without privacy, silently
+            for field in dataclasses.fields(self):
+                _check(getattr(self, field.name) == field.default, f"privacy.{field.name}",
+                       getattr(self, field.name), "privacy.target_epsilon or privacy.noise_multiplier beside it "
+                       "(without either, the run would not be private)")
 
     @property
     def enabled(self) -> bool:

@@ -130,10 +130,11 @@ class EpochLoop:
 
     def __init__(self, config: Config, ds: RunData, key, train_step, schedule, run: RunDirectory, model,
                  steps_per_epoch: int, *, hyper: dict | None = None, member_names: list[str] | None = None,
-                 lr_scales: list[float] | None = None, process=None, privacy_plan: privacy.Plan | None = None):
+                 lr_scales: list[float] | None = None, process=None, privacy_plan: privacy.Plan | None = None,
+                 privacy_secret: torch.Tensor | None = None):
         self.config, self.ds, self.train_step, self.schedule, self.run_dir = config, ds, train_step, schedule, run
         # DP-SGD: Poisson batches padded to privacy_plan.max_batch_size, augmult copies of each image
-        self.privacy_plan = privacy_plan
+        self.privacy_plan, self.privacy_secret = privacy_plan, privacy_secret  # the secret draws the samples
         self.poisson = privacy_plan is not None and privacy_plan.poisson_sampling
         self.steps_per_epoch, self.batch_size, self.images_seen = steps_per_epoch, config.train.batch_size, 0
         self.members = key.ndim == 2
@@ -199,8 +200,10 @@ class EpochLoop:
         aug_key, model_key = random.split(random.fold_in(self.step_roots[member], step))
         if self.poisson:
             plan = self.privacy_plan
-            idx, valid, overflow = privacy.poisson_sample(random.fold_in(aug_key, SAMPLE), len(self.ds.train_images),
-                                                          plan.sample_rate, plan.max_batch_size)
+            sample_key = random.fold_in(aug_key if self.privacy_secret is None else privacy.mixed(
+                self.privacy_secret.to(aug_key.device), aug_key), SAMPLE)
+            idx, valid, overflow = privacy.poisson_sample(sample_key, len(self.ds.train_images), plan.sample_rate,
+                                                          plan.max_batch_size)
             self.overflow, self.sampled = self.overflow + overflow, valid.sum()
             images, labels = self.batch(idx, epoch, aug_key, member)
             return images, torch.where(valid, labels, privacy.PADDING), model_key

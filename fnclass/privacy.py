@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -32,7 +33,8 @@ OVERFLOW_TAIL = 1e-10  # the padded batch holds a Poisson sample with probabilit
 
 
 def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, *,
-                           chunk_size: int | None = None, copies: int = 1, skip_padding: bool = True) -> Callable:
+                           chunk_size: int | None = None, copies: int = 1, skip_padding: bool = True,
+                           secret: torch.Tensor | None = None) -> Callable:
     """DP-SGD's gradient, with the contract of :func:`fnclass.step.make_train_step`'s ``gradient`` argument.
 
     ``(sum_i clip(g_i) + N(0, (noise_multiplier * max_grad_norm)^2 I)) / expected_batch_size`` where ``g_i`` is
@@ -49,6 +51,8 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
       copies: augmented images per example (augmentation multiplicity): ``images`` holds ``copies`` rows per label.
       skip_padding: leave chunks made only of padding uncomputed (eager only: it reads the batch's size on the
         host). Their contribution is exactly zero either way; compiled, every chunk is computed.
+      secret: a key known only to the trainer (:func:`new_secret`): the noise is drawn from it and the step's key,
+        so the seed, which checkpoints and exports record, does not reveal it. None: from the step's key alone.
     """
     def gradient(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
         def grad_and_value(params, state, images, labels, key, *scale):
@@ -60,6 +64,9 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
             valid = labels >= 0 if not labels.is_floating_point() else torch.ones(n, dtype=torch.bool,
                                                                                      device=labels.device)
             targets = labels.clamp_min(0) if not labels.is_floating_point() else labels
+            # Padded rows see a zero image, so nothing an unsampled example holds (even an inf) reaches the step.
+            rows_valid = valid.repeat_interleave(copies).view(-1, *[1] * (images.ndim - 1))
+            images = torch.where(rows_valid, images, torch.zeros((), dtype=images.dtype, device=images.device))
             keys = random.split(random.fold_in(key, EXAMPLES), n)
             leaves, treedef = optree.tree_flatten(params)
             total = [torch.zeros_like(leaf) for leaf in leaves]
@@ -79,14 +86,25 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
                 total = [t + torch.tensordot(factor, g, dims=1) for t, g in zip(total, grads)]
                 losses.append(loss)
                 logits.append(chunk_logits[:, 0])  # the first copy's logits: the step's accuracy
-            noise_key = random.fold_in(key, NOISE)
+            noise_key = random.fold_in(key if secret is None else mixed(secret, key), NOISE)
             std = noise_multiplier * max_grad_norm
             noised = [(t + std * random.normal64(random.fold_in(noise_key, i), t.shape).to(t)) / expected_batch_size
                       if std else t / expected_batch_size for i, t in enumerate(total)]
-            loss = (torch.cat(losses) * valid).sum() / valid.sum().clamp_min(1)
+            loss = torch.where(valid, torch.cat(losses), 0.0).sum() / valid.sum().clamp_min(1)
             return optree.tree_unflatten(treedef, noised), (loss.detach(), (state, torch.cat(logits)))
         return grad_and_value
     return gradient
+
+
+def new_secret() -> torch.Tensor:
+    """A key from 64 bits of the operating system's randomness (``os.urandom``), for a private run's noise and
+    Poisson samples."""
+    return random.key(int.from_bytes(os.urandom(8), "little"))
+
+
+def mixed(secret: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """A key derived from ``secret`` and a public ``key`` (a step's): unpredictable without the secret."""
+    return random.fold_in(random.fold_in(secret, key[0]), key[1])
 
 
 def clip_factor(grads: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
@@ -106,7 +124,7 @@ def poisson_sample(key: torch.Tensor, n: int, rate: float, size: int):
       ``(indices (size,), valid (size,) bool, overflow 0-d int64)``.
     """
     k_in, k_order = random.split(key)
-    threshold = min(round(rate * 2 ** 32), 2 ** 32)  # a 32-bit word below it: probability rate (to 2**-32)
+    threshold = min(math.floor(rate * 2 ** 32), 2 ** 32)  # a word below it: probability rate, never above it
     chosen = random.bits(k_in, (n,)) < threshold
     priority = chosen.to(torch.int64) * 2 ** 32 + random.bits(k_order, (n,))
     indices = torch.topk(priority, size, sorted=True).indices
@@ -186,7 +204,7 @@ def epsilon(resolved: Plan, steps: int) -> float:
     if steps == 0:
         return 0.0
     if resolved.noise_multiplier == 0:
-        return math.inf
+        return math.inf  # no noise, no privacy
     accountant = _opacus().accountants.create_accountant(resolved.accountant)
     accountant.history = [(resolved.noise_multiplier, resolved.sample_rate, steps)]
     with _quiet():

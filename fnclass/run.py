@@ -65,6 +65,7 @@ class RunDirectory:
         self.resumed_from: Path | None = None
         self.rejected: list[tuple[str, str]] = []
         self.progress: dict = {}
+        self._new_secret = None  # a new private run's secret key, written to privacy.key by start()
 
     @property
     def last(self) -> Path:
@@ -113,6 +114,8 @@ class RunDirectory:
             else:
                 self.metrics_path.unlink(missing_ok=True)
             self.path.mkdir(parents=True, exist_ok=True)
+            if self._new_secret is not None:
+                self._write_secret()
             write_atomic(self.path / "config.toml", config_to_toml(self.config).encode())
         self.reporter.start({**info, "config": self.config, "workdir": str(self.path)})
 
@@ -207,6 +210,38 @@ class RunDirectory:
         except InputError:
             self.close()
             raise
+
+    def privacy_secret(self, *, resume: bool):
+        """The secret key of a private run's noise and Poisson samples, in ``privacy.key`` (mode 0600): made from
+        ``os.urandom`` for a new run, read back to resume one. Never in checkpoints, config.toml or exports, which
+        record the seed: from the seed alone the noise could be regenerated and subtracted."""
+        import torch
+
+        from fnclass.privacy import new_secret
+
+        path = self.path / "privacy.key"
+        if resume:
+            try:
+                words = json.loads(path.read_text())["key"]
+                return torch.tensor([int(words[0]), int(words[1])], dtype=torch.int64)
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+                reason = "is missing" if isinstance(error, FileNotFoundError) else "is not a key fnclass wrote"
+                raise InputError(f"{path} {reason}: a private run's noise comes from that secret, so the run cannot "
+                                 "be resumed without it; start a new run") from None
+        self._new_secret = new_secret()  # written by start(), once the run directory is this process's
+        return self._new_secret
+
+    def _write_secret(self) -> None:
+        """Write ``privacy.key`` readable by its owner only (created 0600, then renamed into place)."""
+        path = self.path / "privacy.key"
+        temp = path.with_name(path.name + ".tmp")
+        temp.unlink(missing_ok=True)
+        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(json.dumps({"key": self._new_secret.tolist()}))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+        fsync_folder(self.path)
 
     def _acquire_lock(self) -> None:
         """Take the directory's lock, or raise :class:`RunLockedError` naming the process that holds it."""

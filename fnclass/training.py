@@ -8,6 +8,7 @@ and ends with the same parameters. The pieces: :mod:`fnclass.recipe` (what to bu
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -110,9 +111,10 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         clock["whitening"] = time.perf_counter() - tick
     options = dict(compile=config.train.compile, precision=config.train.precision,
                    channels_last=config.train.channels_last)
+    secret = None if privacy_plan is None else run.privacy_secret(resume=resume).to(dev)
     gradient = {} if privacy_plan is None else dict(gradient=privacy.clipped_noisy_gradient(
         privacy_plan.max_grad_norm, privacy_plan.noise_multiplier, privacy_plan.expected_batch_size,
-        chunk_size=config.privacy.chunk_size, copies=privacy_plan.augmult))
+        chunk_size=config.privacy.chunk_size, copies=privacy_plan.augmult, secret=secret))
     train_step = make_train_step(model, loss_fn, optimizer, skip_nonfinite=config.train.nan_policy == "skip",
                                  ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup,
                                  ema_every=config.train.accumulate_steps,
@@ -120,7 +122,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     eval_step = make_eval_step(model, **options)
     schedule = recipe.create_batch_schedule(config, steps_per_epoch)
     epoch_loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch,
-                           process=process, privacy_plan=privacy_plan)
+                           process=process, privacy_plan=privacy_plan, privacy_secret=secret)
     run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
               input_size=tuple(ds.train_images.shape[1:3]),
               info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
@@ -151,8 +153,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             clock["final_eval"] = time.perf_counter() - tick  # evaluate_dataset ends with .item(): synchronised
             lr = float(schedule(train_state.step - 1))
             row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
-            if privacy_plan is not None:  # the budget spent so far, by the accountant
-                row["epsilon"] = privacy.epsilon(privacy_plan, int(train_state.step))
+            if privacy_plan is not None:  # the budget spent so far, by the accountant (null: no noise, no privacy)
+                row["epsilon"] = _finite(privacy.epsilon(privacy_plan, int(train_state.step)))
             run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
             best = row[run.selection] if best is None else max(best, row[run.selection])
         if last_eval is None:  # resumed a finished run: evaluate what is there
@@ -207,9 +209,14 @@ def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result:
             **({"poisson_overflow": train_metrics["poisson_overflow"]} if "poisson_overflow" in train_metrics else {})}
 
 
+def _finite(value: float) -> float | None:
+    """``value``, or None (JSON null) when it is infinite."""
+    return value if math.isfinite(value) else None
+
+
 def privacy_summary(plan: privacy.Plan, steps: int, rows: list[dict]) -> dict:
     """summary.json's ``privacy``: the guarantee (epsilon, delta) and everything it was computed from."""
-    return {"epsilon": privacy.epsilon(plan, steps), "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
+    return {"epsilon": _finite(privacy.epsilon(plan, steps)), "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
             "sample_rate": plan.sample_rate, "steps": steps, "max_grad_norm": plan.max_grad_norm,
             "accountant": plan.accountant, "target_epsilon": plan.target_epsilon,
             "expected_batch_size": plan.expected_batch_size, "max_batch_size": plan.max_batch_size,

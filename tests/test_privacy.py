@@ -119,7 +119,8 @@ def test_padding_contributes_exactly_nothing():
     padded = torch.cat([labels[:6], torch.full((4,), privacy.PADDING)])
     computed, loss = _dp_grads(model, params, state, images, padded, clip=0.3, sigma=0.7, batch=8, chunk_size=4,
                                skip_padding=False)
-    other = torch.cat([images[:6], 100 * torch.randn(4, 3, 32, 32)])  # any padded content: the same bits
+    # Whatever the padded rows hold, even inf and nan, the same bits: they never reach the model.
+    other = torch.cat([images[:6], torch.full((2, 3, 32, 32), float("inf")), torch.full((2, 3, 32, 32), float("nan"))])
     assert all(a.equal(b) for a, b in zip(computed.values(), _dp_grads(
         model, params, state, other, padded, clip=0.3, sigma=0.7, batch=8, chunk_size=4, skip_padding=False)[0]
         .values()))
@@ -149,6 +150,16 @@ def test_noise_has_the_right_standard_deviation():
                          key=fnclass.key(6))
     assert all(a.equal(b) for a, b in zip(noise.values(), again.values()))  # a pure function of the step's key
     assert not any(a.equal(b) for a, b in zip(noise.values(), other.values()))
+    leaves = [v.flatten()[:16] for v in noise.values() if v.numel() >= 16]
+    assert all(not a.equal(b) for i, a in enumerate(leaves) for b in leaves[i + 1:])  # each tensor its own draws
+    # A secret key changes the noise, and only the secret and the step's key determine it.
+    secret = privacy.new_secret()
+    hidden, _ = _dp_grads(model, params, state, images, nothing, clip=clip, sigma=sigma, batch=batch,
+                          secret=secret)
+    hidden_again, _ = _dp_grads(model, params, state, images, nothing, clip=clip, sigma=sigma, batch=batch,
+                                secret=secret.clone())
+    assert not any(a.equal(b) for a, b in zip(noise.values(), hidden.values()))
+    assert all(a.equal(b) for a, b in zip(hidden.values(), hidden_again.values()))
 
 
 def test_poisson_sample_rate_order_and_overflow():
@@ -167,7 +178,7 @@ def test_poisson_sample_rate_order_and_overflow():
     assert abs(float(taken.mean()) / 300 - rate) < 0.01 and float(taken.min()) > 0
     # Too small a batch for the sample: a random `size` of the sampled are kept, the rest counted.
     idx, valid, overflow = privacy.poisson_sample(fnclass.key(1), n, rate, 50)
-    chosen = random.bits(random.split(fnclass.key(1))[0], (n,)) < round(rate * 2 ** 32)
+    chosen = random.bits(random.split(fnclass.key(1))[0], (n,)).double() < rate * 2.0 ** 32
     assert valid.all() and int(overflow) == int(chosen.sum()) - 50 > 0 and chosen[idx].all()
 
 
@@ -183,10 +194,12 @@ def test_default_delta_is_below_one_over_n():
 
 
 def _accountant_epsilon(sigma, rate, steps, delta, kind="rdp"):
+    """Opacus' accountant stepped once per training step, as a training loop with Opacus does."""
     from opacus.accountants import create_accountant
 
     accountant = create_accountant(kind)
-    accountant.history = [(sigma, rate, steps)]
+    for _ in range(steps):
+        accountant.step(noise_multiplier=sigma, sample_rate=rate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return accountant.get_epsilon(delta=delta)
@@ -235,6 +248,8 @@ def test_what_privacy_refuses_is_one_line(cifar_dir, tmp_path, sets, message):
 def test_batch_norm_under_privacy_is_refused_in_python():
     with pytest.raises(ConfigError, match=r"BatchNorm mixes the examples of a batch"):
         load_config("dp", ["model.norm=batch"])
+    with pytest.raises(ConfigError, match=r"privacy.max_grad_norm = 2.0 is not allowed: expected privacy.target_eps"):
+        load_config(None, ["privacy.max_grad_norm=2"])  # a [privacy] section that would not be private
     resolve(load_config("dp").model)  # the shipped recipe itself resolves
 
 
@@ -242,17 +257,21 @@ RUN = ["model.widths=[8, 16, 16]", "model.stem_width=8", "model.norm_groups=4", 
        "data.test_limit=200", "train.epochs=2", "train.batch_size=60", "train.log_every_steps=0",
        "checkpoint.every_steps=4", "privacy.chunk_size=32"]
 CLI = [sys.executable, "-c", "from fnclass.cli import main; main()"]
+# The same secret for two runs, so that a killed-and-resumed run can be compared with an uninterrupted one (never
+# do this for runs you publish: two models trained with the same noise give it away in their difference).
+SAME_SECRET = [sys.executable, "-c", "import fnclass.privacy as p, fnclass.random as r; "
+               "p.new_secret = lambda: r.key(1234); from fnclass.cli import main; main()"]
 
 
-def _train(cifar_dir, out, *extra, env=None):
-    command = [*CLI, "train", "--quiet", "--data-dir", str(cifar_dir), *extra]
+def _train(cifar_dir, out, *extra, env=None, cli=CLI):
+    command = [*cli, "train", "--quiet", "--data-dir", str(cifar_dir), *extra]
     if "--resume" not in extra:
         command += ["--config", "dp", "--out", str(out), *[a for s in RUN for a in ("--set", s)]]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_a_private_run_reports_the_accountants_epsilon_and_resumes_exactly(cifar_dir, tmp_path):
-    reference = _train(cifar_dir, tmp_path / "reference")
+    reference = _train(cifar_dir, tmp_path / "reference", cli=SAME_SECRET)
     assert reference.returncode == 0, reference.stderr
     summary = json.loads((tmp_path / "reference/summary.json").read_text())["privacy"]
     steps, rate, delta = 20, 60 / 600, 1e-3  # 600 images: delta 1e-3 < 1/600
@@ -268,7 +287,7 @@ def test_a_private_run_reports_the_accountants_epsilon_and_resumes_exactly(cifar
     assert recorded.noise_multiplier == summary["noise_multiplier"] and recorded.target_epsilon == 8.0
     # Killed mid-epoch 2, resumed: the same batches, noise and accounting, bit for bit.
     out = tmp_path / "run"
-    killed = _train(cifar_dir, out, env={"FNCLASS_KILL_AT": "step:13"})
+    killed = _train(cifar_dir, out, env={"FNCLASS_KILL_AT": "step:13"}, cli=SAME_SECRET)
     assert killed.returncode == -signal.SIGKILL
     resumed = _train(cifar_dir, out, "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
@@ -277,3 +296,17 @@ def test_a_private_run_reports_the_accountants_epsilon_and_resumes_exactly(cifar
     assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
     again = json.loads((out / "summary.json").read_text())
     assert again["privacy"] == summary and again["resumed_from_step"] == 12
+    # The noise and the samples come from a secret the run keeps in privacy.key (0600), not from the seed that
+    # checkpoints and exports record: the same config and seed again, with a fresh secret, give other weights.
+    key_file = tmp_path / "reference/privacy.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    secret = json.loads(key_file.read_text())["key"]
+    assert not any(t.numel() == 2 and t.tolist() == secret for t in want.values())
+    assert str(secret[0]) not in (tmp_path / "reference/config.toml").read_text()
+    other = _train(cifar_dir, tmp_path / "other")
+    assert other.returncode == 0, other.stderr
+    theirs = safetensors.torch.load_file(tmp_path / "other/checkpoints/last.safetensors")
+    assert not theirs["params.head.weight"].equal(want["params.head.weight"])
+    key_file.unlink()  # without its secret a private run cannot be resumed: one line, nothing changed
+    stopped = _train(cifar_dir, out, "--resume", str(tmp_path / "reference"))
+    assert stopped.returncode == 2 and "privacy.key is missing" in stopped.stderr, stopped.stderr
