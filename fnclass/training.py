@@ -216,11 +216,8 @@ def _finite(value: float) -> float | None:
 
 def privacy_summary(plan: privacy.Plan, steps: int, rows: list[dict]) -> dict:
     """summary.json's ``privacy``: the guarantee (epsilon, delta) and everything it was computed from."""
-    return {"epsilon": _finite(privacy.epsilon(plan, steps)), "delta": plan.delta,
-            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": steps, "max_grad_norm": plan.max_grad_norm,
-            "accountant": plan.accountant, "target_epsilon": plan.target_epsilon,
-            "expected_batch_size": plan.expected_batch_size, "max_batch_size": plan.max_batch_size,
-            "augmult": plan.augmult, "poisson_sampling": plan.poisson_sampling,
+    recorded = {name: value for name, value in plan._asdict().items() if name != "steps"}
+    return {"epsilon": _finite(privacy.epsilon(plan, steps)), "steps": steps, **recorded,
             "poisson_overflow": sum(row.get("poisson_overflow", 0) for row in rows)}
 
 
