@@ -130,7 +130,7 @@ def test_padding_contributes_exactly_nothing():
     # And the same as the six real examples alone (same noise, same divisor), up to float32 summation order.
     real, real_loss = _dp_grads(model, params, state, images[:6], labels[:6], clip=0.3, sigma=0.7, batch=8,
                                 chunk_size=4)
-    _assert_close(computed, real, rtol=1e-6)
+    _assert_close(computed, real)  # other chunk shapes: the convolutions may round differently
     torch.testing.assert_close(loss, real_loss)
 
 
