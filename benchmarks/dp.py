@@ -66,9 +66,10 @@ def opacus_private(config, params, state, *, sigma: float, batch_size: int, devi
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    # Contiguous (NCHW) always: on channels-last inputs Opacus 1.6.0's per-sample convolution gradients are wrong
-    # (measured: relative error 1 to 2.5 against NCHW for every layer of this model), so it is only timed and
-    # trained the way it computes correctly.
+    # Contiguous (NCHW) inputs always: on channels-last inputs Opacus 1.6.0's per-sample convolution gradients are
+    # wrong (measured: relative error 1 to 2.5 against NCHW for every layer of this model; on the loaded CIFAR-10
+    # images, an NHWC array viewed as NCHW, the clipped gradients of most convolutions came out exactly zero), so it
+    # is only timed and trained the way it computes correctly.
     module = GradSampleModule(reference_module(config.model, params, state).to(device).train())
     optimizer = DPOptimizer(torch_optimizer(config, module.parameters()), noise_multiplier=sigma,
                             max_grad_norm=config.privacy.max_grad_norm, expected_batch_size=batch_size)
@@ -167,6 +168,7 @@ def opacus_train(args) -> None:
     for step in range(plan.steps):
         sampled = torch.nonzero(torch.rand(n, generator=generator) < plan.sample_rate).squeeze(1)
         images = augment(random.fold_in(random.key(config.train.seed), step), train_images[sampled], config.data)
+        images = images.contiguous()  # the loaded images are NHWC underneath: see opacus_private
         for group in dp_optimizer.param_groups:
             group["lr"] = float(schedule(step))
         dp_optimizer.zero_grad(set_to_none=True)
@@ -179,7 +181,7 @@ def opacus_train(args) -> None:
     seconds = time.perf_counter() - tick
     module.eval()
     with torch.no_grad():
-        test = data.normalize(dataset.test_images, mean, std)
+        test = data.normalize(dataset.test_images, mean, std).contiguous()
         logits = torch.cat([module(test[i:i + 1000]) for i in range(0, len(test), 1000)])
     accuracy = float((logits.argmax(1) == dataset.test_labels).float().mean())
     loss = float(cross_entropy(logits, dataset.test_labels))

@@ -153,3 +153,36 @@ def test_members_under_torchrun_are_refused_in_one_line(cifar_dir, tmp_path):
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "members (--seeds, --sweep) under torchrun are not supported yet" in ours[0]
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_process_of_a_job_leaves_with_its_exit_code_and_flushed_output(monkeypatch, capsys, joined):
+    """After a command, a process that joined a job exits through ``os._exit`` (no interpreter finalization, where a
+    Gloo worker thread can abort it) with the command's own exit code and its output flushed; one that joined no job
+    exits normally."""
+    import click
+
+    from fnclass import distributed
+    from fnclass.cli.errors import OneLineGroup
+
+    left, destroyed = [], []
+    monkeypatch.setattr(distributed, "_joined", joined)
+    monkeypatch.setattr(distributed, "_shut_down", lambda: destroyed.append(True))
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: (left.append(code), sys.exit(code)))
+
+    @click.group(cls=OneLineGroup)
+    def app():
+        pass
+
+    @app.command()
+    @click.option("--code", type=int)
+    def work(code):
+        print("the report")
+        sys.exit(code)
+
+    for code in (0, 2, 7):
+        with pytest.raises(SystemExit) as exit:
+            app.main(["work", "--code", str(code)])
+        assert exit.value.code == code
+    assert left == ([0, 2, 7] if joined else []) and len(destroyed) == len(left)
+    assert capsys.readouterr().out == "the report\n" * 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import click
 
@@ -46,6 +47,18 @@ class OneLineGroup(click.Group):
     """A click group whose usage errors (bad flags, missing arguments) are one line and exit with code 2."""
 
     def main(self, *args, **kwargs):
+        try:
+            self._main(*args, **kwargs)
+        except SystemExit as exit:
+            distributed = sys.modules.get("fnclass.distributed")  # loaded only by commands that can join a job
+            if distributed is not None:
+                code = exit.code
+                if isinstance(code, str):  # what the interpreter would print
+                    print(code, file=sys.stderr)
+                distributed.leave(code if isinstance(code, int) else 0 if code is None else 1)
+            raise
+
+    def _main(self, *args, **kwargs):
         kwargs.pop("standalone_mode", None)
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
