@@ -8,6 +8,9 @@ Statistics are streamed chunk by chunk and never hold N x P numbers: per-example
 (total and per layer group), cosine to the mean gradient, the mean gradient, and the gradient noise scale
 ``B_simple = tr(Sigma) / |G|^2`` of McCandlish et al. (2018), "An Empirical Model of Large-Batch Training",
 overall and per layer group, with unbiased estimates of ``tr(Sigma)`` and ``|G|^2``.
+
+Data valuation (:func:`score_checkpoint`, ``fnclass grads --score``) ranks examples by EL2N or GraNd (Paul et al.
+2021, "Deep Learning on a Data Diet"), averaged over the members of a stacked checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import optree
@@ -348,3 +352,149 @@ def _plot_norms(path, labels, norms, classes) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+SCORES = {  # the one-line definitions scores.json records
+    "el2n": "EL2N (Paul et al. 2021): the L2 norm of softmax(logits) minus the one-hot label, the model in eval mode",
+    "grand": "GraNd (Paul et al. 2021): the L2 norm of the gradient of the example's cross-entropy with respect to "
+             "all parameters, BatchNorm in eval mode",
+}
+
+
+def el2n_scores(model: Model, params, state, images: torch.Tensor, labels: torch.Tensor, *,
+                chunk_size: int | None = None, progress: Callable | None = None) -> torch.Tensor:
+    """Each example's EL2N score ``|softmax(logits) - one_hot(label)|_2``, the model in eval mode.
+
+    Args:
+      model, params, state: one model (a member: :meth:`fnclass.checkpoint.Checkpoint.member`).
+      images: (N, C, H, W) float images as ``Checkpoint.preprocess`` returns them.
+      labels: (N,) int64 labels.
+      chunk_size: examples per call (None: all at once); the scores do not depend on it.
+      progress: called with the number of examples done after each chunk.
+
+    Returns:
+      The (N,) float32 scores, on the images' device.
+    """
+    scores = []
+    with torch.no_grad():
+        for part in _chunks(len(images), chunk_size):
+            logits, _ = model.apply(params, state, images[part], train=False)
+            probabilities = torch.softmax(logits.float(), dim=-1)
+            one_hot = torch.nn.functional.one_hot(labels[part], probabilities.shape[-1]).to(probabilities.dtype)
+            scores.append((probabilities - one_hot).norm(dim=-1))
+            if progress:
+                progress(part.stop)
+    return torch.cat(scores)
+
+
+def grand_scores(model: Model, params, state, images: torch.Tensor, labels: torch.Tensor, *,
+                 chunk_size: int | None = None, progress: Callable | None = None) -> torch.Tensor:
+    """Each example's GraNd score: the L2 norm of its cross-entropy's gradient in all parameters (BatchNorm in eval
+    mode, :func:`make_per_example_grad_fn`). Arguments and result as :func:`el2n_scores`."""
+    grad_fn = make_per_example_grad_fn(model, state)
+    scores = []
+    for part in _chunks(len(images), chunk_size):
+        grads, _ = grad_fn(params, images[part], labels[part])
+        scores.append(sum(leaf.flatten(1).pow(2).sum(1) for leaf in tree.tree_leaves(grads)).sqrt())
+        if progress:
+            progress(part.stop)
+    return torch.cat(scores)
+
+
+SCORE_FUNCTIONS = {"el2n": el2n_scores, "grand": grand_scores}
+
+
+def kept_indices(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The indices of the ``ceil(fraction x N)`` highest scores, ascending; of equal scores the lower index is kept.
+
+    ``fraction`` is taken as the decimal it prints as, so 0.07 of 100 examples keeps 7 (``0.07 * 100`` is
+    7.000000000000001 in binary floating point).
+    """
+    count = math.ceil(Fraction(repr(float(fraction))) * len(scores))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.sort(order[:count]).values
+
+
+def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, split: str = "train",
+                     limit: int | None = None, chunk_size: int | str = "auto", max_memory: int | None = None,
+                     keep_fraction: float | None = None, top: int = 10, device: str = "auto", download: bool = True,
+                     progress: Callable | None = None) -> dict:
+    """Data-valuation scores of every example of a split (``fnclass grads --score``), written to ``out_dir``.
+
+    A stacked checkpoint's score is the mean of its members' (each :meth:`Checkpoint.member`): the expectation over
+    seeds that GraNd is defined by. Writes ``scores.csv`` (``index``, ``label``, ``score``, and with members one
+    ``score_member<i>`` column each), ``scores.json`` (the summary returned here) and, with ``keep_fraction``,
+    ``kept_indices.txt``: the :func:`kept_indices` of the highest scores, one a line, the file
+    ``data.train_indices`` reads.
+
+    Args:
+      checkpoint_path: a checkpoint (one model or members).
+      out_dir: the output folder (created if needed).
+      method: ``"el2n"`` or ``"grand"`` (:data:`SCORES`).
+      data_dir, split, limit, chunk_size, max_memory, device, download: as :func:`analyze_checkpoint`.
+      keep_fraction: in (0, 1]: also write ``kept_indices.txt``.
+      top: how many of the highest-scoring examples the summary lists.
+      progress: called with the number of examples done (over all members) after each chunk.
+
+    Returns:
+      The summary (also ``scores.json``): ``method``, ``definition``, ``checkpoint``, ``split``, ``num_examples``,
+      ``members`` (how many were averaged) and ``member_settings``, ``mean_score``, ``keep_fraction`` and ``kept``,
+      ``chunk_size``, ``seconds`` and ``top`` (rank, index, label, class and score of the highest scores).
+
+    Raises:
+      InputError: under torchrun (the scores are not sharded yet), or a bad checkpoint or data folder.
+    """
+    from fnclass.errors import InputError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--score under torchrun is not supported: run `fnclass grads --score` in one process")
+    ckpt = load_checkpoint(checkpoint_path)
+    dev = pick_device(device)
+    folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
+    raw_images, labels = data.load_split(folder, split, limit=limit)
+    ckpt.check_split(folder, raw_images, labels)
+    model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+    members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
+    images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
+    n, start = len(images), time.perf_counter()
+    per_member = []
+    for number, member in enumerate(members):
+        params, state = tree.tree_to((member.params, member.state), dev)
+        if chunk_size == "auto":
+            chunk_size = auto_chunk_size(model, params, state, images[0], max_memory=max_memory, limit=n)
+        done = (lambda count, before=number * n: progress(before + count)) if progress else None
+        per_member.append(SCORE_FUNCTIONS[method](model, params, state, images, labels, chunk_size=chunk_size,
+                                                  progress=done).cpu())
+    scores = torch.stack(per_member).mean(0)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    labels = labels.cpu()
+    summary = {
+        "method": method,
+        "definition": SCORES[method] + (f"; the mean over {len(members)} members" if ckpt.members else ""),
+        "checkpoint": str(checkpoint_path), "split": split, "num_examples": n, "members": len(members),
+        "member_settings": list(ckpt.members), "mean_score": float(scores.mean()),
+        "keep_fraction": keep_fraction, "kept": None, "chunk_size": chunk_size,
+        "seconds": time.perf_counter() - start,
+        "top": [{"rank": rank + 1, "index": int(i), "label": int(labels[i]), "class": ckpt.classes[int(labels[i])],
+                 "score": float(scores[i])} for rank, i in enumerate(order[:top])],
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if keep_fraction is not None:
+        kept = kept_indices(scores, keep_fraction)
+        summary["kept"] = len(kept)
+        write_atomic(out_dir / "kept_indices.txt", "".join(f"{i}\n" for i in kept.tolist()).encode())
+    write_atomic(out_dir / "scores.csv", _scores_csv(labels, scores, per_member if ckpt.members else []))
+    write_json(out_dir / "scores.json", summary)
+    return summary
+
+
+def _scores_csv(labels: torch.Tensor, scores: torch.Tensor, per_member: list[torch.Tensor]) -> bytes:
+    """scores.csv: index, label, score and one score_member<i> column per member (9 digits: float32 exactly)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["index", "label", "score", *[f"score_member{i}" for i in range(len(per_member))]])
+    columns = [scores.tolist(), *[member.tolist() for member in per_member]]
+    for i, label in enumerate(labels.tolist()):
+        writer.writerow([i, label, *[f"{column[i]:.9g}" for column in columns]])
+    return buffer.getvalue().encode()

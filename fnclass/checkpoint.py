@@ -100,7 +100,8 @@ class Checkpoint(NamedTuple):
 
 
 def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, mean, std,
-                    input_size: tuple[int, int], progress: dict | None = None, members: list | None = None) -> None:
+                    input_size: tuple[int, int], progress: dict | None = None, members: list | None = None,
+                    learning_rate: float | list[float] | None = None) -> None:
     """Write a TrainState (params, model state, optimizer state, step, key) and its metadata.
 
     Args:
@@ -114,6 +115,9 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
       progress: a run's sums over the epoch so far (JSON numbers), so that a resumed run's epoch row adds up
         as the uninterrupted run's does.
       members: for a stacked TrainState (K members on a leading axis), each member's seed and swept values.
+      learning_rate: at an epoch end, the mean learning rate of the steps since the previous checkpoint kept for
+        attribution (``checkpoint.every_epochs`` epochs; one per member of a stacked TrainState): the weight
+        TracIn gives this checkpoint (:mod:`fnclass.influence`).
     """
     if config.model.num_classes is None:  # left to the data: the file records the number its classes say
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=len(classes)))
@@ -132,6 +136,8 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
         metadata["progress"] = json.dumps(progress)
     if members is not None:
         metadata["members"] = json.dumps(members)
+    if learning_rate is not None:
+        metadata["learning_rate"] = json.dumps(learning_rate)
     write_atomic(path, serialize(tensors, metadata))
 
 

@@ -83,6 +83,8 @@ class DataConfig:
     dataset: str = "cifar10"  # names the cache folder ~/.cache/fnclass/<dataset>; torchvision's are downloaded
     data_dir: str | None = None  # a canonical .npy folder; else --data-dir, $FNCLASS_DATA, the cache
     train_limit: int | None = None  # use only the first N training images (quick runs, tests)
+    train_indices: str | None = None  # train only on these rows of train_images.npy: a .npy, .txt or .csv file of
+    # 0-based indices (fnclass.data.read_indices), e.g. the kept_indices.txt of `fnclass grads --score`
     test_limit: int | None = None  # use only the first N test images
     crop_padding: int = 4  # random-crop translation in pixels (the paper's crop+flip recipe)
     pad_mode: str = "reflect"  # "reflect" or "zeros" padding for the crop
@@ -105,6 +107,10 @@ class DataConfig:
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"data.{name}", value, "a positive integer (or leave it out)")
+        _check(self.train_indices is None or 0 < len(self.train_indices) <= 4096, "data.train_indices",
+               self.train_indices, "the path of a .npy, .txt or .csv file of training-image indices")
+        _check(self.train_limit is None or self.train_indices is None, "data.train_limit", self.train_limit,
+               "no value when data.train_indices is set (both choose the training images: use one)")
         _check(0 <= self.crop_padding <= 16, "data.crop_padding", self.crop_padding, "an integer in 0..16")
         _check(self.pad_mode in ("reflect", "zeros"), "data.pad_mode", self.pad_mode, '"reflect" or "zeros"')
         _check(0 <= self.cutout <= 32, "data.cutout", self.cutout, "an integer in 0..32")
@@ -232,11 +238,14 @@ class CheckpointConfig:
     keep_best: bool = True  # write best.safetensors whenever test accuracy improves
     keep: int = 2  # also keep the N most recent epoch-end checkpoints as step-NNNNNNNN.safetensors: --resume falls
     # back to them when last.safetensors fails its checksum (0: none)
+    every_epochs: int = 0  # keep the checkpoint of every N-th epoch end (and of the last) for good, as
+    # epoch-NNNN.safetensors: the checkpoints along the run that `fnclass influence` (TracIn) sums over (0: none)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
         _check(self.keep >= 0, "checkpoint.keep", self.keep, "an integer >= 0")
+        _check(self.every_epochs >= 0, "checkpoint.every_epochs", self.every_epochs, "an integer >= 0")
 
 
 ACCOUNTANTS = ("rdp", "prv")

@@ -11,10 +11,12 @@ here; the files are plain ``.npy`` arrays and text, never pickles.
 from __future__ import annotations
 
 import collections
+import csv
 import hashlib
 import importlib
 import math
 import os
+import re
 import tokenize
 import warnings
 from pathlib import Path
@@ -28,6 +30,11 @@ from fnclass.io import fsync_folder, read_small, write_temp
 
 FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "classes.txt")
 MAX_CLASSES_BYTES = 1 << 20  # 20,000 class names of 50 characters fit in a MiB; a larger file is not a class list
+MAX_INDICES_BYTES = 64 << 20  # eight million 7-digit lines; a larger text file is not a list of indices
+INDEX_SUFFIXES = (".npy", ".txt", ".csv")
+INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_000" and other scripts' digits
+INDEX_FORMAT = ("write the 0-based rows of train_images.npy to keep as integers, one a line (.txt; .csv: the first "
+                "column, under an optional 'index' header), or as a 1-d integer array (.npy)")
 
 
 class DataError(InputError):
@@ -44,7 +51,10 @@ class Dataset(NamedTuple):
     classes: tuple[str, ...]
 
 
-def _check_npy_header(path: Path, handle) -> None:
+REMAKE = "re-create it with `fnclass data prepare`"  # the fix for a broken file of a data folder
+
+
+def _check_npy_header(path: Path, handle, fix: str = REMAKE) -> None:
     """Check a ``.npy`` header against the file before anything is allocated: no objects, sizes that agree."""
     try:
         version = np.lib.format.read_magic(handle)
@@ -53,21 +63,20 @@ def _check_npy_header(path: Path, handle) -> None:
             raise ValueError(f"format version {version[0]}.{version[1]} is not read here")
         shape, _fortran_order, dtype = read_header[version](handle)
     except (ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError) as error:  # numpy's header parser
-        raise DataError(f"{path} is not a readable .npy array (bad header: {error}); re-create it with "
-                        "`fnclass data prepare`") from None
+        raise DataError(f"{path} is not a readable .npy array (bad header: {error}); {fix}") from None
     if dtype.hasobject:
         raise DataError(f"{path} holds Python objects (a pickle), which are never loaded: save plain numbers with "
-                        "np.save(..., allow_pickle=False) or re-create it with `fnclass data prepare`")
+                        f"np.save(..., allow_pickle=False) or {fix}")
     needed = math.prod(shape) * dtype.itemsize
     held = os.fstat(handle.fileno()).st_size - handle.tell()
     if held != needed or any(side < 0 for side in shape):
         # A header may claim any shape: comparing it with the file's size refuses (10**12, 32, 32, 3) before
         # np.load allocates that, and names a truncated copy as such.
         raise DataError(f"{path} is damaged: its header says {dtype} {shape} ({needed:,} bytes) but the file holds "
-                        f"{held:,} bytes of data; copy it again or re-create it with `fnclass data prepare`")
+                        f"{held:,} bytes of data; copy it again or {fix}")
 
 
-def _load_array(path: Path) -> np.ndarray:
+def _load_array(path: Path, fix: str = REMAKE) -> np.ndarray:
     """``np.load`` without pickle, its header checked against the file first; every failure is one DataError line."""
     if not path.is_file():
         raise DataError(f"{path} is {'not a file' if path.exists() else 'missing'}: a data folder needs "
@@ -77,13 +86,12 @@ def _load_array(path: Path) -> np.ndarray:
     except OSError as error:
         raise DataError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
     with handle:
-        _check_npy_header(path, handle)
+        _check_npy_header(path, handle, fix)
         handle.seek(0)
         try:
             return np.load(handle, allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
-            raise DataError(f"{path} is not a readable .npy array ({error}); re-create it with "
-                            "`fnclass data prepare`") from None
+            raise DataError(f"{path} is not a readable .npy array ({error}); {fix}") from None
 
 
 def _check_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
@@ -123,13 +131,97 @@ def load_classes(folder: Path) -> tuple[str, ...]:
     return _check_classes(Path(folder), [line.strip() for line in lines])
 
 
-def load_split(folder: str | Path, split: str, *, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _out_of_range(path: Path, index, size: int, where: str = "") -> DataError:
+    """The error for an index outside ``0..size - 1``."""
+    return DataError(f"{path}: {where}index {index} is out of range: the training split has {size:,} images, "
+                     f"indices 0..{size - 1}")
+
+
+def _parse_index(text: str, path: Path, line: int, size: int) -> int:
+    """One line's index in ``0..size - 1``, or one DataError line naming it."""
+    if INDEX.fullmatch(text) is None:
+        raise DataError(f"{path}: line {line} is {repr(text)[:60]}, not an integer; {INDEX_FORMAT}")
+    # Twenty digits are beyond int64 (and int() refuses thousands): out of range before they are converted.
+    if len(text.lstrip("+-").lstrip("0")) > 19 or not 0 <= int(text) < size:
+        raise _out_of_range(path, text[:60], size, f"line {line}: ")
+    return int(text)
+
+
+def _text_indices(path: Path, size: int) -> np.ndarray:
+    """The indices of a ``.txt`` or ``.csv`` file (a CSV's first column, under an optional ``index`` header)."""
+    raw = read_small(path, MAX_INDICES_BYTES, DataError, "index list")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}); "
+                        f"{INDEX_FORMAT}") from None
+    lines = text.splitlines()
+    if path.suffix.lower() == ".csv":
+        try:
+            lines = [row[0] if row else "" for row in csv.reader(lines)]
+        except csv.Error as error:
+            raise DataError(f"{path} is not a readable CSV file ({error}); {INDEX_FORMAT}") from None
+        if lines and lines[0].strip().lower() == "index":
+            lines[0] = ""  # the header (line numbers in messages stay the file's)
+    return np.array([_parse_index(line.strip(), path, number, size) for number, line in enumerate(lines, 1)
+                     if line.strip()], dtype=np.int64)
+
+
+def read_indices(path: str | Path, size: int) -> torch.Tensor:
+    """The rows of a split that a file of indices selects (``data.train_indices``), sorted.
+
+    The file is a ``.npy`` 1-d integer array (read without pickle), or text: ``.txt`` with one integer a line, or
+    ``.csv`` whose first column is read, under an optional header whose first column is ``index`` (such as
+    ``fnclass grads --score``'s ``scores.csv`` and ``kept_indices.txt``). Blank lines are skipped. A relative path is
+    relative to the current directory. The order in the file does not matter: the selected images keep the split's
+    order, that of the sorted indices.
+
+    Args:
+      path: the file.
+      size: the number of images in the split the indices point into (rows ``0..size - 1``).
+
+    Returns:
+      The sorted int64 CPU tensor of the selected rows.
+
+    Raises:
+      DataError: one line naming the file, when it is missing, unreadable, not integers, empty, has an index
+        twice, or one outside ``0..size - 1`` (the first such one is named).
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in INDEX_SUFFIXES:
+        raise DataError(f"{path}: expected a .npy, .txt or .csv file of indices; {INDEX_FORMAT}")
+    if not path.is_file():
+        raise DataError(f"{path} is {'not a file' if path.exists() else 'missing'}: data.train_indices names a "
+                        "file of training-image indices, such as the kept_indices.txt of `fnclass grads --score`; "
+                        "check the path (relative paths start at the current directory)")
+    if path.suffix.lower() == ".npy":
+        indices = _load_array(path, fix=INDEX_FORMAT)
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise DataError(f"{path}: expected a 1-d integer array, got {indices.dtype} {indices.shape}; "
+                            f"{INDEX_FORMAT}")
+    else:
+        indices = _text_indices(path, size)
+    if len(indices) == 0:
+        raise DataError(f"{path} selects no images: it must hold at least one index; {INDEX_FORMAT}")
+    outside = np.flatnonzero((indices < 0) | (indices >= size))
+    if len(outside):
+        raise _out_of_range(path, indices[outside[0]], size)
+    indices = np.sort(indices.astype(np.int64))
+    repeated = indices[1:][indices[1:] == indices[:-1]]
+    if len(repeated):
+        raise DataError(f"{path}: index {repeated[0]} is listed more than once; list each training image once")
+    return torch.from_numpy(indices)
+
+
+def load_split(folder: str | Path, split: str, *, limit: int | None = None,
+               indices: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Load and validate one split (``"train"`` or ``"test"``) as ``(images uint8 NHWC, labels int64)``.
 
     Args:
       folder: the data folder.
       split: ``"train"`` or ``"test"``.
       limit: keep only the first ``limit`` examples (the canonical files are in shuffled order).
+      indices: instead, keep the rows a file of indices selects, in sorted order (:func:`read_indices`).
 
     Returns:
       CPU tensors ``(images, labels)``.
@@ -137,6 +229,8 @@ def load_split(folder: str | Path, split: str, *, limit: int | None = None) -> t
     Raises:
       DataError: when a file is missing, unreadable or malformed.
     """
+    if limit is not None and indices is not None:
+        raise ValueError("load_split takes a limit or indices, not both")
     folder = Path(folder)
     classes = load_classes(folder)
     images = _load_array(folder / f"{split}_images.npy")
@@ -144,12 +238,16 @@ def load_split(folder: str | Path, split: str, *, limit: int | None = None) -> t
     _check_split(folder, split, images, labels, len(classes))
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
+    if indices is not None:
+        chosen = read_indices(indices, len(images)).numpy()
+        images, labels = images[chosen], labels[chosen]
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
 
 
-def load_dataset(folder: str | Path, *, train_limit: int | None = None, test_limit: int | None = None) -> Dataset:
-    """Load a whole data folder (see :func:`load_split`)."""
-    train_images, train_labels = load_split(folder, "train", limit=train_limit)
+def load_dataset(folder: str | Path, *, train_limit: int | None = None, test_limit: int | None = None,
+                 train_indices: str | Path | None = None) -> Dataset:
+    """Load a whole data folder (see :func:`load_split`); ``train_indices`` selects training images by a file."""
+    train_images, train_labels = load_split(folder, "train", limit=train_limit, indices=train_indices)
     test_images, test_labels = load_split(folder, "test", limit=test_limit)
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DataError(f"{folder}: train images are {tuple(train_images.shape[1:])} but test images are "

@@ -84,10 +84,13 @@ class RunData(NamedTuple):
 def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -> tuple[Config, RunData]:
     """The run's data set on the device, checked against the config, and the config completed from it.
 
-    ``model.num_classes``, when left out, becomes the number of the data folder's classes.
+    ``model.num_classes``, when left out, becomes the number of the data folder's classes. The training images are
+    the whole split, its first ``data.train_limit`` or the rows ``data.train_indices`` selects (in sorted order);
+    ``data.val_size`` holds its images out of those.
     """
     folder = data.resolve_data_dir(data_dir or config.data.data_dir, config.data.dataset, download=download)
-    dataset = data.load_dataset(folder, train_limit=config.data.train_limit, test_limit=config.data.test_limit)
+    dataset = data.load_dataset(folder, train_limit=config.data.train_limit, test_limit=config.data.test_limit,
+                                train_indices=config.data.train_indices)
     if config.model.num_classes not in (None, len(dataset.classes)):
         raise ConfigError(f"model.num_classes = {config.model.num_classes} but {folder} has "
                           f"{len(dataset.classes)} classes: set model.num_classes = {len(dataset.classes)} "
@@ -99,9 +102,11 @@ def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -
         dataset = dataset._replace(train_images=dataset.train_images[train_idx],
                                    train_labels=dataset.train_labels[train_idx])
     if config.train.batch_size > len(dataset.train_images):
+        more = ("select more images (data.train_indices)" if config.data.train_indices
+                else "use more data (data.train_limit)")
         raise ConfigError(f"train.batch_size = {config.train.batch_size} is more than the "
                           f"{len(dataset.train_images)} training images: set train.batch_size <= "
-                          f"{len(dataset.train_images)} or use more data (data.train_limit)")
+                          f"{len(dataset.train_images)} or {more}")
     # Under [privacy] the training images' statistics would leak: a fixed, data-independent normalisation instead.
     mean, std = PUBLIC_NORMALIZATION if config.privacy.enabled else data.channel_stats(dataset.train_images)
     # Made once on the device: a Python tuple would be copied to the GPU (and wait for it) at every step.

@@ -123,7 +123,10 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
             for row in _member_rows(members, epoch, train_state, train_metrics, result, split, lr, lr_scales):
                 run.log(row)
             row = _epoch_row(members, epoch, train_state, train_metrics, result, split, lr, seconds)
-            run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
+            mean_lr = recipe.interval_learning_rate(config, schedule, epoch + 1, int(train_state.step[0]),
+                                                    steps_per_epoch)
+            run.end_epoch(row, train_state, best=best is None or row[run.selection] > best,
+                          learning_rate=[mean_lr * scale for scale in lr_scales])
             best = row[run.selection] if best is None else max(best, row[run.selection])
         if result is None:  # resumed a finished run: evaluate what is there
             result = _evaluate(eval_step, train_state, ds, config, split, split_tta)

@@ -136,3 +136,17 @@ def create_batch_schedule(config: Config, batches_per_epoch: int) -> schedules.S
     accumulate = config.train.accumulate_steps
     schedule = create_schedule(config.optim, batches_per_epoch / accumulate, config.train.epochs)
     return schedule if accumulate == 1 else lambda count: schedule(count // accumulate)
+
+
+def interval_learning_rate(config: Config, schedule: schedules.Schedule, epoch: int, step: int,
+                           steps_per_epoch: int) -> float:
+    """The mean learning rate of the batches since the previous checkpoint kept for attribution, at the end of
+    epoch ``epoch`` (1-based) after ``step`` batches: the epochs since the last multiple of
+    ``checkpoint.every_epochs`` (the last epoch when that is 0).
+
+    TracIn weighs each checkpoint by the step size of the interval it ends (Pruthi et al. 2020); with a
+    schedule, the interval's mean is that step size per batch.
+    """
+    every = config.checkpoint.every_epochs or 1
+    start = max(0, step - (epoch - (epoch - 1) // every * every) * steps_per_epoch)
+    return sum(float(schedule(s)) for s in range(start, step)) / max(step - start, 1)

@@ -139,17 +139,28 @@ class RunDirectory:
         """Report a step's progress."""
         self.reporter.step(info)
 
-    def save(self, train_state, progress: dict | None = None) -> None:
-        """Write ``last.safetensors`` (with the epoch's sums so far, ``progress``, when saved mid-epoch)."""
+    def save(self, train_state, progress: dict | None = None, learning_rate=None) -> None:
+        """Write ``last.safetensors`` (with the epoch's sums so far, ``progress``, when saved mid-epoch; at an epoch
+        end with the ``learning_rate`` TracIn weighs it by)."""
         if self.writes:
-            save_checkpoint(self.last, train_state, progress=progress, **self._meta)
+            save_checkpoint(self.last, train_state, progress=progress, learning_rate=learning_rate, **self._meta)
 
-    def end_epoch(self, row: dict, train_state, *, best: bool) -> None:
-        """Log an epoch's row, write ``last`` (and ``best`` when ``best``, and a kept copy), report the row."""
+    def keeps_epoch(self, epoch: int) -> bool:
+        """Whether epoch ``epoch``'s (1-based) checkpoint is kept for good (``checkpoint.every_epochs``)."""
+        every = self.config.checkpoint.every_epochs
+        return bool(every) and (epoch % every == 0 or epoch == self.config.train.epochs)
+
+    def end_epoch(self, row: dict, train_state, *, best: bool, learning_rate=None) -> None:
+        """Log an epoch's row, write ``last`` (and ``best`` when ``best``, and the kept copies), report the row.
+
+        ``learning_rate``: the mean learning rate since the previous checkpoint kept for attribution, recorded in
+        the checkpoint (see :func:`fnclass.checkpoint.save_checkpoint`)."""
         self.log(row)
-        self.save(train_state)  # serialised once; best and the kept copy are the same bytes
+        self.save(train_state, learning_rate=learning_rate)  # serialised once; the copies are the same bytes
         if self.writes and best and self.config.checkpoint.keep_best:
             copy_checkpoint(self.last, self.checkpoints / "best.safetensors")
+        if self.writes and self.keeps_epoch(row["epoch"]):
+            copy_checkpoint(self.last, self.checkpoints / f"epoch-{row['epoch']:04d}.safetensors")
         if self.writes and self.config.checkpoint.keep:
             step = int(train_state.step.reshape(-1)[0])  # stacked members step together
             copy_checkpoint(self.last, self.checkpoints / f"step-{step:08d}.safetensors")
@@ -301,6 +312,10 @@ class RunDirectory:
         kept = self.checkpoints / f"step-{step:08d}.safetensors"
         if self.config.checkpoint.keep and not kept.is_file():
             copy_checkpoint(source, kept)
+        epoch = next(row["epoch"] for row in epochs if row["step"] == step)
+        along = self.checkpoints / f"epoch-{epoch:04d}.safetensors"
+        if self.keeps_epoch(epoch) and not along.is_file():
+            copy_checkpoint(source, along)
 
     def _remove_stale_temporaries(self) -> None:
         """Delete temporary files left by a killed writer of this directory (this process now holds its lock)."""

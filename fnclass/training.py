@@ -155,7 +155,9 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
             if privacy_plan is not None:  # the budget spent so far, by the accountant (null: no noise, no privacy)
                 row["epsilon"] = _finite(privacy.epsilon(privacy_plan, int(train_state.step)))
-            run.end_epoch(row, train_state, best=best is None or row[run.selection] > best)
+            mean_lr = recipe.interval_learning_rate(config, schedule, epoch + 1, int(train_state.step),
+                                                    steps_per_epoch)
+            run.end_epoch(row, train_state, best=best is None or row[run.selection] > best, learning_rate=mean_lr)
             best = row[run.selection] if best is None else max(best, row[run.selection])
         if last_eval is None:  # resumed a finished run: evaluate what is there
             last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta, process)

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from fnclass.cli import config, data, export, grads, train
+from fnclass.cli import config, data, export, grads, influence, train
 from fnclass.cli.errors import OneLineGroup
 
 
@@ -27,7 +27,8 @@ def main() -> None:
     """
 
 
-for _command in (train.train, train.evaluate, train.info, config.config, data.data, grads.grads, export.export,
+for _command in (train.train, train.evaluate, train.info, config.config, data.data, grads.grads, influence.influence,
+                 export.export,
                  export.predict_command, export.models):
     main.add_command(_command)
 

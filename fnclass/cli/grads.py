@@ -1,4 +1,4 @@
-"""``fnclass grads``: per-example gradient analysis of a checkpoint."""
+"""``fnclass grads``: per-example gradient analysis of a checkpoint, or data-valuation scores (``--score``)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,27 @@ def _parse_chunk(text: str) -> int | str:
     return int(text)
 
 
+def _check_keep_fraction(fraction: float | None, score: str | None, split: str) -> None:
+    """``--keep-fraction`` needs ``--score`` and the training split, and lies in (0, 1]."""
+    if fraction is None:
+        return
+    if score is None:
+        raise UsageProblem(f"--keep-fraction {fraction:g} needs --score el2n or --score grand: it keeps the "
+                           "highest-scoring examples")
+    if not 0 < fraction <= 1:  # written out: click's FloatRange lets nan through
+        raise UsageProblem(f"--keep-fraction {fraction:g}: expected a fraction F with 0 < F <= 1, e.g. 0.7 (the "
+                           "share of examples kept, highest scores first)")
+    if split != "train":
+        raise UsageProblem(f"--keep-fraction with --split {split}: kept_indices.txt is for data.train_indices, "
+                           "which selects training images; use --split train")
+
+
+def _progress_bar(console: Console, what: str, quiet: bool) -> Progress:
+    """The bar of examples done (off when quiet or not on a terminal)."""
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal or quiet or not speaks())
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @options.data_dir
@@ -45,33 +66,52 @@ def _parse_chunk(text: str) -> int | str:
 @click.option("--chunk-size", default="auto", show_default=True, help="Examples per vmap call: auto or K.")
 @click.option("--max-memory", help="Budget for --chunk-size auto, e.g. 4GB (default: half the free GPU memory, "
               "or a quarter of the available RAM).")
-@click.option("--top", type=click.IntRange(min=1), default=64, show_default=True,
-              help="How many highest-norm examples to show in top_examples.png.")
+@click.option("--top", type=click.IntRange(min=1),
+              help="How many highest-norm examples to show in top_examples.png (default 64); with --score, how many "
+                   "highest scores to list (default 10).")
+@click.option("--score", type=click.Choice(["el2n", "grand"]),
+              help="Instead, score every example for data valuation (Paul et al. 2021), averaged over a stacked "
+                   "checkpoint's members: scores.csv, scores.json.")
+@click.option("--keep-fraction", type=float, metavar="F",
+              help="With --score: also write kept_indices.txt, the ceil(F x N) highest-scoring examples "
+                   "(0 < F <= 1), for data.train_indices.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grads"), show_default=True)
 @options.device
 @options.no_download
 @options.as_json("the report")
 @one_line_errors
-def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, out, device, no_download, as_json):
-    """Per-example gradients of a checkpoint: noise scale, layer shares, hardest examples.
+def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, out, device,
+          no_download, as_json):
+    """Per-example gradients of a checkpoint: noise scale, layer shares, hardest examples; or data-valuation scores.
 
     \b
-    Example:
+    Examples:
       fnclass grads runs/cpu/checkpoints/best.safetensors --limit 5000 --out grads/cpu
+      fnclass grads runs/cpu/checkpoints/last.safetensors --score el2n --keep-fraction 0.7 --out scores/
+      fnclass train --config cpu --set data.train_indices=scores/kept_indices.txt
     """
-    from fnclass.analysis import analyze_checkpoint
+    from fnclass.analysis import analyze_checkpoint, score_checkpoint
 
+    _check_keep_fraction(keep_fraction, score, split)
     console = Console(stderr=as_json)
-    with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not console.is_terminal or as_json or not speaks()) as bar:
+    with _progress_bar(console, f"{score} scores" if score else "per-example gradients", as_json) as bar:
         task = bar.add_task("grads", total=None)
 
         def progress(done):
             bar.update(task, completed=done)
 
-        report = analyze_checkpoint(checkpoint, out, data_dir=data_dir, split=split, limit=limit,
-                                    chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
-                                    top=top, device=device, download=not no_download, progress=progress)
+        if score is not None:
+            summary = score_checkpoint(checkpoint, out, method=score, data_dir=data_dir, split=split, limit=limit,
+                                       chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
+                                       keep_fraction=keep_fraction, top=top or 10, device=device,
+                                       download=not no_download, progress=progress)
+        else:
+            report = analyze_checkpoint(checkpoint, out, data_dir=data_dir, split=split, limit=limit,
+                                        chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
+                                        top=top or 64, device=device, download=not no_download, progress=progress)
+    if score is not None:
+        _show_scores(console, summary, out, as_json)
+        return
     if not speaks():  # a torchrun job: rank 0 reports
         return
     if as_json:
@@ -97,3 +137,23 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, out, 
                         f"{row['accuracy']:.2%}")
     console.print(classes)
     console.print(f"wrote per_example.csv, report.json, top_examples.png, norms.png to {out}", highlight=False)
+
+
+def _show_scores(console: Console, summary: dict, out: Path, as_json: bool) -> None:
+    """The summary of ``--score``: a line, the ranked table of the highest scores, what was written."""
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    name = {"el2n": "EL2N", "grand": "GraNd"}[summary["method"]]
+    members = f", the mean of {summary['members']} members" if summary["member_settings"] else ""
+    console.print(f"{summary['num_examples']} {summary['split']} examples scored by {name}{members}: mean "
+                  f"{summary['mean_score']:.4g}; {summary['definition']}", highlight=False)
+    table = Table(title=f"highest {name} scores")
+    for column in ("rank", "index", "label", "class", "score"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in summary["top"]:
+        table.add_row(str(row["rank"]), str(row["index"]), str(row["label"]), row["class"], f"{row['score']:.4g}")
+    console.print(table)
+    kept = (f", kept_indices.txt ({summary['kept']} of {summary['num_examples']} kept: the highest scores)"
+            if summary["kept"] is not None else "")
+    console.print(f"wrote scores.csv, scores.json{kept} to {out}", highlight=False)

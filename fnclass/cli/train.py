@@ -429,7 +429,8 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
 
 
 def _eval_split(ckpt, folder: Path, split: str, limit: int | None):
-    """``(images, labels)`` of a split; ``val`` is rebuilt from the run's data.val_size and data.val_seed."""
+    """``(images, labels)`` of a split; ``val`` is rebuilt from the run's data.val_size and data.val_seed (and the
+    training images it chose: data.train_limit or data.train_indices)."""
     from fnclass.data import load_split, validation_split
 
     if split != "val":
@@ -438,7 +439,7 @@ def _eval_split(ckpt, folder: Path, split: str, limit: int | None):
     if not data.val_size:
         raise UsageProblem("--split val: this checkpoint's run held out no validation split (data.val_size = 0); "
                            "use --split test")
-    images, labels = load_split(folder, "train", limit=data.train_limit)
+    images, labels = load_split(folder, "train", limit=data.train_limit, indices=data.train_indices)
     val = validation_split(labels, data.val_size, data.val_seed)[1][:limit]
     return images[val], labels[val]
 

@@ -1,0 +1,104 @@
+"""``fnclass influence``: which training examples made a prediction (TracIn, TRAK), and self-influence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fnclass.cli import options
+from fnclass.cli.errors import UsageProblem, one_line_errors
+from fnclass.cli.grads import _parse_chunk, _parse_memory
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True, metavar="RUN_DIR_OR_CHECKPOINTS...",
+                type=click.Path(path_type=Path))
+@options.data_dir
+@click.option("--test-indices", help="Test-split examples to attribute, e.g. 0,5,10-19 (default: 0-7).")
+@click.option("--images", "image_paths", multiple=True, type=click.Path(path_type=Path),
+              help="PNG/JPEG files to attribute instead (for the class the model predicts); repeatable.")
+@click.option("--self", "self_mode", is_flag=True,
+              help="Rank every training example by self-influence instead (data debugging: mislabels first).")
+@click.option("--method", type=click.Choice(["tracin", "trak"]), default="tracin", show_default=True,
+              help="tracin: lr-weighted gradient dot products over the checkpoints; trak: TRAK over every "
+                   "model (members and checkpoints), projected.")
+@click.option("--proj-dim", type=click.IntRange(min=1),
+              help="Project gradients to P dimensions (tracin default: exact; trak default: 2048).")
+@click.option("--top", type=click.IntRange(min=1), help="Proponents and opponents per test example (default 8); "
+              "with --self, examples in the grid (default 32).")
+@click.option("--train-limit", type=click.IntRange(min=1), help="Attribute to the first N training examples only.")
+@click.option("--chunk-size", default="auto", show_default=True, help="Examples per vmap call: auto or K.")
+@click.option("--max-memory", help="Budget for --chunk-size auto, e.g. 4GB.")
+@click.option("--uniform", is_flag=True, help="Weigh every checkpoint 1 (for files without a recorded learning rate).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Key of the random projections.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("influence"),
+              show_default=True)
+@options.device
+@options.no_download
+@options.as_json("the report")
+@one_line_errors
+def influence(sources, data_dir, test_indices, image_paths, self_mode, method, proj_dim, top, train_limit,
+              chunk_size, max_memory, uniform, seed, out, device, no_download, as_json):
+    """Which training examples made these predictions: TracIn over the checkpoints of a run, or TRAK.
+
+    A run directory stands for the checkpoints it kept along the run (train it with
+    --set checkpoint.every_epochs=1); checkpoint files can be given instead.
+
+    \b
+    Examples:
+      fnclass influence runs/cpu --test-indices 0-7 --out influence/cpu
+      fnclass influence runs/cpu --self --out influence/self
+      fnclass influence runs/seeds --method trak --proj-dim 2048 --test-indices 0-99
+    """
+    from fnclass import influence as attribution
+
+    if self_mode and (test_indices or image_paths or method != "tracin" or proj_dim):
+        raise UsageProblem("--self ranks training examples by exact TracIn self-influence: drop --test-indices, "
+                           "--images, --method and --proj-dim")
+    if test_indices and image_paths:
+        raise UsageProblem("--test-indices and --images both choose what to attribute: use one")
+    console = Console(stderr=as_json)
+    with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not console.is_terminal or as_json) as bar:
+        task = bar.add_task("influence", total=None)
+        progress = lambda done: bar.update(task, completed=done)
+        common = dict(data_dir=data_dir, train_limit=train_limit, chunk_size=_parse_chunk(chunk_size),
+                      max_memory=_parse_memory(max_memory), uniform=uniform, device=device,
+                      download=not no_download, progress=progress)
+        if self_mode:
+            report = attribution.rank_self_influence(sources, out, top=top or 32, **common)
+        else:
+            report = attribution.attribute(sources, out, test_indices=test_indices, image_paths=image_paths,
+                                           top=top or 8, method=method, proj_dim=proj_dim, seed=seed, **common)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    classes = report["classes"]
+    speed = report["gradients_per_second"]
+    console.print(f"{report['method']}: {report['models']} model(s) over {len(report['checkpoints'])} checkpoint(s), "
+                  f"{report['train_examples']} training examples, {speed:,.0f} per-example gradients/s "
+                  f"(chunk {report['chunk_size']})", highlight=False)
+    if self_mode:
+        table = Table(title="highest self-influence (mislabelled and atypical examples come first)")
+        for column in ("rank", "index", "label", "predicted", "score"):
+            table.add_column(column, justify="right" if column in ("rank", "index", "score") else "left")
+        for rank, row in enumerate(report["top"][:16], 1):
+            table.add_row(str(rank), str(row["index"]), classes[row["label"]], classes[row["predicted"]],
+                          f"{row['score']:.4g}")
+        console.print(table)
+        console.print(f"wrote self_influence.csv, self_influence.json, self_influence.png to {out}", highlight=False)
+        return
+    table = Table(title="top proponents (+) and opponents (-): training index, label, score")
+    for column in ("test", "label", "proponents", "opponents"):
+        table.add_column(column)
+    cell = lambda rows: "\n".join(f"#{r['index']} {classes[r['label']]} {r['score']:+.3g}" for r in rows[:3])
+    for test in report["tests"]:
+        table.add_row(str(test["test"]), classes[test["label"]], cell(test["proponents"]), cell(test["opponents"]))
+    console.print(table)
+    console.print(f"wrote influence.csv, influence.json, scores.npy, train_indices.npy, influence.png to {out}",
+                  highlight=False)

@@ -1,0 +1,548 @@
+"""Data attribution from per-example gradients: which training examples made a prediction.
+
+**TracIn** (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent"), the checkpoint
+form TracInCP: the influence of a training example ``z`` on a test example ``z'`` is
+
+    sum over checkpoints k of  lr_k * <g_k(z), g_k(z')>
+
+with ``g_k`` the gradient of the plain cross-entropy at checkpoint ``k`` (BatchNorm in eval mode, as
+``fnclass grads``) and ``lr_k`` the mean learning rate of the steps the checkpoint ends (recorded by the run, see
+``checkpoint.every_epochs``). Positive: a step on ``z`` lowers the loss on ``z'`` (a proponent); negative: an
+opponent. The self-influence ``sum_k lr_k |g_k(z)|^2`` ranks training examples for data debugging: mislabelled
+and atypical examples come first. A checkpoint holding K members contributes the mean over its members.
+
+**Random projections** (Johnson-Lindenstrauss): each per-example gradient is multiplied by a ``P x D`` Gaussian
+matrix with entries N(0, 1/D), drawn block by block from fnclass keys, so ``<Rg, Rg'>`` estimates ``<g, g'>``
+without bias and no ``N x P`` gradient matrix is ever held; the chunk's gradients are the largest tensor.
+
+**TRAK** (Park et al. 2023, "TRAK: Attributing Model Behavior at Scale"): for every model (each member of each
+checkpoint) the projected gradients ``phi`` of the margin ``logit_y - logsumexp_{j != y} logit_j``, then
+``phi(z') (Phi^T Phi)^-1 phi(z)``, averaged over the models and multiplied by the mean of ``1 - p_y(z)``.
+The more independently trained models (``--seeds``), the better its estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fnclass import data, random, tree
+from fnclass.analysis import _chunks, auto_chunk_size, make_per_example_grad_fn
+from fnclass.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from fnclass.losses import per_example_cross_entropy
+from fnclass.models import build_model
+
+METHODS = ("tracin", "trak")
+DEFAULT_TRAK_DIM = 2048
+PROJECTION_CACHE = 1 << 30  # bytes of projection matrix kept between chunks; beyond this, blocks are redrawn
+
+
+class AlongRun(NamedTuple):
+    """A checkpoint that attribution sums over, and the weights of its models (one per member)."""
+
+    path: Path
+    checkpoint: Checkpoint
+    learning_rates: tuple[float, ...]
+
+    def models(self, device: torch.device) -> list[tuple[object, object]]:
+        """``(params, state)`` of each model the file holds (its members, or itself), on ``device``."""
+        ckpt = self.checkpoint
+        pairs = ([(ckpt.params, ckpt.state)] if not ckpt.members else
+                 [(tree.tree_index(ckpt.params, i), tree.tree_index(ckpt.state, i)) for i in range(len(ckpt.members))])
+        return [tree.tree_to(pair, device) for pair in pairs]
+
+
+def checkpoint_paths(sources: Sequence[str | Path]) -> list[Path]:
+    """The checkpoint files of ``sources``: files as given, and for a run directory the checkpoints it kept along
+    the run (``checkpoints/epoch-*.safetensors``, written with ``checkpoint.every_epochs``), in epoch order."""
+    paths = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+            along = sorted(folder.glob("epoch-*.safetensors"))
+            if not along:
+                raise CheckpointError(f"{source}: no checkpoints kept along the run (epoch-*.safetensors); train "
+                                      "with --set checkpoint.every_epochs=1, or pass checkpoint files")
+            paths += along
+        elif source.is_file():
+            paths.append(source)
+        else:
+            raise CheckpointError(f"{source}: no such checkpoint file or run directory")
+    return paths
+
+
+def load_along(sources: Sequence[str | Path], *, uniform: bool = False) -> list[AlongRun]:
+    """Load the checkpoints of ``sources`` (see :func:`checkpoint_paths`) with their learning rates.
+
+    Args:
+      sources: checkpoint files and run directories.
+      uniform: weigh every checkpoint 1 instead of its learning rate (for files without the record).
+
+    Raises:
+      CheckpointError: one line, for a file without a learning rate (unless ``uniform``), or checkpoints of
+        different models, classes or normalisations.
+    """
+    along = []
+    for path in checkpoint_paths(sources):
+        ckpt = load_checkpoint(path, weights="raw")
+        count = max(len(ckpt.members), 1)
+        if uniform:
+            rates = (1.0,) * count
+        else:
+            if "learning_rate" not in ckpt.metadata:
+                raise CheckpointError(f"{path}: no learning rate recorded (written mid-epoch or by an older "
+                                      "fnclass); use epoch-end checkpoints, or pass --uniform to weigh each one 1")
+            try:
+                value = json.loads(ckpt.metadata["learning_rate"])
+                rates = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+            except (ValueError, TypeError):
+                raise CheckpointError(f"{path}: metadata 'learning_rate' is malformed (the file was altered); use "
+                                      "another file") from None
+            if len(rates) != count or not all(math.isfinite(r) and r >= 0 for r in rates):
+                raise CheckpointError(f"{path}: metadata 'learning_rate' does not fit its {count} model(s) (the "
+                                      "file was altered); use another file")
+        along.append(AlongRun(path, ckpt, rates))
+    first = along[0].checkpoint
+    for item in along[1:]:
+        ckpt = item.checkpoint
+        if (ckpt.config.model != first.config.model or ckpt.classes != first.classes or ckpt.mean != first.mean
+                or ckpt.std != first.std):
+            raise CheckpointError(f"{item.path}: another model, classes or normalisation than {along[0].path}; "
+                                  "pass checkpoints of one run")
+    return along
+
+
+def training_rows(ckpt: Checkpoint, labels: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+    """The rows of the training split (``labels``: all of it) that ``ckpt``'s run trained on, as
+    :func:`fnclass.epoch.load_run_data` chose them (``data.train_limit`` or ``data.train_indices``, without the
+    images ``data.val_size`` held out), the first ``limit`` of them."""
+    config = ckpt.config.data
+    rows = torch.arange(len(labels))
+    if config.train_indices:
+        rows = data.read_indices(config.train_indices, len(labels))
+    elif config.train_limit:
+        rows = rows[:config.train_limit]
+    if config.val_size:
+        kept, _ = data.validation_split(labels[rows], config.val_size, config.val_seed)
+        rows = rows[kept]
+    return rows[:limit] if limit else rows
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRAK's output function for classification: ``logit_y - logsumexp_{j != y} logit_j`` per example."""
+    logits = logits.float()
+    correct = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return correct - torch.logsumexp(others, 1)
+
+
+class Projection:
+    """``x -> x @ R``, ``R`` a (P, dim) matrix of N(0, 1/dim) entries drawn from ``key`` block by block.
+
+    ``R`` is never held whole unless it fits :data:`PROJECTION_CACHE` bytes; a block is a
+    ``torch.Generator`` stream seeded from ``fold_in(key, leaf, block)``, so the same key gives the same
+    matrix on a device type. Apply it to a list of per-example gradient leaves, each ``(N, *shape)``.
+    """
+
+    def __init__(self, key: torch.Tensor, sizes: Sequence[int], dim: int, device: torch.device,
+                 block_rows: int | None = None):
+        self.key, self.sizes, self.dim, self.device = key, list(sizes), dim, torch.device(device)
+        self.block_rows = block_rows or max(1, (1 << 24) // dim)
+        self.cache = {} if sum(self.sizes) * dim * 4 <= PROJECTION_CACHE else None
+
+    def block(self, leaf: int, start: int) -> torch.Tensor:
+        """Rows ``start:start + block_rows`` of leaf ``leaf``'s part of ``R``."""
+        if self.cache is not None and (leaf, start) in self.cache:
+            return self.cache[(leaf, start)]
+        seed = int(random.bits(random.fold_in(random.fold_in(self.key, leaf), start), (1,))[0])
+        generator = torch.Generator(self.device).manual_seed(seed)
+        rows = min(self.block_rows, self.sizes[leaf] - start)
+        matrix = torch.randn(rows, self.dim, generator=generator, device=self.device) / math.sqrt(self.dim)
+        if self.cache is not None:
+            self.cache[(leaf, start)] = matrix
+        return matrix
+
+    def __call__(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(len(leaves[0]), self.dim, device=self.device)
+        for index, leaf in enumerate(leaves):
+            flat = leaf.flatten(1).float()
+            for start in range(0, flat.shape[1], self.block_rows):
+                out += flat[:, start:start + self.block_rows] @ self.block(index, start)
+        return out
+
+
+def features(model, params, state, images: torch.Tensor, labels: torch.Tensor, *, chunk_size: int | None,
+             output: Callable = per_example_cross_entropy, project: Projection | None = None
+             ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Per chunk: ``(rows, gradient features, logits)``, the features the flattened per-example gradients of
+    ``output`` (``(c, P)``), or their projections (``(c, dim)``)."""
+    grad_fn = make_per_example_grad_fn(model, state, loss_fn=output)
+    for part in _chunks(len(images), chunk_size):
+        grads, (_, logits) = grad_fn(params, images[part], labels[part])
+        leaves = tree.tree_leaves(grads)
+        flat = project(leaves) if project is not None else torch.cat([leaf.flatten(1).float() for leaf in leaves], 1)
+        yield part, flat, logits
+
+
+class Problem(NamedTuple):
+    """What attribution runs on: the model, the training rows, the test examples (already preprocessed)."""
+
+    model: object
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    chunk_size: int | None
+
+
+def _model_for(ckpt: Checkpoint):
+    """The checkpoint's model with attention on its ``math`` path (fused kernels have no vmap rule)."""
+    return build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+
+
+def tracin_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int | None = None,
+                  key: torch.Tensor | None = None, progress: Callable | None = None) -> torch.Tensor:
+    """TracInCP scores, ``(T, N)``: test example by training example (see the module docstring).
+
+    Exact with ``proj_dim`` None (the test gradients, ``T x P``, are held; the training gradients stream); with
+    ``proj_dim`` D, every model's gradients are projected by its own :class:`Projection` (from ``fold_in(key,
+    model)``), so both sides stream. Members of a checkpoint are averaged.
+    """
+    device = problem.train_images.device
+    scores = torch.zeros(len(problem.test_images), len(problem.train_images), device=device)
+    key = random.key(0) if key is None else key
+    done = 0
+    for k, item in enumerate(along):
+        models = item.models(device)
+        for m, (params, state) in enumerate(models):
+            weight = item.learning_rates[m] / len(models)
+            project = None
+            if proj_dim:
+                sizes = [leaf.numel() for leaf in tree.tree_leaves(params)]
+                project = Projection(random.fold_in(random.fold_in(key, k), m), sizes, proj_dim, device)
+            test = torch.cat([f for _, f, _ in features(problem.model, params, state, problem.test_images,
+                                                        problem.test_labels, chunk_size=problem.chunk_size,
+                                                        project=project)])
+            for part, train, _ in features(problem.model, params, state, problem.train_images, problem.train_labels,
+                                           chunk_size=problem.chunk_size, project=project):
+                scores[:, part] += weight * (test @ train.T)
+                done += part.stop - part.start
+                if progress:
+                    progress(done)
+    return scores
+
+
+def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Callable | None = None) -> torch.Tensor:
+    """TracIn self-influence of every training example, ``(N,)``: ``sum_k lr_k |g_k(z)|^2`` (exact)."""
+    device = problem.train_images.device
+    scores = torch.zeros(len(problem.train_images), device=device)
+    done = 0
+    for item in along:
+        models = item.models(device)
+        for m, (params, state) in enumerate(models):
+            grad_fn = make_per_example_grad_fn(problem.model, state)
+            for part in _chunks(len(problem.train_images), problem.chunk_size):
+                grads, _ = grad_fn(params, problem.train_images[part], problem.train_labels[part])
+                squares = sum(leaf.flatten(1).float().pow(2).sum(1) for leaf in tree.tree_leaves(grads))
+                scores[part] += item.learning_rates[m] / len(models) * squares
+                done += part.stop - part.start
+                if progress:
+                    progress(done)
+    return scores
+
+
+def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = DEFAULT_TRAK_DIM,
+                key: torch.Tensor | None = None, damping: float = 1e-6,
+                progress: Callable | None = None) -> torch.Tensor:
+    """TRAK scores, ``(T, N)``, over every model the checkpoints hold (see the module docstring).
+
+    ``damping`` times the mean diagonal of ``Phi^T Phi`` is added to it before the solve (float64), for models
+    whose projected gradients are nearly collinear.
+    """
+    device = problem.train_images.device
+    key = random.key(0) if key is None else key
+    total = torch.zeros(len(problem.test_images), len(problem.train_images), device=device, dtype=torch.float64)
+    residual = torch.zeros(len(problem.train_images), device=device, dtype=torch.float64)
+    count, done = 0, 0
+    for k, item in enumerate(along):
+        for m, (params, state) in enumerate(item.models(device)):
+            sizes = [leaf.numel() for leaf in tree.tree_leaves(params)]
+            project = Projection(random.fold_in(random.fold_in(key, k), m), sizes, proj_dim, device)
+            parts, probabilities = [], []
+            for part, phi, logits in features(problem.model, params, state, problem.train_images,
+                                              problem.train_labels, chunk_size=problem.chunk_size, output=margin,
+                                              project=project):
+                parts.append(phi.double())
+                probabilities.append(logits.float().softmax(-1).gather(1, problem.train_labels[part, None])[:, 0])
+                done += part.stop - part.start
+                if progress:
+                    progress(done)
+            train = torch.cat(parts)
+            test = torch.cat([f.double() for _, f, _ in features(
+                problem.model, params, state, problem.test_images, problem.test_labels,
+                chunk_size=problem.chunk_size, output=margin, project=project)])
+            kernel = train.T @ train
+            kernel += damping * kernel.diagonal().mean().clamp(min=1e-30) * torch.eye(proj_dim, device=device,
+                                                                                      dtype=torch.float64)
+            total += (train @ torch.linalg.solve(kernel, test.T)).T
+            residual += 1 - torch.cat(probabilities).double()
+            count += 1
+    return (total / count * (residual / count)).float()
+
+
+def top_examples(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``scores`` the indices of its ``k`` highest (proponents) and ``k`` lowest (opponents)."""
+    k = min(k, scores.shape[1])
+    return scores.topk(k, dim=1).indices, (-scores).topk(k, dim=1).indices
+
+
+def prepare(ckpt: Checkpoint, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images as the checkpoint's model takes them, on ``device``."""
+    return ckpt.preprocess(images.to(device))
+
+
+def default_chunk_size(along: Sequence[AlongRun], model, image: torch.Tensor, limit: int,
+                       max_memory: int | None = None) -> int:
+    """The chunk whose per-example gradients fit the memory budget (:func:`fnclass.analysis.auto_chunk_size`)."""
+    params, state = along[0].models(image.device)[0]
+    return auto_chunk_size(model, params, state, image, max_memory=max_memory, limit=limit)
+
+
+def parse_indices(text: str, size: int) -> list[int]:
+    """``"0,5,10-19"`` -> ``[0, 5, 10, ..., 19]``, each in ``range(size)``.
+
+    Raises:
+      InputError: one line naming the bad part.
+    """
+    from fnclass.errors import InputError
+
+    chosen = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or dash and not high.isdigit():
+            raise InputError(f"--test-indices {text!r}: {part!r} is not an index or a range such as 10-19")
+        first, last = int(low), int(high) if dash else int(low)
+        if first > last or last >= size:
+            raise InputError(f"--test-indices {text!r}: {part!r} is outside the test split's 0..{size - 1}")
+        chosen += range(first, last + 1)
+    if not chosen:
+        raise InputError(f"--test-indices {text!r}: no index given; e.g. --test-indices 0-7")
+    return chosen
+
+
+def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=None, test_indices: str | None = None,
+              image_paths: Sequence[str | Path] = (), top: int = 8, method: str = "tracin",
+              proj_dim: int | None = None, train_limit: int | None = None, chunk_size: int | str = "auto",
+              max_memory: int | None = None, uniform: bool = False, seed: int = 0, device: str = "auto",
+              download: bool = True, progress: Callable | None = None) -> dict:
+    """Attribute test examples (``test_indices`` of the test split, or the images ``image_paths``, which are
+    attributed for the class the last checkpoint predicts) to the training examples, and write ``out_dir``:
+    ``influence.csv`` and ``influence.json`` (each test example's ``top`` proponents and opponents),
+    ``scores.npy`` (the whole ``(T, N)`` score matrix, float32) with ``train_indices.npy`` (its columns' rows of
+    the training split) and ``influence.png`` (each test image, then its proponents and its opponents).
+
+    Returns:
+      The report (also ``influence.json``).
+    """
+    import time
+
+    from fnclass.io import pick_device
+
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    along = load_along(sources, uniform=uniform)
+    last = along[-1].checkpoint
+    dev = pick_device(device)
+    folder = data.resolve_data_dir(data_dir, last.config.data.dataset, download=download)
+    train_raw, train_labels, rows = _training_split(last, folder, train_limit)
+    if image_paths:
+        test_raw = torch.stack([torch.from_numpy(data.read_image(Path(p), last.input_size)) for p in image_paths])
+        test_labels = _predict(last, test_raw)
+        names = [str(p) for p in image_paths]
+    else:
+        test_all, test_all_labels = data.load_split(folder, "test")
+        last.check_split(folder, test_all, test_all_labels)
+        chosen = parse_indices(test_indices or "0-7", len(test_all))
+        test_raw, test_labels, names = test_all[chosen], test_all_labels[chosen], chosen
+    model = _model_for(last)
+    train_images = prepare(last, train_raw, dev)
+    size = (default_chunk_size(along, model, train_images[0], len(train_images), max_memory)
+            if chunk_size == "auto" else chunk_size)
+    problem = Problem(model, train_images, train_labels.to(dev), prepare(last, test_raw, dev), test_labels.to(dev),
+                      size)
+    if method == "trak":
+        proj_dim = proj_dim or DEFAULT_TRAK_DIM
+    tick = time.perf_counter()
+    if method == "tracin":
+        scores = tracin_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress)
+    else:
+        scores = trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress)
+    seconds = time.perf_counter() - tick
+    scores = scores.cpu()
+    proponents, opponents = top_examples(scores, top)
+    models = sum(len(item.learning_rates) for item in along)
+    gradients = models * (len(train_images) + len(test_raw))
+    pick = lambda idx, t: [{"index": int(rows[i]), "label": int(train_labels[i]), "score": float(scores[t, i])}
+                           for i in idx]
+    report = {
+        "method": method, "proj_dim": proj_dim, "seed": seed,
+        "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
+        "models": models, "train_examples": len(train_images), "chunk_size": size, "seconds": seconds,
+        "gradients_per_second": gradients / seconds if seconds else None, "classes": list(last.classes),
+        "tests": [{"test": name, "label": int(test_labels[t]), "proponents": pick(proponents[t], t),
+                   "opponents": pick(opponents[t], t)} for t, name in enumerate(names)],
+    }
+    _write_attribution(Path(out_dir), report, scores, rows, test_raw, train_raw, last.classes, bool(image_paths))
+    return report
+
+
+def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=None, top: int = 32,
+                        train_limit: int | None = None, chunk_size: int | str = "auto",
+                        max_memory: int | None = None, uniform: bool = False, device: str = "auto",
+                        download: bool = True, progress: Callable | None = None) -> dict:
+    """Rank every training example by TracIn self-influence and write ``out_dir``: ``self_influence.csv`` (rank,
+    index, label, predicted, score; highest first), ``self_influence.json`` and ``self_influence.png`` (the
+    ``top`` first, titled ``label / predicted``).
+
+    Returns:
+      The report (also ``self_influence.json``).
+    """
+    import time
+
+    from fnclass.io import pick_device
+
+    along = load_along(sources, uniform=uniform)
+    last = along[-1].checkpoint
+    dev = pick_device(device)
+    folder = data.resolve_data_dir(data_dir, last.config.data.dataset, download=download)
+    train_raw, train_labels, rows = _training_split(last, folder, train_limit)
+    model = _model_for(last)
+    images = prepare(last, train_raw, dev)
+    size = (default_chunk_size(along, model, images[0], len(images), max_memory) if chunk_size == "auto"
+            else chunk_size)
+    problem = Problem(model, images, train_labels.to(dev), images[:0], train_labels[:0].to(dev), size)
+    tick = time.perf_counter()
+    scores = self_influence(along, problem, progress=progress).cpu()
+    seconds = time.perf_counter() - tick
+    predicted = _predict(last, train_raw)
+    order = torch.argsort(scores, descending=True, stable=True)
+    models = sum(len(item.learning_rates) for item in along)
+    report = {
+        "method": "tracin-self",
+        "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
+        "models": models, "train_examples": len(images), "chunk_size": size, "seconds": seconds,
+        "gradients_per_second": models * len(images) / seconds if seconds else None,
+        "mean_score": float(scores.mean()), "classes": list(last.classes),
+        "top": [{"index": int(rows[i]), "label": int(train_labels[i]), "predicted": int(predicted[i]),
+                 "score": float(scores[i])} for i in order[:top]],
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["rank,index,label,predicted,score"] + [
+        f"{r + 1},{int(rows[i])},{int(train_labels[i])},{int(predicted[i])},{float(scores[i]):.8g}"
+        for r, i in enumerate(order.tolist())]
+    from fnclass.io import write_atomic, write_json
+
+    write_atomic(out / "self_influence.csv", ("\n".join(lines) + "\n").encode())
+    write_json(out / "self_influence.json", report)
+    _plot_self(out / "self_influence.png", train_raw, train_labels, predicted, scores, order[:top], rows, last.classes)
+    return report
+
+
+def _training_split(ckpt: Checkpoint, folder: Path, limit: int | None):
+    """The run's training images, labels and their rows of the split (see :func:`training_rows`)."""
+    images, labels = data.load_split(folder, "train")
+    ckpt.check_split(folder, images, labels)
+    rows = training_rows(ckpt, labels, limit)
+    return images[rows], labels[rows], rows
+
+
+def _predict(ckpt: Checkpoint, images: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's predicted classes (members: their ensemble) for uint8 images, in batches of 1,000."""
+    with torch.no_grad():
+        return torch.cat([ckpt.logits(images[i:i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
+
+
+def _write_attribution(out: Path, report: dict, scores: torch.Tensor, rows: torch.Tensor, test_raw, train_raw,
+                       classes, images_given: bool) -> None:
+    """influence.csv/.json, scores.npy, train_indices.npy and influence.png, each written atomically."""
+    import io as _io
+
+    import numpy as np
+
+    from fnclass.io import write_atomic, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["test,test_label,kind,rank,train_index,train_label,score"]
+    for test in report["tests"]:
+        for kind in ("proponents", "opponents"):
+            for rank, row in enumerate(test[kind], 1):
+                lines.append(f"{test['test']},{test['label']},{kind[:-1]},{rank},{row['index']},{row['label']},"
+                             f"{row['score']:.8g}")
+    write_atomic(out / "influence.csv", ("\n".join(lines) + "\n").encode())
+    write_json(out / "influence.json", report)
+    for name, array in (("scores.npy", scores.numpy().astype(np.float32)), ("train_indices.npy", rows.numpy())):
+        buffer = _io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        write_atomic(out / name, buffer.getvalue())
+    by_row = {int(r): i for i, r in enumerate(rows.tolist())}
+    _plot_attribution(out / "influence.png", report, test_raw, train_raw, by_row, classes, images_given)
+
+
+def _plot_attribution(path, report, test_raw, train_raw, by_row, classes, images_given) -> None:
+    """One row per test example: the test image, its proponents (green titles), its opponents (red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fnclass.io import save_figure
+
+    tests = report["tests"]
+    k = max(len(tests[0]["proponents"]), 1)
+    fig, axes = plt.subplots(len(tests), 1 + 2 * k, figsize=((1 + 2 * k) * 1.3, len(tests) * 1.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for t, test in enumerate(tests):
+        axes[t, 0].imshow(test_raw[t].numpy())
+        what = "predicted" if images_given else "test"
+        axes[t, 0].set_title(f"{what} {classes[test['label']]}", fontsize=7, fontweight="bold")
+        for j, (kind, color) in enumerate((("proponents", "green"), ("opponents", "red"))):
+            for i, row in enumerate(test[kind]):
+                ax = axes[t, 1 + j * k + i]
+                ax.imshow(train_raw[by_row[row["index"]]].numpy())
+                ax.set_title(f"#{row['index']} {classes[row['label']]}\n{row['score']:.3g}", fontsize=6, color=color)
+    fig.suptitle(f"{report['method']}: proponents (green) and opponents (red) of each test image", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _plot_self(path, train_raw, labels, predicted, scores, order, rows, classes) -> None:
+    """The highest self-influence examples, titled ``#index label / predicted`` (red when they differ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fnclass.io import save_figure
+
+    columns = 8
+    count = max(len(order), 1)
+    fig, axes = plt.subplots(math.ceil(count / columns), columns, figsize=(columns * 1.6,
+                                                                           math.ceil(count / columns) * 1.9),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order.tolist()):
+        label, guess = classes[int(labels[i])], classes[int(predicted[i])]
+        ax.imshow(train_raw[i].numpy())
+        ax.set_title(f"#{int(rows[i])}\n{label} / {guess}", fontsize=7, color="black" if label == guess else "red")
+    fig.suptitle("highest TracIn self-influence (label / predicted)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
