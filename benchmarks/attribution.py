@@ -1,9 +1,10 @@
 """Data attribution benchmarks (docs/attribution.md): mislabel detection on real CIFAR-10.
 
-Run by hand from the repository root, not by pytest::
+Run by hand from the repository root, not by pytest (``pip install -e '.[bench]'`` for Captum)::
 
     python -m benchmarks.attribution mislabel --data-dir ../shared/data/cifar10 [--train-limit 10000]
         [--every-epochs 3] [--work runs/bench-mislabel] [--json mislabel.json]
+    python -m benchmarks.attribution speed --data-dir ../shared/data/cifar10 [--train 1000] [--json speed.json]
 
 ``mislabel``: the first ``--train-limit`` training images with 10% of their labels changed at random to another
 class (``--seed``), written as a data folder; configs/cpu.toml trained on it with a checkpoint kept every
@@ -11,6 +12,15 @@ class (``--seed``), written as a data folder; configs/cpu.toml trained on it wit
 TracIn self-influence over the kept checkpoints (``fnclass influence --self``), and the final checkpoint's loss,
 gradient norm (``fnclass grads``) and EL2N (``fnclass grads --score el2n``). For each ranking, the fraction of the
 flipped examples found among its top 5%, 10% and 20%; chance finds 5%, 10% and 20% of them.
+
+``speed``: TracIn of ``--test`` test images against ``--train`` training images over two checkpoints of
+configs/cpu.toml's model (without its whitening stem, which the ``nn.Module`` twin lacks), as training
+examples scored per second (training examples x checkpoints / seconds): fnclass exact and projected (D = 1024, all
+layers) and Captum's ``TracInCP`` on the twin, exact: its default (one backward per example, all parameters)
+and with ``sample_wise_grads_per_batch`` (hooks that cover Linear and Conv2d parameters only). Captum projects
+only in ``TracInCPFastRandProj``, which takes the final layer's gradients alone and needs the ``annoy`` package:
+not the same computation, so it is left out.
+fnclass's exact scores are compared with Captum's ``TracInCP`` (max relative error) before they are timed.
 """
 
 from __future__ import annotations
@@ -105,6 +115,79 @@ def mislabel(args) -> None:
              "device": device_name(torch.device("cpu")), "torch": torch.__version__}, "\n".join(table), args.json)
 
 
+def speed(args) -> None:
+    import tempfile
+
+    from captum.influence import TracInCP
+    from torch.utils.data import TensorDataset
+
+    from fnclass import influence, random, recipe, tree
+    from fnclass.checkpoint import save_checkpoint
+    from fnclass.config import load_config
+    from fnclass.data import load_split
+    from fnclass.models import resolve_config
+    from fnclass.step import create_train_state
+    from tests.torch_reference import reference_module
+
+    config = resolve_config(load_config("cpu", ["model.whiten=false", "optim.whiten_bias_epochs=0",
+                                               "model.num_classes=10"]))
+    model = recipe.create_model(config)
+    optimizer = recipe.create_run_optimizer(config, model.param_labels, 10)
+    train_raw, train_labels = load_split(args.data_dir, "train", limit=args.train)
+    test_raw, test_labels = load_split(args.data_dir, "test", limit=args.test)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    folder = Path(tempfile.mkdtemp())
+    paths = []
+    for k in range(2):
+        state = create_train_state(model, optimizer, random.key(k))
+        paths.append(folder / f"epoch-{k + 1:04d}.safetensors")
+        save_checkpoint(paths[-1], state, config=config, classes=[str(c) for c in range(10)], mean=mean, std=std,
+                        input_size=(32, 32), learning_rate=0.1 * (k + 1))
+    along = influence.load_along(paths)
+    first = along[0].checkpoint
+    train_x, test_x = first.preprocess(train_raw).contiguous(), first.preprocess(test_raw).contiguous()
+    problem = influence.Problem(influence._model_for(first), train_x, train_labels, test_x, test_labels,
+                                args.chunk_size)
+    timed = {}
+
+    def clock(name, work):
+        tick = time.perf_counter()
+        result = work()
+        timed[name] = len(train_x) * len(paths) / (time.perf_counter() - tick)
+        return result
+
+    exact = clock("fnclass exact", lambda: influence.tracin_scores(along, problem))
+    clock("fnclass projected D=1024", lambda: influence.tracin_scores(along, problem, proj_dim=1024))
+    twin = reference_module(config.model, first.params, first.state).eval()
+    weights = {str(path): item for path, item in zip(paths, along)}
+
+    def load(module, path):
+        item = weights[str(path)]
+        loaded = reference_module(config.model, item.checkpoint.params, item.checkpoint.state)
+        module.load_state_dict(loaded.state_dict())
+        module.eval()
+        return item.learning_rates[0]
+
+    dataset = TensorDataset(train_x, train_labels)
+    loss = torch.nn.CrossEntropyLoss(reduction="sum")
+    hooks = TracInCP(twin, dataset, [str(p) for p in paths], checkpoints_load_func=load, loss_fn=loss,
+                     batch_size=args.chunk_size, sample_wise_grads_per_batch=True)
+    clock("Captum TracInCP, per-sample hooks (Linear/Conv2d only)", lambda: hooks.influence((test_x, test_labels)))
+    plain = TracInCP(twin, dataset, [str(p) for p in paths], checkpoints_load_func=load,
+                     loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), batch_size=args.chunk_size)
+    theirs = clock("Captum TracInCP (exact)", lambda: plain.influence((test_x, test_labels)))
+    error = float((exact - theirs).abs().max() / theirs.abs().max())
+    base = timed["Captum TracInCP (exact)"]
+    table = [f"TracIn speed: {len(test_x)} test x {len(train_x)} training images, 2 checkpoints, cpu.toml's model "
+             f"without whitening ({tree.num_params(first.params):,} parameters), chunk {args.chunk_size}; "
+             f"{device_name(torch.device('cpu'))}, torch {torch.__version__}",
+             f"{'variant':<56}{'train ex./s':>12}{'x Captum TracInCP':>20}"]
+    table += [f"{name:<56}{value:>12,.1f}{value / base:>19.2f}x" for name, value in timed.items()]
+    table.append(f"fnclass exact against Captum TracInCP: max relative error {error:.1e}")
+    publish({"train": len(train_x), "test": len(test_x), "examples_per_second": timed, "max_rel_error": error,
+             "device": device_name(torch.device("cpu")), "torch": torch.__version__}, "\n".join(table), args.json)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,8 +198,14 @@ def main() -> None:
     detect.add_argument("--seed", type=int, default=0)
     detect.add_argument("--work", default="runs/bench-mislabel")
     detect.add_argument("--json")
+    fast = commands.add_parser("speed", help="TracIn: fnclass against Captum's TracInCP")
+    fast.add_argument("--data-dir", required=True)
+    fast.add_argument("--train", type=int, default=1000)
+    fast.add_argument("--test", type=int, default=10)
+    fast.add_argument("--chunk-size", type=int, default=64)
+    fast.add_argument("--json")
     args = parser.parse_args()
-    mislabel(args)
+    mislabel(args) if args.command == "mislabel" else speed(args)
 
 
 if __name__ == "__main__":

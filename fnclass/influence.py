@@ -40,7 +40,6 @@ from fnclass.models import build_model
 
 METHODS = ("tracin", "trak")
 DEFAULT_TRAK_DIM = 2048
-PROJECTION_CACHE = 1 << 30  # bytes of projection matrix kept between chunks; beyond this, blocks are redrawn
 
 
 class AlongRun(NamedTuple):
@@ -145,16 +144,21 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Projection:
     """``x -> x @ R``, ``R`` a (P, dim) matrix of N(0, 1/dim) entries drawn from ``key`` block by block.
 
-    ``R`` is never held whole unless it fits :data:`PROJECTION_CACHE` bytes; a block is a
-    ``torch.Generator`` stream seeded from ``fold_in(key, leaf, block)``, so the same key gives the same
-    matrix on a device type. Apply it to a list of per-example gradient leaves, each ``(N, *shape)``.
+    ``R`` is drawn once and kept when it fits ``cache_bytes`` (default: the memory budget of
+    :func:`fnclass.analysis.memory_budget`, a quarter of the available RAM or half the free GPU memory); otherwise
+    its blocks are drawn again for every chunk. A block is a ``torch.Generator`` stream seeded from
+    ``fold_in(key, leaf, block)``, so the same key gives the same matrix on a device type. Apply it to a list of
+    per-example gradient leaves, each ``(N, *shape)``.
     """
 
     def __init__(self, key: torch.Tensor, sizes: Sequence[int], dim: int, device: torch.device,
-                 block_rows: int | None = None):
+                 block_rows: int | None = None, cache_bytes: int | None = None):
+        from fnclass.analysis import memory_budget
+
         self.key, self.sizes, self.dim, self.device = key, list(sizes), dim, torch.device(device)
         self.block_rows = block_rows or max(1, (1 << 24) // dim)
-        self.cache = {} if sum(self.sizes) * dim * 4 <= PROJECTION_CACHE else None
+        budget = memory_budget(self.device) if cache_bytes is None else cache_bytes
+        self.cache = {} if sum(self.sizes) * dim * 4 <= budget else None
 
     def block(self, leaf: int, start: int) -> torch.Tensor:
         """Rows ``start:start + block_rows`` of leaf ``leaf``'s part of ``R``."""

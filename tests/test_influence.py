@@ -265,3 +265,26 @@ def test_attribution_covers_exactly_the_images_the_run_trained_on(cifar_dir, tmp
     images = np.load(cifar_dir / "train_images.npy", mmap_mode="r")
     assert torch.equal(torch.from_numpy(images[rows.numpy()]), loaded.train_images.cpu())
     assert torch.equal(labels[rows], loaded.train_labels.cpu())
+
+
+def test_images_are_attributed_for_the_predicted_class_through_the_cli(cifar_dir, run_dir, tmp_path):
+    """A PNG of test image t (lossless) attributed through `fnclass influence --images --json`: the label is the
+    last checkpoint's prediction, and the scores equal those of --test-indices t when that prediction is right."""
+    from PIL import Image
+
+    last = load_checkpoint(run_dir / "checkpoints/last.safetensors")
+    test_x, test_y = first(cifar_dir, "test", 50)
+    predicted = last.logits(test_x).argmax(1)
+    t = int((predicted == test_y).nonzero()[0])
+    Image.fromarray(test_x[t].numpy()).save(tmp_path / "image.png")
+    common = ["--data-dir", str(cifar_dir), "--train-limit", "30", "--top", "2", "--json"]
+    by_image = CliRunner().invoke(main, ["influence", str(run_dir), "--images", str(tmp_path / "image.png"),
+                                         "--out", str(tmp_path / "a"), *common])
+    by_index = CliRunner().invoke(main, ["influence", str(run_dir), "--test-indices", str(t),
+                                         "--out", str(tmp_path / "b"), *common])
+    assert by_image.exit_code == 0 and by_index.exit_code == 0, by_image.output + by_index.output
+    report = json.loads(by_image.output)
+    assert report["tests"][0]["test"] == str(tmp_path / "image.png")
+    assert report["tests"][0]["label"] == int(predicted[t]) and len(report["tests"][0]["proponents"]) == 2
+    assert np.array_equal(np.load(tmp_path / "a/scores.npy"), np.load(tmp_path / "b/scores.npy"))
+    assert json.loads(by_index.output)["tests"][0]["proponents"] == report["tests"][0]["proponents"]
