@@ -5,6 +5,7 @@ Run by hand from the repository root, not by pytest (``pip install -e '.[bench]'
     python -m benchmarks.attribution mislabel --data-dir ../shared/data/cifar10 [--train-limit 10000]
         [--every-epochs 3] [--work runs/bench-mislabel] [--json mislabel.json]
     python -m benchmarks.attribution speed --data-dir ../shared/data/cifar10 [--train 1000] [--json speed.json]
+    python -m benchmarks.attribution prune --data-dir ../shared/data/cifar10 [--seeds 0-2] [--keep 0.7]
 
 ``mislabel``: the first ``--train-limit`` training images with 10% of their labels changed at random to another
 class (``--seed``), written as a data folder; configs/cpu.toml trained on it with a checkpoint kept every
@@ -21,6 +22,11 @@ and with ``sample_wise_grads_per_batch`` (hooks that cover Linear and Conv2d par
 only in ``TracInCPFastRandProj``, which takes the final layer's gradients alone and needs the ``annoy`` package:
 not the same computation, so it is left out.
 fnclass's exact scores are compared with Captum's ``TracInCP`` (max relative error) before they are timed.
+
+``prune``: "prune by score, retrain" as two commands. EL2N is scored early in training, as Paul et al. do (here
+a 2-epoch cpu.toml run of two seeds, the members' mean: ``fnclass grads --score el2n --keep-fraction``); then
+cpu.toml is trained on the ``--keep`` highest-scoring training images and on as many drawn at random, with
+``--seeds`` as members of one run each (``data.train_indices``), and the test accuracies are compared.
 """
 
 from __future__ import annotations
@@ -188,6 +194,37 @@ def speed(args) -> None:
              "device": device_name(torch.device("cpu")), "torch": torch.__version__}, "\n".join(table), args.json)
 
 
+def prune(args) -> None:
+    work = Path(args.work)
+    scoring = work / "scoring"
+    seconds = {"scoring run": fnclass("train", "--config", "cpu", "--data-dir", args.data_dir, "--out", str(scoring),
+                                      "--quiet", "--seeds", "0-1", "--set", f"train.epochs={args.score_epochs}")}
+    seconds["el2n"] = fnclass("grads", str(scoring / "checkpoints/last.safetensors"), "--data-dir", args.data_dir,
+                              "--score", "el2n", "--keep-fraction", str(args.keep), "--out", str(work / "el2n"))
+    kept = np.loadtxt(work / "el2n/kept_indices.txt", dtype=np.int64)
+    n = len(np.load(Path(args.data_dir) / "train_labels.npy", mmap_mode="r"))
+    chosen = np.sort(np.random.default_rng(args.seed).choice(n, len(kept), replace=False))
+    np.savetxt(work / "random_indices.txt", chosen, fmt="%d")
+    accuracy = {}
+    for name, indices in (("EL2N", work / "el2n/kept_indices.txt"), ("random", work / "random_indices.txt")):
+        out = work / name.lower()
+        seconds[f"train {name}"] = fnclass("train", "--config", "cpu", "--data-dir", args.data_dir, "--out",
+                                           str(out), "--quiet", "--seeds", args.seeds, "--set",
+                                           f"data.train_indices={indices.resolve()}")
+        summary = json.loads((out / "summary.json").read_text())
+        accuracy[name] = [member["test_accuracy"] for member in summary["members"]]
+    table = [f"pruning: cpu.toml on {len(kept):,} of {n:,} training images ({args.keep:.0%}), seeds {args.seeds}; "
+             f"EL2N from {args.score_epochs} epochs x 2 seeds; {device_name(torch.device('cpu'))}, "
+             f"torch {torch.__version__}"]
+    for name, values in accuracy.items():
+        mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        table.append(f"{name:<8} test accuracy {mean:.2%} ± {std:.2%}  ({', '.join(f'{v:.2%}' for v in values)})")
+    table.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    publish({"keep": args.keep, "kept": len(kept), "seeds": args.seeds, "score_epochs": args.score_epochs,
+             "test_accuracy": accuracy, "seconds": seconds, "device": device_name(torch.device("cpu")),
+             "torch": torch.__version__}, "\n".join(table), args.json)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,8 +241,16 @@ def main() -> None:
     fast.add_argument("--test", type=int, default=10)
     fast.add_argument("--chunk-size", type=int, default=64)
     fast.add_argument("--json")
+    cut = commands.add_parser("prune", help="cpu.toml on the 70%% kept by EL2N against 70%% at random")
+    cut.add_argument("--data-dir", required=True)
+    cut.add_argument("--keep", type=float, default=0.7)
+    cut.add_argument("--seeds", default="0-2")
+    cut.add_argument("--score-epochs", type=int, default=2)
+    cut.add_argument("--seed", type=int, default=0, help="the random selection's")
+    cut.add_argument("--work", default="runs/bench-prune")
+    cut.add_argument("--json")
     args = parser.parse_args()
-    mislabel(args) if args.command == "mislabel" else speed(args)
+    {"mislabel": mislabel, "speed": speed, "prune": prune}[args.command](args)
 
 
 if __name__ == "__main__":
