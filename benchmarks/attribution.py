@@ -207,7 +207,7 @@ def prune(args) -> None:
     np.savetxt(work / "random_indices.txt", chosen, fmt="%d")
     accuracy = {}
     for name, indices in (("EL2N", work / "el2n/kept_indices.txt"), ("random", work / "random_indices.txt")):
-        out = work / name.lower()
+        out = work / f"train-{name.lower()}"
         seconds[f"train {name}"] = fnclass("train", "--config", "cpu", "--data-dir", args.data_dir, "--out",
                                            str(out), "--quiet", "--seeds", args.seeds, "--set",
                                            f"data.train_indices={indices.resolve()}")
