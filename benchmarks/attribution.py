@@ -128,6 +128,7 @@ def speed(args) -> None:
     from torch.utils.data import TensorDataset
 
     from fnclass import influence, random, recipe, tree
+    from fnclass.analysis import vmap_model
     from fnclass.checkpoint import save_checkpoint
     from fnclass.config import load_config
     from fnclass.data import load_split
@@ -152,7 +153,7 @@ def speed(args) -> None:
     along = influence.load_along(paths)
     first = along[0].checkpoint
     train_x, test_x = first.preprocess(train_raw).contiguous(), first.preprocess(test_raw).contiguous()
-    problem = influence.Problem(influence._model_for(first), train_x, train_labels, test_x, test_labels,
+    problem = influence.Problem(vmap_model(first), train_x, train_labels, test_x, test_labels,
                                 args.chunk_size)
     timed = {}
 

@@ -61,6 +61,12 @@ def make_per_example_grad_fn(model: Model, state, *, loss_fn: Callable = per_exa
     return per_example_grad_and_value(example_loss)
 
 
+def vmap_model(ckpt) -> Model:
+    """A checkpoint's model with attention on its explicit ``math`` path, which vectorises under vmap (the fused
+    SDPA kernels have no batching rule); the parameters and the function are the same."""
+    return build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+
+
 def _chunks(n: int, chunk_size: int | None):
     """Slices of ``range(n)`` of at most ``chunk_size`` (one slice when None)."""
     step = n if not chunk_size else chunk_size
@@ -249,7 +255,7 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
     raw_images, labels = data.load_split(folder, split, limit=limit)
     ckpt.check_split(folder, raw_images, labels)
-    model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+    model = vmap_model(ckpt)
     params, state = tree.tree_to((ckpt.params, ckpt.state), dev)
     images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
     if chunk_size == "auto":
@@ -453,7 +459,7 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
     folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
     raw_images, labels = data.load_split(folder, split, limit=limit)
     ckpt.check_split(folder, raw_images, labels)
-    model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+    model = vmap_model(ckpt)
     members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
     images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
     n, start = len(images), time.perf_counter()

@@ -23,7 +23,6 @@ The more independently trained models (``--seeds``), the better its estimate.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -33,10 +32,9 @@ from typing import NamedTuple
 import torch
 
 from fnclass import data, random, tree
-from fnclass.analysis import _chunks, auto_chunk_size, make_per_example_grad_fn
+from fnclass.analysis import _chunks, auto_chunk_size, make_per_example_grad_fn, vmap_model
 from fnclass.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fnclass.losses import per_example_cross_entropy
-from fnclass.models import build_model
 
 METHODS = ("tracin", "trak")
 DEFAULT_TRAK_DIM = 2048
@@ -205,11 +203,6 @@ class Problem(NamedTuple):
     chunk_size: int | None
 
 
-def _model_for(ckpt: Checkpoint):
-    """The checkpoint's model with attention on its ``math`` path (fused kernels have no vmap rule)."""
-    return build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
-
-
 def tracin_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int | None = None,
                   key: torch.Tensor | None = None, progress: Callable | None = None) -> torch.Tensor:
     """TracInCP scores, ``(T, N)``: test example by training example (see the module docstring).
@@ -311,13 +304,6 @@ def prepare(ckpt: Checkpoint, images: torch.Tensor, device: torch.device) -> tor
     return ckpt.preprocess(images.to(device))
 
 
-def default_chunk_size(along: Sequence[AlongRun], model, image: torch.Tensor, limit: int,
-                       max_memory: int | None = None) -> int:
-    """The chunk whose per-example gradients fit the memory budget (:func:`fnclass.analysis.auto_chunk_size`)."""
-    params, state = along[0].models(image.device)[0]
-    return auto_chunk_size(model, params, state, image, max_memory=max_memory, limit=limit)
-
-
 def parse_indices(text: str, size: int) -> list[int]:
     """``"0,5,10-19"`` -> ``[0, 5, 10, ..., 19]``, each in ``range(size)``.
 
@@ -356,17 +342,12 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     """
     import time
 
-    from fnclass.io import pick_device
-
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
-    along = load_along(sources, uniform=uniform)
-    last = along[-1].checkpoint
-    dev = pick_device(device)
-    folder = data.resolve_data_dir(data_dir, last.config.data.dataset, download=download)
-    train_raw, train_labels, rows = _training_split(last, folder, train_limit)
+    along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
+                                                                      train_limit)
     if image_paths:
-        test_raw = torch.stack([torch.from_numpy(data.read_image(Path(p), last.input_size)) for p in image_paths])
+        test_raw = torch.stack([torch.tensor(data.read_image(Path(p), last.input_size)) for p in image_paths])
         test_labels = _predict(last, test_raw)
         names = [str(p) for p in image_paths]
     else:
@@ -374,10 +355,9 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
         last.check_split(folder, test_all, test_all_labels)
         chosen = parse_indices(test_indices or "0-7", len(test_all))
         test_raw, test_labels, names = test_all[chosen], test_all_labels[chosen], chosen
-    model = _model_for(last)
+    model = vmap_model(last)
     train_images = prepare(last, train_raw, dev)
-    size = (default_chunk_size(along, model, train_images[0], len(train_images), max_memory)
-            if chunk_size == "auto" else chunk_size)
+    size = _chunk(chunk_size, along, model, train_images, max_memory)
     problem = Problem(model, train_images, train_labels.to(dev), prepare(last, test_raw, dev), test_labels.to(dev),
                       size)
     if method == "trak":
@@ -419,17 +399,11 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     """
     import time
 
-    from fnclass.io import pick_device
-
-    along = load_along(sources, uniform=uniform)
-    last = along[-1].checkpoint
-    dev = pick_device(device)
-    folder = data.resolve_data_dir(data_dir, last.config.data.dataset, download=download)
-    train_raw, train_labels, rows = _training_split(last, folder, train_limit)
-    model = _model_for(last)
+    along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
+                                                                      train_limit)
+    model = vmap_model(last)
     images = prepare(last, train_raw, dev)
-    size = (default_chunk_size(along, model, images[0], len(images), max_memory) if chunk_size == "auto"
-            else chunk_size)
+    size = _chunk(chunk_size, along, model, images, max_memory)
     problem = Problem(model, images, train_labels.to(dev), images[:0], train_labels[:0].to(dev), size)
     tick = time.perf_counter()
     scores = self_influence(along, problem, progress=progress).cpu()
@@ -457,6 +431,25 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     write_json(out / "self_influence.json", report)
     _plot_self(out / "self_influence.png", train_raw, train_labels, predicted, scores, order[:top], rows, last.classes)
     return report
+
+
+def _open(sources, uniform: bool, device: str, data_dir, download: bool, train_limit: int | None):
+    """What both commands start from: the checkpoints, the last one, the device, the data folder and the run's
+    training split (see :func:`_training_split`)."""
+    from fnclass.io import pick_device
+
+    along = load_along(sources, uniform=uniform)
+    last = along[-1].checkpoint
+    folder = data.resolve_data_dir(data_dir, last.config.data.dataset, download=download)
+    return along, last, pick_device(device), folder, _training_split(last, folder, train_limit)
+
+
+def _chunk(chunk_size: int | str, along, model, images: torch.Tensor, max_memory: int | None) -> int:
+    """``chunk_size``, or with ``"auto"`` the chunk that fits the memory budget."""
+    if chunk_size != "auto":
+        return chunk_size
+    params, state = along[0].models(images.device)[0]
+    return auto_chunk_size(model, params, state, images[0], max_memory=max_memory, limit=len(images))
 
 
 def _training_split(ckpt: Checkpoint, folder: Path, limit: int | None):
