@@ -6,6 +6,8 @@ Run by hand from the repository root, not by pytest (``pip install -e '.[bench]'
         [--every-epochs 3] [--work runs/bench-mislabel] [--json mislabel.json]
     python -m benchmarks.attribution speed --data-dir ../shared/data/cifar10 [--train 1000] [--json speed.json]
     python -m benchmarks.attribution prune --data-dir ../shared/data/cifar10 [--seeds 0-2] [--keep 0.7]
+    python -m benchmarks.attribution lds --data-dir ../shared/data/cifar10 [--train 2000] [--test 200]
+        [--subsets 64] [--members 8] [--proj-dim 1024] [--work runs/bench-lds] [--json lds.json]
 
 ``mislabel``: the first ``--train-limit`` training images with 10% of their labels changed at random to another
 class (``--seed``), written as a data folder; configs/cpu.toml trained on it with a checkpoint kept every
@@ -27,6 +29,16 @@ fnclass's exact scores are compared with Captum's ``TracInCP`` (max relative err
 a 2-epoch cpu.toml run of two seeds, the members' mean: ``fnclass grads --score el2n --keep-fraction``); then
 cpu.toml is trained on the ``--keep`` highest-scoring training images and on as many drawn at random, with
 ``--seeds`` as members of one run each (``data.train_indices``), and the test accuracies are compared.
+
+``lds``: the linear datamodeling score (Park et al. 2023; ``fnclass.influence.linear_datamodeling_score``) on a
+small subset: the first ``--train`` training and ``--test`` test images, a small model (cpu.toml's recipe at widths
+16/32/64 without the whitening stem, batch 100). Attributed: fnclass TracIn over the checkpoints of one run
+(``--every-epochs``), exact and projected, and TRAK over one model and over ``--members`` seeds; dattri 0.3's
+``TracInAttributor`` (exact, the same checkpoints and learning rates; its scores are compared with fnclass's) and
+``TRAKAttributor`` (the same members and projection size) on the ``nn.Module`` twin of the same weights; random
+scores as the floor. Ground truth: ``--subsets`` models, each trained from its own seed on a random ``--alpha``
+half of the training images, and their margins on the test images (kept in ``--work`` so an interrupted run goes
+on). The LDS is checked against ``dattri.metric.lds``. Needs ``pip install -e '.[bench]'`` (dattri).
 """
 
 from __future__ import annotations
@@ -226,6 +238,220 @@ def prune(args) -> None:
              "torch": torch.__version__}, "\n".join(table), args.json)
 
 
+# lds: a small model (cpu.toml's recipe at widths 16/32/64, no whitening stem, which the nn.Module twin lacks) that
+# trains on 1,000 images in seconds, so that tens of retrainings fit on a CPU.
+LDS_SET = ["model.widths=[16,32,64]", "model.whiten=false", "optim.whiten_bias_epochs=0", "train.batch_size=100",
+           "train.tta=false", "train.eval_batch_size=1000", "train.log_every_steps=1000"]
+
+
+def lds_folder(source: Path, out: Path, n_train: int, n_test: int) -> None:
+    """A data folder with the first ``n_train`` training and ``n_test`` test images of ``source``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        np.save(out / f"{split}_images.npy", np.load(source / f"{split}_images.npy", mmap_mode="r")[:n])
+        np.save(out / f"{split}_labels.npy", np.load(source / f"{split}_labels.npy", allow_pickle=False)[:n])
+    target = out / "classes.txt"
+    if not target.exists():
+        target.symlink_to((source / "classes.txt").resolve())
+
+
+def lds_config(epochs: int, *overrides: str):
+    from fnclass.config import load_config
+
+    return load_config("cpu", [*LDS_SET, f"train.epochs={epochs}", *overrides])
+
+
+def test_margins(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """TRAK's output function, the margin, of a checkpoint's model on the test images (eval mode, no TTA)."""
+    from fnclass.checkpoint import load_checkpoint
+    from fnclass.influence import margin
+
+    with torch.no_grad():
+        return margin(load_checkpoint(checkpoint).logits(images), labels).numpy()
+
+
+def retrain_subsets(args, data: Path, work: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> tuple:
+    """Train one model per random ``alpha`` subset of the training rows (seed = subset number), in this process;
+    the margins are kept in ``work/retrain`` so that an interrupted benchmark goes on where it stopped."""
+    import shutil
+
+    from fnclass.training import train
+
+    folder = work / "retrain"
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(args.seed)
+    masks = np.zeros((args.subsets, args.train), dtype=bool)
+    outputs = np.zeros((args.subsets, len(test_x)))
+    accuracy = np.zeros(args.subsets)
+    tick = time.perf_counter()
+    trained = 0
+    for m in range(args.subsets):
+        chosen = np.sort(generator.choice(args.train, int(round(args.alpha * args.train)), replace=False))
+        masks[m, chosen] = True
+        kept = folder / f"subset-{m:04d}.npz"
+        if not kept.exists():
+            indices = folder / f"subset-{m:04d}.txt"
+            np.savetxt(indices, chosen, fmt="%d")
+            run = folder / f"run-{m:04d}"
+            shutil.rmtree(run, ignore_errors=True)
+            config = lds_config(args.epochs, f"data.train_indices={indices.resolve()}", f"train.seed={m}")
+            summary = train(config, run, data_dir=str(data), device="cpu", download=False).summary
+            margins = test_margins(run / "checkpoints/last.safetensors", test_x, test_y)
+            tmp = folder / f"subset-{m:04d}.tmp.npz"
+            np.savez(tmp, margins=margins, accuracy=summary["test_accuracy"])
+            tmp.rename(kept)
+            shutil.rmtree(run)
+            trained += 1
+            print(f"subset {m + 1}/{args.subsets}: test accuracy {summary['test_accuracy']:.2%}, "
+                  f"{(time.perf_counter() - tick) / trained:.1f} s a retraining", flush=True)
+        with np.load(kept, allow_pickle=False) as saved:
+            outputs[m], accuracy[m] = saved["margins"], saved["accuracy"]
+    return masks, outputs, accuracy, (time.perf_counter() - tick) / max(trained, 1) if trained else None
+
+
+def dattri_scores(config, along: list, along_members: list, train_x, train_y, test_x, test_y, proj_dim: int,
+                  seconds: dict) -> dict:
+    """dattri's TracIn (exact, the same checkpoints and learning rates) and TRAK (the same members, the same
+    projection size) on the ``nn.Module`` twin of the same weights."""
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fnclass.influence import margin
+    from tests.torch_reference import reference_module
+
+    def twin_weights(item, index=None):
+        ckpt = item.checkpoint if index is None else item.checkpoint.member(index)
+        return reference_module(config.model, ckpt.params, ckpt.state).eval()
+
+    module = twin_weights(along[0])
+    state_dicts = [twin_weights(item).state_dict() for item in along]
+
+    def loss(params, data):
+        image, label = data
+        logits = torch.func.functional_call(module, params, image[None])
+        return torch.nn.functional.cross_entropy(logits, label[None])
+
+    def output(params, data):
+        image, label = data
+        return margin(torch.func.functional_call(module, params, image[None]), label[None])[0]
+
+    def correct(params, data):
+        image, label = data
+        logits = torch.func.functional_call(module, params, image[None])
+        return torch.exp(-torch.nn.functional.cross_entropy(logits, label[None]))
+
+    def load(model, checkpoint):
+        model.load_state_dict(checkpoint)
+        return model.eval()
+
+    # dattri's TracIn computes the test gradients again for every training batch: large batches keep that down
+    train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=500, shuffle=False)
+    test_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=256, shuffle=False)
+    results = {}
+    tick = time.perf_counter()
+    task = AttributionTask(loss_func=loss, model=module, checkpoints=state_dicts, checkpoints_load_func=load)
+    weights = torch.tensor([item.learning_rates[0] for item in along])
+    tracin = TracInAttributor(task, weight_list=weights, normalized_grad=False, device="cpu")
+    tracin.projector_kwargs = None  # dattri 0.3 projects to 512 dimensions even when given None; exact here
+    results["dattri TracIn (exact)"] = tracin.attribute(train_loader, test_loader).T.numpy()
+    seconds["dattri TracIn (exact)"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    last = along_members[-1]
+    members = [twin_weights(last, i).state_dict() for i in range(len(last.checkpoint.members))]
+    task = AttributionTask(loss_func=output, model=module, checkpoints=members, checkpoints_load_func=load)
+    projector = {"proj_dim": proj_dim, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"}
+    trak = TRAKAttributor(task, correct_probability_func=correct, projector_kwargs=projector, device="cpu")
+    trak.cache(train_loader)
+    name = f"dattri TRAK ({len(members)} models, D={proj_dim})"
+    results[name] = trak.attribute(test_loader).T.numpy()
+    seconds[name] = time.perf_counter() - tick
+    return results
+
+
+def lds(args) -> None:
+    from fnclass import influence, tree
+    from fnclass.analysis import vmap_model
+    from fnclass.data import load_split
+    from fnclass.training import train
+
+    work = Path(args.work)
+    data = work / "data"
+    lds_folder(Path(args.data_dir), data, args.train, args.test)
+    train_raw, train_y = load_split(str(data), "train")
+    test_raw, test_y = load_split(str(data), "test")
+    seconds = {}
+    single, members = work / "run", work / f"members-{args.members}"
+    for out, overrides in ((single, [f"checkpoint.every_epochs={args.every_epochs}"]),
+                           (members, [f"members.seeds=[{','.join(map(str, range(args.members)))}]"])):
+        if not (out / "summary.json").exists():
+            tick = time.perf_counter()
+            train(lds_config(args.epochs, *overrides), out, data_dir=str(data), device="cpu", download=False)
+            seconds[f"train {out.name}"] = time.perf_counter() - tick
+    along = influence.load_along(sorted((single / "checkpoints").glob("epoch-*.safetensors")))
+    along_members = influence.load_along([members / "checkpoints/last.safetensors"])
+    last_single = influence.load_along([single / "checkpoints/last.safetensors"])
+    first = along[0].checkpoint
+    train_x, test_x = first.preprocess(train_raw).contiguous(), first.preprocess(test_raw).contiguous()
+    problem = influence.Problem(vmap_model(first), train_x, train_y, test_x, test_y, 256)
+    scores = {}
+
+    def timed(name, work):
+        tick = time.perf_counter()
+        scores[name] = work().numpy()
+        seconds[name] = time.perf_counter() - tick
+
+    timed(f"fnclass TracIn (exact, {len(along)} checkpoints)", lambda: influence.tracin_scores(along, problem))
+    timed(f"fnclass TracIn (D={args.proj_dim})",
+          lambda: influence.tracin_scores(along, problem, proj_dim=args.proj_dim))
+    timed(f"fnclass TRAK (1 model, D={args.proj_dim})",
+          lambda: influence.trak_scores(last_single, problem, proj_dim=args.proj_dim))
+    timed(f"fnclass TRAK ({args.members} models, D={args.proj_dim})",
+          lambda: influence.trak_scores(along_members, problem, proj_dim=args.proj_dim))
+    if not args.no_dattri:
+        scores.update(dattri_scores(first.config, along, along_members, train_x, train_y, test_x, test_y,
+                                    args.proj_dim, seconds))
+    scores["random scores"] = np.random.default_rng(args.seed).standard_normal((args.test, args.train))
+    masks, outputs, accuracy, per_retrain = retrain_subsets(args, data, work, test_raw, test_y)
+    results = {}
+    for name, matrix in scores.items():
+        per_test = influence.linear_datamodeling_score(matrix, masks, outputs).numpy()
+        results[name] = {"lds": float(np.mean(per_test)),
+                         "stderr": float(np.std(per_test, ddof=1) / np.sqrt(len(per_test))),
+                         "seconds": seconds.get(name)}
+    checks = {}
+    if not args.no_dattri:
+        from dattri.metric import lds as dattri_lds
+
+        ground_truth = (torch.from_numpy(outputs).float(), torch.stack([torch.from_numpy(np.flatnonzero(row))
+                                                                       for row in masks]))
+        checks["max |LDS - dattri.metric.lds|"] = max(
+            abs(results[name]["lds"] - float(dattri_lds(torch.from_numpy(matrix).float().T, ground_truth)[0]
+                                             .nanmean())) for name, matrix in scores.items())
+        ours, theirs = scores[f"fnclass TracIn (exact, {len(along)} checkpoints)"], scores["dattri TracIn (exact)"]
+        checks["fnclass TracIn against dattri TracIn: max relative error"] = float(
+            np.abs(ours - theirs).max() / np.abs(theirs).max())
+    full = json.loads((single / "summary.json").read_text())["test_accuracy"]
+    table = [f"LDS on {args.train:,} CIFAR-10 training and {args.test} test images: {args.subsets} retrainings on "
+             f"random {args.alpha:.0%} subsets (one seed each, mean test accuracy {accuracy.mean():.2%}; the full "
+             f"set: {full:.2%}); cpu.toml's recipe at widths 16/32/64 without whitening "
+             f"({tree.num_params(first.params):,} parameters), "
+             f"{args.epochs} epochs; {device_name(torch.device('cpu'))}, torch {torch.__version__}",
+             f"{'method':<44}{'LDS':>8}{'± s.e.':>9}{'seconds':>10}"]
+    for name, row in results.items():
+        spent = f"{row['seconds']:.1f}" if row["seconds"] is not None else "-"
+        table.append(f"{name:<44}{row['lds']:>8.3f}{row['stderr']:>9.3f}{spent:>10}")
+    table += [f"{k}: {v:.1e}" for k, v in checks.items()]
+    if per_retrain:
+        table.append(f"one retraining: {per_retrain:.1f} s")
+    publish({"train": args.train, "test": args.test, "subsets": args.subsets, "alpha": args.alpha,
+             "epochs": args.epochs, "members": args.members, "proj_dim": args.proj_dim, "lds": results,
+             "checks": checks, "subset_accuracy": float(accuracy.mean()), "full_accuracy": full,
+             "seconds_per_retraining": per_retrain, "device": device_name(torch.device("cpu")),
+             "torch": torch.__version__}, "\n".join(table), args.json)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -250,8 +476,22 @@ def main() -> None:
     cut.add_argument("--seed", type=int, default=0, help="the random selection's")
     cut.add_argument("--work", default="runs/bench-prune")
     cut.add_argument("--json")
+    quality = commands.add_parser("lds", help="LDS of TracIn and TRAK against dattri, from retrainings on subsets")
+    quality.add_argument("--data-dir", required=True)
+    quality.add_argument("--train", type=int, default=2000)
+    quality.add_argument("--test", type=int, default=200)
+    quality.add_argument("--subsets", type=int, default=64)
+    quality.add_argument("--alpha", type=float, default=0.5)
+    quality.add_argument("--epochs", type=int, default=12)
+    quality.add_argument("--members", type=int, default=8)
+    quality.add_argument("--every-epochs", type=int, default=3, help="TracIn's checkpoints")
+    quality.add_argument("--proj-dim", type=int, default=1024)
+    quality.add_argument("--seed", type=int, default=0, help="the subsets' and the random baseline's")
+    quality.add_argument("--no-dattri", action="store_true")
+    quality.add_argument("--work", default="runs/bench-lds")
+    quality.add_argument("--json")
     args = parser.parse_args()
-    {"mislabel": mislabel, "speed": speed, "prune": prune}[args.command](args)
+    {"mislabel": mislabel, "speed": speed, "prune": prune, "lds": lds}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ without bias and no ``N x P`` gradient matrix is ever held; the chunk's gradient
 checkpoint) the projected gradients ``phi`` of the margin ``logit_y - logsumexp_{j != y} logit_j``, then
 ``phi(z') (Phi^T Phi)^-1 phi(z)``, averaged over the models and multiplied by the mean of ``1 - p_y(z)``.
 The more independently trained models (``--seeds``), the better its estimate.
+
+**LDS** (the linear datamodeling score, Park et al. 2023): how well an attribution predicts retraining. For M
+random subsets of the training set, the sum of the scores of a subset's examples is compared with the output
+(the margin) of a model retrained on that subset: the Spearman correlation over the subsets, per test example.
 """
 
 from __future__ import annotations
@@ -291,6 +295,41 @@ def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = 
             residual += 1 - torch.cat(probabilities).double()
             count += 1
     return (total / count * (residual / count)).float()
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks (0-based, float64) along dim 0, tied values sharing their mean rank, as Spearman's correlation ranks."""
+    ranked = torch.empty(values.shape, dtype=torch.float64)
+    order = values.argsort(dim=0, stable=True)
+    ranked.scatter_(0, order, torch.arange(len(values), dtype=torch.float64)[:, None].expand(values.shape))
+    for j in range(values.shape[1]):
+        _, inverse, counts = values[:, j].unique(return_inverse=True, return_counts=True)
+        if bool((counts > 1).any()):
+            sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranked[:, j])
+            ranked[:, j] = (sums / counts)[inverse]
+    return ranked
+
+
+def linear_datamodeling_score(scores, masks, outputs) -> torch.Tensor:
+    """The LDS of an attribution, per test example: ``(T,)``, in [-1, 1] (NaN where a column is constant).
+
+    Args:
+      scores: ``(T, N)`` attribution scores, test example by training example (higher: raises the output).
+      masks: ``(M, N)`` bool, which training examples each of M retrained models saw.
+      outputs: ``(M, T)`` each retrained model's output on each test example (TRAK's margin).
+
+    Returns:
+      For each test example, the Spearman correlation over the M models between the predicted output, the sum of
+      the scores over the model's subset, and the output itself.
+    """
+    scores, outputs = torch.as_tensor(scores).double().cpu(), torch.as_tensor(outputs).double().cpu()
+    masks = torch.as_tensor(masks).cpu()
+    if masks.shape != (len(outputs), scores.shape[1]) or outputs.shape[1] != len(scores):
+        raise ValueError(f"shapes do not fit: scores {tuple(scores.shape)} (T, N), masks {tuple(masks.shape)} (M, N), "
+                         f"outputs {tuple(outputs.shape)} (M, T)")
+    a, b = _ranks(masks.double() @ scores.T), _ranks(outputs)
+    a, b = a - a.mean(0), b - b.mean(0)
+    return ((a * b).sum(0) / ((a * a).sum(0) * (b * b).sum(0)).sqrt()).float()
 
 
 def top_examples(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -288,3 +288,34 @@ def test_images_are_attributed_for_the_predicted_class_through_the_cli(cifar_dir
     assert report["tests"][0]["label"] == int(predicted[t]) and len(report["tests"][0]["proponents"]) == 2
     assert np.array_equal(np.load(tmp_path / "a/scores.npy"), np.load(tmp_path / "b/scores.npy"))
     assert json.loads(by_index.output)["tests"][0]["proponents"] == report["tests"][0]["proponents"]
+
+
+def naive_spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's correlation by hand: ranks from sorting (ties: their mean 1-based position), then Pearson."""
+    def rank(values):
+        ordered = sorted(values)
+        return [sum(i + 1 for i, v in enumerate(ordered) if v == value) / ordered.count(value) for value in values]
+
+    rx, ry = rank(x), rank(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def test_the_linear_datamodeling_score_equals_spearman_by_hand():
+    generator = np.random.default_rng(0)
+    scores = generator.standard_normal((3, 12))
+    masks = generator.random((9, 12)) < 0.5
+    outputs = generator.standard_normal((9, 3))
+    outputs[4, 1] = outputs[2, 1]  # a tie in the outputs, and one in the predictions (equal subsets)
+    masks[7] = masks[5]
+    lds = influence.linear_datamodeling_score(scores, masks, outputs)
+    for t in range(3):
+        predicted = [float(sum(scores[t, i] for i in range(12) if masks[m, i])) for m in range(9)]
+        assert lds[t].item() == pytest.approx(naive_spearman(predicted, list(outputs[:, t])), abs=1e-6)
+    # outputs that are exactly the subsets' summed scores (a monotone map of them) score 1; negated, -1
+    exact = np.exp(masks.astype(float) @ scores.T)
+    assert torch.allclose(influence.linear_datamodeling_score(scores, masks, exact), torch.ones(3))
+    assert torch.allclose(influence.linear_datamodeling_score(-scores, masks, exact), -torch.ones(3))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        influence.linear_datamodeling_score(scores, masks[:, :5], outputs)
