@@ -7,7 +7,8 @@ Run by hand from the repository root, not by pytest (``pip install -e '.[bench]'
     python -m benchmarks.attribution speed --data-dir ../shared/data/cifar10 [--train 1000] [--json speed.json]
     python -m benchmarks.attribution prune --data-dir ../shared/data/cifar10 [--seeds 0-2] [--keep 0.7]
     python -m benchmarks.attribution lds --data-dir ../shared/data/cifar10 [--train 2000] [--test 200]
-        [--subsets 64] [--members 8] [--proj-dim 1024] [--work runs/bench-lds] [--json lds.json]
+        [--tune 200] [--subsets 256] [--members 8] [--proj-dim 1024] [--dampings 1e-6,1e-3,1e-2,1e-1,1]
+        [--other-dims 512,2048] [--work runs/bench-lds] [--json lds.json]
 
 ``mislabel``: the first ``--train-limit`` training images with 10% of their labels changed at random to another
 class (``--seed``), written as a data folder; configs/cpu.toml trained on it with a checkpoint kept every
@@ -36,9 +37,12 @@ small subset: the first ``--train`` training and ``--test`` test images, a small
 (``--every-epochs``), exact and projected, and TRAK over one model and over ``--members`` seeds; dattri 0.3's
 ``TracInAttributor`` (exact, the same checkpoints and learning rates; its scores are compared with fnclass's) and
 ``TRAKAttributor`` (the same members and projection size) on the ``nn.Module`` twin of the same weights; random
-scores as the floor. Ground truth: ``--subsets`` models, each trained from its own seed on a random ``--alpha``
-half of the training images, and their margins on the test images (kept in ``--work`` so an interrupted run goes
-on). The LDS is checked against ``dattri.metric.lds``. Needs ``pip install -e '.[bench]'`` (dattri).
+scores as the floor. TRAK's damping (a multiple of the mean diagonal of ``Phi^T Phi``) is swept: the LDS is
+reported on the first ``--test`` minus ``--tune`` test images, the last ``--tune`` ones choose the damping; the
+members' TRAK is also run at ``--other-dims``, with the smallest and the default damping.
+Ground truth: ``--subsets`` models, each trained from its own seed on a random ``--alpha`` half of the training
+images, and their margins on the test images (kept in ``--work`` so an interrupted run goes on). The LDS is
+checked against ``dattri.metric.lds``. Needs ``pip install -e '.[bench]'`` (dattri).
 """
 
 from __future__ import annotations
@@ -371,7 +375,7 @@ def dattri_scores(config, along: list, along_members: list, train_x, train_y, te
 
 
 def lds(args) -> None:
-    from fnclass import influence, tree
+    from fnclass import influence, random, tree
     from fnclass.analysis import vmap_model
     from fnclass.data import load_split
     from fnclass.training import train
@@ -381,6 +385,7 @@ def lds(args) -> None:
     lds_folder(Path(args.data_dir), data, args.train, args.test)
     train_raw, train_y = load_split(str(data), "train")
     test_raw, test_y = load_split(str(data), "test")
+    held = args.test - args.tune  # LDS is reported on the first `held` test images; the rest choose the damping
     seconds = {}
     single, members = work / "run", work / f"members-{args.members}"
     for out, overrides in ((single, [f"checkpoint.every_epochs={args.every_epochs}"]),
@@ -395,7 +400,7 @@ def lds(args) -> None:
     first = along[0].checkpoint
     train_x, test_x = first.preprocess(train_raw).contiguous(), first.preprocess(test_raw).contiguous()
     problem = influence.Problem(vmap_model(first), train_x, train_y, test_x, test_y, 256)
-    scores = {}
+    scores, sweep = {}, {}
 
     def timed(name, work):
         tick = time.perf_counter()
@@ -405,10 +410,17 @@ def lds(args) -> None:
     timed(f"fnclass TracIn (exact, {len(along)} checkpoints)", lambda: influence.tracin_scores(along, problem))
     timed(f"fnclass TracIn (D={args.proj_dim})",
           lambda: influence.tracin_scores(along, problem, proj_dim=args.proj_dim))
-    timed(f"fnclass TRAK (1 model, D={args.proj_dim})",
-          lambda: influence.trak_scores(last_single, problem, proj_dim=args.proj_dim))
-    timed(f"fnclass TRAK ({args.members} models, D={args.proj_dim})",
-          lambda: influence.trak_scores(along_members, problem, proj_dim=args.proj_dim))
+    for name, runs in ((f"fnclass TRAK (1 model, D={args.proj_dim}", last_single),
+                       (f"fnclass TRAK ({args.members} models, D={args.proj_dim}", along_members)):
+        for damping in args.dampings:
+            sweep.setdefault(name, []).append(f"{name}, damping {damping:g})")
+            timed(sweep[name][-1], lambda runs=runs, damping=damping: influence.trak_scores(
+                runs, problem, proj_dim=args.proj_dim, key=random.key(0), damping=damping))
+    for dim in args.other_dims:
+        for damping in sorted({args.dampings[0], influence.DEFAULT_TRAK_DAMPING}):
+            timed(f"fnclass TRAK ({args.members} models, D={dim}, damping {damping:g})",
+                  lambda dim=dim, damping=damping: influence.trak_scores(along_members, problem, proj_dim=dim,
+                                                                         key=random.key(0), damping=damping))
     if not args.no_dattri:
         scores.update(dattri_scores(first.config, along, along_members, train_x, train_y, test_x, test_y,
                                     args.proj_dim, seconds))
@@ -417,9 +429,11 @@ def lds(args) -> None:
     results = {}
     for name, matrix in scores.items():
         per_test = influence.linear_datamodeling_score(matrix, masks, outputs).numpy()
-        results[name] = {"lds": float(np.mean(per_test)),
-                         "stderr": float(np.std(per_test, ddof=1) / np.sqrt(len(per_test))),
+        results[name] = {"lds": float(np.mean(per_test[:held])),
+                         "stderr": float(np.std(per_test[:held], ddof=1) / np.sqrt(held)),
+                         "lds_tuning": float(np.mean(per_test[held:])) if args.tune else None,
                          "seconds": seconds.get(name)}
+    chosen = {family: max(names, key=lambda n: results[n]["lds_tuning"]) for family, names in sweep.items()}
     checks = {}
     if not args.no_dattri:
         from dattri.metric import lds as dattri_lds
@@ -427,30 +441,34 @@ def lds(args) -> None:
         ground_truth = (torch.from_numpy(outputs).float(), torch.stack([torch.from_numpy(np.flatnonzero(row))
                                                                        for row in masks]))
         checks["max |LDS - dattri.metric.lds|"] = max(
-            abs(results[name]["lds"] - float(dattri_lds(torch.from_numpy(matrix).float().T, ground_truth)[0]
-                                             .nanmean())) for name, matrix in scores.items())
+            abs(float(influence.linear_datamodeling_score(matrix, masks, outputs).mean())
+                - float(dattri_lds(torch.from_numpy(matrix).float().T, ground_truth)[0].nanmean()))
+            for matrix in scores.values())
         ours, theirs = scores[f"fnclass TracIn (exact, {len(along)} checkpoints)"], scores["dattri TracIn (exact)"]
         checks["fnclass TracIn against dattri TracIn: max relative error"] = float(
             np.abs(ours - theirs).max() / np.abs(theirs).max())
     full = json.loads((single / "summary.json").read_text())["test_accuracy"]
-    table = [f"LDS on {args.train:,} CIFAR-10 training and {args.test} test images: {args.subsets} retrainings on "
-             f"random {args.alpha:.0%} subsets (one seed each, mean test accuracy {accuracy.mean():.2%}; the full "
-             f"set: {full:.2%}); cpu.toml's recipe at widths 16/32/64 without whitening "
-             f"({tree.num_params(first.params):,} parameters), "
-             f"{args.epochs} epochs; {device_name(torch.device('cpu'))}, torch {torch.__version__}",
-             f"{'method':<44}{'LDS':>8}{'± s.e.':>9}{'seconds':>10}"]
+    table = [f"LDS on {args.train:,} CIFAR-10 training images and test images 0-{held - 1} ({args.test - held} more "
+             f"choose TRAK's damping): {args.subsets} retrainings on random {args.alpha:.0%} subsets (one seed each, "
+             f"mean test accuracy {accuracy.mean():.2%}; the full set: {full:.2%}); cpu.toml's recipe at widths "
+             f"16/32/64 without whitening ({tree.num_params(first.params):,} parameters), {args.epochs} epochs; "
+             f"{device_name(torch.device('cpu'))}, torch {torch.__version__}",
+             f"{'method':<58}{'LDS':>8}{'± s.e.':>9}{'tuning':>8}{'seconds':>10}"]
     for name, row in results.items():
         spent = f"{row['seconds']:.1f}" if row["seconds"] is not None else "-"
-        table.append(f"{name:<44}{row['lds']:>8.3f}{row['stderr']:>9.3f}{spent:>10}")
+        tuning = f"{row['lds_tuning']:.3f}" if row["lds_tuning"] is not None else "-"
+        mark = " *" if name in chosen.values() else ""
+        table.append(f"{name + mark:<58}{row['lds']:>8.3f}{row['stderr']:>9.3f}{tuning:>8}{spent:>10}")
+    table.append("* the damping with the highest LDS on the tuning images; the damping is a multiple of the mean "
+                 "diagonal of Phi^T Phi")
     table += [f"{k}: {v:.1e}" for k, v in checks.items()]
     if per_retrain:
         table.append(f"one retraining: {per_retrain:.1f} s")
-    publish({"train": args.train, "test": args.test, "subsets": args.subsets, "alpha": args.alpha,
-             "epochs": args.epochs, "members": args.members, "proj_dim": args.proj_dim, "lds": results,
-             "checks": checks, "subset_accuracy": float(accuracy.mean()), "full_accuracy": full,
-             "seconds_per_retraining": per_retrain, "device": device_name(torch.device("cpu")),
-             "torch": torch.__version__}, "\n".join(table), args.json)
-
+    publish({"train": args.train, "test": args.test, "tune": args.tune, "subsets": args.subsets,
+             "alpha": args.alpha, "epochs": args.epochs, "members": args.members, "proj_dim": args.proj_dim,
+             "lds": results, "chosen": chosen, "checks": checks, "subset_accuracy": float(accuracy.mean()),
+             "full_accuracy": full, "seconds_per_retraining": per_retrain, "seconds": seconds,
+             "device": device_name(torch.device("cpu")), "torch": torch.__version__}, "\n".join(table), args.json)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -479,13 +497,18 @@ def main() -> None:
     quality = commands.add_parser("lds", help="LDS of TracIn and TRAK against dattri, from retrainings on subsets")
     quality.add_argument("--data-dir", required=True)
     quality.add_argument("--train", type=int, default=2000)
-    quality.add_argument("--test", type=int, default=200)
-    quality.add_argument("--subsets", type=int, default=64)
+    quality.add_argument("--test", type=int, default=400)
+    quality.add_argument("--tune", type=int, default=200, help="the last test images, kept to choose the damping")
+    quality.add_argument("--subsets", type=int, default=256)
     quality.add_argument("--alpha", type=float, default=0.5)
     quality.add_argument("--epochs", type=int, default=12)
     quality.add_argument("--members", type=int, default=8)
     quality.add_argument("--every-epochs", type=int, default=3, help="TracIn's checkpoints")
     quality.add_argument("--proj-dim", type=int, default=1024)
+    quality.add_argument("--dampings", type=lambda text: [float(v) for v in text.split(",")],
+                         default=[1e-6, 1e-3, 1e-2, 1e-1, 1.0], help="TRAK's, swept")
+    quality.add_argument("--other-dims", type=lambda text: [int(v) for v in text.split(",") if v], default=[512, 2048],
+                         help="TRAK of the members at these D too, with the first and the default damping")
     quality.add_argument("--seed", type=int, default=0, help="the subsets' and the random baseline's")
     quality.add_argument("--no-dattri", action="store_true")
     quality.add_argument("--work", default="runs/bench-lds")

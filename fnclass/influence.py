@@ -17,7 +17,8 @@ without bias and no ``N x P`` gradient matrix is ever held; the chunk's gradient
 
 **TRAK** (Park et al. 2023, "TRAK: Attributing Model Behavior at Scale"): for every model (each member of each
 checkpoint) the projected gradients ``phi`` of the margin ``logit_y - logsumexp_{j != y} logit_j``, then
-``phi(z') (Phi^T Phi)^-1 phi(z)``, averaged over the models and multiplied by the mean of ``1 - p_y(z)``.
+``phi(z') (Phi^T Phi + damping mean(diag) I)^-1 phi(z)``, averaged over the models and multiplied by the mean of
+``1 - p_y(z)``.
 The more independently trained models (``--seeds``), the better its estimate.
 
 **LDS** (the linear datamodeling score, Park et al. 2023): how well an attribution predicts retraining. For M
@@ -38,10 +39,12 @@ import torch
 from fnclass import data, random, tree
 from fnclass.analysis import _chunks, auto_chunk_size, make_per_example_grad_fn, vmap_model
 from fnclass.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from fnclass.errors import InputError
 from fnclass.losses import per_example_cross_entropy
 
 METHODS = ("tracin", "trak")
 DEFAULT_TRAK_DIM = 2048
+DEFAULT_TRAK_DAMPING = 0.1  # x mean(diag(Phi^T Phi)): best in the LDS sweep of benchmarks/RESULTS.md; safe at D >= N
 
 
 class AlongRun(NamedTuple):
@@ -259,12 +262,13 @@ def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Cal
 
 
 def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = DEFAULT_TRAK_DIM,
-                key: torch.Tensor | None = None, damping: float = 1e-6,
+                key: torch.Tensor | None = None, damping: float = DEFAULT_TRAK_DAMPING,
                 progress: Callable | None = None) -> torch.Tensor:
     """TRAK scores, ``(T, N)``, over every model the checkpoints hold (see the module docstring).
 
-    ``damping`` times the mean diagonal of ``Phi^T Phi`` is added to it before the solve (float64), for models
-    whose projected gradients are nearly collinear.
+    ``damping`` times the mean diagonal of ``Phi^T Phi`` is added to it before the solve (float64): a ridge that
+    keeps the noise in its smallest eigenvalues from being amplified (0 is TRAK as published, which breaks down as
+    ``proj_dim`` nears the number of training examples).
     """
     device = problem.train_images.device
     key = random.key(0) if key is None else key
@@ -349,7 +353,6 @@ def parse_indices(text: str, size: int) -> list[int]:
     Raises:
       InputError: one line naming the bad part.
     """
-    from fnclass.errors import InputError
 
     chosen = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -367,9 +370,9 @@ def parse_indices(text: str, size: int) -> list[int]:
 
 def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=None, test_indices: str | None = None,
               image_paths: Sequence[str | Path] = (), top: int = 8, method: str = "tracin",
-              proj_dim: int | None = None, train_limit: int | None = None, chunk_size: int | str = "auto",
-              max_memory: int | None = None, uniform: bool = False, seed: int = 0, device: str = "auto",
-              download: bool = True, progress: Callable | None = None) -> dict:
+              proj_dim: int | None = None, damping: float | None = None, train_limit: int | None = None,
+              chunk_size: int | str = "auto", max_memory: int | None = None, uniform: bool = False, seed: int = 0,
+              device: str = "auto", download: bool = True, progress: Callable | None = None) -> dict:
     """Attribute test examples (``test_indices`` of the test split, or the images ``image_paths``, which are
     attributed for the class the last checkpoint predicts) to the training examples, and write ``out_dir``:
     ``influence.csv`` and ``influence.json`` (each test example's ``top`` proponents and opponents),
@@ -383,6 +386,11 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
 
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    if damping is not None and method != "trak":
+        raise InputError("--damping is TRAK's (--method trak); TracIn has no kernel to damp: drop it")
+    if damping is not None and not (math.isfinite(damping) and damping >= 0):
+        raise InputError(f"--damping {damping}: expected a number >= 0 (a multiple of the mean diagonal of "
+                         "Phi^T Phi), e.g. 0.1")
     along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
                                                                       train_limit)
     if image_paths:
@@ -401,11 +409,13 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
                       size)
     if method == "trak":
         proj_dim = proj_dim or DEFAULT_TRAK_DIM
+        damping = DEFAULT_TRAK_DAMPING if damping is None else damping
     tick = time.perf_counter()
     if method == "tracin":
         scores = tracin_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress)
     else:
-        scores = trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress)
+        scores = trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), damping=damping,
+                             progress=progress)
     seconds = time.perf_counter() - tick
     scores = scores.cpu()
     proponents, opponents = top_examples(scores, top)
@@ -414,7 +424,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     pick = lambda idx, t: [{"index": int(rows[i]), "label": int(train_labels[i]), "score": float(scores[t, i])}
                            for i in idx]
     report = {
-        "method": method, "proj_dim": proj_dim, "seed": seed,
+        "method": method, "proj_dim": proj_dim, "damping": damping, "seed": seed,
         "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
         "models": models, "train_examples": len(train_images), "chunk_size": size, "seconds": seconds,
         "gradients_per_second": gradients / seconds if seconds else None, "classes": list(last.classes),

@@ -165,10 +165,13 @@ def test_the_projection_is_a_pure_function_of_its_key_and_preserves_dot_products
     assert (error <= 4 * estimates.std(0) / math.sqrt(200) + 1e-4).all()
 
 
-def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir, tmp_path):
-    """phi(z') (Phi^T Phi)^-1 Phi^T averaged over the models, times the mean of 1 - p(z), by hand in float64."""
+@pytest.mark.parametrize("damping", [None, 1e-6])
+def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir, tmp_path, damping):
+    """phi(z') (Phi^T Phi + damping mean(diag) I)^-1 Phi^T averaged over the models, times the mean of 1 - p(z),
+    by hand in float64 (the default damping, 0.1, and a tiny one)."""
     influence.attribute([members_dir / "checkpoints/epoch-0003.safetensors"], tmp_path, data_dir=cifar_dir,
-                        test_indices="0-3", train_limit=40, method="trak", proj_dim=16, chunk_size=8, device="cpu")
+                        test_indices="0-3", train_limit=40, method="trak", proj_dim=16, damping=damping, chunk_size=8,
+                        device="cpu")
     ckpt = load_checkpoint(members_dir / "checkpoints/epoch-0003.safetensors", weights="raw")
     model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
     train_x, train_y = first(cifar_dir, "train", 40)
@@ -190,7 +193,7 @@ def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir
 
         phi, phi_test = projected(one.preprocess(train_x), train_y), projected(one.preprocess(test_x), test_y)
         kernel = phi.T @ phi
-        kernel += 1e-6 * kernel.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+        kernel += (0.1 if damping is None else damping) * kernel.diagonal().mean() * torch.eye(16, dtype=torch.float64)
         total = total + phi_test @ torch.linalg.inv(kernel) @ phi.T
         with torch.no_grad():
             p = model.apply(one.params, one.state, one.preprocess(train_x), train=False)[0].softmax(1)
@@ -204,6 +207,10 @@ def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir
     (["RUN", "--test-indices", "5-2"], "'5-2' is outside the test split"),
     (["RUN", "--test-indices", "x"], "'x' is not an index or a range"),
     (["RUN", "--self", "--method", "trak"], "--self ranks training examples"),
+    (["RUN", "--self", "--damping", "0.1"], "drop --test-indices, --images, --method, --proj-dim and --damping"),
+    (["RUN", "--damping", "0.1"], "--damping is TRAK's (--method trak)"),
+    (["RUN", "--method", "trak", "--damping", "-1"], "--damping -1.0: expected a number >= 0"),
+    (["RUN", "--method", "trak", "--damping", "nan"], "--damping nan: expected a number >= 0"),
     (["RUN/config.toml"], "it is truncated or corrupted: use another file"),
     (["NOWHERE"], "no such checkpoint file or run directory"),
     (["EMPTY"], "no checkpoints kept along the run (epoch-*.safetensors); train with --set "

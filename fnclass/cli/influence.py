@@ -29,6 +29,8 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
                    "model (members and checkpoints), projected.")
 @click.option("--proj-dim", type=click.IntRange(min=1),
               help="Project gradients to P dimensions (tracin default: exact; trak default: 2048).")
+@click.option("--damping", type=float, help="trak: added to Phi^T Phi before the solve, as a multiple of its mean "
+              "diagonal (default 0.1; 0 is TRAK as published).")
 @click.option("--top", type=click.IntRange(min=1), help="Proponents and opponents per test example (default 8); "
               "with --self, examples in the grid (default 32).")
 @click.option("--train-limit", type=click.IntRange(min=1), help="Attribute to the first N training examples only.")
@@ -42,7 +44,7 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
 @options.no_download
 @options.as_json("the report")
 @one_line_errors
-def influence(sources, data_dir, test_indices, image_paths, self_mode, method, proj_dim, top, train_limit,
+def influence(sources, data_dir, test_indices, image_paths, self_mode, method, proj_dim, damping, top, train_limit,
               chunk_size, max_memory, uniform, seed, out, device, no_download, as_json):
     """Which training examples made these predictions: TracIn over the checkpoints of a run, or TRAK.
 
@@ -57,9 +59,9 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
     """
     from fnclass import influence as attribution
 
-    if self_mode and (test_indices or image_paths or method != "tracin" or proj_dim):
+    if self_mode and (test_indices or image_paths or method != "tracin" or proj_dim or damping is not None):
         raise UsageProblem("--self ranks training examples by exact TracIn self-influence: drop --test-indices, "
-                           "--images, --method and --proj-dim")
+                           "--images, --method, --proj-dim and --damping")
     if test_indices and image_paths:
         raise UsageProblem("--test-indices and --images both choose what to attribute: use one")
     console = Console(stderr=as_json)
@@ -74,7 +76,8 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
             report = attribution.rank_self_influence(sources, out, top=top or 32, **common)
         else:
             report = attribution.attribute(sources, out, test_indices=test_indices, image_paths=image_paths,
-                                           top=top or 8, method=method, proj_dim=proj_dim, seed=seed, **common)
+                                           top=top or 8, method=method, proj_dim=proj_dim, damping=damping, seed=seed,
+                                           **common)
     if as_json:
         click.echo(json.dumps(report))
         return
