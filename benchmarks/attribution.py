@@ -6,7 +6,7 @@ Run by hand from the repository root, not by pytest (``pip install -e '.[bench]'
         [--every-epochs 3] [--work runs/bench-mislabel] [--json mislabel.json]
     python -m benchmarks.attribution speed --data-dir ../shared/data/cifar10 [--train 1000] [--json speed.json]
     python -m benchmarks.attribution prune --data-dir ../shared/data/cifar10 [--seeds 0-2] [--keep 0.7]
-    python -m benchmarks.attribution lds --data-dir ../shared/data/cifar10 [--train 2000] [--test 200]
+    python -m benchmarks.attribution lds --data-dir ../shared/data/cifar10 [--train 2000] [--test 400]
         [--tune 200] [--subsets 256] [--members 8] [--proj-dim 1024] [--dampings 1e-6,1e-3,1e-2,1e-1,1]
         [--other-dims 512,2048] [--work runs/bench-lds] [--json lds.json]
 
@@ -39,7 +39,7 @@ small subset: the first ``--train`` training and ``--test`` test images, a small
 ``TRAKAttributor`` (the same members and projection size) on the ``nn.Module`` twin of the same weights; random
 scores as the floor. TRAK's damping (a multiple of the mean diagonal of ``Phi^T Phi``) is swept: the LDS is
 reported on the first ``--test`` minus ``--tune`` test images, the last ``--tune`` ones choose the damping; the
-members' TRAK is also run at ``--other-dims``, with the smallest and the default damping.
+members' TRAK is also run at ``--other-dims``, with the first of ``--dampings`` and the default damping.
 Ground truth: ``--subsets`` models, each trained from its own seed on a random ``--alpha`` half of the training
 images, and their margins on the test images (kept in ``--work`` so an interrupted run goes on). The LDS is
 checked against ``dattri.metric.lds``. Needs ``pip install -e '.[bench]'`` (dattri).
@@ -293,7 +293,12 @@ def retrain_subsets(args, data: Path, work: Path, test_x: torch.Tensor, test_y: 
         chosen = np.sort(generator.choice(args.train, int(round(args.alpha * args.train)), replace=False))
         masks[m, chosen] = True
         kept = folder / f"subset-{m:04d}.npz"
-        if not kept.exists():
+        if kept.exists():
+            with np.load(kept, allow_pickle=False) as saved:
+                if "indices" not in saved or not np.array_equal(saved["indices"], chosen):
+                    raise SystemExit(f"{kept} was trained on another subset (other --train, --alpha or --seed): "
+                                     "use another --work")
+        else:
             indices = folder / f"subset-{m:04d}.txt"
             np.savetxt(indices, chosen, fmt="%d")
             run = folder / f"run-{m:04d}"
@@ -302,7 +307,7 @@ def retrain_subsets(args, data: Path, work: Path, test_x: torch.Tensor, test_y: 
             summary = train(config, run, data_dir=str(data), device="cpu", download=False).summary
             margins = test_margins(run / "checkpoints/last.safetensors", test_x, test_y)
             tmp = folder / f"subset-{m:04d}.tmp.npz"
-            np.savez(tmp, margins=margins, accuracy=summary["test_accuracy"])
+            np.savez(tmp, margins=margins, accuracy=summary["test_accuracy"], indices=chosen)
             tmp.rename(kept)
             shutil.rmtree(run)
             trained += 1
@@ -380,7 +385,15 @@ def lds(args) -> None:
     from fnclass.data import load_split
     from fnclass.training import train
 
+    if not 0 <= args.tune < args.test:
+        raise SystemExit(f"--tune {args.tune}: expected 0 <= --tune < --test ({args.test})")
     work = Path(args.work)
+    setup = {k: getattr(args, k) for k in ("train", "test", "alpha", "epochs", "every_epochs", "seed")}
+    recorded = work / "setup.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != setup:
+        raise SystemExit(f"{work} holds runs of another setup ({recorded.read_text().strip()}): use another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(setup) + "\n")
     data = work / "data"
     lds_folder(Path(args.data_dir), data, args.train, args.test)
     train_raw, train_y = load_split(str(data), "train")
@@ -433,17 +446,17 @@ def lds(args) -> None:
                          "stderr": float(np.std(per_test[:held], ddof=1) / np.sqrt(held)),
                          "lds_tuning": float(np.mean(per_test[held:])) if args.tune else None,
                          "seconds": seconds.get(name)}
-    chosen = {family: max(names, key=lambda n: results[n]["lds_tuning"]) for family, names in sweep.items()}
+    chosen = ({family: max(names, key=lambda n: results[n]["lds_tuning"]) for family, names in sweep.items()}
+              if args.tune else {})
     checks = {}
     if not args.no_dattri:
         from dattri.metric import lds as dattri_lds
 
         ground_truth = (torch.from_numpy(outputs).float(), torch.stack([torch.from_numpy(np.flatnonzero(row))
                                                                        for row in masks]))
-        checks["max |LDS - dattri.metric.lds|"] = max(
-            abs(float(influence.linear_datamodeling_score(matrix, masks, outputs).mean())
-                - float(dattri_lds(torch.from_numpy(matrix).float().T, ground_truth)[0].nanmean()))
-            for matrix in scores.values())
+        checks["max |LDS - dattri.metric.lds| over test images"] = max(float(np.nanmax(np.abs(
+            influence.linear_datamodeling_score(matrix, masks, outputs).numpy()
+            - dattri_lds(torch.from_numpy(matrix).float().T, ground_truth)[0].numpy()))) for matrix in scores.values())
         ours, theirs = scores[f"fnclass TracIn (exact, {len(along)} checkpoints)"], scores["dattri TracIn (exact)"]
         checks["fnclass TracIn against dattri TracIn: max relative error"] = float(
             np.abs(ours - theirs).max() / np.abs(theirs).max())

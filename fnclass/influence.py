@@ -44,7 +44,7 @@ from fnclass.losses import per_example_cross_entropy
 
 METHODS = ("tracin", "trak")
 DEFAULT_TRAK_DIM = 2048
-DEFAULT_TRAK_DAMPING = 0.1  # x mean(diag(Phi^T Phi)): best in the LDS sweep of benchmarks/RESULTS.md; safe at D >= N
+DEFAULT_TRAK_DAMPING = 0.1  # x mean(diag(Phi^T Phi)): best for 8 members in RESULTS.md's LDS sweep; safe at D >= N
 
 
 class AlongRun(NamedTuple):
@@ -315,7 +315,8 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def linear_datamodeling_score(scores, masks, outputs) -> torch.Tensor:
-    """The LDS of an attribution, per test example: ``(T,)``, in [-1, 1] (NaN where a column is constant).
+    """The LDS of an attribution, per test example: ``(T,)``, in [-1, 1]; NaN for a test example whose outputs or
+    predictions are all equal, or hold a NaN (a retrained model that diverged), as scipy's ``spearmanr`` gives.
 
     Args:
       scores: ``(T, N)`` attribution scores, test example by training example (higher: raises the output).
@@ -328,12 +329,16 @@ def linear_datamodeling_score(scores, masks, outputs) -> torch.Tensor:
     """
     scores, outputs = torch.as_tensor(scores).double().cpu(), torch.as_tensor(outputs).double().cpu()
     masks = torch.as_tensor(masks).cpu()
-    if masks.shape != (len(outputs), scores.shape[1]) or outputs.shape[1] != len(scores):
+    if scores.ndim != 2 or outputs.ndim != 2 or masks.shape != (len(outputs), scores.shape[1]) \
+            or outputs.shape[1] != len(scores):
         raise ValueError(f"shapes do not fit: scores {tuple(scores.shape)} (T, N), masks {tuple(masks.shape)} (M, N), "
                          f"outputs {tuple(outputs.shape)} (M, T)")
-    a, b = _ranks(masks.double() @ scores.T), _ranks(outputs)
+    predicted = masks.double() @ scores.T
+    a, b = _ranks(predicted), _ranks(outputs)
     a, b = a - a.mean(0), b - b.mean(0)
-    return ((a * b).sum(0) / ((a * a).sum(0) * (b * b).sum(0)).sqrt()).float()
+    lds = (a * b).sum(0) / ((a * a).sum(0) * (b * b).sum(0)).sqrt()
+    lds[predicted.isnan().any(0) | outputs.isnan().any(0)] = float("nan")  # ranks would put a NaN last
+    return lds.float()
 
 
 def top_examples(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +358,6 @@ def parse_indices(text: str, size: int) -> list[int]:
     Raises:
       InputError: one line naming the bad part.
     """
-
     chosen = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         low, dash, high = part.partition("-")
@@ -402,6 +406,10 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
         last.check_split(folder, test_all, test_all_labels)
         chosen = parse_indices(test_indices or "0-7", len(test_all))
         test_raw, test_labels, names = test_all[chosen], test_all_labels[chosen], chosen
+    if method == "trak" and damping == 0 and (proj_dim or DEFAULT_TRAK_DIM) >= len(train_raw):
+        raise InputError(f"--damping 0 with --proj-dim {proj_dim or DEFAULT_TRAK_DIM} and {len(train_raw)} training "
+                         "examples: Phi^T Phi is singular when the dimension reaches their number; raise --damping "
+                         "or lower --proj-dim")
     model = vmap_model(last)
     train_images = prepare(last, train_raw, dev)
     size = _chunk(chunk_size, along, model, train_images, max_memory)

@@ -211,6 +211,8 @@ def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir
     (["RUN", "--damping", "0.1"], "--damping is TRAK's (--method trak)"),
     (["RUN", "--method", "trak", "--damping", "-1"], "--damping -1.0: expected a number >= 0"),
     (["RUN", "--method", "trak", "--damping", "nan"], "--damping nan: expected a number >= 0"),
+    (["RUN", "--method", "trak", "--damping", "0", "--proj-dim", "64", "--train-limit", "64"],
+     "Phi^T Phi is singular when the dimension reaches their number; raise --damping or lower --proj-dim"),
     (["RUN/config.toml"], "it is truncated or corrupted: use another file"),
     (["NOWHERE"], "no such checkpoint file or run directory"),
     (["EMPTY"], "no checkpoints kept along the run (epoch-*.safetensors); train with --set "
@@ -326,3 +328,9 @@ def test_the_linear_datamodeling_score_equals_spearman_by_hand():
     assert torch.allclose(influence.linear_datamodeling_score(-scores, masks, exact), -torch.ones(3))
     with pytest.raises(ValueError, match="shapes do not fit"):
         influence.linear_datamodeling_score(scores, masks[:, :5], outputs)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        influence.linear_datamodeling_score(scores[0], masks, outputs)
+    # a diverged retraining (NaN output) or a NaN score makes that test example's LDS NaN, as scipy's spearmanr
+    outputs[3, 0], scores[2, 5] = np.nan, np.nan
+    lds = influence.linear_datamodeling_score(scores, masks, outputs)
+    assert lds[0].isnan() and lds[2].isnan() and not lds[1].isnan()
