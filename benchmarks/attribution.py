@@ -61,21 +61,31 @@ import torch
 from benchmarks.common import device_name, publish
 
 
+def subset_folder(source: Path, out: Path, n_train: int, n_test: int | None = None) -> None:
+    """A data folder with the first ``n_train`` training images of ``source`` and its first ``n_test`` test images
+    (None: the whole test split, linked)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name in (f"{split}_images.npy", f"{split}_labels.npy"):
+            target = out / name
+            if n is not None:
+                np.save(target, np.load(source / name, mmap_mode="r")[:n])
+            elif not target.exists():
+                target.symlink_to((source / name).resolve())
+    if not (out / "classes.txt").exists():
+        (out / "classes.txt").symlink_to((source / "classes.txt").resolve())
+
+
 def flipped_folder(source: Path, out: Path, n: int, fraction: float, seed: int) -> np.ndarray:
     """A data folder with the first ``n`` training images of ``source``, ``fraction`` of their labels changed to
     another class drawn at random; returns the flipped rows."""
-    out.mkdir(parents=True, exist_ok=True)
-    labels = np.load(source / "train_labels.npy", allow_pickle=False)[:n].astype(np.int64)
+    subset_folder(source, out, n)
+    labels = np.load(out / "train_labels.npy", allow_pickle=False).astype(np.int64)
     classes = int(labels.max()) + 1
     generator = np.random.default_rng(seed)
     flipped = np.sort(generator.choice(n, int(round(fraction * n)), replace=False))
     labels[flipped] = (labels[flipped] + generator.integers(1, classes, len(flipped))) % classes
-    np.save(out / "train_images.npy", np.load(source / "train_images.npy", mmap_mode="r")[:n])
     np.save(out / "train_labels.npy", labels)
-    for name in ("test_images.npy", "test_labels.npy", "classes.txt"):
-        target = out / name
-        if not target.exists():
-            target.symlink_to((source / name).resolve())
     np.save(out / "flipped.npy", flipped)
     return flipped
 
@@ -89,7 +99,8 @@ def fnclass(*args: str) -> float:
 
 def column(path: Path, name: str, index: str = "index") -> np.ndarray:
     """A CSV's ``name`` column ordered by its ``index`` column."""
-    rows = list(csv.DictReader(open(path)))
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
     values = np.empty(len(rows))
     for row in rows:
         values[int(row[index])] = float(row[name])
@@ -248,17 +259,6 @@ LDS_SET = ["model.widths=[16,32,64]", "model.whiten=false", "optim.whiten_bias_e
            "train.tta=false", "train.eval_batch_size=1000", "train.log_every_steps=1000"]
 
 
-def lds_folder(source: Path, out: Path, n_train: int, n_test: int) -> None:
-    """A data folder with the first ``n_train`` training and ``n_test`` test images of ``source``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        np.save(out / f"{split}_images.npy", np.load(source / f"{split}_images.npy", mmap_mode="r")[:n])
-        np.save(out / f"{split}_labels.npy", np.load(source / f"{split}_labels.npy", allow_pickle=False)[:n])
-    target = out / "classes.txt"
-    if not target.exists():
-        target.symlink_to((source / "classes.txt").resolve())
-
-
 def lds_config(epochs: int, *overrides: str):
     from fnclass.config import load_config
 
@@ -395,7 +395,7 @@ def lds(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(setup) + "\n")
     data = work / "data"
-    lds_folder(Path(args.data_dir), data, args.train, args.test)
+    subset_folder(Path(args.data_dir), data, args.train, args.test)
     train_raw, train_y = load_split(str(data), "train")
     test_raw, test_y = load_split(str(data), "test")
     held = args.test - args.tune  # LDS is reported on the first `held` test images; the rest choose the damping
