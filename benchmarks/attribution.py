@@ -31,7 +31,7 @@ a 2-epoch cpu.toml run of two seeds, the members' mean: ``fnclass grads --score 
 cpu.toml is trained on the ``--keep`` highest-scoring training images and on as many drawn at random, with
 ``--seeds`` as members of one run each (``data.train_indices``), and the test accuracies are compared.
 
-``lds``: the linear datamodeling score (Park et al. 2023; ``fnclass.influence.linear_datamodeling_score``) on a
+``lds``: the linear datamodeling score (Park et al. 2023; ``fnclass.analysis.influence.linear_datamodeling_score``) on a
 small subset: the first ``--train`` training and ``--test`` test images, a small model (cpu.toml's recipe at widths
 16/32/64 without the whitening stem, batch 100). Attributed: fnclass TracIn over the checkpoints of one run
 (``--every-epochs``), exact and projected, and TRAK over one model and over ``--members`` seeds; dattri 0.3's
@@ -154,13 +154,15 @@ def speed(args) -> None:
     from captum.influence import TracInCP
     from torch.utils.data import TensorDataset
 
-    from fnclass import influence, random, recipe, tree
-    from fnclass.analysis import vmap_model
-    from fnclass.checkpoint import save_checkpoint
+    from fnclass.analysis import influence
+    from fnclass.analysis.gradients import vmap_model
     from fnclass.config import load_config
+    from fnclass.core import random, tree
     from fnclass.data import load_split
     from fnclass.models import resolve_config
-    from fnclass.step import create_train_state
+    from fnclass.run.checkpoint import save_checkpoint
+    from fnclass.training import recipe
+    from fnclass.training.step import create_train_state
     from tests.torch_reference import reference_module
 
     config = resolve_config(load_config("cpu", ["model.whiten=false", "optim.whiten_bias_epochs=0",
@@ -267,8 +269,8 @@ def lds_config(epochs: int, *overrides: str):
 
 def test_margins(checkpoint: Path, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """TRAK's output function, the margin, of a checkpoint's model on the test images (eval mode, no TTA)."""
-    from fnclass.checkpoint import load_checkpoint
-    from fnclass.influence import margin
+    from fnclass.analysis.influence import margin
+    from fnclass.run.checkpoint import load_checkpoint
 
     with torch.no_grad():
         return margin(load_checkpoint(checkpoint).logits(images), labels).numpy()
@@ -279,7 +281,7 @@ def retrain_subsets(args, data: Path, work: Path, test_x: torch.Tensor, test_y: 
     the margins are kept in ``work/retrain`` so that an interrupted benchmark goes on where it stopped."""
     import shutil
 
-    from fnclass.training import train
+    from fnclass.training.program import train
 
     folder = work / "retrain"
     folder.mkdir(parents=True, exist_ok=True)
@@ -327,7 +329,7 @@ def dattri_scores(config, along: list, along_members: list, train_x, train_y, te
     from dattri.task import AttributionTask
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fnclass.influence import margin
+    from fnclass.analysis.influence import margin
     from tests.torch_reference import reference_module
 
     def twin_weights(item, index=None):
@@ -380,10 +382,11 @@ def dattri_scores(config, along: list, along_members: list, train_x, train_y, te
 
 
 def lds(args) -> None:
-    from fnclass import influence, random, tree
-    from fnclass.analysis import vmap_model
+    from fnclass.analysis import influence
+    from fnclass.analysis.gradients import vmap_model
+    from fnclass.core import random, tree
     from fnclass.data import load_split
-    from fnclass.training import train
+    from fnclass.training.program import train
 
     if not 0 <= args.tune < args.test:
         raise SystemExit(f"--tune {args.tune}: expected 0 <= --tune < --test ({args.test})")

@@ -17,7 +17,7 @@ and the paired per-round ratio to Opacus (median, min, max).
 
 ``opacus-train``: dp.toml's run done with Opacus: the twin starting from fnclass's initial weights for
 ``train.seed``, Poisson batches of the same rate (``torch.rand < q`` per example, as Opacus' DPDataLoader), the same
-augmentation (fnclass.augment, so only the DP machinery differs), the same learning-rate schedule, noise
+augmentation (fnclass.core.augment, so only the DP machinery differs), the same learning-rate schedule, noise
 multiplier (Opacus' ``get_noise_multiplier``, as fnclass), clipping norm and steps; Opacus' RDP accountant reports
 the epsilon spent. Test accuracy on the test split at the end, and the wall time of the training steps.
 """
@@ -34,14 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import device_name, publish, random_batch
-from fnclass import data, privacy, random, recipe, tree
-from fnclass.augment import augment
+from fnclass import data, privacy
 from fnclass.config import load_config
-from fnclass.epoch import PUBLIC_NORMALIZATION
+from fnclass.core import random, tree
+from fnclass.core.augment import augment
+from fnclass.core.losses import cross_entropy
 from fnclass.io import synchronize
-from fnclass.losses import cross_entropy
 from fnclass.models import resolve_config
-from fnclass.step import create_train_state, make_train_step
+from fnclass.training import recipe
+from fnclass.training.loop import PUBLIC_NORMALIZATION
+from fnclass.training.step import create_train_state, make_train_step
 from tests.torch_reference import reference_module, torch_name
 
 warnings.filterwarnings("ignore", category=UserWarning)  # Opacus' hook and accountant warnings

@@ -4,7 +4,7 @@ Run by hand, not by pytest::
 
     python -m benchmarks.export_accuracy runs/cpu/checkpoints/last.safetensors --data-dir ../shared/data/cifar10
 
-Each export is read back the way ``fnclass predict`` reads it (``fnclass.export.load_predictor``) and run
+Each export is read back the way ``fnclass predict`` reads it (``fnclass.run.export.load_predictor``) and run
 on the whole test split; the table compares it with the checkpoint itself.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fnclass import export
 from fnclass.data import load_split
+from fnclass.run import export
 
 COMBINATIONS = [(fmt, dtype) for fmt in export.FORMATS for dtype in export.DTYPES
                 if not (fmt == "onnx" and dtype == "bfloat16")]

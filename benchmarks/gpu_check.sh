@@ -151,7 +151,8 @@ import time
 import torch
 
 import fnclass
-from fnclass import losses, random, recipe, step, tree
+from fnclass.core import losses, random, tree
+from fnclass.training import recipe, step
 from fnclass.config import load_config
 from fnclass.models import resolve_config
 from fnclass.models.fast import fit_whitening

@@ -29,10 +29,11 @@ def measure(mode: str, members: int, steps: int, per_pass: int | None, device: s
     import functools
 
     from benchmarks.common import random_batch
-    from fnclass import random, recipe, tree
-    from fnclass import step as step_module
     from fnclass.config import load_config
+    from fnclass.core import random, tree
     from fnclass.models import resolve_config
+    from fnclass.training import recipe
+    from fnclass.training import step as step_module
 
     dev = torch.device(device)
     config = resolve_config(load_config(config_name))
@@ -84,10 +85,11 @@ def paired(members: int, rounds: int, steps: int) -> None:
     import statistics
 
     from benchmarks.common import random_batch
-    from fnclass import random, recipe, tree
-    from fnclass import step as step_module
     from fnclass.config import load_config
+    from fnclass.core import random, tree
     from fnclass.models import resolve_config
+    from fnclass.training import recipe
+    from fnclass.training import step as step_module
 
     config = resolve_config(load_config("cpu"))
     model = recipe.create_model(config)

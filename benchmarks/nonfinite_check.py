@@ -14,10 +14,11 @@ import time
 import torch
 
 from benchmarks.common import device_name, random_batch
-from fnclass import random, recipe
-from fnclass import step as step_module
 from fnclass.config import load_config
+from fnclass.core import random
 from fnclass.models import resolve_config
+from fnclass.training import recipe
+from fnclass.training import step as step_module
 
 
 def seconds_per_step(config, train_state, batch, *, variant: str, repeats: int, steps: int) -> float:

@@ -6,9 +6,9 @@ Run by hand, not by pytest::
     python -m benchmarks.per_example_grads --device cpu --compile --json tiny.json
 
 Every variant computes, for one fixed random batch, the gradient of each example's own cross-entropy
-with respect to every parameter, BatchNorm in eval mode (running statistics), as ``fnclass.analysis`` does:
+with respect to every parameter, BatchNorm in eval mode (running statistics), as ``fnclass.analysis.gradients`` does:
 
-- ``vmap eager``: ``fnclass.analysis.make_per_example_grad_fn`` on the model built with
+- ``vmap eager``: ``fnclass.analysis.gradients.make_per_example_grad_fn`` on the model built with
   ``attn_impl="math"`` (the fused SDPA kernels have no vmap batching rule);
 - ``vmap eager sdpa``: the same with ``attn_impl="sdpa"``, for comparison: vmap falls back to a loop over
   examples for the ops it cannot batch, named in the output;
@@ -29,7 +29,7 @@ spans the round cancels out; the table gives the median of these per-round ratio
 their minimum and maximum. On a CPU a 512x512 matmul probe runs before each round and is reported, not
 used to select rounds: its range shows how steady the machine was.
 
-Peak memory against chunk size: ``fnclass.analysis.per_example_grads(..., chunk_size=K)`` for each K,
+Peak memory against chunk size: ``fnclass.analysis.gradients.per_example_grads(..., chunk_size=K)`` for each K,
 each in a fresh process on a CPU (peak resident set size, ``VmHWM``) and in this one with
 ``torch.cuda.max_memory_allocated`` on CUDA; "rise" is the peak above the peak after a one-example call.
 """
@@ -56,10 +56,10 @@ import fnclass
 
 # The repo root, for tests/, and this folder, for step_throughput (a `benchmarks` package elsewhere may shadow it).
 from benchmarks.common import device_name, publish, random_batch
-from fnclass import tree
-from fnclass.analysis import make_per_example_grad_fn, per_example_grads
+from fnclass.analysis.gradients import make_per_example_grad_fn, per_example_grads
 from fnclass.config import ModelConfig
-from fnclass.losses import per_example_cross_entropy
+from fnclass.core import tree
+from fnclass.core.losses import per_example_cross_entropy
 from fnclass.models import MODELS, resolve
 from tests.torch_reference import reference_module, torch_name
 
@@ -127,7 +127,7 @@ def build(name: str, attn_impl: str, device: torch.device):
 
 
 def vmap_runner(model, params, state, images, labels, *, compile: bool) -> Callable[[], dict]:
-    """``fnclass.analysis``'s per-example gradient function for the whole batch, eager or compiled."""
+    """``fnclass.analysis.gradients``'s per-example gradient function for the whole batch, eager or compiled."""
     grad_fn = make_per_example_grad_fn(model, state)
     if compile:
         grad_fn = torch.compile(grad_fn)

@@ -13,11 +13,11 @@ loaded with fnclass's own loader and trained twice from the same initial paramet
 - ``stateful``: the ``nn.Module`` twin from ``tests/torch_reference.py``, loaded with the parameters and state
   fnclass initialises from ``train.seed`` (whitening filters fitted by the model's ``data_init``, Dirac init
   included), BatchNorm momentum from the config, and torch.optim optimizers that apply the recipe of
-  ``fnclass.recipe.create_optimizer``: ``DecoupledSGD`` (``torch.optim.SGD``, foreach, Nesterov momentum, one
+  ``fnclass.training.recipe.create_optimizer``: ``DecoupledSGD`` (``torch.optim.SGD``, foreach, Nesterov momentum, one
   param group per parameter label with its lr multiplier, decoupled weight decay ``x lr`` on weights only, the
   whitening bias frozen after ``optim.whiten_bias_epochs``) and, with ``optim.muon``, ``Muon`` for the
   ``weights`` group (momentum, Newton-Schulz orthogonalisation, decay, lr: the order of fnclass's chain). Each
-  step sets every group's lr from ``fnclass.recipe.create_schedule``; the loss is ``F.cross_entropy`` with the
+  step sets every group's lr from ``fnclass.training.recipe.create_schedule``; the loss is ``F.cross_entropy`` with the
   config's label smoothing. Batches come from fnclass's own data code (``EpochLoop.batch``, with the epoch's
   permutation and each step's batch and key from ``EpochLoop.order`` and ``EpochLoop.step_batch``), so both
   programs see the same pixels.
@@ -25,12 +25,12 @@ loaded with fnclass's own loader and trained twice from the same initial paramet
   says so; ``train.compile`` compiles the module (forward and backward) on a throwaway pass on the first batch,
   its BatchNorm statistics restored after, while the optimizers stay eager (foreach).
 
-"Training seconds" are timed the same way on both sides, as ``fnclass.epoch.EpochLoop`` times them: per epoch,
+"Training seconds" are timed the same way on both sides, as ``fnclass.training.loop.EpochLoop`` times them: per epoch,
 from after the epoch's permutation to the end of its last step (device synchronised), summed over epochs. They
 cover cutting and augmenting each batch and the step, and each program's per-step bookkeeping (fnclass's
 non-finite flags, metric sums and metrics lines; the stateful loss sum). They leave out data loading, the
 whitening fit, compilation, evaluation and checkpoints. images/s is the images trained on over those seconds.
-Test and TTA accuracy are computed by ``fnclass.evaluate.evaluate_dataset`` for both (the stateful module in
+Test and TTA accuracy are computed by ``fnclass.training.evaluate.evaluate_dataset`` for both (the stateful module in
 ``eval()`` mode), TTA at the level fnclass uses after its last epoch.
 
 Before either run, one step from the same start on the run's first batch checks that the two programs compute
@@ -63,10 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import device_name, publish
-from fnclass import random, recipe, tree
 from fnclass.config import Config, ConfigError, TrainConfig, load_config
-from fnclass.epoch import EpochLoop, RunData, load_run_data, normalized
-from fnclass.evaluate import evaluate_dataset
+from fnclass.core import random, tree
 from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.models import resolve_config
 from fnclass.models.model import (
@@ -76,15 +74,18 @@ from fnclass.models.model import (
     WEIGHTS,
     WHITENING_BIAS,
 )
-from fnclass.run import RunDirectory
-from fnclass.step import TrainState, create_train_state, make_train_step
-from fnclass.training import train
+from fnclass.run.directory import RunDirectory
+from fnclass.training import recipe
+from fnclass.training.evaluate import evaluate_dataset
+from fnclass.training.loop import EpochLoop, RunData, load_run_data, normalized
+from fnclass.training.program import train
+from fnclass.training.step import TrainState, create_train_state, make_train_step
 from tests.torch_reference import reference_module, torch_name
 
-# Read off fnclass/recipe.py, not imported from it, so that tests/test_stateful_twin.py fails when the two drift.
+# Read off fnclass/training/recipe.py, not imported from it, so that tests/test_stateful_twin.py fails when the two drift.
 DECAYED = (WEIGHTS, HEAD_WEIGHTS)
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients
-NEWTON_SCHULZ_STEPS = 5  # fnclass.optim.orthogonalize's default
+NEWTON_SCHULZ_STEPS = 5  # fnclass.core.optim.orthogonalize's default
 PROGRAMS = ("stateful", "fnclass")
 
 

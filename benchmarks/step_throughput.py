@@ -6,7 +6,7 @@ Run by hand, not by pytest::
     python -m benchmarks.step_throughput --device cpu --model tiny --json tiny.json
 
 Up to four variants train the same model from the same initial weights on one fixed random batch
-(throughput does not depend on the pixels): ``fnclass.make_train_step`` with ``fnclass.optim.adam``,
+(throughput does not depend on the pixels): ``fnclass.make_train_step`` with ``fnclass.core.optim.adam``,
 and the ``nn.Module`` twin from ``tests/torch_reference.py`` with ``torch.optim.Adam``, each eager and
 under ``torch.compile``. Compiled, both sides compile forward, backward and the optimizer update: the
 functional step is one compiled function; the stateful one is the compiled module (forward, and backward
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 import fnclass
 from benchmarks.common import device_name, publish, random_batch
-from fnclass import losses, optim, random, tree
 from fnclass.config import ModelConfig
+from fnclass.core import losses, optim, random, tree
 from fnclass.models import MODELS
 from tests.torch_reference import reference_module
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fnclass.config import ConfigError, load_config
-from fnclass.training import train
+from fnclass.training.program import train
 
 # timed_seconds is what airbench's timer covers: the whitening fit, the training steps and the final (TTA)
 # evaluation, GPU-synchronised. airbench compiles on a throwaway warm-up and then times every real step, its

@@ -9,7 +9,7 @@ It exports the run's checkpoint (``--checkpoint``, default ``last``: the end of 
 the test set) as a safetensors inference file in each of float32 and float16, evaluates both on the full test
 split exactly as ``fnclass eval --model NAME --tta`` will (weights widened to float32), keeps float16 when it
 loses nothing (at most ``--tolerance`` points, with and without TTA) and float32 otherwise, and writes
-``fnclass/zoo/NAME.safetensors`` and ``fnclass/zoo/NAME.json`` (the model card). The card's accuracies are those
+``fnclass/run/zoo/NAME.safetensors`` and ``fnclass/run/zoo/NAME.json`` (the model card). The card's accuracies are those
 of the shipped file; tests/test_zoo.py requires them to 0.01 points.
 """
 
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from fnclass import zoo
+from fnclass.core.tree import num_params
 from fnclass.data import file_sha256, load_split
-from fnclass.evaluate import evaluate_members
-from fnclass.export import export_checkpoint, load_for_evaluation
 from fnclass.io import write_atomic
-from fnclass.step import make_eval_step
-from fnclass.tree import num_params
+from fnclass.run import zoo
+from fnclass.run.export import export_checkpoint, load_for_evaluation
+from fnclass.training.evaluate import evaluate_members
+from fnclass.training.step import make_eval_step
 
 DATA_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "classes.txt")
 

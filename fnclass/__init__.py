@@ -12,12 +12,12 @@ import importlib
 from fnclass._version import __version__
 
 _PUBLIC = {
-    "Checkpoint": "fnclass.checkpoint", "load_checkpoint": "fnclass.checkpoint", "load_config": "fnclass.config",
-    "Exported": "fnclass.export", "load_exported": "fnclass.export", "Model": "fnclass.models",
-    "build_model": "fnclass.models", "pretrained": "fnclass.zoo", "fold_in": "fnclass.random",
-    "key": "fnclass.random", "split": "fnclass.random",
-    "TrainState": "fnclass.step", "create_train_state": "fnclass.step", "make_eval_step": "fnclass.step",
-    "make_train_step": "fnclass.step", "TrainResult": "fnclass.training", "train": "fnclass.training",
+    "Checkpoint": "fnclass.run.checkpoint", "load_checkpoint": "fnclass.run.checkpoint", "load_config": "fnclass.config",
+    "Exported": "fnclass.run.export", "load_exported": "fnclass.run.export", "Model": "fnclass.models",
+    "build_model": "fnclass.models", "pretrained": "fnclass.run.zoo", "fold_in": "fnclass.core.random",
+    "key": "fnclass.core.random", "split": "fnclass.core.random",
+    "TrainState": "fnclass.training.step", "create_train_state": "fnclass.training.step", "make_eval_step": "fnclass.training.step",
+    "make_train_step": "fnclass.training.step", "TrainResult": "fnclass.training.program", "train": "fnclass.training.program",
 }
 
 

@@ -23,11 +23,11 @@ def cifar_dir() -> Path:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained tiny model for the classes cat, dog, emu and 16 x 16 images (`fnclass eval`/`predict` need one)."""
     import fnclass
-    from fnclass.checkpoint import save_checkpoint
     from fnclass.config import load_config
+    from fnclass.core.optim import sgd
     from fnclass.models import resolve_config
-    from fnclass.optim import sgd
-    from fnclass.step import create_train_state
+    from fnclass.run.checkpoint import save_checkpoint
+    from fnclass.training.step import create_train_state
 
     config = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 8, 8]", "model.stem_width=8",
                                                "model.num_classes=3"]))

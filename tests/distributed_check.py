@@ -13,10 +13,11 @@ import sys
 import torch
 
 import fnclass
-from fnclass import distributed, losses, optim, tree
+from fnclass import distributed
 from fnclass.config import ModelConfig
+from fnclass.core import losses, optim, tree
 from fnclass.data import channel_stats, load_split, normalize
-from fnclass.step import create_train_state, make_train_step
+from fnclass.training.step import create_train_state, make_train_step
 
 
 def relative_distance(a, b) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from fnclass import checkpoint
+from fnclass.run import checkpoint
 
 
 def reseal(blob: bytes) -> bytes | None:

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import fnclass
-from fnclass import analysis, data, losses, tree
+from fnclass import data
+from fnclass.analysis import gradients as analysis
 from fnclass.config import ModelConfig, OptimConfig, load_config
+from fnclass.core import losses, tree
 from fnclass.models import Model
-from fnclass.training import train
+from fnclass.training.program import train
 
 SMALL_RESNET = ModelConfig(name="resnet_attn", widths=(8, 16), depths=(1, 1), attn_after=(1,), attn_layers=1,
                            attn_heads=2)

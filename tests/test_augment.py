@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fnclass import augment, random
 from fnclass.config import DataConfig
+from fnclass.core import augment, random
 
 
 def test_random_crop_matches_a_naive_loop():

@@ -10,11 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fnclass
-from fnclass import checkpoint, data, io, optim, tree
+from fnclass import data, io
 from fnclass.config import load_config
+from fnclass.core import optim, tree
 from fnclass.models import resolve_config
-from fnclass.recipe import create_optimizer
-from fnclass.step import create_train_state
+from fnclass.run import checkpoint
+from fnclass.training.recipe import create_optimizer
+from fnclass.training.step import create_train_state
 from tests.sealing import reseal
 
 CONFIG = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]))

@@ -14,8 +14,8 @@ from fnclass.cli import main
 from fnclass.config import load_config
 from fnclass.data import channel_stats, load_split, validation_split, write_dataset
 from fnclass.models import resolve_config
-from fnclass.run import Reporter
-from fnclass.training import TrainingInterrupted, train
+from fnclass.run.directory import Reporter
+from fnclass.training.program import TrainingInterrupted, train
 
 QUICK = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "data.train_limit=600",
          "data.test_limit=200", "train.epochs=2", "train.batch_size=100", "train.log_every_steps=2"]
@@ -311,7 +311,7 @@ def test_fp16_scaling_and_gradient_accumulation_train_and_resume_exactly(cifar_d
     assert float(a["loss_scale.scale"]) == 2.0 ** 16 and int(a["loss_scale.growth_tracker"]) == 12
     assert int(a["opt_state.count"]) == 12 and int(a["step"]) == 12  # 12 batches, 6 optimizer steps
     assert not a["opt_state.grad_sum.head.weight"].any()  # the window closed at the last batch
-    from fnclass import recipe
+    from fnclass.training import recipe
 
     schedule = recipe.create_schedule(resolve_config(config).optim, 6 / 2, 2)  # 3 optimizer steps an epoch
     rows = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]

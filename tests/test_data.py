@@ -13,7 +13,8 @@ import torch
 import torchvision.datasets
 from PIL import Image
 
-from fnclass import data, random
+from fnclass import data
+from fnclass.core import random
 from fnclass.data import FILES, DataError
 from tests.needs import missing
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from fnclass.checkpoint import load_checkpoint
+from fnclass.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "model.whiten=false",

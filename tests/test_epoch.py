@@ -6,14 +6,14 @@ import torch
 from click.testing import CliRunner
 
 import fnclass
-from fnclass import random
-from fnclass.augment import augment, mix_batch
 from fnclass.cli import main
 from fnclass.config import load_config
-from fnclass.epoch import MIX, EpochLoop, RunData
+from fnclass.core import random
+from fnclass.core.augment import augment, mix_batch
 from fnclass.models import resolve_config
-from fnclass.run import RunDirectory
-from fnclass.step import TrainState
+from fnclass.run.directory import RunDirectory
+from fnclass.training.loop import MIX, EpochLoop, RunData
+from fnclass.training.step import TrainState
 from tests.test_loggers import read_back
 
 MIXED = ["data.mixup_alpha=0.8", "data.cutmix_alpha=1.0", "data.mix_switch_prob=0.5"]

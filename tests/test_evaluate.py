@@ -2,7 +2,7 @@
 
 import torch
 
-from fnclass.evaluate import evaluate_dataset, split_metrics
+from fnclass.training.evaluate import evaluate_dataset, split_metrics
 
 
 def _fixed_logits(classes: int, count: int):

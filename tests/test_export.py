@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import fnclass
-from fnclass import export
-from fnclass.checkpoint import CheckpointError, read_file, serialize
 from fnclass.cli import main
 from fnclass.config import load_config
 from fnclass.data import file_sha256, load_split, read_image
 from fnclass.models import resolve_config
-from fnclass.training import train
+from fnclass.run import export
+from fnclass.run.checkpoint import CheckpointError, read_file, serialize
+from fnclass.training.program import train
 from tests.needs import require_onnx
 from tests.sealing import reseal
 
@@ -211,9 +211,9 @@ def test_config_that_does_not_fit_the_weights_is_rejected(trained, tmp_path):
 @pytest.fixture(scope="module")
 def small_export(tmp_path_factory):
     """A small exported model (random weights) to fuzz."""
-    from fnclass.checkpoint import save_checkpoint
-    from fnclass.optim import sgd
-    from fnclass.step import create_train_state
+    from fnclass.core.optim import sgd
+    from fnclass.run.checkpoint import save_checkpoint
+    from fnclass.training.step import create_train_state
 
     config = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]))
     folder = tmp_path_factory.mktemp("fuzz")

@@ -144,8 +144,8 @@ NAN_RUN = [s for s in QUICK if not s.startswith("train.tta")] + ["train.epochs=2
 
 def _poisoned_train(cifar_dir, out, monkeypatch, *, policy, at_step, calls=None, sets=NAN_RUN):
     """Train in this process with the batch of update ``at_step`` (1-based) made nan; record that step's states."""
-    from fnclass import training
     from fnclass.config import load_config
+    from fnclass.training import program as training
 
     real = training.make_train_step
 
@@ -172,7 +172,7 @@ def _poisoned_train(cifar_dir, out, monkeypatch, *, policy, at_step, calls=None,
 def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch,
                                                                                  log_every, bad_step, saved_step):
     """Found at the next logging step (step 10) or, logging off, at the next checkpoint save (step 8)."""
-    from fnclass.training import TrainingDiverged
+    from fnclass.training.program import TrainingDiverged
 
     sets, out = NAN_RUN + [f"train.log_every_steps={log_every}"], tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=f"nan/inf at step {bad_step} \\(epoch 2\\)") as info:

@@ -8,14 +8,15 @@ import torch
 from click.testing import CliRunner
 
 import fnclass
-from fnclass import optim, recipe, tree
-from fnclass.checkpoint import CheckpointError, save_checkpoint
 from fnclass.cli import main
 from fnclass.config import load_config
+from fnclass.core import optim, tree
 from fnclass.data import load_split, write_dataset
-from fnclass.finetune import init_from, load_source
 from fnclass.models import resolve_config
-from fnclass.step import create_train_state
+from fnclass.run.checkpoint import CheckpointError, save_checkpoint
+from fnclass.training import recipe
+from fnclass.training.finetune import init_from, load_source
+from fnclass.training.step import create_train_state
 
 SMALL = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]
 

@@ -1,4 +1,4 @@
-"""Data attribution (fnclass.influence, `fnclass influence`): TracIn against a naive double loop of single-example
+"""Data attribution (fnclass.analysis.influence, `fnclass influence`): TracIn against a naive double loop of single-example
 gradients over the saved checkpoints, the projections against the exact scores, TRAK against its formula, the
 checkpoints a run keeps along the way, and self-influence finding flipped labels in real CIFAR-10 images."""
 
@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from fnclass import influence, recipe, tree
-from fnclass.checkpoint import load_checkpoint
+from fnclass.analysis import influence
 from fnclass.cli import main
+from fnclass.core import tree
 from fnclass.models import build_model
+from fnclass.run.checkpoint import load_checkpoint
+from fnclass.training import recipe
 
 SMALL = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "model.whiten=false",
          "model.dirac_init=false", "optim.whiten_bias_epochs=0", "optim.muon=false", "data.train_limit=256",
@@ -261,7 +263,7 @@ def test_attribution_covers_exactly_the_images_the_run_trained_on(cifar_dir, tmp
     """The training rows attribution uses equal the training images the run loads (its selection, limit and
     validation hold-out), compared image by image."""
     from fnclass.config import load_config
-    from fnclass.epoch import load_run_data
+    from fnclass.training.loop import load_run_data
 
     indices = tmp_path / "keep.txt"
     indices.write_text("\n".join(map(str, range(5, 900, 3))) + "\n")

@@ -8,9 +8,9 @@ import torch
 
 import fnclass
 from fnclass import io
-from fnclass.checkpoint import save_checkpoint
 from fnclass.config import load_config
 from fnclass.models import resolve_config
+from fnclass.run.checkpoint import save_checkpoint
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_written_files_get_the_umask_permissions(tmp_path, umask_022):
     io.write_json(tmp_path / "b.json", {"a": 1})
     config = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]"]))
     model = fnclass.build_model(config.model)
-    from fnclass import optim
+    from fnclass.core import optim
 
     ts = fnclass.create_train_state(model, optim.sgd(0.1), fnclass.key(0))
     save_checkpoint(tmp_path / "c.safetensors", ts, config=config, classes=[str(i) for i in range(10)],
@@ -62,7 +62,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_old_one(tmp_path, monke
     import errno
 
     config = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]"]))
-    from fnclass import optim
+    from fnclass.core import optim
 
     model = fnclass.build_model(config.model)
     meta = dict(config=config, classes=[str(i) for i in range(10)], mean=(0.5,) * 3, std=(0.25,) * 3,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fnclass import layers, random
+from fnclass.core import layers, random
 from tests.torch_reference import SpatialAttention
 
 
@@ -109,7 +109,7 @@ def test_spatial_attention_matches_its_torch_nn_twin(impl):
     params["norm"] = {"scale": torch.rand(channels, generator=gen) + 0.5, "bias": torch.randn(channels, generator=gen)}
     params["qkv"]["bias"] = torch.randn(3 * channels, generator=gen)
     params["proj"]["bias"] = torch.randn(channels, generator=gen)
-    twin = SpatialAttention(channels, heads)  # nn.LayerNorm and nn.MultiheadAttention, nothing from fnclass.layers
+    twin = SpatialAttention(channels, heads)  # nn.LayerNorm and nn.MultiheadAttention, nothing from fnclass.core.layers
     twin.load_state_dict({"norm.weight": params["norm"]["scale"], "norm.bias": params["norm"]["bias"],
                           "mha.in_proj_weight": params["qkv"]["weight"], "mha.in_proj_bias": params["qkv"]["bias"],
                           "mha.out_proj.weight": params["proj"]["weight"], "mha.out_proj.bias": params["proj"]["bias"]})

@@ -9,7 +9,7 @@ import pytest
 
 from fnclass.config import Config, config_to_dict
 from fnclass.errors import InputError
-from fnclass.loggers import MISSING_TENSORBOARD, TensorBoardLogger, flatten_config
+from fnclass.run.loggers import MISSING_TENSORBOARD, TensorBoardLogger, flatten_config
 from tests.needs import missing
 
 # TensorBoard stores a scalar as a float32: rounding to nearest costs at most half an ulp, a relative 2**-24.
@@ -198,7 +198,7 @@ def test_a_missing_tensorboard_package_is_an_input_error_naming_the_extra(tmp_pa
 
 
 def test_importing_the_module_loads_neither_torch_nor_tensorboard():
-    code = "import sys, fnclass.loggers; print(sorted(m for m in ('torch', 'tensorboard') if m in sys.modules))"
+    code = "import sys, fnclass.run.loggers; print(sorted(m for m in ('torch', 'tensorboard') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -7,8 +7,8 @@ from functools import partial
 import pytest
 import torch
 
-from fnclass import loss_scale, tree
-from fnclass.step import all_finite
+from fnclass.core import loss_scale, tree
+from fnclass.training.step import all_finite
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fnclass import losses
+from fnclass.core import losses
 
 CLASSES = 10
 # Two ways of summing 10 float32 terms of size |log p| <= 30 (the logits are 3 x standard normal) may differ by

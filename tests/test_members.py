@@ -16,12 +16,14 @@ import safetensors.torch
 import torch
 from click.testing import CliRunner
 
-from fnclass import data, random, recipe, tree
-from fnclass import step as step_module
+from fnclass import data
 from fnclass.cli import main
 from fnclass.config import load_config
+from fnclass.core import random, tree
 from fnclass.models import resolve_config
-from fnclass.training import train
+from fnclass.training import recipe
+from fnclass.training import step as step_module
+from fnclass.training.program import train
 from tests.oneline import one_error_line
 
 SMALL = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8"]
@@ -99,7 +101,7 @@ def test_a_vmapped_step_equals_each_members_single_step(cifar_dir, sweep):
 
 def _recording(monkeypatch, calls: list):
     """Record every train-step call of the epoch loop into ``calls``: (inputs, outputs)."""
-    from fnclass import epoch
+    from fnclass.training import loop as epoch
 
     monkeypatch.undo()  # one recorder at a time
     real = epoch.EpochLoop._run_step
@@ -274,7 +276,7 @@ def _member_logits(result, images, mean, std):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt2", "onnx"])
 def test_exports_of_one_member_and_of_the_ensemble(members_run, cifar_dir, tmp_path, fmt):
-    from fnclass.export import load_predictor
+    from fnclass.run.export import load_predictor
 
     if fmt == "onnx":
         from tests.needs import require_onnx

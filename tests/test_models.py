@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fnclass
-from fnclass import losses, tree
 from fnclass.config import ConfigError, ModelConfig
+from fnclass.core import losses, tree
 from fnclass.models import resolve
 from fnclass.models.fast import fit_whitening
 from tests.torch_reference import module_grads, reference_module, torch_name

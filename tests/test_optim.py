@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import fnclass
-from fnclass import checkpoint, optim, schedules, tree
 from fnclass.config import Config, OptimConfig
-from fnclass.recipe import create_optimizer
-from fnclass.step import TrainState
+from fnclass.core import optim, schedules, tree
+from fnclass.run import checkpoint
+from fnclass.training.recipe import create_optimizer
+from fnclass.training.step import TrainState
 
 PEAK, STEPS = 0.01, 100
 # Every step's gradient carries float32 rounding of up to about eps x 64 (the batch, the longest reduction)

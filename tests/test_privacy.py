@@ -16,9 +16,10 @@ import safetensors.torch
 import torch
 
 import fnclass
-from fnclass import privacy, random, tree
+from fnclass import privacy
 from fnclass.config import ConfigError, ModelConfig, load_config
-from fnclass.losses import cross_entropy
+from fnclass.core import random, tree
+from fnclass.core.losses import cross_entropy
 from fnclass.models import build_model, resolve
 from tests.oneline import one_error_line
 from tests.torch_reference import reference_module, torch_name
@@ -259,7 +260,7 @@ RUN = ["model.widths=[8, 16, 16]", "model.stem_width=8", "model.norm_groups=4", 
 CLI = [sys.executable, "-c", "from fnclass.cli import main; main()"]
 # The same secret for two runs, so that a killed-and-resumed run can be compared with an uninterrupted one (never
 # do this for runs you publish: two models trained with the same noise give it away in their difference).
-SAME_SECRET = [sys.executable, "-c", "import fnclass.privacy as p, fnclass.random as r; "
+SAME_SECRET = [sys.executable, "-c", "import fnclass.privacy as p, fnclass.core.random as r; "
                "p.new_secret = lambda: r.key(1234); from fnclass.cli import main; main()"]
 
 

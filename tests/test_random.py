@@ -6,13 +6,13 @@ import sys
 import pytest
 import torch
 
-from fnclass import random
+from fnclass.core import random
 from tests.needs import missing
 
 
 def test_same_key_same_numbers_in_another_process():
     here = random.normal(random.fold_in(random.split(random.key(42), 3)[1], 7), (1000,))
-    code = ("import torch; from fnclass import random as r;"
+    code = ("import torch; from fnclass.core import random as r;"
             "x = r.normal(r.fold_in(r.split(r.key(42), 3)[1], 7), (1000,));"
             "print(x.double().sum().item(), x[:3].tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import fnclass
-from fnclass import recipe, tree
 from fnclass.config import ModelConfig, OptimConfig
+from fnclass.core import tree
 from fnclass.models import LABELS
+from fnclass.training import recipe
 
 
 def _expected_label(path: str, leaf) -> str:

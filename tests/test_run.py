@@ -3,10 +3,10 @@
 import json
 
 import fnclass
-from fnclass import optim
 from fnclass.config import load_config
+from fnclass.core import optim
 from fnclass.models import resolve_config
-from fnclass.run import Reporter, RunDirectory
+from fnclass.run.directory import Reporter, RunDirectory
 
 CONFIG = resolve_config(load_config(None, ["model.name=tiny", "model.widths=[8, 16, 16]", "checkpoint.keep=2"]))
 META = dict(classes=[str(i) for i in range(10)], mean=(0.5,) * 3, std=(0.25,) * 3, input_size=(32, 32))
@@ -79,11 +79,11 @@ def test_a_second_writer_is_refused_until_the_first_process_dies(tmp_path):
 
     import pytest
 
-    from fnclass.run import RunLockedError
+    from fnclass.run.directory import RunLockedError
 
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys\nfrom fnclass.config import load_config\nfrom fnclass.models import "
-         "resolve_config\nfrom fnclass.run import RunDirectory\nconfig = resolve_config(load_config(None, "
+         "resolve_config\nfrom fnclass.run.directory import RunDirectory\nconfig = resolve_config(load_config(None, "
          "['model.name=tiny']))\nrun = RunDirectory(sys.argv[1], config)\nrun.start(step=0, info={}, classes=[], "
          "mean=(0,) * 3, std=(1,) * 3, input_size=(32, 32))\nprint('locked', flush=True)\nsys.stdin.read()\n",
          str(tmp_path / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -12,11 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fnclass import analysis, data, tree
-from fnclass.checkpoint import load_checkpoint
+from fnclass import data
+from fnclass.analysis import gradients as analysis
 from fnclass.cli import main
 from fnclass.config import load_config
-from fnclass.training import train
+from fnclass.core import tree
+from fnclass.run.checkpoint import load_checkpoint
+from fnclass.training.program import train
 from tests.oneline import one_error_line
 
 EPS = torch.finfo(torch.float32).eps

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from fnclass.config import load_config
-from fnclass.training import train
+from fnclass.training.program import train
 
 QUICK = ["train.log_every_steps=1", "data.test_limit=500", "train.tta=false"]
 
@@ -81,7 +81,7 @@ def test_a_batch_larger_than_the_subset_is_a_one_line_config_error(cifar_dir, tm
 
 def test_a_run_shorter_than_its_warm_up_keeps_the_slope_and_comes_back_down():
     from fnclass.config import OptimConfig
-    from fnclass.recipe import create_schedule
+    from fnclass.training.recipe import create_schedule
 
     config = OptimConfig(name="sgd", lr=0.3, schedule="one_cycle", warmup_epochs=2.0, final_lr_fraction=0.02)
     full = create_schedule(config, 8, 11)  # 16 warm-up steps of 88: the shipped shape

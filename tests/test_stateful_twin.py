@@ -6,12 +6,14 @@ import torch
 
 import fnclass
 from benchmarks import stateful_twin
-from fnclass import data, recipe, tree
+from fnclass import data
 from fnclass.config import load_config
-from fnclass.epoch import EpochLoop, RunData
+from fnclass.core import tree
 from fnclass.models import resolve_config
-from fnclass.run import RunDirectory
-from fnclass.step import TrainState, create_train_state, make_train_step
+from fnclass.run.directory import RunDirectory
+from fnclass.training import recipe
+from fnclass.training.loop import EpochLoop, RunData
+from fnclass.training.step import TrainState, create_train_state, make_train_step
 from tests.torch_reference import load_flat, torch_name
 
 STEPS = 3  # one step an epoch: the schedule moves at every step, and a 2-epoch whitening bias freezes at the third

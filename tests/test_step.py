@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import fnclass
-from fnclass import data, evaluate, losses, optim, random, recipe, schedules, step, tree
+from fnclass import data
 from fnclass.config import ModelConfig, load_config
+from fnclass.core import losses, optim, random, schedules, tree
 from fnclass.models import resolve, resolve_config
-from fnclass.training import train
+from fnclass.training import evaluate, recipe, step
+from fnclass.training.program import train
 from tests.torch_reference import reference_module, torch_name
 
 SMALL = ModelConfig(name="tiny", widths=(8, 16, 16), stem_width=8, attn_heads=2)
@@ -312,7 +314,7 @@ def test_fp16_loss_scaling_follows_grad_scaler_with_an_injected_overflow(monkeyp
     nn.Module + torch.optim.SGD + torch.amp.GradScaler. A start at 2**124 on a loss x1000 makes the scaled gradients
     overflow: those steps are skipped and the scale backs off; after ``growth_interval`` finite steps it grows and
     overflows again. Scales are compared step by step, parameters at the end."""
-    import fnclass.loss_scale as loss_scale_module
+    import fnclass.core.loss_scale as loss_scale_module
 
     interval, real_update = 3, loss_scale_module.update
     monkeypatch.setattr(loss_scale_module, "update",  # the run's rules with a short interval, to see growth here

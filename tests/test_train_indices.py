@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from fnclass import data
 from fnclass.cli import main
 from fnclass.config import load_config
-from fnclass.training import train
+from fnclass.training.program import train
 from tests.oneline import one_error_line
 
 SMALL = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "model.whiten=false",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fnclass import tree
+from fnclass.core import tree
 
 
 def test_flatten_paths_roundtrip():

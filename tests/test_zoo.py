@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 
 import fnclass
-from fnclass import zoo
 from fnclass.cli import main
 from fnclass.data import file_sha256, load_split
-from fnclass.export import load_for_evaluation
+from fnclass.run import zoo
+from fnclass.run.export import load_for_evaluation
 from tests.oneline import one_error_line
 
 ENTRIES = sorted(zoo.cards())

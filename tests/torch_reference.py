@@ -189,7 +189,7 @@ def load_flat(module: nn.Module, flat: dict[str, torch.Tensor]) -> nn.Module:
 
 def reference_module(cfg, params, state) -> nn.Module:
     """The nn.Module twin of ``cfg``'s model, holding copies of ``params`` and ``state``."""
-    from fnclass import tree
+    from fnclass.core import tree
     from fnclass.models import resolve
 
     return load_flat(build_module(resolve(cfg)), {**tree.flatten_paths(params), **tree.flatten_paths(state)})

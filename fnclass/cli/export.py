@@ -12,7 +12,7 @@ from rich.table import Table
 from fnclass.cli import options
 from fnclass.cli.errors import UsageProblem, one_line_errors
 
-# fnclass.export's FORMATS and DTYPES, named here so that --help does not import torch (a test checks they agree).
+# fnclass.run.export's FORMATS and DTYPES, named here so that --help does not import torch (a test checks they agree).
 FORMATS = ("safetensors", "pt2", "onnx")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -42,7 +42,7 @@ def export(checkpoint, format_, dtype, out, member, ensemble, weights, as_json):
       fnclass export runs/cpu/checkpoints/best.safetensors --format onnx --dtype float16 --out model.onnx
       fnclass export runs/seeds/checkpoints/last.safetensors --ensemble --format pt2 --out ensemble.pt2
     """
-    from fnclass.export import export_checkpoint
+    from fnclass.run.export import export_checkpoint
 
     out = out if out is not None else checkpoint.with_name(checkpoint.stem + SUFFIXES[format_])
     if out.is_dir():
@@ -94,12 +94,12 @@ def predict_command(model, images, model_name, top, trust_program, as_json):
       fnclass predict model.pt2 cat.png --trust-program
       fnclass predict --model cifar10-cpu cat.png ship.jpg
     """
-    from fnclass.export import predict
+    from fnclass.run.export import predict
 
     predictor = None
     if model_name is not None:  # MODEL, if given, is the first image
         images = (model, *images) if model is not None else images
-        from fnclass.zoo import predictor as zoo_predictor
+        from fnclass.run.zoo import predictor as zoo_predictor
 
         if not images:
             raise UsageProblem("no images to classify: give one or more PNG/JPEG files after --model NAME")
@@ -133,7 +133,7 @@ def models(as_json):
       fnclass predict --model cifar10-cpu cat.png
       fnclass eval --model cifar10-cpu --tta --data-dir ../shared/data/cifar10
     """
-    from fnclass.zoo import cards
+    from fnclass.run.zoo import cards
 
     entries = cards()
     if as_json:

@@ -90,7 +90,7 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
       fnclass grads runs/cpu/checkpoints/last.safetensors --score el2n --keep-fraction 0.7 --out scores/
       fnclass train --config cpu --set data.train_indices=scores/kept_indices.txt
     """
-    from fnclass.analysis import analyze_checkpoint, score_checkpoint
+    from fnclass.analysis.gradients import analyze_checkpoint, score_checkpoint
 
     _check_keep_fraction(keep_fraction, score, split)
     console = Console(stderr=as_json)

@@ -57,7 +57,7 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
       fnclass influence runs/cpu --self --out influence/self
       fnclass influence runs/seeds --method trak --proj-dim 2048 --test-indices 0-99
     """
-    from fnclass import influence as attribution
+    from fnclass.analysis import influence as attribution
 
     if self_mode and (test_indices or image_paths or method != "tracin" or proj_dim or damping is not None):
         raise UsageProblem("--self ranks training examples by exact TracIn self-influence: drop --test-indices, "

@@ -171,7 +171,7 @@ def _model_file(path: Path | None, model_name: str | None) -> Path:
                            + ("both" if path else "neither"))
     if path is not None:
         return path
-    from fnclass.zoo import weights_path
+    from fnclass.run.zoo import weights_path
 
     return weights_path(model_name)
 
@@ -313,8 +313,8 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
       fnclass train --config cpu --seeds 0-3 --out runs/cpu-seeds
       fnclass train --config cpu --sweep optim.lr=0.1,0.2,0.4 --seeds 0,1 --out runs/cpu-lr
     """
-    from fnclass.training import TrainingDiverged, TrainingInterrupted
-    from fnclass.training import train as run_training
+    from fnclass.training.program import TrainingDiverged, TrainingInterrupted
+    from fnclass.training.program import train as run_training
 
     console = Console(stderr=as_json)
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
@@ -379,14 +379,14 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_dow
       fnclass eval runs/cpu/checkpoints/best.safetensors --tta --data-dir ../shared/data/cifar10
       fnclass eval --model cifar10-cpu --tta --data-dir ../shared/data/cifar10
     """
+    from fnclass.core.tree import tree_to
+    from fnclass.core.tree import tree_unstack as unstack
     from fnclass.data import resolve_data_dir
-    from fnclass.evaluate import evaluate_members
-    from fnclass.export import load_for_evaluation
     from fnclass.io import pick_device
-    from fnclass.members import member_name
-    from fnclass.step import make_eval_step
-    from fnclass.tree import tree_to
-    from fnclass.tree import tree_unstack as unstack
+    from fnclass.run.export import load_for_evaluation
+    from fnclass.training.evaluate import evaluate_members
+    from fnclass.training.members import member_name
+    from fnclass.training.step import make_eval_step
 
     checkpoint = _model_file(checkpoint, model_name)
     ckpt = load_for_evaluation(checkpoint, weights=weights)
@@ -455,9 +455,9 @@ def info(checkpoint, as_json):
     Example:
       fnclass info runs/cpu/checkpoints/last.safetensors
     """
-    from fnclass.checkpoint import load_checkpoint
+    from fnclass.core.tree import num_params
     from fnclass.data import file_sha256
-    from fnclass.tree import num_params
+    from fnclass.run.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     facts = {"file": str(checkpoint), "sha256": file_sha256(checkpoint), "bytes": Path(checkpoint).stat().st_size,

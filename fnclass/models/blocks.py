@@ -7,8 +7,8 @@ paths, per-layer reports and optimizer groups line up between the two; under Gro
 
 from __future__ import annotations
 
-from fnclass import layers, random
 from fnclass.config import ModelConfig
+from fnclass.core import layers, random
 from fnclass.models.model import BATCH_NORM_BIASES, BIASES, HEAD_BIASES, HEAD_WEIGHTS, NORM_SCALES, WEIGHTS
 
 

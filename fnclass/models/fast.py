@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fnclass import layers, random
 from fnclass.config import ModelConfig
+from fnclass.core import layers, random
 from fnclass.models.blocks import (
     attention_init,
     attention_labels,

@@ -8,8 +8,8 @@ blocks over the spatial positions. The head is global average pooling, dropout a
 
 from __future__ import annotations
 
-from fnclass import layers, random
 from fnclass.config import ConfigError, ModelConfig, shown
+from fnclass.core import layers, random
 from fnclass.models.blocks import (
     attention_init,
     attention_labels,

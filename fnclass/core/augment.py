@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fnclass import random
 from fnclass.config import DataConfig
+from fnclass.core import random
 
 
 def random_crop(key, images: torch.Tensor, padding: int, *, mode: str = "reflect") -> torch.Tensor:

@@ -1,8 +1,8 @@
 """K models in one run: seeds, ensembles and hyperparameter sweeps as one stacked TrainState under ``vmap``.
 
 A model here is a pure function of its parameter tree, so K members train at once: their TrainStates are
-stacked on a leading axis (:func:`fnclass.tree.tree_stack`) and one step, vmapped, updates all of them
-(:func:`fnclass.step.make_members_step`). Member ``i`` is exactly the single run with its seed and swept values:
+stacked on a leading axis (:func:`fnclass.core.tree.tree_stack`) and one step, vmapped, updates all of them
+(:func:`fnclass.training.step.make_members_step`). Member ``i`` is exactly the single run with its seed and swept values:
 the same init key, data order, augmentation and model keys. Swept values (``optim.lr``, ``optim.weight_decay``,
 ``train.label_smoothing``) reach each member's optimizer and loss as 0-d tensors, so the program is one.
 """
@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from fnclass import finetune, random, recipe, tree
 from fnclass.config import SWEEPS, Config
-from fnclass.epoch import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized, run_facts
-from fnclass.evaluate import evaluate_members, split_metrics
+from fnclass.core import random, tree
 from fnclass.io import pick_device, save_figure, synchronize
-from fnclass.run import Reporter, RunDirectory
-from fnclass.step import create_train_state, make_eval_step, make_members_step, make_train_step, mean_gradient
+from fnclass.run.directory import Reporter, RunDirectory
+from fnclass.training import finetune, recipe
+from fnclass.training.evaluate import evaluate_members, split_metrics
+from fnclass.training.loop import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized, run_facts
+from fnclass.training.step import create_train_state, make_eval_step, make_members_step, make_train_step, mean_gradient
 
 
 def member_name(member: dict) -> str:
@@ -32,7 +33,7 @@ def member_name(member: dict) -> str:
 
 def train_members(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
                   download: bool = True, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``config.member_list()`` at once; :func:`fnclass.training.train` calls this when members are set.
+    """Train ``config.member_list()`` at once; :func:`fnclass.training.program.train` calls this when members are set.
 
     Writes the run directory as a single run does, with stacked checkpoints (every leaf ``(K, ...)``, the
     members in the metadata), a ``member_epoch`` line per member per epoch in metrics.jsonl, epoch rows whose

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fnclass import random
+from fnclass.core import random
 
 
 def _fan_in_uniform(key, shape, fan_in):

@@ -22,7 +22,7 @@ from fnclass.errors import InputError
 if TYPE_CHECKING:  # torch loads only when weights do
     import torch
 
-    from fnclass.export import Exported
+    from fnclass.run.export import Exported
 
 FOLDER = Path(__file__).parent
 FORMAT = "fnclass.zoo/1"
@@ -75,15 +75,15 @@ def pretrained(name: str, *, dtype: torch.dtype | None = None, folder: str | Pat
       folder: where the cards live (default: the package's zoo, :data:`FOLDER`).
 
     Returns:
-      An :class:`fnclass.export.Exported`; ``logits(images)`` takes uint8 (N, H, W, 3) images.
+      An :class:`fnclass.run.export.Exported`; ``logits(images)`` takes uint8 (N, H, W, 3) images.
 
     Raises:
       ZooError: an unknown name, or weights that do not match their card.
     """
     import torch
 
-    from fnclass.export import load_exported
-    from fnclass.tree import tree_map
+    from fnclass.core.tree import tree_map
+    from fnclass.run.export import load_exported
 
     exported = load_exported(weights_path(name, folder))
     dtype = torch.float32 if dtype is None else dtype
@@ -93,8 +93,8 @@ def pretrained(name: str, *, dtype: torch.dtype | None = None, folder: str | Pat
 
 
 def predictor(name: str, folder: str | Path | None = None):
-    """Entry ``name`` as an :class:`fnclass.export.Predictor` (what ``fnclass predict --model`` runs)."""
-    from fnclass.export import Predictor
+    """Entry ``name`` as an :class:`fnclass.run.export.Predictor` (what ``fnclass predict --model`` runs)."""
+    from fnclass.run.export import Predictor
 
     model = pretrained(name, folder=folder)
     return Predictor(model.logits, model.classes, model.input_size, "pretrained")

@@ -1,5 +1,5 @@
 """Per-example gradients: ``torch.func.vmap`` over ``torch.func.grad_and_value`` of a batch loss applied to one
-example at a time. The one function :mod:`fnclass.analysis` and DP-SGD (:mod:`fnclass.privacy`) share."""
+example at a time. The one function :mod:`fnclass.analysis.gradients` and DP-SGD (:mod:`fnclass.privacy`) share."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The training program: ``train(config, workdir)`` — set up, one call per epoch, finish.
 
 Everything random derives from ``train.seed`` and the step number, so a resumed run replays the same batches
-and ends with the same parameters. The pieces: :mod:`fnclass.recipe` (what to build), :mod:`fnclass.step`
-(the pure step), :mod:`fnclass.evaluate` (metrics, TTA) and :mod:`fnclass.run` (every file written).
+and ends with the same parameters. The pieces: :mod:`fnclass.training.recipe` (what to build), :mod:`fnclass.training.step`
+(the pure step), :mod:`fnclass.training.evaluate` (metrics, TTA) and :mod:`fnclass.run.directory` (every file written).
 """
 
 from __future__ import annotations
@@ -12,9 +12,16 @@ import math
 import time
 from pathlib import Path
 
-from fnclass import data, distributed, finetune, privacy, random, recipe, tree
+from fnclass import data, distributed, privacy
 from fnclass.config import Config
-from fnclass.epoch import (
+from fnclass.core import random, tree
+from fnclass.errors import InputError
+from fnclass.io import keep_freed_memory, pick_device, synchronize
+from fnclass.models import resolve_config
+from fnclass.run.directory import Reporter, RunDirectory
+from fnclass.training import finetune, recipe
+from fnclass.training.evaluate import evaluate_dataset, split_metrics
+from fnclass.training.loop import (
     EpochLoop,
     RunData,
     TrainingDiverged,
@@ -24,13 +31,8 @@ from fnclass.epoch import (
     normalized,
     run_facts,
 )
-from fnclass.errors import InputError
-from fnclass.evaluate import evaluate_dataset, split_metrics
-from fnclass.io import keep_freed_memory, pick_device, synchronize
-from fnclass.members import train_members
-from fnclass.models import resolve_config
-from fnclass.run import Reporter, RunDirectory
-from fnclass.step import TrainState, create_train_state, make_eval_step, make_train_step, start_ema
+from fnclass.training.members import train_members
+from fnclass.training.step import TrainState, create_train_state, make_eval_step, make_train_step, start_ema
 
 
 def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
@@ -47,7 +49,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
       device: ``auto``, ``cpu`` or ``cuda``.
       download: allow fetching CIFAR-10/100 through torchvision when no data folder has it.
       resume: continue from the run directory's last checkpoint.
-      reporter: receives progress (see :class:`fnclass.run.Reporter`).
+      reporter: receives progress (see :class:`fnclass.run.directory.Reporter`).
 
     Returns:
       ``TrainResult(train_state, summary)``.
@@ -62,7 +64,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     keep_freed_memory()  # a pure step allocates afresh every step: do not fault that memory in again each time
     process = distributed.from_environment(device)  # a torchrun job: data parallel, rank 0 writes and reports
     distributed.check_batch(process, config.train.batch_size)
-    if config.members.active:  # K models at once: fnclass.members
+    if config.members.active:  # K models at once: fnclass.training.members
         if process is not None:
             raise InputError("members (--seeds, --sweep) under torchrun are not supported yet: run them in one "
                              "process, or one run per process with its own --out")

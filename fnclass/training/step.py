@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fnclass import layers, loss_scale, optim, random
+from fnclass.core import layers, loss_scale, optim, random
+from fnclass.core.tree import tree_index, tree_stack
 from fnclass.models import Model
-from fnclass.tree import tree_index, tree_stack
 
 
 class TrainState(NamedTuple):
@@ -29,7 +29,7 @@ class TrainState(NamedTuple):
       key: the run's random key; per-step keys are ``fold_in(key, step)``.
       ema: with ``train.ema_decay``, ``{"params": ..., "state": ...}``: the exponential moving average of the
         parameters and of the BatchNorm statistics (see :func:`ema_update`); None without.
-      loss_scale: with ``train.precision = "fp16"``, the dynamic loss scale's state (:mod:`fnclass.loss_scale`);
+      loss_scale: with ``train.precision = "fp16"``, the dynamic loss scale's state (:mod:`fnclass.core.loss_scale`);
         None without.
     """
 
@@ -79,10 +79,10 @@ def create_train_state(model: Model, optimizer: optim.Transform, key: torch.Tens
       optimizer: the optimizer transform.
       key: the run's key; split into the init key and the run key.
       ema: also start an EMA of the parameters and model state (:func:`start_ema`).
-      loss_scaling: also start a dynamic loss scale (fp16; :func:`fnclass.loss_scale.init`).
+      loss_scaling: also start a dynamic loss scale (fp16; :func:`fnclass.core.loss_scale.init`).
 
     Returns:
-      A TrainState at step 0 (on the CPU; move it with :func:`fnclass.tree.tree_to`).
+      A TrainState at step 0 (on the CPU; move it with :func:`fnclass.core.tree.tree_to`).
     """
     init_key, run_key = random.split(key)
     params, state = model.init(init_key)
@@ -196,7 +196,7 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
       compile: compile the whole step (gradient and update) as one graph with ``torch.compile``.
       precision: ``"fp32"``, ``"bf16"`` for bf16 autocast on CUDA (params, optimizer state and BatchNorm
         statistics stay float32; ignored on the CPU), or ``"fp16"``: fp16 autocast on CUDA with dynamic loss
-        scaling by ``torch.amp.GradScaler``'s rules (:mod:`fnclass.loss_scale`; the TrainState holds the scale).
+        scaling by ``torch.amp.GradScaler``'s rules (:mod:`fnclass.core.loss_scale`; the TrainState holds the scale).
         The loss is scaled before differentiation and the gradients unscaled; a step whose gradients overflow is
         skipped (parameters, model state, EMA and the optimizer's floating state unchanged; its integer step
         counters advance, so schedules stay on the batches), the scale halves and ``metrics["overflow"]``
@@ -285,7 +285,7 @@ def make_members_step(build_step: Callable[[dict], Callable], *, compile: bool =
     """Build ``step(train_states, batches, keys, hyper) -> (train_states, metrics)`` for K stacked members.
 
     Every argument carries the members on a leading axis: a TrainState stacked with
-    :func:`fnclass.tree.tree_stack`, batches ``(K, B, ...)``, keys ``(K, 2)`` and ``hyper``, a dict of ``(K,)``
+    :func:`fnclass.core.tree.tree_stack`, batches ``(K, B, ...)``, keys ``(K, 2)`` and ``hyper``, a dict of ``(K,)``
     tensors of swept hyperparameters (may be empty). One member's update is ``build_step(hyper_i)``, a step made
     by :func:`make_train_step` with ``gradient=functools.partial(mean_gradient, transformable=True)`` from that
     member's 0-d hyperparameters; the members run at once under ``torch.func.vmap`` (randomness comes only from

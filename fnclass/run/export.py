@@ -31,9 +31,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fnclass import random, tree
 from fnclass._version import __version__
-from fnclass.checkpoint import (
+from fnclass.config import ModelConfig, config_to_dict
+from fnclass.core import random, tree
+from fnclass.data import file_sha256, read_image
+from fnclass.io import write_atomic
+from fnclass.models import Model, build_model
+from fnclass.run.checkpoint import (
     Checkpoint,
     CheckpointError,
     ensemble_logits,
@@ -45,10 +49,6 @@ from fnclass.checkpoint import (
     restore_model,
     serialize,
 )
-from fnclass.config import ModelConfig, config_to_dict
-from fnclass.data import file_sha256, read_image
-from fnclass.io import write_atomic
-from fnclass.models import Model, build_model
 
 FORMAT = "fnclass.export/2"  # /2 records the checksum
 READ_FORMATS = (FORMAT, "fnclass.export/1")  # /1 files (no checksum) still load
@@ -411,7 +411,7 @@ def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool 
       image_paths: PNG/JPEG files of any size (resized to the model's input size).
       top: how many classes to report per image.
       trust_program: allow a pt2 program (see :func:`load_predictor`).
-      predictor: an already loaded model (e.g. :func:`fnclass.zoo.predictor`); ``path`` then only names it.
+      predictor: an already loaded model (e.g. :func:`fnclass.run.zoo.predictor`); ``path`` then only names it.
 
     Returns:
       ``{"model": ..., "format": ..., "predictions": [{"image", "top": [{"class", "probability"}]}]}``.

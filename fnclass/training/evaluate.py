@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 
 from fnclass import data
+from fnclass.core.losses import per_example_cross_entropy
 from fnclass.io import fault_point
-from fnclass.losses import per_example_cross_entropy
 
 TOP5_MIN_CLASSES = 5  # top-5 accuracy is reported with more classes than this (with 5 or fewer it is always 1)
 

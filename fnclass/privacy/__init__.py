@@ -1,8 +1,8 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016): the clipped, noised gradient, Poisson batches with
 static shapes, and the privacy accounting.
 
-The gradient drops into :func:`fnclass.step.make_train_step` as its ``gradient`` argument: each example's gradient
-(``vmap`` of ``grad``, :mod:`fnclass.per_example`) is clipped to ``max_grad_norm``, the clipped gradients are
+The gradient drops into :func:`fnclass.training.step.make_train_step` as its ``gradient`` argument: each example's gradient
+(``vmap`` of ``grad``, :mod:`fnclass.core.per_example`) is clipped to ``max_grad_norm``, the clipped gradients are
 summed, Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` is added and the sum is divided
 by the expected batch size; any optimizer transform follows. Batches are Poisson samples (each training example
 in with probability ``q``) padded to a fixed size: padded rows carry the label -1 and contribute exactly nothing.
@@ -22,9 +22,9 @@ from typing import NamedTuple
 import optree
 import torch
 
-from fnclass import random
+from fnclass.core import random
+from fnclass.core.per_example import per_example_grad_and_value
 from fnclass.errors import InputError
-from fnclass.per_example import per_example_grad_and_value
 
 EXAMPLES, NOISE = 0xE7A, 0x4015E  # folded into a step's model key: the examples' keys (dropout), the noise's key
 PADDING = -1  # the label of a padded row of a Poisson batch
@@ -35,7 +35,7 @@ OVERFLOW_TAIL = 1e-10  # the padded batch holds a Poisson sample with probabilit
 def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, *,
                            chunk_size: int | None = None, copies: int = 1, skip_padding: bool = True,
                            secret: torch.Tensor | None = None) -> Callable:
-    """DP-SGD's gradient, with the contract of :func:`fnclass.step.make_train_step`'s ``gradient`` argument.
+    """DP-SGD's gradient, with the contract of :func:`fnclass.training.step.make_train_step`'s ``gradient`` argument.
 
     ``(sum_i clip(g_i) + N(0, (noise_multiplier * max_grad_norm)^2 I)) / expected_batch_size`` where ``g_i`` is
     example ``i``'s gradient (averaged over its ``copies`` augmented images) and ``clip(g) = g * min(1,

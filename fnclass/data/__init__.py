@@ -273,7 +273,7 @@ def validation_split(labels: torch.Tensor, size: int | float, seed: int) -> tupl
     Raises:
       DataError: when the split would leave no training or no validation image.
     """
-    from fnclass import random
+    from fnclass.core import random
 
     labels = labels.cpu()
     n = len(labels)
@@ -345,7 +345,7 @@ TORCHVISION_DATASETS = {
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_FORMATS = ("PNG", "JPEG")  # what Pillow may decode: other formats (EPS runs Ghostscript) are refused
-MAX_IMAGE_SIDE = 4096  # the largest input size a checkpoint may record (fnclass.checkpoint)
+MAX_IMAGE_SIDE = 4096  # the largest input size a checkpoint may record (fnclass.run.checkpoint)
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default: 256 MiB at 3 bytes a pixel, about 9,459 x 9,459
 DEFAULT_TEST_FRACTION = 0.2  # CIFAR's own ratio is 1/6; 0.2 is the usual hold-out and gives "every 5th file"
 

@@ -3,7 +3,7 @@
 
 A data-parallel step is the single-process step with two additions, as JAX's ``pmean`` inside a pmapped step: the
 gradient (and the step's metrics) averaged across processes with an all-reduce, and BatchNorm's batch statistics
-computed over the whole global batch (:func:`fnclass.layers.synchronised_batch_norm`). The all-reduces are
+computed over the whole global batch (:func:`fnclass.core.layers.synchronised_batch_norm`). The all-reduces are
 ``torch.distributed._functional_collectives``, the collectives ``torch.compile`` traces into the step's graph.
 Every process derives the same batches from the run's key and cuts its own shard, so all hold the same TrainState.
 """

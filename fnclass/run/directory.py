@@ -16,10 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from fnclass.checkpoint import CheckpointError, copy_checkpoint, read_train_state, save_checkpoint
 from fnclass.config import Config, config_to_dict, config_to_toml
 from fnclass.errors import InputError
 from fnclass.io import WriteError, fault_point, fsync_folder, save_figure, write_atomic, write_json
+from fnclass.run.checkpoint import CheckpointError, copy_checkpoint, read_train_state, save_checkpoint
 
 LOCK_NAME = ".lock"
 
@@ -154,7 +154,7 @@ class RunDirectory:
         """Log an epoch's row, write ``last`` (and ``best`` when ``best``, and the kept copies), report the row.
 
         ``learning_rate``: the mean learning rate since the previous checkpoint kept for attribution, recorded in
-        the checkpoint (see :func:`fnclass.checkpoint.save_checkpoint`)."""
+        the checkpoint (see :func:`fnclass.run.checkpoint.save_checkpoint`)."""
         self.log(row)
         self.save(train_state, learning_rate=learning_rate)  # serialised once; the copies are the same bytes
         if self.writes and best and self.config.checkpoint.keep_best:
@@ -214,7 +214,7 @@ class RunDirectory:
 
     def _open_tensorboard(self, step: int) -> None:
         """Open RUN_DIR/tb; a resumed run hides the events logged after its checkpoint, as metrics.jsonl drops them."""
-        from fnclass.loggers import TensorBoardLogger
+        from fnclass.run.loggers import TensorBoardLogger
 
         try:
             self._tensorboard = TensorBoardLogger(self.path / "tb", purge_step=step + 1 if step else None)

@@ -22,7 +22,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothin
     Args:
       logits: (N, classes) unnormalised scores (any float dtype; computed in float32).
       targets: (N,) integer class indices, or (N, classes) float probability rows (mixup and cutmix targets,
-        see :func:`fnclass.augment.mix_batch`).
+        see :func:`fnclass.core.augment.mix_batch`).
       label_smoothing: the mass spread uniformly over all classes, in [0, 1); a 0-d tensor (one value per
         member of a vmapped sweep) is computed by the same formula written out. Probability rows become
         ``(1 - label_smoothing) * targets + label_smoothing / classes``, which is the same as smoothing each

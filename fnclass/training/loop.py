@@ -1,7 +1,7 @@
 """The epoch loop every training program shares: the run's data on the device, batches cut and augmented from
 ``fold_in(key, step)``, steps, the non-finite checks, metrics lines and mid-epoch checkpoints.
 
-One model or K stacked members (:mod:`fnclass.members`) run through the same loop: a member's batches and keys
+One model or K stacked members (:mod:`fnclass.training.members`) run through the same loop: a member's batches and keys
 are exactly those of the single run with its seed.
 """
 
@@ -15,12 +15,13 @@ from typing import NamedTuple
 
 import torch
 
-from fnclass import data, distributed, privacy, random
-from fnclass.augment import alternating_flips, augment, mix_batch
+from fnclass import data, distributed, privacy
 from fnclass.config import Config, ConfigError
+from fnclass.core import random
+from fnclass.core.augment import alternating_flips, augment, mix_batch
 from fnclass.io import fault_point, synchronize
-from fnclass.run import RunDirectory
-from fnclass.step import TrainState
+from fnclass.run.directory import RunDirectory
+from fnclass.training.step import TrainState
 
 MIX = 0x313  # folded into a step's augmentation key for mixup/CutMix, so crops and flips keep their keys
 PUBLIC_NORMALIZATION = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # pixel values in [0, 1] to about [-2, 2]
@@ -128,7 +129,7 @@ class EpochLoop:
     """One epoch of steps: batches cut and augmented on the device from ``fold_in(key, step)``, metrics kept there.
 
     ``key`` is the run's key (one model) or the members' keys stacked ``(K, 2)``; then ``train_step`` is a
-    :func:`fnclass.step.make_members_step` step, called with ``hyper`` (the swept values, ``(K,)`` tensors), each
+    :func:`fnclass.training.step.make_members_step` step, called with ``hyper`` (the swept values, ``(K,)`` tensors), each
     member gets the batches and keys of the single run with its key, and sums, flags and logged lines are per
     member (``member_names`` name them in messages).
     """
@@ -398,7 +399,9 @@ class GradStats:
         self.model, self.chunk_size = model, config.train.eval_batch_size
 
     def __call__(self, train_state: TrainState) -> dict:
-        from fnclass.analysis import gradient_statistics  # analysis is a program of its own; only this uses it
+        from fnclass.analysis.gradients import (
+            gradient_statistics,  # analysis is a program of its own; only this uses it
+        )
 
         stats = gradient_statistics(self.model, train_state.params, train_state.state, self.images, self.labels,
                                     cosine=False, chunk_size=self.chunk_size)

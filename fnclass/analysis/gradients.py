@@ -28,12 +28,13 @@ from pathlib import Path
 import optree
 import torch
 
-from fnclass import data, tree
-from fnclass.checkpoint import load_checkpoint
+from fnclass import data
+from fnclass.core import tree
+from fnclass.core.losses import per_example_cross_entropy
+from fnclass.core.per_example import per_example_grad_and_value
 from fnclass.io import pick_device, save_figure, write_atomic, write_json
-from fnclass.losses import per_example_cross_entropy
 from fnclass.models import Model, build_model
-from fnclass.per_example import per_example_grad_and_value
+from fnclass.run.checkpoint import load_checkpoint
 
 LOSS_DESCRIPTION = ("per-example cross-entropy without label smoothing or weight decay; BatchNorm in eval mode "
                     "(running statistics), so each example's gradient depends on that example alone")
@@ -372,7 +373,7 @@ def el2n_scores(model: Model, params, state, images: torch.Tensor, labels: torch
     """Each example's EL2N score ``|softmax(logits) - one_hot(label)|_2``, the model in eval mode.
 
     Args:
-      model, params, state: one model (a member: :meth:`fnclass.checkpoint.Checkpoint.member`).
+      model, params, state: one model (a member: :meth:`fnclass.run.checkpoint.Checkpoint.member`).
       images: (N, C, H, W) float images as ``Checkpoint.preprocess`` returns them.
       labels: (N,) int64 labels.
       chunk_size: examples per call (None: all at once); the scores do not depend on it.

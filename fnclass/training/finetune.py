@@ -14,11 +14,11 @@ from typing import NamedTuple
 
 import torch
 
-from fnclass import optim, tree
-from fnclass.checkpoint import CheckpointError
+from fnclass.core import optim, tree
 from fnclass.models import Model
 from fnclass.models.model import HEAD_BIASES, HEAD_WEIGHTS
-from fnclass.step import TrainState, start_ema
+from fnclass.run.checkpoint import CheckpointError
+from fnclass.training.step import TrainState, start_ema
 
 
 class InitSource(NamedTuple):
@@ -33,7 +33,7 @@ class InitSource(NamedTuple):
 
 def load_source(path: str | Path):
     """The checkpoint or safetensors export to start from, read for its weights (EMA when present)."""
-    from fnclass.export import load_for_evaluation
+    from fnclass.run.export import load_for_evaluation
 
     ckpt = load_for_evaluation(path)
     if ckpt.members:

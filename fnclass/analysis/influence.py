@@ -36,11 +36,12 @@ from typing import NamedTuple
 
 import torch
 
-from fnclass import data, random, tree
-from fnclass.analysis import _chunks, auto_chunk_size, make_per_example_grad_fn, vmap_model
-from fnclass.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from fnclass import data
+from fnclass.analysis.gradients import _chunks, auto_chunk_size, make_per_example_grad_fn, vmap_model
+from fnclass.core import random, tree
+from fnclass.core.losses import per_example_cross_entropy
 from fnclass.errors import InputError
-from fnclass.losses import per_example_cross_entropy
+from fnclass.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 METHODS = ("tracin", "trak")
 DEFAULT_TRAK_DIM = 2048
@@ -124,7 +125,7 @@ def load_along(sources: Sequence[str | Path], *, uniform: bool = False) -> list[
 
 def training_rows(ckpt: Checkpoint, labels: torch.Tensor, limit: int | None = None) -> torch.Tensor:
     """The rows of the training split (``labels``: all of it) that ``ckpt``'s run trained on, as
-    :func:`fnclass.epoch.load_run_data` chose them (``data.train_limit`` or ``data.train_indices``, without the
+    :func:`fnclass.training.loop.load_run_data` chose them (``data.train_limit`` or ``data.train_indices``, without the
     images ``data.val_size`` held out), the first ``limit`` of them."""
     config = ckpt.config.data
     rows = torch.arange(len(labels))
@@ -150,7 +151,7 @@ class Projection:
     """``x -> x @ R``, ``R`` a (P, dim) matrix of N(0, 1/dim) entries drawn from ``key`` block by block.
 
     ``R`` is drawn once and kept when it fits ``cache_bytes`` (default: the memory budget of
-    :func:`fnclass.analysis.memory_budget`, a quarter of the available RAM or half the free GPU memory); otherwise
+    :func:`fnclass.analysis.gradients.memory_budget`, a quarter of the available RAM or half the free GPU memory); otherwise
     its blocks are drawn again for every chunk. A block is a ``torch.Generator`` stream seeded from
     ``fold_in(key, leaf, block)``, so the same key gives the same matrix on a device type. Apply it to a list of
     per-example gradient leaves, each ``(N, *shape)``.
@@ -158,7 +159,7 @@ class Projection:
 
     def __init__(self, key: torch.Tensor, sizes: Sequence[int], dim: int, device: torch.device,
                  block_rows: int | None = None, cache_bytes: int | None = None):
-        from fnclass.analysis import memory_budget
+        from fnclass.analysis.gradients import memory_budget
 
         self.key, self.sizes, self.dim, self.device = key, list(sizes), dim, torch.device(device)
         self.block_rows = block_rows or max(1, (1 << 24) // dim)

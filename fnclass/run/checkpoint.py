@@ -22,9 +22,9 @@ import safetensors.torch
 import torch
 from safetensors.torch import load as load_safetensors
 
-from fnclass import tree
 from fnclass._version import __version__
 from fnclass.config import MAX_MEMBERS, Config, ConfigError, MembersConfig, config_from_dict, config_to_dict
+from fnclass.core import tree
 from fnclass.errors import InputError
 from fnclass.io import write_atomic
 from fnclass.models import Model, build_model, resolve_config
@@ -106,7 +106,7 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
 
     Args:
       path: the ``.safetensors`` file to write (atomically).
-      train_state: the :class:`fnclass.step.TrainState`.
+      train_state: the :class:`fnclass.training.step.TrainState`.
       config: the run's resolved config.
       classes: the class names, in label order.
       mean: per-channel normalisation mean.
@@ -117,7 +117,7 @@ def save_checkpoint(path: str | Path, train_state, *, config: Config, classes, m
       members: for a stacked TrainState (K members on a leading axis), each member's seed and swept values.
       learning_rate: at an epoch end, the mean learning rate of the steps since the previous checkpoint kept for
         attribution (``checkpoint.every_epochs`` epochs; one per member of a stacked TrainState): the weight
-        TracIn gives this checkpoint (:mod:`fnclass.influence`).
+        TracIn gives this checkpoint (:mod:`fnclass.analysis.influence`).
     """
     if config.model.num_classes is None:  # left to the data: the file records the number its classes say
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=len(classes)))

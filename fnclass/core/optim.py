@@ -1,4 +1,4 @@
-"""Optax-style optimizers: gradient transformations over pytrees (schedules live in :mod:`fnclass.schedules`).
+"""Optax-style optimizers: gradient transformations over pytrees (schedules live in :mod:`fnclass.core.schedules`).
 
 A :class:`Transform` is a pair ``init(params) -> opt_state`` and ``update(grads, opt_state, params) ->
 (updates, opt_state)``; optimizers are chains of transforms and :func:`apply_updates` adds the updates
@@ -20,7 +20,7 @@ import optree
 import torch
 from torch._C._functorch import is_batchedtensor
 
-from fnclass.schedules import Schedule
+from fnclass.core.schedules import Schedule
 
 
 class Transform(NamedTuple):

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from fnclass import optim, schedules, tree
 from fnclass.config import Config, OptimConfig
-from fnclass.losses import cross_entropy
+from fnclass.core import optim, schedules, tree
+from fnclass.core.losses import cross_entropy
 from fnclass.models import LABELS, Model, build_model
 from fnclass.models.model import (
     BATCH_NORM_BIASES,
@@ -84,7 +84,7 @@ def create_optimizer(config: OptimConfig, param_labels: Callable, steps_per_epoc
       hyper: swept values as 0-d tensors, ``"optim.lr"`` and ``"optim.weight_decay"`` (a member of a vmapped
         sweep). The schedule is linear in the learning rate, so a swept one multiplies the schedule of lr 1; a
         swept decay keeps the decay transform in every member's chain (the state's structure stays one).
-      accumulate_steps: wrap everything in :func:`fnclass.optim.multi_steps`: one optimizer step per that many
+      accumulate_steps: wrap everything in :func:`fnclass.core.optim.multi_steps`: one optimizer step per that many
         batches, on their mean gradient. ``steps_per_epoch`` counts optimizer steps then (batches / accumulate).
     """
     hyper = hyper or {}

@@ -37,7 +37,7 @@ def init(initial_scale: float = 2.0**16) -> dict[str, torch.Tensor]:
 
     Returns:
       ``{"scale": float32 0-d tensor, "growth_tracker": int64 0-d tensor}`` (the finite steps in a row since the
-      last change of scale), on the CPU; move it with :func:`fnclass.tree.tree_to`.
+      last change of scale), on the CPU; move it with :func:`fnclass.core.tree.tree_to`.
     """
     if not (0.0 < initial_scale and math.isfinite(initial_scale)):
         raise ValueError(f"loss scale: initial_scale must be a positive finite number, got {initial_scale!r}")

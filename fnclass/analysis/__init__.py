@@ -1,0 +1,1 @@
+"""Analysis programs over trained checkpoints: per-example gradients, scores and influence."""

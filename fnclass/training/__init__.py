@@ -1,0 +1,1 @@
+"""The training program: ``train(config, workdir)``, its loop, the step and what plugs into them."""
