@@ -1,12 +1,14 @@
 """Run under torchrun by tests/test_distributed.py: a few data-parallel steps against one process's steps.
 
-Every process steps through its shard of the same global batches of real CIFAR-10 images (``make_train_step(...,
-process=...)``: gradients averaged by all-reduce, BatchNorm statistics over the global batch). Rank 0 also steps
+Every process steps through its shard of the same global batches of real CIFAR-10 images (the minimal step with
+``data_parallel_gradient`` and ``with_global_metrics``: gradients averaged by all-reduce, and a model built with the
+process as BatchNorm's axis: statistics over the global batch). Rank 0 also steps
 through the whole batches alone, in float32 and in float64, and writes JSON with the distances: the data-parallel
 run against the single float32 run, and that run against float64 (how far float32 rounding alone moves it). All
 ranks' final states are gathered and compared bit for bit.
 """
 
+import functools
 import json
 import sys
 
@@ -17,7 +19,8 @@ from fnclass import distributed
 from fnclass.config import ModelConfig
 from fnclass.core import losses, optim, tree
 from fnclass.data import channel_stats, load_split, normalize
-from fnclass.training.step import create_train_state, make_train_step
+from fnclass.distributed.data_parallel import data_parallel_gradient, with_global_metrics
+from fnclass.training.step import create_train_state, make_train_step, mean_gradient
 
 
 def relative_distance(a, b) -> float:
@@ -27,16 +30,28 @@ def relative_distance(a, b) -> float:
                for k in fb if fb[k].is_floating_point())
 
 
+def parallel_step(model_config, opt, process, *, sync: bool = True, compile: bool = False):
+    """The data-parallel step: synchronised BatchNorm (or each shard's statistics averaged), the gradient's and the
+    metrics' reductions."""
+    model = fnclass.build_model(model_config, batch_norm_axis=process if sync else None)
+    # torch.func's gradient when the whole composition compiles (torch.compile traces it, not autograd.grad)
+    gradient = data_parallel_gradient(functools.partial(mean_gradient, transformable=compile), process,
+                                      average_state=not sync)
+    step = with_global_metrics(make_train_step(model, losses.cross_entropy, opt, gradient=gradient), process)
+    return torch.compile(step) if compile else step
+
+
 def main(data_dir: str, out: str, steps: int = 4, batch: int = 128) -> None:
     process = distributed.from_environment("cpu")
     images, labels = load_split(data_dir, "train", limit=steps * batch)
     mean, std = channel_stats(images)
     x = normalize(images, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
-    model = fnclass.build_model(ModelConfig(name="tiny", widths=(8, 16, 16), stem_width=8))
+    model_config = ModelConfig(name="tiny", widths=(8, 16, 16), stem_width=8)
+    model = fnclass.build_model(model_config)
     opt = optim.sgd(0.05, momentum=0.9, nesterov=True)
     start = create_train_state(model, opt, fnclass.key(0))
     batches = [(x[i * batch:(i + 1) * batch], labels[i * batch:(i + 1) * batch]) for i in range(steps)]
-    parallel = make_train_step(model, losses.cross_entropy, opt, process=process)
+    parallel = parallel_step(model_config, opt, process)
     state, logged = start, []
     for i, (images_i, labels_i) in enumerate(batches):
         shard = (distributed.shard(process, images_i), distributed.shard(process, labels_i))
@@ -44,14 +59,14 @@ def main(data_dir: str, out: str, steps: int = 4, batch: int = 128) -> None:
         logged.append((float(metrics["loss"]), int(metrics["correct"])))
     # The compiled data-parallel step (torch.func's gradient through the differentiable all-reduces) is one graph
     # and takes the eager step's first update.
-    compiled = make_train_step(model, losses.cross_entropy, opt, process=process, compile=True)
+    compiled = parallel_step(model_config, opt, process, compile=True)
     first = (distributed.shard(process, batches[0][0]), distributed.shard(process, batches[0][1]))
     first_key = fnclass.fold_in(start.key, 0)
     explanation = torch._dynamo.explain(compiled._torchdynamo_orig_callable)(start, first, first_key)
     eager_one, _ = parallel(start, first, fnclass.fold_in(start.key, 0))
     compiled_one, _ = compiled(start, first, fnclass.fold_in(start.key, 0))
     # Without synchronised BatchNorm each shard has its own statistics: their average is kept, one model everywhere.
-    unsynced = make_train_step(model, losses.cross_entropy, opt, process=process, sync_batch_norm=False)
+    unsynced = parallel_step(model_config, opt, process, sync=False)
     own, _ = unsynced(start, first, first_key)
     own_flat = torch.cat([leaf.reshape(-1).double() for leaf in tree.tree_leaves((own.params, own.state))])
     own_everyone = distributed.gather_rows(own_flat[None], process.world_size, process)

@@ -146,8 +146,9 @@ def _poisoned_train(cifar_dir, out, monkeypatch, *, policy, at_step, calls=None,
     """Train in this process with the batch of update ``at_step`` (1-based) made nan; record that step's states."""
     from fnclass.config import load_config
     from fnclass.training import program as training
+    from fnclass.training import recipe
 
-    real = training.make_train_step
+    real = recipe.create_train_step
 
     def make_poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -163,7 +164,7 @@ def _poisoned_train(cifar_dir, out, monkeypatch, *, policy, at_step, calls=None,
             return new_state, metrics
         return poisoned
 
-    monkeypatch.setattr(training, "make_train_step", make_poisoned)
+    monkeypatch.setattr(recipe, "create_train_step", make_poisoned)
     config = load_config("cpu", sets + [f"train.nan_policy={policy}"])  # the CLI's default config on a CPU
     return training.train(config, out, data_dir=str(cifar_dir))
 

@@ -11,11 +11,17 @@ from fnclass import data
 from fnclass.config import ModelConfig, load_config
 from fnclass.core import losses, optim, random, schedules, tree
 from fnclass.models import resolve, resolve_config
-from fnclass.training import evaluate, recipe, step
+from fnclass.training import evaluate, recipe, step, wrappers
 from fnclass.training.program import train
 from tests.torch_reference import reference_module, torch_name
 
 SMALL = ModelConfig(name="tiny", widths=(8, 16, 16), stem_width=8, attn_heads=2)
+
+
+def _fp16_step(model, loss_fn, opt):
+    """The fp16 step: the loss-scaled gradient and the loss-scaling wrapper around the minimal step."""
+    return wrappers.with_loss_scaling(fnclass.make_train_step(
+        model, loss_fn, opt, gradient=wrappers.loss_scaled_gradient(step.mean_gradient), precision="fp16"))
 
 
 def _batch(seed=0, n=32):
@@ -236,7 +242,7 @@ def test_a_skipped_non_finite_step_changes_nothing_but_the_step_count(poison):
     images, labels = _batch(0)
     if poison == "nan_image":
         images[3, 0, 5, 5] = float("nan")
-    skip = fnclass.make_train_step(model, loss_fn, opt, skip_nonfinite=True)
+    skip = wrappers.skip_nonfinite(fnclass.make_train_step(model, loss_fn, opt))
     plain = fnclass.make_train_step(model, loss_fn, opt)
     after, metrics = skip(ts, (images, labels), fnclass.key(1))
     assert not bool(metrics["finite"]) and int(after.step) == int(ts.step) + 1
@@ -249,7 +255,7 @@ def test_a_finite_step_is_the_same_with_or_without_the_skip_guard():
     model = fnclass.build_model(SMALL)
     opt = optim.adam(1e-3)
     ts = fnclass.create_train_state(model, opt, fnclass.key(0))
-    guarded = fnclass.make_train_step(model, losses.cross_entropy, opt, skip_nonfinite=True)
+    guarded = wrappers.skip_nonfinite(fnclass.make_train_step(model, losses.cross_entropy, opt))
     plain = fnclass.make_train_step(model, losses.cross_entropy, opt)
     a, metrics = guarded(ts, _batch(2), fnclass.key(1))
     b, _ = plain(ts, _batch(2), fnclass.key(1))
@@ -288,8 +294,8 @@ def test_ema_equals_a_hand_written_moving_average(warmup):
     model = fnclass.build_model(SMALL)
     opt = optim.sgd(0.05, momentum=0.9)
     ts = fnclass.create_train_state(model, opt, fnclass.key(0), ema=True)
-    train_step = fnclass.make_train_step(model, losses.cross_entropy, opt, ema_decay=0.9, ema_warmup=warmup,
-                                         skip_nonfinite=True)
+    train_step = wrappers.skip_nonfinite(wrappers.with_ema(
+        fnclass.make_train_step(model, losses.cross_entropy, opt), 0.9, warmup=warmup))
     double = lambda tree_: tree.tree_map(lambda leaf: leaf.double(), tree_)
     average = double({"params": ts.params, "state": ts.state})  # the reference, in float64
     for t in range(1, 6):
@@ -325,7 +331,7 @@ def test_fp16_loss_scaling_follows_grad_scaler_with_an_injected_overflow(monkeyp
     assert float(ts.loss_scale["scale"]) == 2.0 ** 16 and int(ts.loss_scale["growth_tracker"]) == 0
     ts = ts._replace(loss_scale={"scale": torch.tensor(2.0 ** 124), "growth_tracker": torch.tensor(0)})
     loss_fn = lambda logits, labels: 1000 * losses.cross_entropy(logits, labels)
-    train_step = fnclass.make_train_step(model, loss_fn, opt, precision="fp16")
+    train_step = _fp16_step(model, loss_fn, opt)
     module = reference_module(SMALL, ts.params, ts.state).train()
     torch_opt = torch.optim.SGD(module.parameters(), lr=1e-5, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 124, growth_interval=interval)
@@ -356,7 +362,7 @@ def test_fp16_step_with_a_power_of_two_scale_equals_the_fp32_step_and_an_overflo
     images, labels = _batch(0)
     key = random.fold_in(plain.key, 0)
     after, metrics = fnclass.make_train_step(model, losses.cross_entropy, opt)(plain, (images, labels), key)
-    step16 = fnclass.make_train_step(model, losses.cross_entropy, opt, precision="fp16")
+    step16 = _fp16_step(model, losses.cross_entropy, opt)
     after16, metrics16 = step16(scaled, (images, labels), key)
     # multiplying by 2**16 and back is exact in float32, and backprop is linear in the loss
     assert tree.tree_allclose(after16.params, after.params, rtol=0, atol=0)
@@ -383,7 +389,7 @@ def test_an_fp16_overflow_skips_the_update_but_the_optimizers_counters_follow_th
     ts = fnclass.create_train_state(model, opt, fnclass.key(0), loss_scaling=True)
     images, labels = _batch(0)
     images[0] = float("inf")
-    after, metrics = fnclass.make_train_step(model, losses.cross_entropy, opt, precision="fp16")(
+    after, metrics = _fp16_step(model, losses.cross_entropy, opt)(
         ts, (images, labels), fnclass.key(1))
     assert bool(metrics["overflow"])
     old, new = tree.flatten_paths(ts.opt_state), tree.flatten_paths(after.opt_state)
@@ -397,8 +403,8 @@ def test_ema_with_accumulation_averages_once_per_optimizer_step():
     model = fnclass.build_model(SMALL)
     opt = optim.multi_steps(optim.sgd(0.05, momentum=0.9), 2)
     ts = fnclass.create_train_state(model, opt, fnclass.key(0), ema=True)
-    train_step = fnclass.make_train_step(model, losses.cross_entropy, opt, ema_decay=0.9, ema_warmup=True,
-                                         ema_every=2)
+    train_step = wrappers.with_ema(fnclass.make_train_step(model, losses.cross_entropy, opt), 0.9, warmup=True,
+                                   every=2)
     average = {"params": ts.params, "state": ts.state}
     for t in range(1, 5):
         before = ts.ema

@@ -7,7 +7,6 @@ behaves like its torch.nn twin from the first step. Apply functions never mutate
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -104,35 +103,21 @@ def batch_norm_init(channels: int) -> tuple[dict, dict]:
     return params, state
 
 
-_SYNCHRONISED = []  # the data-parallel process whose global batch BatchNorm's statistics span (innermost last)
-
-
-@contextlib.contextmanager
-def synchronised_batch_norm(process):
-    """Within this block, training-mode :func:`batch_norm` takes its statistics over every process's shard of the
-    global batch (``torch.nn.SyncBatchNorm``'s job; JAX's ``axis_name``). ``process``: a
-    :class:`fnclass.distributed.Process`, or None (nothing changes)."""
-    _SYNCHRONISED.append(process)
-    try:
-        yield
-    finally:
-        _SYNCHRONISED.pop()
-
-
 def batch_norm(params: dict, state: dict, x: torch.Tensor, *, train: bool, momentum: float = 0.1,
-               eps: float = 1e-5) -> tuple[torch.Tensor, dict]:
+               eps: float = 1e-5, axis=None) -> tuple[torch.Tensor, dict]:
     """Batch normalisation over all axes but the channel axis 1; returns ``(y, new_state)``.
 
     In training mode the batch statistics normalise ``x`` and the running statistics move towards them
     (``new = (1 - momentum) * old + momentum * batch``, unbiased variance, as torch.nn.BatchNorm2d); the
     input ``state`` is left untouched. In eval mode the running statistics normalise and the state is
-    returned as it came. Inside :func:`synchronised_batch_norm` the batch is the global one, across processes.
+    returned as it came. With ``axis`` (a :class:`fnclass.distributed.Process`, named where the model is built, as
+    Equinox's ``BatchNorm(axis_name=...)``) the batch is the global one, across the job's processes.
     """
     if not train:
         y = F.batch_norm(x, state["mean"], state["var"], params["scale"], params["bias"], False, 0.0, eps)
         return y, state
-    if _SYNCHRONISED and _SYNCHRONISED[-1] is not None:
-        return _global_batch_norm(params, state, x, _SYNCHRONISED[-1], momentum, eps)
+    if axis is not None:
+        return _global_batch_norm(params, state, x, axis, momentum, eps)
     # F.batch_norm updates running statistics in place; it gets copies, which become the new state.
     mean, var = state["mean"].clone(), state["var"].clone()
     y = F.batch_norm(x, mean, var, params["scale"], params["bias"], True, momentum, eps)
@@ -141,15 +126,14 @@ def batch_norm(params: dict, state: dict, x: torch.Tensor, *, train: bool, momen
 
 def _global_batch_norm(params: dict, state: dict, x: torch.Tensor, process, momentum: float, eps: float):
     """:func:`batch_norm` in training mode with statistics over all processes' shards: two all-reduces (the sum,
-    then the sum of squared deviations), differentiable, so every gradient is the single process's."""
-    from fnclass.distributed import all_sum
-
+    then the sum of squared deviations; ``process.all_sum``), differentiable, so every gradient is the single
+    process's."""
     axes = [axis for axis in range(x.ndim) if axis != 1]
     shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
     count = x.numel() // x.shape[1] * process.world_size
-    mean = all_sum(x.sum(axes), process) / count
+    mean = process.all_sum(x.sum(axes)) / count
     centred = x - mean.view(shape)
-    var = all_sum((centred * centred).sum(axes), process) / count  # biased: what normalises, as F.batch_norm
+    var = process.all_sum((centred * centred).sum(axes)) / count  # biased: what normalises, as F.batch_norm
     y = centred * torch.rsqrt(var + eps).view(shape) * params["scale"].view(shape) + params["bias"].view(shape)
     unbiased = var.detach() * count / max(count - 1, 1)
     return y, {"mean": torch.lerp(state["mean"], mean.detach(), momentum),

@@ -3,7 +3,8 @@
 
 A data-parallel step is the single-process step with two additions, as JAX's ``pmean`` inside a pmapped step: the
 gradient (and the step's metrics) averaged across processes with an all-reduce, and BatchNorm's batch statistics
-computed over the whole global batch (:func:`fnclass.core.layers.synchronised_batch_norm`). The all-reduces are
+computed over the whole global batch (the process given to the model as BatchNorm's ``axis``, Equinox's
+``axis_name``; :mod:`fnclass.distributed.data_parallel`). The all-reduces are
 ``torch.distributed._functional_collectives``, the collectives ``torch.compile`` traces into the step's graph.
 Every process derives the same batches from the run's key and cuts its own shard, so all hold the same TrainState.
 """
@@ -35,6 +36,10 @@ class Process(NamedTuple):
     def writes(self) -> bool:
         """Whether this process writes files and prints: rank 0 only."""
         return self.rank == 0
+
+    def all_sum(self, tree):
+        """:func:`all_sum` over this job: what a layer given the process as its axis (BatchNorm) calls."""
+        return all_sum(tree, self)
 
 
 def from_environment(device: str = "auto") -> Process | None:

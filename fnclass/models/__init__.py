@@ -41,11 +41,13 @@ def resolve_config(config: Config, source: str | None = None) -> Config:
         raise ConfigError(f"{source}: {error}" if source else str(error)) from None
 
 
-def build_model(config: ModelConfig) -> Model:
+def build_model(config: ModelConfig, *, batch_norm_axis=None) -> Model:
     """Build the model that ``config.name`` names.
 
     Args:
       config: the model section of a run's config; defaults are filled in with :func:`resolve`.
+      batch_norm_axis: a :class:`fnclass.distributed.Process` whose processes' shards BatchNorm takes its
+        training statistics over (synchronised BatchNorm; Equinox's ``axis_name``), or None: this batch only.
 
     Returns:
       The model's ``Model(init, apply, param_labels, data_init)``.
@@ -53,7 +55,7 @@ def build_model(config: ModelConfig) -> Model:
     config = resolve(config)
     if config.num_classes is None:  # a run fills it from the data folder's classes.txt before building
         config = dataclasses.replace(config, num_classes=DEFAULT_NUM_CLASSES)
-    return MODELS[config.name].build(config)
+    return MODELS[config.name].build(config, batch_norm_axis)
 
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:

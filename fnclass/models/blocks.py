@@ -19,11 +19,11 @@ def norm_init(config: ModelConfig, channels: int) -> tuple[dict, dict]:
     return layers.batch_norm_init(channels)
 
 
-def norm(params: dict, state: dict, x, config: ModelConfig, *, train: bool):
+def norm(params: dict, state: dict, x, config: ModelConfig, *, train: bool, axis=None):
     """BatchNorm (running statistics in ``state``) or GroupNorm (none); returns ``(y, new_state)``."""
     if config.norm == "group":
         return layers.group_norm(params, x, groups=norm_groups(config, x.shape[1])), state
-    return layers.batch_norm(params, state, x, train=train, momentum=config.bn_momentum)
+    return layers.batch_norm(params, state, x, train=train, momentum=config.bn_momentum, axis=axis)
 
 
 def norm_groups(config: ModelConfig, channels: int) -> int:

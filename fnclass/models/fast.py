@@ -46,16 +46,16 @@ def _conv_bn_init(key, in_channels, out_channels, config, *, dirac=False):
     return {"conv": conv, "bn": bn_params}, {"bn": bn_state}
 
 
-def _conv_bn(params, state, x, *, pool, train, config):
+def _conv_bn(params, state, x, *, pool, train, config, axis=None):
     """``gelu(bn(pool(conv(x))))``; returns ``(y, new_state)``."""
     x = conv(params["conv"], x, config)
     if pool:
         x = layers.max_pool(x)
-    x, bn = norm(params["bn"], state["bn"], x, config, train=train)
+    x, bn = norm(params["bn"], state["bn"], x, config, train=train, axis=axis)
     return layers.gelu(x), {"bn": bn}
 
 
-def build(config: ModelConfig):
+def build(config: ModelConfig, batch_norm_axis=None):
     """``Model(init, apply)`` for a resolved ``fast`` or ``tiny`` config."""
     widths = config.widths
 
@@ -87,12 +87,15 @@ def build(config: ModelConfig):
             whiten = {"weight": state["whiten"]["weight"], "bias": params["whiten"]["bias"]}
             x, new_state = layers.gelu(layers.conv(whiten, images, padding=0)), {"whiten": state["whiten"]}
         else:
-            x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, config=config)
+            x, stem = _conv_bn(params["stem"], state["stem"], images, pool=False, train=train, config=config,
+                                 axis=batch_norm_axis)
             new_state = {"stem": stem}
         new_state["blocks"] = []
         for i, (block_params, block_state) in enumerate(zip(params["blocks"], state["blocks"])):
-            x, s1 = _conv_bn(block_params["conv1"], block_state["conv1"], x, pool=True, train=train, config=config)
-            y, s2 = _conv_bn(block_params["conv2"], block_state["conv2"], x, pool=False, train=train, config=config)
+            x, s1 = _conv_bn(block_params["conv1"], block_state["conv1"], x, pool=True, train=train, config=config,
+                             axis=batch_norm_axis)
+            y, s2 = _conv_bn(block_params["conv2"], block_state["conv2"], x, pool=False, train=train, config=config,
+                             axis=batch_norm_axis)
             x = x + y
             new_state["blocks"].append({"conv1": s1, "conv2": s2})
             x = refine(params["attn"], x, i, config)

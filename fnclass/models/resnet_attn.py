@@ -60,22 +60,23 @@ def _block_init(key, in_channels, out_channels, stride, config):
     return params, state
 
 
-def _block(params, state, x, *, stride, train, config):
+def _block(params, state, x, *, stride, train, config, axis=None):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; returns ``(y, new_state)``."""
     y = conv(params["conv1"], x, config, stride=stride, padding=1)
-    y, bn1 = norm(params["bn1"], state["bn1"], y, config, train=train)
+    y, bn1 = norm(params["bn1"], state["bn1"], y, config, train=train, axis=axis)
     y = conv(params["conv2"], layers.relu(y), config)
-    y, bn2 = norm(params["bn2"], state["bn2"], y, config, train=train)
+    y, bn2 = norm(params["bn2"], state["bn2"], y, config, train=train, axis=axis)
     new_state = {"bn1": bn1, "bn2": bn2}
     shortcut = x
     if "shortcut" in params:
         shortcut = conv(params["shortcut"]["conv"], x, config, stride=stride, padding=0)
-        shortcut, bn = norm(params["shortcut"]["bn"], state["shortcut"]["bn"], shortcut, config, train=train)
+        shortcut, bn = norm(params["shortcut"]["bn"], state["shortcut"]["bn"], shortcut, config, train=train,
+                             axis=axis)
         new_state["shortcut"] = {"bn": bn}
     return layers.relu(y + shortcut), new_state
 
 
-def build(config: ModelConfig):
+def build(config: ModelConfig, batch_norm_axis=None):
     """``Model(init, apply)`` for a resolved ``resnet_attn`` config."""
     widths, depths = config.widths, config.depths
 
@@ -98,14 +99,16 @@ def build(config: ModelConfig):
 
     def apply(params, state, images, *, train, key=None):
         x = conv(params["stem"]["conv"], images, config)
-        x, stem_bn = norm(params["stem"]["bn"], state["stem"]["bn"], x, config, train=train)
+        x, stem_bn = norm(params["stem"]["bn"], state["stem"]["bn"], x, config, train=train,
+                          axis=batch_norm_axis)
         x = layers.relu(x)
         new_state = {"stem": {"bn": stem_bn}, "stages": []}
         for i, (stage_params, stage_state) in enumerate(zip(params["stages"], state["stages"])):
             block_states = []
             for j, (block_params, block_state) in enumerate(zip(stage_params["blocks"], stage_state["blocks"])):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x, block_state = _block(block_params, block_state, x, stride=stride, train=train, config=config)
+                x, block_state = _block(block_params, block_state, x, stride=stride, train=train, config=config,
+                                        axis=batch_norm_axis)
                 block_states.append(block_state)
             new_state["stages"].append({"blocks": block_states})
             x = refine(params["attn"], x, i, config)

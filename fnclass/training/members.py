@@ -23,7 +23,7 @@ from fnclass.run.directory import Reporter, RunDirectory
 from fnclass.training import finetune, recipe
 from fnclass.training.evaluate import evaluate_members, split_metrics
 from fnclass.training.loop import EpochLoop, TrainingInterrupted, TrainResult, load_run_data, normalized, run_facts
-from fnclass.training.step import create_train_state, make_eval_step, make_members_step, make_train_step, mean_gradient
+from fnclass.training.step import create_train_state, make_eval_step, make_members_step, mean_gradient
 
 
 def member_name(member: dict) -> str:
@@ -81,11 +81,10 @@ def train_members(config: Config, workdir: str | Path, *, data_dir: str | None =
     def build_step(hyper):
         # Under vmap: torch.func's gradient, and no memory-format requests (vmap refuses them). In a loop: the
         # single run's own step (eager gradient, channels-last), compiled per member when asked.
-        return make_train_step(model, recipe.create_loss(config, hyper), optimizer_for(hyper),
-                               gradient=functools.partial(mean_gradient, transformable=vmapped),
-                               skip_nonfinite=config.train.nan_policy == "skip", precision=config.train.precision,
-                               channels_last=config.train.channels_last and not vmapped,
-                               compile=config.train.compile and not vmapped)
+        return recipe.create_train_step(config, model, recipe.create_loss(config, hyper), optimizer_for(hyper),
+                                        gradient=functools.partial(mean_gradient, transformable=vmapped),
+                                        channels_last=config.train.channels_last and not vmapped,
+                                        compile=config.train.compile and not vmapped)
 
     train_step = make_members_step(build_step, compile=config.train.compile and vmapped,
                                    chunk_size=config.members.per_pass or None, strategy=strategy)

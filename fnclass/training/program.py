@@ -32,7 +32,7 @@ from fnclass.training.loop import (
     run_facts,
 )
 from fnclass.training.members import train_members
-from fnclass.training.step import TrainState, create_train_state, make_eval_step, make_train_step, start_ema
+from fnclass.training.step import TrainState, create_train_state, make_eval_step, start_ema
 
 
 def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
@@ -92,7 +92,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
             config.privacy, noise_multiplier=privacy_plan.noise_multiplier))
     writes = process is None or process.writes
     run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
-    model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
+    model, loss_fn = recipe.create_model(config, process=process), recipe.create_loss(config)
     optimizer = recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch)
     train_state = create_train_state(model, optimizer, random.key(config.train.seed), ema=bool(config.train.ema_decay),
                                      loss_scaling=config.train.precision == "fp16")
@@ -117,10 +117,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
     gradient = {} if privacy_plan is None else dict(gradient=privacy.clipped_noisy_gradient(
         privacy_plan.max_grad_norm, privacy_plan.noise_multiplier, privacy_plan.expected_batch_size,
         chunk_size=config.privacy.chunk_size, copies=privacy_plan.augmult, secret=secret))
-    train_step = make_train_step(model, loss_fn, optimizer, skip_nonfinite=config.train.nan_policy == "skip",
-                                 ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup,
-                                 ema_every=config.train.accumulate_steps,
-                                 process=process, sync_batch_norm=config.train.sync_batchnorm, **gradient, **options)
+    train_step = recipe.create_train_step(config, model, loss_fn, optimizer, process=process, **gradient)
     eval_step = make_eval_step(model, **options)
     schedule = recipe.create_batch_schedule(config, steps_per_epoch)
     epoch_loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch,

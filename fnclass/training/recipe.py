@@ -1,4 +1,5 @@
-"""The recipe: what a run config says to build — the model, the loss, the learning-rate schedule and the optimizer.
+"""The recipe: what a run config says to build — the model, the loss, the learning-rate schedule, the optimizer and
+the train step (the minimal step with the wrappers and gradient transforms the config asks for).
 
 The optimizer is assembled from the model's parameter-group labels (:data:`fnclass.models.LABELS`) with
 Optax-style transforms; nothing here looks at parameter paths or knows a particular model.
@@ -16,6 +17,7 @@ import torch
 from fnclass.config import Config, OptimConfig
 from fnclass.core import optim, schedules, tree
 from fnclass.core.losses import cross_entropy
+from fnclass.distributed.data_parallel import data_parallel_gradient, with_global_metrics
 from fnclass.models import LABELS, Model, build_model
 from fnclass.models.model import (
     BATCH_NORM_BIASES,
@@ -24,14 +26,64 @@ from fnclass.models.model import (
     WEIGHTS,
     WHITENING_BIAS,
 )
+from fnclass.training.step import make_train_step, mean_gradient
+from fnclass.training.wrappers import loss_scaled_gradient, skip_nonfinite, with_ema, with_loss_scaling
 
 DECAYED = (WEIGHTS, HEAD_WEIGHTS)  # weight decay: matrices and filters, never scales or biases
 ORTHOGONALIZED = (WEIGHTS,)  # Muon: filters and attention matrices, not the head
 
 
-def create_model(config: Config) -> Model:
-    """The model a run config names."""
-    return build_model(config.model)
+def create_model(config: Config, *, process=None) -> Model:
+    """The model a run config names; in a data-parallel job (``process``) with ``train.sync_batchnorm``, its
+    BatchNorm takes its statistics over the job's global batch."""
+    axis = process if process is not None and config.train.sync_batchnorm else None
+    return build_model(config.model, batch_norm_axis=axis)
+
+
+def create_train_step(config: Config, model: Model, loss_fn: Callable, optimizer: optim.Transform, *,
+                      gradient: Callable = mean_gradient, process=None, compile: bool | None = None,
+                      channels_last: bool | None = None) -> Callable:
+    """The run's step: :func:`fnclass.training.step.make_train_step` and what ``config.train`` adds around it.
+
+    Gradient transforms: fp16's loss scaling (:func:`~fnclass.training.wrappers.loss_scaled_gradient`), then the
+    data-parallel average over ``process`` (:func:`~fnclass.distributed.data_parallel.data_parallel_gradient`)
+    around ``gradient`` (the mean gradient, or DP-SGD's clipped noisy one). Step wrappers, inside out: the weight
+    EMA (``train.ema_decay``), then fp16 loss scaling or non-finite skipping (``train.nan_policy = "skip"``), then
+    the global batch's metrics. Compiled (``train.compile``), the whole composition is one graph.
+
+    Args:
+      config: the run config.
+      model, loss_fn, optimizer: what :func:`create_model`, :func:`create_loss` and :func:`create_run_optimizer`
+        built.
+      gradient: the gradient transform at the centre.
+      process: a data-parallel job's :class:`fnclass.distributed.Process` (its gradients and metrics reduced), or
+        None.
+      compile: compile the step (default: ``train.compile``).
+      channels_last: channels-last images (default: ``train.channels_last``).
+    """
+    train = config.train
+    compile = train.compile if compile is None else compile
+    channels_last = train.channels_last if channels_last is None else channels_last
+    if train.precision == "fp16":
+        gradient = loss_scaled_gradient(gradient)
+    if process is not None:
+        gradient = data_parallel_gradient(gradient, process, average_state=not train.sync_batchnorm)
+
+    def for_the_whole_step(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
+        return gradient(loss_and_aux, compile=whole)  # the graph the composition compiles into, not the bare step
+
+    whole = compile
+    step = make_train_step(model, loss_fn, optimizer, gradient=for_the_whole_step, precision=train.precision,
+                           channels_last=channels_last)
+    if train.ema_decay:
+        step = with_ema(step, train.ema_decay, warmup=train.ema_warmup, every=train.accumulate_steps)
+    if train.precision == "fp16":  # an overflow is skipped there already
+        step = with_loss_scaling(step)
+    elif train.nan_policy == "skip":
+        step = skip_nonfinite(step)
+    if process is not None:
+        step = with_global_metrics(step, process)
+    return torch.compile(step) if compile else step
 
 
 def create_loss(config: Config, hyper: dict | None = None) -> Callable:

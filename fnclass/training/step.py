@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fnclass.core import layers, loss_scale, optim, random
+from fnclass.core import loss_scale, optim, random
 from fnclass.core.tree import tree_index, tree_stack
 from fnclass.models import Model
 
@@ -46,28 +46,6 @@ def start_ema(train_state: TrainState) -> TrainState:
     """``train_state`` with its EMA set to copies of its current parameters and model state."""
     copy = lambda tree: optree.tree_map(torch.clone, tree)
     return train_state._replace(ema={"params": copy(train_state.params), "state": copy(train_state.state)})
-
-
-def ema_decay_at(decay: float, step: torch.Tensor, warmup: bool) -> torch.Tensor | float:
-    """The EMA decay used for update number ``step`` (1 for the first update).
-
-    With ``warmup``, ``min(decay, (1 + step) / (10 + step))`` (TensorFlow's ``ExponentialMovingAverage`` with
-    ``num_updates``, timm's ``ModelEmaV3`` warm-up), so early averages are not dominated by the random start.
-    """
-    if not warmup:
-        return decay
-    return torch.clamp((1.0 + step) / (10.0 + step), max=decay)
-
-
-def ema_update(ema: dict, params, state, decay) -> dict:
-    """``ema + (1 - decay) * (new - ema)`` for the parameters and the model state (BatchNorm statistics)."""
-    old = [leaf.detach() for leaf in optree.tree_leaves(ema)]
-    new = [leaf.detach() for leaf in optree.tree_leaves({"params": params, "state": state})]
-    if isinstance(decay, torch.Tensor):  # a warm-up's decay: one lerp per leaf (a tensor weight is not foreach on
-        averaged = [torch.lerp(a, b, 1.0 - decay) for a, b in zip(old, new)]  # every torch this runs on)
-    else:
-        averaged = optim._lerp(old, new, 1.0 - decay)
-    return optree.tree_unflatten(optree.tree_structure(ema), averaged)
 
 
 def create_train_state(model: Model, optimizer: optim.Transform, key: torch.Tensor, *,
@@ -130,37 +108,6 @@ def mean_gradient(loss_and_aux: Callable, *, compile: bool = False, transformabl
     return _eager_grad_and_value(loss_and_aux)
 
 
-def data_parallel(gradient: Callable, process, *, sync_batch_norm: bool = True) -> Callable:
-    """``gradient`` (e.g. :func:`mean_gradient`) averaged across the processes of a data-parallel job.
-
-    Each process differentiates the mean loss of its shard of the global batch; the gradients and losses are then
-    averaged with an all-reduce (JAX's ``pmean``), so every process holds the global batch's mean gradient. With
-    ``sync_batch_norm``, BatchNorm's statistics span the global batch too (the all-reduces are differentiable), and
-    the result equals one process stepping through the whole batch, up to float rounding.
-
-    Args:
-      gradient: the gradient to distribute, with :func:`make_train_step`'s ``gradient`` signature.
-      process: a :class:`fnclass.distributed.Process`.
-      sync_batch_norm: BatchNorm over the global batch (``train.sync_batchnorm``) rather than each shard.
-    """
-    from fnclass.distributed import all_mean
-
-    def distributed(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
-        def synchronised(*args):
-            with layers.synchronised_batch_norm(process if sync_batch_norm else None):
-                return loss_and_aux(*args)
-
-        grad_and_value = gradient(synchronised, compile=compile)
-
-        def averaged(params, *args):
-            grads, (loss, (new_state, logits)) = grad_and_value(params, *args)
-            if not sync_batch_norm:  # each shard's running statistics: averaged, so every process keeps one model
-                new_state = all_mean(new_state, process)
-            return all_mean(grads, process), (all_mean(loss, process), (new_state, logits))
-        return averaged
-    return distributed
-
-
 def all_finite(loss: torch.Tensor | None, grads) -> torch.Tensor:
     """A 0-d bool device tensor: ``loss`` (unless None) and every element of the gradient tree are finite (no host
     sync)."""
@@ -170,19 +117,18 @@ def all_finite(loss: torch.Tensor | None, grads) -> torch.Tensor:
 
 
 def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform, *, gradient: Callable = mean_gradient,
-                    compile: bool = False, precision: str = "fp32", channels_last: bool = False,
-                    skip_nonfinite: bool = False, ema_decay: float = 0.0, ema_warmup: bool = False, ema_every: int = 1,
-                    process=None, sync_batch_norm: bool = True) -> Callable:
-    """Build ``step(train_state, batch, key) -> (train_state, metrics)``.
+                    compile: bool = False, precision: str = "fp32", channels_last: bool = False) -> Callable:
+    """Build ``step(train_state, batch, key) -> (train_state, metrics)``: the gradient, then the update.
 
-    One call computes the loss and its gradient (model state as an auxiliary output), transforms the
-    gradient with ``optimizer`` and applies it. Compiled, the gradient is ``torch.func.grad_and_value``
-    and the whole step is one graph; eager, it is the same computation through ``torch.autograd.grad``
-    without torch.func's ``create_graph=True`` overhead (to nest transforms such as ``vmap`` over the
-    model, apply ``torch.func`` to ``model.apply`` directly). Inputs are never
-    mutated and no buffer is donated: the returned TrainState is made of new tensors. ``metrics`` holds
-    0-d device tensors ``loss`` (mean over the batch), ``correct`` (count) and ``finite`` (bool: the loss and
-    every gradient element are finite); nothing is synchronised with the host.
+    One call computes the loss and its gradient (model state as an auxiliary output), transforms the gradient with
+    ``optimizer`` and applies it. What else a run wants from its step is a wrapper around this one or a transform of
+    its ``gradient`` (:mod:`fnclass.training.wrappers`: non-finite skipping, the weight EMA, fp16 loss scaling;
+    :mod:`fnclass.distributed.data_parallel`: the cross-process average; :mod:`fnclass.privacy`: DP-SGD's clipped,
+    noised gradient); :func:`fnclass.training.recipe.create_train_step` builds a run's composition from its config.
+    Inputs are never mutated and no buffer is donated: the returned TrainState is made of new tensors (its ``ema``
+    and ``loss_scale`` passed through unchanged). ``metrics`` holds 0-d device tensors ``loss`` (mean over the
+    batch), ``correct`` (count) and ``finite`` (bool: the loss and every gradient element are finite); nothing is
+    synchronised with the host.
 
     Args:
       model: the model to train.
@@ -192,90 +138,42 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         images, labels, key) -> (loss, (new_state, logits))`` and ``grad_and_value`` takes the same arguments
         and returns ``(grads, (loss, (new_state, logits)))``, as ``torch.func.grad_and_value(..., has_aux=True)``
         does. The default, :func:`mean_gradient`, differentiates the batch's mean loss; a per-example clipped
-        and noised sum (DP-SGD) or a cross-process average (data parallel) drops in here.
+        and noised sum (DP-SGD) or a cross-process average (data parallel) drops in here. When the TrainState
+        holds a loss scale (fp16), ``grad_and_value`` also gets the scale as a last argument
+        (:func:`fnclass.training.wrappers.loss_scaled_gradient`).
       compile: compile the whole step (gradient and update) as one graph with ``torch.compile``.
-      precision: ``"fp32"``, ``"bf16"`` for bf16 autocast on CUDA (params, optimizer state and BatchNorm
-        statistics stay float32; ignored on the CPU), or ``"fp16"``: fp16 autocast on CUDA with dynamic loss
-        scaling by ``torch.amp.GradScaler``'s rules (:mod:`fnclass.core.loss_scale`; the TrainState holds the scale).
-        The loss is scaled before differentiation and the gradients unscaled; a step whose gradients overflow is
-        skipped (parameters, model state, EMA and the optimizer's floating state unchanged; its integer step
-        counters advance, so schedules stay on the batches), the scale halves and ``metrics["overflow"]``
-        is True; only when the scale falls below 1 (even unscaled gradients overflow) does ``metrics["finite"]``
-        turn False, the divergence ``train.nan_policy`` acts on. On the CPU the scaling runs in float32, which
-        lets tests inject overflows.
+      precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` for that autocast on CUDA (params, optimizer state and
+        BatchNorm statistics stay float32; ignored on the CPU). fp16 needs loss scaling around the step
+        (:func:`fnclass.training.wrappers.with_loss_scaling`).
       channels_last: feed images in channels-last memory format (faster convolutions on recent GPUs, and
         about 1.5x faster on this project's 2-core CPU with oneDNN).
-      skip_nonfinite: when the loss or a gradient is not finite, return the parameters, model state and
-        optimizer state unchanged (``step`` still counts the batch), as Optax's ``apply_if_finite`` does;
-        selected on the device with ``torch.where``, so nothing waits for the host.
-      ema_decay: when > 0 (the TrainState then has an ``ema``, see :func:`start_ema`), average the new
-        parameters and model state into it with this decay after every update (:func:`ema_update`).
-      ema_warmup: ramp the decay up as :func:`ema_decay_at` says.
-      ema_every: average only every this many steps (``train.accumulate_steps``: when the weights move), the
-        warm-up counting those updates.
-      process: a :class:`fnclass.distributed.Process` of a data-parallel job: ``batch`` is this process's shard
-        of the global batch, the gradient is :func:`data_parallel` of ``gradient``, and ``metrics["correct"]``
-        counts the global batch; every process returns the same TrainState.
-      sync_batch_norm: with ``process``, BatchNorm statistics over the global batch.
 
     Returns:
       The step function. ``batch`` is ``(images, labels)``: float NCHW images and int64 labels (or float
       ``(B, classes)`` soft targets from mixup/CutMix: ``correct`` then counts the targets' largest entry);
       ``key`` drives the model's randomness (dropout) for this step.
     """
-    scaling = precision == "fp16"
-
-    def loss_and_aux(params, state, images, labels, key, *scale):
+    def loss_and_aux(params, state, images, labels, key):
         with _autocast(images.device.type, precision):
             logits, new_state = model.apply(params, state, images, train=True, key=key)
-        loss = loss_fn(logits, labels)
-        return loss * scale[0] if scale else loss, (new_state, logits.detach())
+        return loss_fn(logits, labels), (new_state, logits.detach())
 
-    if process is not None:
-        gradient = data_parallel(gradient, process, sync_batch_norm=sync_batch_norm)
     grad_and_value = gradient(loss_and_aux, compile=compile)
 
     def step(train_state: TrainState, batch, key):
         images, labels = batch
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        scale = (train_state.loss_scale["scale"],) if scaling else ()
+        scale = () if train_state.loss_scale is None else (train_state.loss_scale["scale"],)
         grads, (loss, (new_state, logits)) = grad_and_value(train_state.params, train_state.state, images,
                                                             labels, key, *scale)
-        if scaling:
-            grads, loss = loss_scale.unscale(grads, train_state.loss_scale), loss / scale[0]
         updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
         params = optim.apply_updates(train_state.params, updates)
-        finite = all_finite(None if scaling else loss, grads)  # GradScaler looks at the gradients alone
-        ema = train_state.ema
-        if ema_decay:
-            # With gradient accumulation the weights move once per ema_every batches: average then, counting updates.
-            updates_made = (train_state.step + 1) // ema_every
-            ema = ema_update(ema, params, new_state, ema_decay_at(ema_decay, updates_made, ema_warmup))
-            if ema_every > 1:
-                due = (train_state.step + 1) % ema_every == 0
-                ema = optree.tree_map(lambda new, old: torch.where(due, new, old), ema, train_state.ema)
-        if skip_nonfinite or scaling:
-            # fp16 overflows are routine: the optimizer's step counters (schedules, Lookahead's sync, accumulation
-            # windows) follow the batches through them, as a learning-rate scheduler does beside GradScaler.
-            keep = lambda new, old: torch.where(finite, new, old)
-            count = lambda new, old: new if scaling and not new.is_floating_point() else keep(new, old)
-            params, new_state, ema = optree.tree_map(keep, (params, new_state, ema),
-                                                     (train_state.params, train_state.state, train_state.ema),
-                                                     none_is_leaf=False)
-            opt_state = optree.tree_map(count, opt_state, train_state.opt_state)
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # soft (mixed) targets: their larger part
-        metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(), "finite": finite}
-        if process is not None:  # the shard's count -> the global batch's
-            from fnclass.distributed import all_sum
-
-            metrics["correct"] = all_sum(metrics["correct"], process)
-        scale_state = train_state.loss_scale
-        if scaling:  # an overflow is skipped and backs the scale off; divergence is a scale that collapsed
-            scale_state = loss_scale.update(scale_state, finite)
-            metrics.update(overflow=~finite, finite=finite | (scale_state["scale"] >= 1.0))
-        return TrainState(train_state.step + 1, params, new_state, opt_state, train_state.key, ema,
-                          scale_state), metrics
+        metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(),
+                   "finite": all_finite(None if scale else loss, grads)}  # GradScaler looks at the gradients alone
+        return train_state._replace(step=train_state.step + 1, params=params, state=new_state,
+                                    opt_state=opt_state), metrics
 
     return torch.compile(step) if compile else step
 
