@@ -39,10 +39,10 @@ from fnclass.config import load_config
 from fnclass.core import random, tree
 from fnclass.core.augment import augment
 from fnclass.core.losses import cross_entropy
+from fnclass.data.batches import PUBLIC_NORMALIZATION
 from fnclass.io import synchronize
 from fnclass.models import resolve_config
 from fnclass.training import recipe
-from fnclass.training.loop import PUBLIC_NORMALIZATION
 from fnclass.training.step import create_train_state, make_train_step
 from tests.torch_reference import reference_module, torch_name
 

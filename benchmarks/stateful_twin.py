@@ -18,8 +18,8 @@ loaded with fnclass's own loader and trained twice from the same initial paramet
   whitening bias frozen after ``optim.whiten_bias_epochs``) and, with ``optim.muon``, ``Muon`` for the
   ``weights`` group (momentum, Newton-Schulz orthogonalisation, decay, lr: the order of fnclass's chain). Each
   step sets every group's lr from ``fnclass.training.recipe.create_schedule``; the loss is ``F.cross_entropy`` with the
-  config's label smoothing. Batches come from fnclass's own data code (``EpochLoop.batch``, with the epoch's
-  permutation and each step's batch and key from ``EpochLoop.order`` and ``EpochLoop.step_batch``), so both
+  config's label smoothing. Batches come from fnclass's own batch source (``fnclass.data.sources.PermutedSource``:
+  the epoch's permutation, each step's batch and key), so both
   programs see the same pixels.
   Images and the module are channels-last when the config says so; bf16 is autocast on CUDA when the config
   says so; ``train.compile`` compiles the module (forward and backward) on a throwaway pass on the first batch,
@@ -65,6 +65,8 @@ from torch import nn
 from benchmarks.common import device_name, publish
 from fnclass.config import Config, ConfigError, TrainConfig, load_config
 from fnclass.core import random, tree
+from fnclass.data.batches import RunData, load_run_data, normalized
+from fnclass.data.sources import PermutedSource
 from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.models import resolve_config
 from fnclass.models.model import (
@@ -77,12 +79,12 @@ from fnclass.models.model import (
 from fnclass.run.directory import RunDirectory
 from fnclass.training import recipe
 from fnclass.training.evaluate import evaluate_dataset
-from fnclass.training.loop import EpochLoop, RunData, load_run_data, normalized
 from fnclass.training.program import train
 from fnclass.training.step import TrainState, create_train_state, make_train_step
 from tests.torch_reference import reference_module, torch_name
 
-# Read off fnclass/training/recipe.py, not imported from it, so that tests/test_stateful_twin.py fails when the two drift.
+# Read off fnclass/training/recipe.py, not imported from it, so that tests/test_stateful_twin.py fails when the two
+# drift.
 DECAYED = (WEIGHTS, HEAD_WEIGHTS)
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Muon's quintic coefficients
 NEWTON_SCHULZ_STEPS = 5  # fnclass.core.optim.orthogonalize's default
@@ -244,9 +246,9 @@ def twin_step(twin: Twin, config: TrainConfig, images: torch.Tensor, labels: tor
     return loss.detach()
 
 
-def batch_source(config: Config, ds: RunData, key: torch.Tensor, steps_per_epoch: int) -> EpochLoop:
-    """fnclass's epoch loop for a run key, used only for its batches (it is given no step, run or model)."""
-    return EpochLoop(config, ds, key, None, None, None, None, steps_per_epoch)
+def batch_source(config: Config, ds: RunData, key: torch.Tensor) -> PermutedSource:
+    """fnclass's batch source for a run key: ``source(step, epoch, epoch_step) -> (images, labels, key, ...)``."""
+    return PermutedSource(ds, config.data, key, config.train.batch_size)
 
 
 def initial_state(config: Config, ds: RunData, steps_per_epoch: int, device: torch.device) -> TrainState:
@@ -282,8 +284,7 @@ def first_step_difference(config: Config, ds: RunData, initial: TrainState, step
     optimizer = recipe.create_optimizer(config.optim, model.param_labels, steps_per_epoch, config.train.epochs)
     train_step = make_train_step(model, recipe.create_loss(config), optimizer,
                                  channels_last=config.train.channels_last)
-    loop = batch_source(config, ds, initial.key, steps_per_epoch)
-    images, labels, key = loop.step_batch(loop.order(0), 0, 0, 0)
+    images, labels, key = batch_source(config, ds, initial.key)(0, 0, 0)[:3]
     functional, _ = train_step(initial, (images, labels), key)
     twin = build_twin(config, initial.params, initial.state, steps_per_epoch, device)
     twin_step(twin, config.train, images, labels, 0)
@@ -328,24 +329,23 @@ def train_stateful(config: Config, ds: RunData, initial: TrainState, steps_per_e
                    device: torch.device) -> dict:
     """Train the twin from ``initial`` on fnclass's batches; its timings, last-epoch train loss and test metrics."""
     twin = build_twin(config, initial.params, initial.state, steps_per_epoch, device)
-    loop = batch_source(config, ds, initial.key, steps_per_epoch)
+    source = batch_source(config, ds, initial.key)
     compile_seconds = 0.0
     if config.train.compile:  # on the batch fnclass compiles on: the first examples, step -1's key
-        images, labels, _ = loop.step_batch(torch.arange(loop.batch_size, device=device), 0, 0, -1)
+        images, labels = source(-1, 0, 0)[:2]
         compile_seconds = warm_up(twin, config.train, images, labels)
     seconds, step = 0.0, 0
     for epoch in range(config.train.epochs):
-        order = loop.order(epoch)
         loss_sum = torch.zeros((), device=device)
         start = time.perf_counter()
         for epoch_step in range(steps_per_epoch):
-            images, labels, _ = loop.step_batch(order, epoch, epoch_step, step)
+            images, labels = source(step, epoch, epoch_step)[:2]
             loss_sum += twin_step(twin, config.train, images, labels, step)
             step += 1
         synchronize(device)
         seconds += time.perf_counter() - start
     metrics = evaluate_twin(twin, config, ds)
-    return {"train_seconds": seconds, "images_per_second": step * loop.batch_size / seconds,
+    return {"train_seconds": seconds, "images_per_second": step * source.batch_size / seconds,
             "compile_seconds": compile_seconds, "train_loss": float(loss_sum) / steps_per_epoch,
             "test_accuracy": metrics["accuracy"], "test_accuracy_tta": metrics.get("tta_accuracy")}
 

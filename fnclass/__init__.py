@@ -12,12 +12,13 @@ import importlib
 from fnclass._version import __version__
 
 _PUBLIC = {
-    "Checkpoint": "fnclass.run.checkpoint", "load_checkpoint": "fnclass.run.checkpoint", "load_config": "fnclass.config",
-    "Exported": "fnclass.run.export", "load_exported": "fnclass.run.export", "Model": "fnclass.models",
-    "build_model": "fnclass.models", "pretrained": "fnclass.run.zoo", "fold_in": "fnclass.core.random",
-    "key": "fnclass.core.random", "split": "fnclass.core.random",
-    "TrainState": "fnclass.training.step", "create_train_state": "fnclass.training.step", "make_eval_step": "fnclass.training.step",
-    "make_train_step": "fnclass.training.step", "TrainResult": "fnclass.training.program", "train": "fnclass.training.program",
+    "Checkpoint": "fnclass.run.checkpoint", "load_checkpoint": "fnclass.run.checkpoint",
+    "load_config": "fnclass.config", "Exported": "fnclass.run.export", "load_exported": "fnclass.run.export",
+    "Model": "fnclass.models", "build_model": "fnclass.models", "pretrained": "fnclass.run.zoo",
+    "fold_in": "fnclass.core.random", "key": "fnclass.core.random", "split": "fnclass.core.random",
+    "TrainState": "fnclass.training.step", "create_train_state": "fnclass.training.step",
+    "make_eval_step": "fnclass.training.step", "make_train_step": "fnclass.training.step",
+    "TrainResult": "fnclass.training.program", "train": "fnclass.training.program",
 }
 
 

@@ -388,11 +388,6 @@ class Config:
                self.optim.whiten_bias_epochs, "0 unless model.whiten = true (there is no whitening bias to freeze)")
         _check(not self.data.alternate_flips or self.data.flip, "data.alternate_flips", self.data.alternate_flips,
                "false when data.flip = false")
-        _check(not self.train.grad_stats_every or not self.members.active, "train.grad_stats_every",
-               self.train.grad_stats_every, "0 with members (members.seeds or a sweep): analyse one member with "
-               "`fnclass grads`")
-        _check(not self.train.ema_decay or not self.members.active, "train.ema_decay", self.train.ema_decay,
-               "0 with members (members.seeds or a sweep): a run of members does not keep an EMA yet")
         if self.privacy.enabled:
             for key, used, allowed, why in _NOT_PRIVATE:
                 if used(self):

@@ -1,4 +1,5 @@
-"""The epoch loop's batches: mixup/CutMix composed on top of the other augmentations, from the step's keys."""
+"""The epoch loop's batches from the permuted source: mixup/CutMix composed on top of the other augmentations, from
+the step's keys (derived by hand as the source documents)."""
 
 import json
 
@@ -10,9 +11,11 @@ from fnclass.cli import main
 from fnclass.config import load_config
 from fnclass.core import random
 from fnclass.core.augment import augment, mix_batch
+from fnclass.data.batches import MIX, RunData
+from fnclass.data.sources import PermutedSource
 from fnclass.models import resolve_config
-from fnclass.run.directory import RunDirectory
-from fnclass.training.loop import MIX, EpochLoop, RunData
+from fnclass.training.hooks import FiniteCheck
+from fnclass.training.loop import EpochLoop
 from fnclass.training.step import TrainState
 from tests.test_loggers import read_back
 
@@ -40,10 +43,11 @@ def test_mixed_batches_are_mix_batch_of_the_augmented_batch(tmp_path):
     ds = RunData(pixels, labels, pixels, labels, (0.5,) * 3, (0.25,) * 3, mean_t, std_t, tuple("abcdefghij"), tmp_path)
     key, steps_per_epoch, epoch = fnclass.key(3), 4, 0
     recorder = _Recorder()
-    loop = EpochLoop(config, ds, key, recorder, lambda count: 0.0, RunDirectory(tmp_path, config, writes=False),
-                     None, steps_per_epoch)
+    source = PermutedSource(ds, config.data, key, 16)
+    loop = EpochLoop(source, recorder, steps_per_epoch, 16, members=None,
+                     finite=FiniteCheck(config, steps_per_epoch, tmp_path / "last.safetensors", []))
     loop(TrainState(torch.tensor(0), None, None, None, key), epoch, torch.device("cpu"))
-    order = loop.order(epoch)
+    order = random.permutation(random.fold_in(random.split(key)[0], epoch), 64)  # the documented derivation
     flips = random.bernoulli(random.fold_in(random.split(key)[0], -1), 0.5, (64,))  # alternating flips, epoch 0
     for step, (images, targets) in enumerate(recorder.calls):
         # by hand: the step's augmentation key, the usual crop/flip, then the mix from fold_in(key, MIX)

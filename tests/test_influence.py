@@ -1,4 +1,5 @@
-"""Data attribution (fnclass.analysis.influence, `fnclass influence`): TracIn against a naive double loop of single-example
+"""Data attribution (fnclass.analysis.influence, `fnclass influence`): TracIn against a naive double loop of
+single-example
 gradients over the saved checkpoints, the projections against the exact scores, TRAK against its formula, the
 checkpoints a run keeps along the way, and self-influence finding flipped labels in real CIFAR-10 images."""
 
@@ -263,7 +264,7 @@ def test_attribution_covers_exactly_the_images_the_run_trained_on(cifar_dir, tmp
     """The training rows attribution uses equal the training images the run loads (its selection, limit and
     validation hold-out), compared image by image."""
     from fnclass.config import load_config
-    from fnclass.training.loop import load_run_data
+    from fnclass.data.batches import load_run_data
 
     indices = tmp_path / "keep.txt"
     indices.write_text("\n".join(map(str, range(5, 900, 3))) + "\n")

@@ -104,21 +104,15 @@ def _recording(monkeypatch, calls: list):
     from fnclass.training import loop as epoch
 
     monkeypatch.undo()  # one recorder at a time
-    real = epoch.EpochLoop._run_step
+    real = epoch.EpochLoop.__init__
 
-    def run_step(self, *args):
-        inner = self.train_step
-
+    def init(self, source, train_step, *args, **kwargs):
         def recorded(*step_args):
-            out = inner(*step_args)
+            out = train_step(*step_args)
             calls.append((step_args, out))
             return out
-        self.train_step = recorded
-        try:
-            return real(self, *args)
-        finally:
-            self.train_step = inner
-    monkeypatch.setattr(epoch.EpochLoop, "_run_step", run_step)
+        real(self, source, recorded, *args, **kwargs)
+    monkeypatch.setattr(epoch.EpochLoop, "__init__", init)
 
 
 def test_members_looped_on_the_cpu_end_bit_identical_to_their_single_runs(cifar_dir, tmp_path):
@@ -159,7 +153,7 @@ def test_members_get_exactly_the_batches_keys_and_start_of_their_single_runs(cif
     single_step = step_module.make_train_step(model, recipe.create_loss(config), recipe.create_optimizer(
         config.optim, model.param_labels, 4, 2))
     double = functools.partial(tree.tree_map, lambda v: v.double() if v.is_floating_point() else v)
-    for step, ((state, (images, labels), keys, _hyper), (out, _)) in enumerate(members_calls):
+    for step, ((state, (images, labels), keys), (out, _)) in enumerate(members_calls):
         for i in range(3):
             (single_state, (single_images, single_labels), single_key), _ = singles[i][step]
             assert images[i].equal(single_images) and labels[i].equal(single_labels) and keys[i].equal(single_key)
@@ -225,7 +219,7 @@ def test_a_sweep_through_the_cli_groups_its_table_and_summary(cifar_dir, tmp_pat
     (["--sweep", "optim.lrr=0.1"], "optim.lrr is not a config key"),
     (["--sweep", "optim.lr=fast,slow"], "must be numbers"),
     (["--seeds", "3-1"], "--seeds 3-1: expected seeds >= 0"),
-    (["--seeds", "0,0,1", "--set", "train.grad_stats_every=5"], "train.grad_stats_every = 5 is not allowed"),
+    (["--seeds", "0,0,1"], "members.seeds = [0, 0, 1] is not allowed: expected seeds without repeats"),
 ])
 def test_bad_member_options_are_one_line(cifar_dir, tmp_path, args, message):
     one_error_line(["train", "--config", "cpu", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), *args],

@@ -9,10 +9,12 @@ from benchmarks import stateful_twin
 from fnclass import data
 from fnclass.config import load_config
 from fnclass.core import tree
+from fnclass.data.batches import RunData
+from fnclass.data.sources import PermutedSource
 from fnclass.models import resolve_config
-from fnclass.run.directory import RunDirectory
 from fnclass.training import recipe
-from fnclass.training.loop import EpochLoop, RunData
+from fnclass.training.hooks import FiniteCheck
+from fnclass.training.loop import EpochLoop
 from fnclass.training.step import TrainState, create_train_state, make_train_step
 from tests.torch_reference import load_flat, torch_name
 
@@ -95,15 +97,15 @@ def test_twin_batches_are_the_epoch_loops(tmp_path):
     ds = RunData(pixels, labels, pixels, labels, (0.5,) * 3, (0.25,) * 3, mean_t, std_t, tuple("abcdefghij"), tmp_path)
     key, steps_per_epoch, epoch = fnclass.key(3), 4, 1
     recorder = _Recorder()
-    run = RunDirectory(tmp_path, config, writes=False)
-    loop = EpochLoop(config, ds, key, recorder, lambda count: 0.0, run, None, steps_per_epoch)
+    batch_size = config.train.batch_size
+    loop = EpochLoop(PermutedSource(ds, config.data, key, batch_size), recorder, steps_per_epoch, batch_size,
+                     members=None, finite=FiniteCheck(config, steps_per_epoch, tmp_path / "last.safetensors", []))
     start = TrainState(torch.tensor(epoch * steps_per_epoch), None, None, None, key)
     loop(start, epoch, torch.device("cpu"))
-    twin_loop = stateful_twin.batch_source(config, ds, key, steps_per_epoch)
-    order = twin_loop.order(epoch)
+    twin_source = stateful_twin.batch_source(config, ds, key)
     assert len(recorder.calls) == steps_per_epoch
     for epoch_step, ((images, labels), model_key) in enumerate(recorder.calls):
         step = epoch * steps_per_epoch + epoch_step
-        twin_batch = twin_loop.step_batch(order, epoch, epoch_step, step)
+        twin_batch = twin_source(step, epoch, epoch_step)[:3]
         for ours, theirs in zip(twin_batch, (images, labels, model_key), strict=True):
             assert torch.equal(ours, theirs)  # the same code on the same keys: exact

@@ -125,7 +125,7 @@ def load_along(sources: Sequence[str | Path], *, uniform: bool = False) -> list[
 
 def training_rows(ckpt: Checkpoint, labels: torch.Tensor, limit: int | None = None) -> torch.Tensor:
     """The rows of the training split (``labels``: all of it) that ``ckpt``'s run trained on, as
-    :func:`fnclass.training.loop.load_run_data` chose them (``data.train_limit`` or ``data.train_indices``, without the
+    :func:`fnclass.data.batches.load_run_data` chose them (``data.train_limit`` or ``data.train_indices``, without the
     images ``data.val_size`` held out), the first ``limit`` of them."""
     config = ckpt.config.data
     rows = torch.arange(len(labels))
@@ -151,7 +151,8 @@ class Projection:
     """``x -> x @ R``, ``R`` a (P, dim) matrix of N(0, 1/dim) entries drawn from ``key`` block by block.
 
     ``R`` is drawn once and kept when it fits ``cache_bytes`` (default: the memory budget of
-    :func:`fnclass.analysis.gradients.memory_budget`, a quarter of the available RAM or half the free GPU memory); otherwise
+    :func:`fnclass.analysis.gradients.memory_budget`, a quarter of the available RAM or half the free GPU memory);
+    otherwise
     its blocks are drawn again for every chunk. A block is a ``torch.Generator`` stream seeded from
     ``fold_in(key, leaf, block)``, so the same key gives the same matrix on a device type. Apply it to a list of
     per-example gradient leaves, each ``(N, *shape)``.

@@ -1,7 +1,8 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016): the clipped, noised gradient, Poisson batches with
 static shapes, and the privacy accounting.
 
-The gradient drops into :func:`fnclass.training.step.make_train_step` as its ``gradient`` argument: each example's gradient
+The gradient drops into :func:`fnclass.training.step.make_train_step` as its ``gradient`` argument: each example's
+gradient
 (``vmap`` of ``grad``, :mod:`fnclass.core.per_example`) is clipped to ``max_grad_norm``, the clipped gradients are
 summed, Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` is added and the sum is divided
 by the expected batch size; any optimizer transform follows. Batches are Poisson samples (each training example

@@ -1,46 +1,103 @@
-"""The training program: ``train(config, workdir)`` — set up, one call per epoch, finish.
+"""The training program: ``train(config, workdir)`` — set up the run, build its pieces, run the epochs, finish.
 
-Everything random derives from ``train.seed`` and the step number, so a resumed run replays the same batches
-and ends with the same parameters. The pieces: :mod:`fnclass.training.recipe` (what to build), :mod:`fnclass.training.step`
-(the pure step), :mod:`fnclass.training.evaluate` (metrics, TTA) and :mod:`fnclass.run.directory` (every file written).
+One program for one model and for K members (``--seeds``, ``--sweep``): a single run is the one member
+``{"seed": train.seed}`` with an unstacked TrainState; members stack theirs on a leading axis and step together
+(``vmap`` or a loop over the same step), each with the batches and keys of the single run with its seed. What a run
+is made of comes from :mod:`fnclass.training.recipe` (model, optimizer, the step with its wrappers), the batch
+sources (:mod:`fnclass.data.sources`, :mod:`fnclass.privacy.sources`, :mod:`fnclass.distributed.sources`), the
+hooks (:mod:`fnclass.training.hooks`) and the run directory (:mod:`fnclass.run.directory`, every file written).
+Everything random derives from the members' seeds (and, under ``[privacy]``, the run's secret) and the step number,
+so a resumed run replays the same batches and ends with the same parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import statistics
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
 
 from fnclass import data, distributed, privacy
 from fnclass.config import Config
 from fnclass.core import random, tree
+from fnclass.data.batches import RunData, load_run_data, normalized
+from fnclass.data.sources import PermutedSource, Stacked
+from fnclass.distributed.sources import Sharded
 from fnclass.errors import InputError
 from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.models import resolve_config
+from fnclass.privacy.sources import PoissonSource
 from fnclass.run.directory import Reporter, RunDirectory
-from fnclass.training import finetune, recipe
-from fnclass.training.evaluate import evaluate_dataset, split_metrics
-from fnclass.training.loop import (
-    EpochLoop,
-    RunData,
-    TrainingDiverged,
-    TrainingInterrupted,
-    TrainResult,
-    load_run_data,
-    normalized,
-    run_facts,
+from fnclass.training import finetune, members, recipe
+from fnclass.training.evaluate import evaluate_members, split_metrics
+from fnclass.training.hooks import FiniteCheck, GradStats, StepCheckpoint, StepLog, TrainingDiverged
+from fnclass.training.loop import EpochLoop
+from fnclass.training.step import (
+    TrainState,
+    create_train_state,
+    make_eval_step,
+    make_members_step,
+    mean_gradient,
+    start_ema,
 )
-from fnclass.training.members import train_members
-from fnclass.training.step import TrainState, create_train_state, make_eval_step, start_ema
+
+
+class TrainingInterrupted(Exception):
+    """Training was stopped with Ctrl-C; ``last.safetensors`` holds the state at ``step``."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; saved {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns: the final TrainState and the summary (also in ``summary.json``)."""
+
+    train_state: TrainState
+    summary: dict
+
+
+class Setup(NamedTuple):
+    """A run before anything is built: its resolved config, data, device, job, members and privacy plan."""
+
+    config: Config
+    ds: RunData
+    dev: torch.device
+    process: Any  # a data-parallel job's distributed.Process, or None
+    members: list[dict]  # {"seed": ..., swept key: value}; one for a single run
+    stacked: bool  # members' TrainStates stacked on a leading axis (--seeds / --sweep)
+    steps_per_epoch: int
+    privacy_plan: privacy.Plan | None
+    run: RunDirectory
+    resume: bool
+
+
+class Program(NamedTuple):
+    """What :func:`build_program` makes of a :class:`Setup`."""
+
+    train_state: TrainState
+    loop: EpochLoop
+    eval_step: Any
+    schedule: Any
+    lr_scales: list[float]
+    init_source: Any
+    clock: dict
 
 
 def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, device: str = "auto",
           download: bool = True, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train and evaluate a model as ``config`` says, writing the run directory ``workdir``.
+    """Train and evaluate a model (or K members) as ``config`` says, writing the run directory ``workdir``.
 
     The run directory gets ``config.toml`` (resolved), ``metrics.jsonl``, ``summary.json``,
-    ``checkpoints/last.safetensors`` and ``best.safetensors``, and ``plots/curves.png``.
+    ``checkpoints/last.safetensors`` and ``best.safetensors``, and ``plots/curves.png``; with members, stacked
+    checkpoints (every leaf ``(K, ...)``, the members in the metadata), a ``member_epoch`` line per member per
+    epoch, epoch rows whose metrics are the ensemble's (the mean of the members' logits) with the members' spread,
+    ``plots/members.png`` and a summary holding every member.
 
     Args:
       config: the run config (its model defaults are filled in here).
@@ -60,159 +117,303 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         checkpoint stays). Non-finite values are flagged on the device at every step and looked at where the
         loop synchronises anyway: logging steps, checkpoint saves and epoch ends.
     """
+    setup = set_up_run(config, workdir, data_dir=data_dir, device=device, download=download, resume=resume,
+                       reporter=reporter)
+    program = build_program(setup)
+    try:  # the run directory's lock is released however the run ends
+        train_state, summary = run_epochs(setup, program)
+    except KeyboardInterrupt:
+        train_state = interrupted(setup, program)
+        raise TrainingInterrupted(_step_of(train_state), setup.run.last) from None
+    finally:
+        setup.run.close()
+    distributed.finish(setup.process)
+    return TrainResult(train_state, summary)
+
+
+def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool, resume: bool,
+               reporter) -> Setup:
+    """Resolve the config, join a torchrun job, load the data, plan the privacy budget, open the run directory."""
     config = resolve_config(config)
     keep_freed_memory()  # a pure step allocates afresh every step: do not fault that memory in again each time
     process = distributed.from_environment(device)  # a torchrun job: data parallel, rank 0 writes and reports
+    if process is not None and config.members.active:
+        raise InputError("members (--seeds, --sweep) under torchrun are not supported yet: run them in one "
+                         "process, or one run per process with its own --out")
+    if process is not None and config.privacy.enabled:
+        raise InputError("[privacy] under torchrun is not supported yet: train a private model in one process")
     distributed.check_batch(process, config.train.batch_size)
-    if config.members.active:  # K models at once: fnclass.training.members
-        if process is not None:
-            raise InputError("members (--seeds, --sweep) under torchrun are not supported yet: run them in one "
-                             "process, or one run per process with its own --out")
-        return train_members(config, workdir, data_dir=data_dir, device=device, download=download, resume=resume,
-                             reporter=reporter)
     dev = distributed.device_of(process, pick_device(device))
     if process is not None:  # one download, by rank 0, before the others look for the files
         distributed.first_on_rank_zero(process, lambda: data.resolve_data_dir(data_dir or config.data.data_dir,
                                                                               config.data.dataset, download=download))
     config, ds = load_run_data(config, data_dir, download, dev)
-    n_train, batch_size = len(ds.train_images), config.train.batch_size
-    steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: static shapes
+    steps_per_epoch = len(ds.train_images) // config.train.batch_size  # the last partial batch is dropped
     if steps_per_epoch * config.train.epochs < config.train.accumulate_steps:
         raise InputError(f"train.accumulate_steps = {config.train.accumulate_steps} is more than the run's "
                          f"{steps_per_epoch * config.train.epochs} batches: no optimizer step would be taken; lower "
                          "it or train longer")
-    privacy_plan = None
+    plan = None
     if config.privacy.enabled:  # DP-SGD: resolved (noise for the target epsilon) before anything is written
-        if process is not None:
-            raise InputError("[privacy] under torchrun is not supported yet: train a private model in one process")
-        privacy_plan = privacy.plan(config.privacy, n=n_train, batch_size=batch_size,
-                                    steps=steps_per_epoch * config.train.epochs)
+        plan = privacy.plan(config.privacy, n=len(ds.train_images), batch_size=config.train.batch_size,
+                            steps=steps_per_epoch * config.train.epochs)
         # The noise used is recorded in config.toml: a resumed run accounts with it, whatever the accountant does.
         config = dataclasses.replace(config, privacy=dataclasses.replace(
-            config.privacy, noise_multiplier=privacy_plan.noise_multiplier))
+            config.privacy, noise_multiplier=plan.noise_multiplier))
     writes = process is None or process.writes
     run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
-    model, loss_fn = recipe.create_model(config, process=process), recipe.create_loss(config)
-    optimizer = recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch)
-    train_state = create_train_state(model, optimizer, random.key(config.train.seed), ema=bool(config.train.ema_decay),
-                                     loss_scaling=config.train.precision == "fp16")
-    train_state = tree.tree_to(run.restore(train_state) if resume else train_state, dev)
-    start_step, clock = int(train_state.step), {"whitening": 0.0, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
-    init_source = None
-    if config.train.init_from and not resume:  # fine-tuning: the source's weights (and fitted whitening)
+    return Setup(config, ds, dev, process, config.member_list(), config.members.active, steps_per_epoch, plan, run,
+                 resume)
+
+
+def build_program(setup: Setup) -> Program:
+    """The members' initial (or restored) TrainState, the step with its wrappers, the batch source, the hooks."""
+    config, ds, dev, run = setup.config, setup.ds, setup.dev, setup.run
+    model = recipe.create_model(config, process=setup.process)
+    hyper = members.swept_values(setup.members)
+    optimizer_for = functools.partial(recipe.create_run_optimizer, config, model.param_labels, setup.steps_per_epoch)
+    train_state, init_source, whitening = initial_state(setup, model, optimizer_for(members.first(hyper)))
+    secret = None if setup.privacy_plan is None else run.privacy_secret(resume=setup.resume).to(dev)
+    train_step = _train_step(setup, model, optimizer_for, hyper, secret)
+    keys = list(train_state.key) if setup.stacked else [train_state.key]
+    sources = [_source(setup, key, secret) for key in keys]
+    source = Stacked(sources) if setup.stacked else sources[0]
+    source = source if setup.process is None else Sharded(source, setup.process)
+    schedule = recipe.create_batch_schedule(config, setup.steps_per_epoch)
+    lr_scales = [m.get("optim.lr", config.optim.lr) / config.optim.lr for m in setup.members]
+    hooks = [StepLog(config, run, schedule, lr_scales, setup.stacked)]
+    if config.train.grad_stats_every:
+        hooks.append(GradStats(config, ds, model, run, setup.stacked))
+    hooks.append(StepCheckpoint(run, config.checkpoint.every_steps))
+    finite = FiniteCheck(config, setup.steps_per_epoch, run.last, [members.member_name(m) for m in setup.members])
+    loop = EpochLoop(source, train_step, setup.steps_per_epoch, config.train.batch_size,
+                     members=len(setup.members) if setup.stacked else None, finite=finite, hooks=tuple(hooks))
+    eval_step = make_eval_step(model, compile=config.train.compile, precision=config.train.precision,
+                               channels_last=config.train.channels_last)
+    clock = {"whitening": whitening, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
+    return Program(train_state, loop, eval_step, schedule, lr_scales, init_source, clock)
+
+
+def initial_state(setup: Setup, model, optimizer) -> tuple[TrainState, Any, float]:
+    """Every member's TrainState from its seed (stacked with members), fitted to the data or started from
+    ``train.init_from``, or the run directory's last checkpoint on resume; also the fine-tuning source's record and
+    the seconds the data-dependent init took."""
+    config, dev = setup.config, setup.dev
+    states = [create_train_state(model, optimizer, random.key(m["seed"]), ema=bool(config.train.ema_decay),
+                                 loss_scaling=config.train.precision == "fp16") for m in setup.members]
+    if setup.resume:
+        skeleton = tree.tree_stack(states) if setup.stacked else states[0]
+        return tree.tree_to(setup.run.restore(skeleton), dev), None, 0.0
+    states, init_source, seconds = [tree.tree_to(s, dev) for s in states], None, 0.0
+    if config.train.init_from:  # fine-tuning: the source's weights (and fitted whitening), heads from each key
         source = finetune.load_source(config.train.init_from)
-        train_state, init_source = finetune.init_from(train_state, model, optimizer, source,
-                                                      path=config.train.init_from,
-                                                      input_size=tuple(ds.train_images.shape[1:3]))
-    elif model.data_init is not None and not resume:
+        starts = [finetune.init_from(s, model, optimizer, source, path=config.train.init_from,
+                                     input_size=tuple(setup.ds.train_images.shape[1:3])) for s in states]
+        states, init_source = [s for s, _ in starts], starts[0][1]
+    elif model.data_init is not None:
         tick = time.perf_counter()
-        normalize = lambda images: normalized(ds, images)
-        train_state = train_state._replace(state=model.data_init(train_state.state, ds.train_images, normalize))
-        train_state = start_ema(train_state) if train_state.ema is not None else train_state  # the fitted state
+        normalize = lambda images: normalized(setup.ds, images)
+        states = [s._replace(state=model.data_init(s.state, setup.ds.train_images, normalize)) for s in states]
+        states = [start_ema(s) if s.ema is not None else s for s in states]  # the EMA starts from the fitted state
         synchronize(dev)
-        clock["whitening"] = time.perf_counter() - tick
-    options = dict(compile=config.train.compile, precision=config.train.precision,
-                   channels_last=config.train.channels_last)
-    secret = None if privacy_plan is None else run.privacy_secret(resume=resume).to(dev)
-    gradient = {} if privacy_plan is None else dict(gradient=privacy.clipped_noisy_gradient(
-        privacy_plan.max_grad_norm, privacy_plan.noise_multiplier, privacy_plan.expected_batch_size,
-        chunk_size=config.privacy.chunk_size, copies=privacy_plan.augmult, secret=secret))
-    train_step = recipe.create_train_step(config, model, loss_fn, optimizer, process=process, **gradient)
-    eval_step = make_eval_step(model, **options)
-    schedule = recipe.create_batch_schedule(config, steps_per_epoch)
-    epoch_loop = EpochLoop(config, ds, train_state.key, train_step, schedule, run, model, steps_per_epoch,
-                           process=process, privacy_plan=privacy_plan, privacy_secret=secret)
-    run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
-              input_size=tuple(ds.train_images.shape[1:3]),
-              info={"device": str(dev), "data_dir": str(ds.folder), "train_images": n_train,
-                    "test_images": len(ds.test_images), "steps_per_epoch": steps_per_epoch,
-                    "selection_split": ds.selection_split,
-                    "val_images": 0 if ds.val_images is None else len(ds.val_images),
-                    "total_steps": steps_per_epoch * config.train.epochs,
-                    "num_params": tree.num_params(train_state.params), "start_step": start_step,
-                    "processes": process.world_size if process else 1,
-                    "privacy": privacy_plan._asdict() if privacy_plan else None,
-                    "init_from": init_source._asdict() if init_source else None,
-                    "resumed_from": str(run.resumed_from) if resume else None, "rejected_checkpoints": run.rejected})
-    try:  # the run directory's lock is released however the run ends
-        if config.train.compile:
-            clock["compile"] = epoch_loop.compile(train_state, dev)
-        best, last_eval = run.best_accuracy(), None
-        tta = (1 + config.train.tta_translate) if config.train.tta else 0
-        split = ds.selection_split  # evaluated every epoch; "best" is chosen on it
-        split_tta = tta if split == "test" else 0  # with a validation split, TTA is for the one test evaluation
-        first_epoch, progress = epoch_loop.first_epoch(start_step), run.progress
-        for epoch in range(first_epoch, config.train.epochs):
-            train_state, seconds, train_metrics = epoch_loop(train_state, epoch, dev, progress)
-            progress = None  # only the epoch a run resumes in started before this process
-            clock["train"] += seconds
-            final = epoch + 1 == config.train.epochs
-            tick = time.perf_counter()
-            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta if final else 0, process)
-            clock["final_eval"] = time.perf_counter() - tick  # evaluate_dataset ends with .item(): synchronised
-            lr = float(schedule(train_state.step - 1))
-            row = _epoch_row(train_state, epoch, train_metrics, last_eval, lr, seconds)
-            if privacy_plan is not None:  # the budget spent so far, by the accountant (null: no noise, no privacy)
-                row["epsilon"] = _finite(privacy.epsilon(privacy_plan, int(train_state.step)))
-            mean_lr = recipe.interval_learning_rate(config, schedule, epoch + 1, int(train_state.step),
-                                                    steps_per_epoch)
-            run.end_epoch(row, train_state, best=best is None or row[run.selection] > best, learning_rate=mean_lr)
-            best = row[run.selection] if best is None else max(best, row[run.selection])
-        if last_eval is None:  # resumed a finished run: evaluate what is there
-            last_eval = _evaluate(eval_step, train_state, ds, config, split, split_tta, process)
-            best = max(best or 0.0, last_eval[run.selection])
+        seconds = time.perf_counter() - tick
+    return (tree.tree_stack(states) if setup.stacked else states[0]), init_source, seconds
+
+
+def _train_step(setup: Setup, model, optimizer_for, hyper: dict, secret):
+    """``step(train_state, batch, key)``: the recipe's step, or the members' (vmapped or looped) over theirs."""
+    config, plan = setup.config, setup.privacy_plan
+    strategy = config.members.strategy
+    if strategy == "auto":
+        strategy = "vmap" if setup.dev.type == "cuda" else "loop"
+    vmapped = setup.stacked and strategy == "vmap"
+
+    def gradient():
+        if plan is None:
+            return functools.partial(mean_gradient, transformable=vmapped)
+        return privacy.clipped_noisy_gradient(plan.max_grad_norm, plan.noise_multiplier, plan.expected_batch_size,
+                                              chunk_size=config.privacy.chunk_size, copies=plan.augmult,
+                                              secret=secret, skip_padding=not vmapped)
+
+    def build_step(member_hyper: dict):
+        # Under vmap: torch.func's gradient, and no memory-format requests (vmap refuses them); compiled as a
+        # whole below. In a loop (and a single run): the single run's own step, compiled when asked.
+        return recipe.create_train_step(config, model, recipe.create_loss(config, member_hyper),
+                                        optimizer_for(member_hyper), gradient=gradient(), process=setup.process,
+                                        channels_last=config.train.channels_last and not vmapped,
+                                        compile=config.train.compile and not vmapped)
+
+    if not setup.stacked:
+        return build_step({})
+    step = make_members_step(build_step, compile=config.train.compile and vmapped,
+                             chunk_size=config.members.per_pass or None, strategy=strategy)
+    on_device = {name: values.to(setup.dev) for name, values in hyper.items()}
+    return lambda train_state, batch, keys: step(train_state, batch, keys, on_device)
+
+
+def _source(setup: Setup, key: torch.Tensor, secret):
+    """One member's batch source: Poisson batches under ``[privacy]``, a permutation per epoch otherwise."""
+    plan, config = setup.privacy_plan, setup.config
+    if plan is not None and plan.poisson_sampling:
+        return PoissonSource(setup.ds, config.data, key, plan, secret)
+    return PermutedSource(setup.ds, config.data, key, config.train.batch_size,
+                          copies=plan.augmult if plan is not None else 1)
+
+
+def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
+    """The epochs left: train, evaluate, log the row, save (``best`` on the selection split); then the summary."""
+    config, run, loop, clock = setup.config, setup.run, program.loop, program.clock
+    train_state, start_step = program.train_state, _step_of(program.train_state)
+    _start(setup, program, start_step)
+    if config.train.compile:
+        clock["compile"] = loop.compile(train_state, setup.dev)
+    best, evaluation = run.best_accuracy(), None
+    split, progress = setup.ds.selection_split, run.progress  # the split evaluated every epoch; "best" chosen on it
+    for epoch in range(loop.first_epoch(start_step, run.has_epoch_row), config.train.epochs):
+        train_state, seconds, train_metrics = loop(train_state, epoch, setup.dev, progress)
+        progress = None  # only the epoch a run resumes in started before this process
+        clock["train"] += seconds
         tick = time.perf_counter()
-        test_eval = last_eval if split == "test" else _evaluate(eval_step, train_state, ds, config, "test", tta,
-                                                                      process)
-        clock["final_eval"] += time.perf_counter() - tick
-        summary = _summary(config, train_state, last_eval, test_eval, split, best, clock, epoch_loop.images_seen,
-                           start_step, dev, ds, run)
-        if privacy_plan is not None:
-            summary["privacy"] = privacy_summary(privacy_plan, int(train_state.step), run.epoch_rows())
-        run.finish(summary)
-    except KeyboardInterrupt:
-        if epoch_loop.latest is not None:
-            epoch_loop.check_finite()  # a state after a non-finite step is never saved
-            train_state = epoch_loop.latest  # the state after the last finished step
-        run.save(train_state, epoch_loop.progress())
-        raise TrainingInterrupted(int(train_state.step), run.last) from None
-    finally:
-        run.close()
-    distributed.finish(process)
-    return TrainResult(train_state, summary)
+        evaluation = evaluate(setup, program, train_state, split, final=epoch + 1 == config.train.epochs)
+        clock["final_eval"] = time.perf_counter() - tick  # evaluation ends with .item(): synchronised
+        row = epoch_row(setup, program, train_state, epoch, train_metrics, evaluation, split, seconds)
+        mean_lr = recipe.interval_learning_rate(config, program.schedule, epoch + 1, _step_of(train_state),
+                                                setup.steps_per_epoch)
+        learning_rate = [mean_lr * scale for scale in program.lr_scales] if setup.stacked else mean_lr
+        run.end_epoch(row, train_state, best=best is None or row[run.selection] > best, learning_rate=learning_rate)
+        best = row[run.selection] if best is None else max(best, row[run.selection])
+    if evaluation is None:  # resumed a finished run: evaluate what is there
+        evaluation = evaluate(setup, program, train_state, split, final=True)
+        best = max(best or 0.0, _scores(evaluation, split)[run.selection])
+    tick = time.perf_counter()
+    test = evaluation if split == "test" else evaluate(setup, program, train_state, "test", final=True)
+    clock["final_eval"] += time.perf_counter() - tick
+    summary = make_summary(setup, program, train_state, evaluation, test, split, best, start_step)
+    if setup.stacked:
+        members.plot_members(run, setup.members)
+    run.finish(summary)
+    return train_state, summary
 
 
-def _evaluate(eval_step, train_state: TrainState, ds: RunData, config: Config, split: str, tta: int,
-              process=None) -> dict:
-    """The metrics of the ``"val"`` or ``"test"`` split under their row names (``val_accuracy``, ...), and the
-    EMA weights' beside them (``ema_val_accuracy``, ...) when the run keeps an EMA."""
-    images, labels = ds.split(split)
-    weights = {split: (train_state.params, train_state.state)}
+def _start(setup: Setup, program: Program, start_step: int) -> None:
+    """The run directory's config, header and ``run`` line: what the run is about to do."""
+    ds, config, plan = setup.ds, setup.config, setup.privacy_plan
+    params = tree.num_params(program.train_state.params) // len(setup.members)
+    info = {"device": str(setup.dev), "data_dir": str(ds.folder), "train_images": len(ds.train_images),
+            "test_images": len(ds.test_images), "steps_per_epoch": setup.steps_per_epoch,
+            "selection_split": ds.selection_split, "val_images": 0 if ds.val_images is None else len(ds.val_images),
+            "total_steps": setup.steps_per_epoch * config.train.epochs, "num_params": params,
+            "start_step": start_step, "processes": setup.process.world_size if setup.process else 1,
+            **({"members": setup.members} if setup.stacked else {}),
+            "privacy": plan._asdict() if plan else None,
+            "init_from": program.init_source._asdict() if program.init_source else None,
+            "resumed_from": str(setup.run.resumed_from) if setup.resume else None,
+            "rejected_checkpoints": setup.run.rejected}
+    setup.run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
+                    input_size=tuple(ds.train_images.shape[1:3]),
+                    **({"members": setup.members} if setup.stacked else {}), info=info)
+
+
+def evaluate(setup: Setup, program: Program, train_state: TrainState, split: str, *, final: bool) -> dict:
+    """Every member's metrics of the ``"val"`` or ``"test"`` split and their ensemble's (the mean of their logits;
+    one member's own), for the raw weights (``""``) and, with an EMA, the EMA weights (``"ema_"``). TTA only when
+    ``final`` and on the split it is reported for (the test split)."""
+    config = setup.config
+    tta = (1 + config.train.tta_translate) if config.train.tta and final and split == "test" else 0
+    images, labels = setup.ds.split(split)
+    weights = {"": (train_state.params, train_state.state)}
     if train_state.ema is not None:
-        weights[f"ema_{split}"] = (train_state.ema["params"], train_state.ema["state"])
-    named = {}
+        weights["ema_"] = (train_state.ema["params"], train_state.ema["state"])
+    evaluation = {}
     for prefix, (params, state) in weights.items():
-        result = evaluate_dataset(eval_step, params, state, images, labels, mean=ds.mean_t, std=ds.std_t,
-                                  batch_size=config.train.eval_batch_size, tta=tta, process=process)
-        named.update(split_metrics(result, prefix))
-        named[prefix.replace(split, "per_class_accuracy")] = result["per_class_accuracy"]
+        models = (list(zip(tree.tree_unstack(params), tree.tree_unstack(state))) if setup.stacked
+                  else [(params, state)])
+        result = evaluate_members(program.eval_step, models, images, labels, mean=setup.ds.mean_t,
+                                  std=setup.ds.std_t, batch_size=config.train.eval_batch_size, tta=tta,
+                                  process=setup.process)
+        if result["ensemble"] is None:  # one member: its own logits are the ensemble's
+            result["ensemble"] = result["members"][0]
+        evaluation[prefix] = result
+    return evaluation
+
+
+def _scores(evaluation: dict, split: str) -> dict:
+    """The ensemble's (a single run's) metrics under their row names: ``val_accuracy``, ``ema_val_accuracy``, ...,
+    and the per-class accuracies as ``per_class_accuracy`` / ``ema_per_class_accuracy``."""
+    named = {}
+    for prefix, result in evaluation.items():
+        named.update(split_metrics(result["ensemble"], prefix + split))
+        named[prefix + "per_class_accuracy"] = result["ensemble"]["per_class_accuracy"]
     return named
 
 
-def _epoch_row(train_state: TrainState, epoch: int, train_metrics: dict, result: dict, lr: float,
-               seconds: float) -> dict:
-    """The metrics.jsonl row of an epoch (its evaluation is of the split "best" is chosen on)."""
-    scores = {name: value for name, value in result.items() if "per_class" not in name}
-    return {"kind": "epoch", "step": int(train_state.step), "epoch": epoch + 1, "train_loss": train_metrics["loss"],
-            "train_accuracy": train_metrics["accuracy"], **scores, "lr": lr,
-            "seconds": seconds, "images_per_second": train_metrics["images_per_second"],
-            "skipped_steps": train_metrics["skipped_steps"],
-            **({"poisson_overflow": train_metrics["poisson_overflow"]} if "poisson_overflow" in train_metrics else {})}
+def epoch_row(setup: Setup, program: Program, train_state: TrainState, epoch: int, train_metrics: dict,
+              evaluation: dict, split: str, seconds: float) -> dict:
+    """The metrics.jsonl row of an epoch (its evaluation is of the split "best" is chosen on); with members, the
+    ensemble's metrics, the members' spread and a ``member_epoch`` line each (logged here)."""
+    step, lr = _step_of(train_state), float(program.schedule(_step_of(train_state) - 1))
+    mean = lambda values: statistics.fmean(values) if isinstance(values, list) else values
+    total = lambda values: sum(values) if isinstance(values, list) else values
+    row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": mean(train_metrics["loss"]),
+           "train_accuracy": mean(train_metrics["accuracy"]),
+           **{name: value for name, value in _scores(evaluation, split).items() if "per_class" not in name},
+           "lr": lr, "seconds": seconds, "images_per_second": train_metrics["images_per_second"],
+           "skipped_steps": total(train_metrics["skipped_steps"])}
+    if "poisson_overflow" in train_metrics:
+        row["poisson_overflow"] = total(train_metrics["poisson_overflow"])
+    if setup.privacy_plan is not None:  # the budget spent so far, by the accountant (null: no noise, no privacy)
+        row["epsilon"] = _finite(privacy.epsilon(setup.privacy_plan, step))
+    if setup.stacked:
+        for member_row in members.member_rows(setup.members, epoch, train_state, train_metrics, evaluation, split,
+                                              lr, program.lr_scales):
+            setup.run.log(member_row)
+        row.update(members.epoch_spread(setup.members, evaluation, split))
+    return row
 
 
-def _finite(value: float) -> float | None:
-    """``value``, or None (JSON null) when it is infinite."""
-    return value if math.isfinite(value) else None
+def make_summary(setup: Setup, program: Program, train_state: TrainState, evaluation: dict, test: dict, split: str,
+                 best, start_step: int) -> dict:
+    """summary.json: the test split's metrics (the ensemble's; evaluated once, at the end, with a validation split),
+    the facts of the run, the privacy guarantee, and with members every member and their spread."""
+    ds, run = setup.ds, setup.run
+    scores = lambda named: {name: value for name, value in named.items() if "per_class" not in name}
+    test_scores = _scores(test, "test")
+    summary = {**scores(test_scores), "selection": run.selection, f"best_{run.selection}": best,
+               **(scores(_scores(evaluation, "val")) if split == "val" else {})}
+    if setup.stacked:
+        summary["ensemble_test_accuracy"] = test[""]["ensemble"]["accuracy"]
+    summary.update(run_facts(setup, program.clock, program.loop.images_seen, _step_of(train_state), start_step,
+                             tree.num_params(train_state.params) // len(setup.members)))
+    for name in ("per_class_accuracy", "ema_per_class_accuracy"):
+        if name in test_scores:
+            summary[name] = dict(zip(ds.classes, test_scores[name]))
+    if setup.stacked:
+        summary.update(members.summary_members(setup.members, evaluation, test, split))
+    if setup.privacy_plan is not None:
+        summary["privacy"] = privacy_summary(setup.privacy_plan, _step_of(train_state), run.epoch_rows())
+    return summary
+
+
+def run_facts(setup: Setup, clock: dict, images_seen: int, steps: int, start_step: int, num_params: int) -> dict:
+    """The summary.json fields of every run: timings, steps, resume, device, versions, data."""
+    from fnclass._version import __version__
+    from fnclass.io import device_name
+
+    config, ds, run = setup.config, setup.ds, setup.run
+    seeds = [m["seed"] for m in setup.members]
+    return {
+        "train_seconds": clock["train"], "compile_seconds": clock["compile"], "whitening_seconds": clock["whitening"],
+        "final_eval_seconds": clock["final_eval"],
+        "images_per_second": images_seen / clock["train"] if clock["train"] else None,
+        "steps": steps, "epochs": config.train.epochs, "resumed_from_step": start_step or None,
+        "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
+        "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
+        "nan_policy": config.train.nan_policy, "init_from": config.train.init_from,
+        "device": device_name(setup.dev), "torch_version": torch.__version__, "fnclass_version": __version__,
+        "seed": seeds if setup.stacked else seeds[0], "num_params": num_params, "model": config.model.name,
+        "data_dir": str(ds.folder), "train_images": len(ds.train_images), "test_images": len(ds.test_images),
+        "val_images": 0 if ds.val_images is None else len(ds.val_images), "run_dir": str(run.path),
+    }
 
 
 def privacy_summary(plan: privacy.Plan, steps: int, rows: list[dict]) -> dict:
@@ -222,19 +423,24 @@ def privacy_summary(plan: privacy.Plan, steps: int, rows: list[dict]) -> dict:
             "poisson_overflow": sum(row.get("poisson_overflow", 0) for row in rows)}
 
 
-def _summary(config: Config, train_state: TrainState, result: dict, test_result: dict, split: str, best,
-             clock: dict, images_seen: int, start_step: int, dev, ds: RunData, run: RunDirectory) -> dict:
-    """The summary.json contents: the test split's metrics (evaluated once, at the end, with a validation split)."""
-    scores = lambda named: {name: value for name, value in named.items() if "per_class" not in name}
-    summary = {**scores(test_result), "selection": run.selection, f"best_{run.selection}": best,
-               **(scores(result) if split == "val" else {}),
-               **run_facts(config, clock=clock, images_seen=images_seen, steps=int(train_state.step),
-                           start_step=start_step, dev=dev, ds=ds, run=run, seed=config.train.seed,
-                           num_params=tree.num_params(train_state.params))}
-    for name in ("per_class_accuracy", "ema_per_class_accuracy"):
-        if name in test_result:
-            summary[name] = dict(zip(ds.classes, test_result[name]))
-    return summary
+def interrupted(setup: Setup, program: Program) -> TrainState:
+    """On Ctrl-C: the state after the last finished step (never one after a non-finite step), saved."""
+    loop, train_state = program.loop, program.train_state
+    if loop.latest is not None:
+        loop.finite.check()
+        train_state = loop.latest
+    setup.run.save(train_state, loop.progress())
+    return train_state
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None (JSON null) when it is infinite."""
+    return value if math.isfinite(value) else None
+
+
+def _step_of(train_state: TrainState) -> int:
+    """The step count of a TrainState (of its first member when stacked: members step together)."""
+    return int(train_state.step.reshape(-1)[0])
 
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "train"]
