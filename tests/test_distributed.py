@@ -207,12 +207,12 @@ def _csv(path) -> list[dict]:
 
 @pytest.mark.parametrize("method", ["el2n", "grand"])
 def test_scores_over_two_processes_equal_one_process(cifar_dir, along_run, tmp_path, method):
-    """`fnclass grads --score` sharded over 2 processes (128 + 128 images, chunks of 32 in both runs): scores.csv,
+    """`fnclass grads --score` sharded over 2 processes (128 + 127 images, chunks of 32 in both runs): scores.csv,
     scores.json and kept_indices.txt equal one process's. An example's score is computed from that example alone,
     so only a kernel's summation order can differ: over an image's 32 x 32 positions for EL2N, over the P squared
     gradient entries for GraNd."""
     checkpoint = along_run / "checkpoints/last.safetensors"
-    args = lambda name: ["grads", str(checkpoint), "--data-dir", str(cifar_dir), "--limit", "256", "--chunk-size",
+    args = lambda name: ["grads", str(checkpoint), "--data-dir", str(cifar_dir), "--limit", "255", "--chunk-size",
                          "32", "--score", method, "--keep-fraction", "0.3", "--out", str(tmp_path / name), "--json"]
     summary_one, summary_two = _one_and_two(args)
     assert (summary_one["processes"], summary_two["processes"]) == (1, 2)
@@ -233,33 +233,33 @@ def test_scores_over_two_processes_equal_one_process(cifar_dir, along_run, tmp_p
     kept_one = {int(i) for i in (tmp_path / "one/kept_indices.txt").read_text().split()}
     kept_two = {int(i) for i in (tmp_path / "two/kept_indices.txt").read_text().split()}
     threshold = float(np.sort(scores_one)[::-1][len(kept_one) - 1])  # the lowest score kept
-    assert len(kept_one) == len(kept_two) == 77  # ceil(0.3 x 256)
+    assert len(kept_one) == len(kept_two) == 77  # ceil(0.3 x 255)
     assert all(abs(scores_one[i] - threshold) <= 2 * tolerance for i in kept_one ^ kept_two)  # near ties only
 
 
 @pytest.mark.parametrize("mode", ["tracin", "self", "trak"])
 def test_influence_over_two_processes_equal_one_process(cifar_dir, along_run, tmp_path, mode):
-    """`fnclass influence` over the run's 2 checkpoints, sharded over 2 processes (128 + 128 training rows, chunks
+    """`fnclass influence` over the run's 2 checkpoints, sharded over 2 processes (128 + 127 training rows, chunks
     of 32 in both runs): scores.npy and the CSV rankings equal one process's.
 
     Tolerances: TracIn's columns and the self-influences are each computed on one process, from the same chunks,
-    so only a kernel's order over the P gradient entries can differ. TRAK's Phi^T Phi is a sum over the 256
-    training rows split across the processes, reordered (in float64, then the scores rounded to float32): 256
+    so only a kernel's order over the P gradient entries can differ. TRAK's Phi^T Phi is a sum over the 255
+    training rows split across the processes, reordered (in float64, then the scores rounded to float32): 255
     terms."""
     extra = {"tracin": ["--test-indices", "0-7"], "self": ["--self"],
              "trak": ["--method", "trak", "--proj-dim", "64", "--test-indices", "0-7"]}[mode]
-    args = lambda name: ["influence", str(along_run), "--data-dir", str(cifar_dir), "--train-limit", "256",
+    args = lambda name: ["influence", str(along_run), "--data-dir", str(cifar_dir), "--train-limit", "255",
                          "--chunk-size", "32", *extra, "--out", str(tmp_path / name), "--json"]
     report_one, report_two = _one_and_two(args)
     assert (report_one["processes"], report_two["processes"]) == (1, 2)
-    assert report_two["models"] == report_one["models"] == 2 and report_two["train_examples"] == 256
-    length = 256 if mode == "trak" else _num_params(along_run)
+    assert report_two["models"] == report_one["models"] == 2 and report_two["train_examples"] == 255
+    length = 255 if mode == "trak" else _num_params(along_run)
     if mode == "self":
         rows_one = _csv(tmp_path / "one/self_influence.csv")
         rows_two = _csv(tmp_path / "two/self_influence.csv")
         scores_one = {r["index"]: float(r["score"]) for r in rows_one}
         scores_two = {r["index"]: float(r["score"]) for r in rows_two}
-        assert sorted(scores_two) == sorted(scores_one) and len(scores_one) == 256
+        assert sorted(scores_two) == sorted(scores_one) and len(scores_one) == 255
         indices = sorted(scores_one)
         _close(np.array([scores_one[i] for i in indices]), np.array([scores_two[i] for i in indices]), length)
         tolerance = 2 * length * EPS * max(abs(v) for v in scores_one.values())
@@ -268,7 +268,7 @@ def test_influence_over_two_processes_equal_one_process(cifar_dir, along_run, tm
     load = lambda name, what: np.load(tmp_path / name / what, allow_pickle=False)
     assert (load("two", "train_indices.npy") == load("one", "train_indices.npy")).all()
     scores_one, scores_two = load("one", "scores.npy"), load("two", "scores.npy")
-    assert scores_one.shape == (8, 256)
+    assert scores_one.shape == (8, 255)
     _close(scores_one, scores_two, length)
     tolerance = 2 * length * EPS * float(np.abs(scores_one).max())
     rows_one, rows_two = _csv(tmp_path / "one/influence.csv"), _csv(tmp_path / "two/influence.csv")
