@@ -1,15 +1,20 @@
 """Data parallelism with torchrun on the CPU (Gloo), in real processes: the same training as one process at the
-same global batch, one writer, resume across world sizes, a dead process, a refused batch size."""
+same global batch, one writer, resume across world sizes, a dead process, a refused batch size; the analyses
+(gradients, scores, attribution) sharded over the processes equal to one process."""
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
+import torch
 
+from fnclass.core import tree
 from fnclass.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +151,133 @@ def test_grads_over_two_processes_equal_one_process(cifar_dir, tmp_path):
     assert len(rows_two) == 102 and [r.split(",")[:3] for r in rows_two] == [r.split(",")[:3] for r in rows_one]
     for a, b in zip(rows_one[1:], rows_two[1:]):
         assert [float(x) for x in a.split(",")[3:]] == pytest.approx([float(x) for x in b.split(",")[3:]], rel=1e-4)
+
+
+EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def along_run(cifar_dir, tmp_path_factory):
+    """A small run that keeps its two epoch-end checkpoints (what TracIn sums over), 512 training images."""
+    out = tmp_path_factory.mktemp("along") / "run"
+    result = fnclass(*_train_args(cifar_dir, out, [*SMALL, "checkpoint.every_epochs=1"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _num_params(run) -> int:
+    return tree.num_params(load_checkpoint(run / "checkpoints/last.safetensors").params)
+
+
+def _one_and_two(args):
+    """``fnclass ARGS(one)`` in one process and ``torchrun --nproc-per-node 2 -m fnclass ARGS(two)``, with --json:
+    both succeed and only rank 0 prints the report (one line)."""
+    one, two = fnclass(*args("one")), torchrun("-m", "fnclass", *args("two"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(two.stdout.strip().splitlines()) == 1, two.stdout[-3000:]
+    return json.loads(one.stdout), json.loads(two.stdout)
+
+
+def _close(one: np.ndarray, two: np.ndarray, length: int) -> None:
+    """Equal up to float32 rounding of a reduction of ``length`` terms, relative to the largest value: each run is
+    within ``length x eps x scale`` of the exact value (the standard bound for a sum), so within twice that of the
+    other whatever order each summed in."""
+    assert one.shape == two.shape
+    tolerance = 2 * length * EPS * float(np.abs(one).max())
+    assert float(np.abs(one - two).max()) <= tolerance, (float(np.abs(one - two).max()), tolerance)
+
+
+def _same_ranking(one: list[dict], two: list[dict], index: str, score_of: dict, tolerance: float) -> None:
+    """Two rankings (CSV rows, best first) list the same examples at each rank, or two whose one-process scores are
+    within ``tolerance`` (a near tie that rounding may order either way), with scores within ``tolerance``."""
+    assert len(one) == len(two) > 0
+    for a, b in zip(one, two):
+        assert abs(float(a["score"]) - float(b["score"])) <= tolerance, (a, b)
+        if a[index] != b[index]:
+            assert abs(score_of[a[index]] - score_of[b[index]]) <= 2 * tolerance, (a, b)
+        else:
+            assert {k: v for k, v in a.items() if k != "score"} == {k: v for k, v in b.items() if k != "score"}
+
+
+def _csv(path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.parametrize("method", ["el2n", "grand"])
+def test_scores_over_two_processes_equal_one_process(cifar_dir, along_run, tmp_path, method):
+    """`fnclass grads --score` sharded over 2 processes (128 + 127 images, chunks of 32 in both runs): scores.csv,
+    scores.json and kept_indices.txt equal one process's. An example's score is computed from that example alone,
+    so only a kernel's summation order can differ: over an image's 32 x 32 positions for EL2N, over the P squared
+    gradient entries for GraNd."""
+    checkpoint = along_run / "checkpoints/last.safetensors"
+    args = lambda name: ["grads", str(checkpoint), "--data-dir", str(cifar_dir), "--limit", "255", "--chunk-size",
+                         "32", "--score", method, "--keep-fraction", "0.3", "--out", str(tmp_path / name), "--json"]
+    summary_one, summary_two = _one_and_two(args)
+    assert (summary_one["processes"], summary_two["processes"]) == (1, 2)
+    assert summary_two == json.loads((tmp_path / "two/scores.json").read_text())  # rank 0 wrote what it printed
+    for key in ("method", "num_examples", "members", "kept", "chunk_size"):
+        assert summary_two[key] == summary_one[key], key
+    rows_one, rows_two = _csv(tmp_path / "one/scores.csv"), _csv(tmp_path / "two/scores.csv")
+    assert [(r["index"], r["label"]) for r in rows_two] == [(r["index"], r["label"]) for r in rows_one]
+    scores_one = np.array([float(r["score"]) for r in rows_one])
+    scores_two = np.array([float(r["score"]) for r in rows_two])
+    length = 32 * 32 if method == "el2n" else _num_params(along_run)
+    _close(scores_one, scores_two, length)
+    tolerance = 2 * length * EPS * float(np.abs(scores_one).max())
+    assert summary_two["mean_score"] == pytest.approx(summary_one["mean_score"], abs=tolerance)
+    score_of = {str(i): float(s) for i, s in enumerate(scores_one)}
+    top = lambda summary: [{"index": str(r["index"]), "score": r["score"]} for r in summary["top"]]
+    _same_ranking(top(summary_one), top(summary_two), "index", score_of, tolerance)
+    kept_one = {int(i) for i in (tmp_path / "one/kept_indices.txt").read_text().split()}
+    kept_two = {int(i) for i in (tmp_path / "two/kept_indices.txt").read_text().split()}
+    threshold = float(np.sort(scores_one)[::-1][len(kept_one) - 1])  # the lowest score kept
+    assert len(kept_one) == len(kept_two) == 77  # ceil(0.3 x 255)
+    assert all(abs(scores_one[i] - threshold) <= 2 * tolerance for i in kept_one ^ kept_two)  # near ties only
+
+
+@pytest.mark.parametrize("mode", ["tracin", "self", "trak"])
+def test_influence_over_two_processes_equal_one_process(cifar_dir, along_run, tmp_path, mode):
+    """`fnclass influence` over the run's 2 checkpoints, sharded over 2 processes (128 + 127 training rows, chunks
+    of 32 in both runs): scores.npy and the CSV rankings equal one process's.
+
+    Tolerances: TracIn's columns and the self-influences are each computed on one process, from the same chunks,
+    so only a kernel's order over the P gradient entries can differ. TRAK's Phi^T Phi is a sum over the 255
+    training rows split across the processes, reordered (in float64, then the scores rounded to float32): 255
+    terms."""
+    extra = {"tracin": ["--test-indices", "0-7"], "self": ["--self"],
+             "trak": ["--method", "trak", "--proj-dim", "64", "--test-indices", "0-7"]}[mode]
+    args = lambda name: ["influence", str(along_run), "--data-dir", str(cifar_dir), "--train-limit", "255",
+                         "--chunk-size", "32", *extra, "--out", str(tmp_path / name), "--json"]
+    report_one, report_two = _one_and_two(args)
+    assert (report_one["processes"], report_two["processes"]) == (1, 2)
+    assert report_two["models"] == report_one["models"] == 2 and report_two["train_examples"] == 255
+    length = 255 if mode == "trak" else _num_params(along_run)
+    if mode == "self":
+        rows_one = _csv(tmp_path / "one/self_influence.csv")
+        rows_two = _csv(tmp_path / "two/self_influence.csv")
+        scores_one = {r["index"]: float(r["score"]) for r in rows_one}
+        scores_two = {r["index"]: float(r["score"]) for r in rows_two}
+        assert sorted(scores_two) == sorted(scores_one) and len(scores_one) == 255
+        indices = sorted(scores_one)
+        _close(np.array([scores_one[i] for i in indices]), np.array([scores_two[i] for i in indices]), length)
+        tolerance = 2 * length * EPS * max(abs(v) for v in scores_one.values())
+        _same_ranking(rows_one, rows_two, "index", scores_one, tolerance)
+        return
+    load = lambda name, what: np.load(tmp_path / name / what, allow_pickle=False)
+    assert (load("two", "train_indices.npy") == load("one", "train_indices.npy")).all()
+    scores_one, scores_two = load("one", "scores.npy"), load("two", "scores.npy")
+    assert scores_one.shape == (8, 255)
+    _close(scores_one, scores_two, length)
+    tolerance = 2 * length * EPS * float(np.abs(scores_one).max())
+    rows_one, rows_two = _csv(tmp_path / "one/influence.csv"), _csv(tmp_path / "two/influence.csv")
+    train_rows = [str(int(row)) for row in load("one", "train_indices.npy")]
+    pick = lambda rows, test, kind: [r for r in rows if (r["test"], r["kind"]) == (str(test), kind)]
+    for test in range(8):  # each test example's proponents and opponents, against its row of scores.npy
+        score_of = dict(zip(train_rows, scores_one[test].tolist()))
+        for kind in ("proponent", "opponent"):
+            _same_ranking(pick(rows_one, test, kind), pick(rows_two, test, kind), "train_index", score_of, tolerance)
 
 
 def test_members_under_torchrun_are_refused_in_one_line(cifar_dir, tmp_path):

@@ -194,10 +194,3 @@ def test_bad_score_options_are_one_line(tiny_checkpoint, synthetic, tmp_path, ar
     out = tmp_path / "s"
     one_error_line(["grads", str(tiny_checkpoint), "--data-dir", str(synthetic), "--out", str(out), *args], message)
     assert not out.exists()
-
-
-def test_scores_under_torchrun_are_refused_in_one_line(tiny_checkpoint, synthetic, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    one_error_line(["grads", str(tiny_checkpoint), "--data-dir", str(synthetic), "--out", str(tmp_path / "s"),
-                    "--score", "el2n"], "--score under torchrun is not supported")
-    assert not (tmp_path / "s").exists()

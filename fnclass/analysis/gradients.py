@@ -68,6 +68,16 @@ def vmap_model(ckpt) -> Model:
     return build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
 
 
+def data_folder(process, data_dir, dataset: str, download: bool) -> Path:
+    """The data folder (:func:`fnclass.data.resolve_data_dir`); in a torchrun job rank 0 finds, and if allowed
+    downloads, it first while the others wait, so a fresh cache is not written by several processes at once."""
+    from fnclass import distributed
+
+    if process is not None:
+        distributed.first_on_rank_zero(process, lambda: data.resolve_data_dir(data_dir, dataset, download=download))
+    return data.resolve_data_dir(data_dir, dataset, download=download)
+
+
 def _chunks(n: int, chunk_size: int | None):
     """Slices of ``range(n)`` of at most ``chunk_size`` (one slice when None)."""
     step = n if not chunk_size else chunk_size
@@ -253,7 +263,7 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     process = distributed.from_environment(device)
     ckpt = load_checkpoint(checkpoint_path)
     dev = distributed.device_of(process, pick_device(device))
-    folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
+    folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
     raw_images, labels = data.load_split(folder, split, limit=limit)
     ckpt.check_split(folder, raw_images, labels)
     model = vmap_model(ckpt)
@@ -391,7 +401,7 @@ def el2n_scores(model: Model, params, state, images: torch.Tensor, labels: torch
             scores.append((probabilities - one_hot).norm(dim=-1))
             if progress:
                 progress(part.stop)
-    return torch.cat(scores)
+    return torch.cat(scores) if scores else images.new_zeros(0)
 
 
 def grand_scores(model: Model, params, state, images: torch.Tensor, labels: torch.Tensor, *,
@@ -405,7 +415,7 @@ def grand_scores(model: Model, params, state, images: torch.Tensor, labels: torc
         scores.append(sum(leaf.flatten(1).pow(2).sum(1) for leaf in tree.tree_leaves(grads)).sqrt())
         if progress:
             progress(part.stop)
-    return torch.cat(scores)
+    return torch.cat(scores) if scores else images.new_zeros(0)
 
 
 SCORE_FUNCTIONS = {"el2n": el2n_scores, "grand": grand_scores}
@@ -448,51 +458,61 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
       ``members`` (how many were averaged) and ``member_settings``, ``mean_score``, ``keep_fraction`` and ``kept``,
       ``chunk_size``, ``seconds`` and ``top`` (rank, index, label, class and score of the highest scores).
 
-    Raises:
-      InputError: under torchrun (the scores are not sharded yet), or a bad checkpoint or data folder.
-    """
-    from fnclass.errors import InputError
+    Under torchrun (``torchrun --nproc-per-node N -m fnclass grads --score ...``) each process scores a contiguous
+    shard of the split (:func:`fnclass.distributed.split_rows`), the scores are gathered in the split's order, and
+    rank 0 writes the files; every process returns the summary.
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError("--score under torchrun is not supported: run `fnclass grads --score` in one process")
+    Raises:
+      InputError: a bad checkpoint or data folder.
+    """
+    from fnclass import distributed
+
+    process = distributed.from_environment(device)
     ckpt = load_checkpoint(checkpoint_path)
-    dev = pick_device(device)
-    folder = data.resolve_data_dir(data_dir, ckpt.config.data.dataset, download=download)
+    dev = distributed.device_of(process, pick_device(device))
+    folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
     raw_images, labels = data.load_split(folder, split, limit=limit)
     ckpt.check_split(folder, raw_images, labels)
     model = vmap_model(ckpt)
     members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
-    images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
-    n, start = len(images), time.perf_counter()
+    n, start = len(labels), time.perf_counter()
+    # Each process preprocesses and scores its shard only; an example's score depends on that example alone.
+    images = ckpt.preprocess(distributed.split_rows(raw_images, process).to(dev))
+    shard_labels = distributed.split_rows(labels, process).to(dev)
     per_member = []
     for number, member in enumerate(members):
         params, state = tree.tree_to((member.params, member.state), dev)
-        if chunk_size == "auto":
-            chunk_size = auto_chunk_size(model, params, state, images[0], max_memory=max_memory, limit=n)
-        done = (lambda count, before=number * n: progress(before + count)) if progress else None
-        per_member.append(SCORE_FUNCTIONS[method](model, params, state, images, labels, chunk_size=chunk_size,
-                                                  progress=done).cpu())
+        if chunk_size == "auto":  # measured on the split's first image: a shard may be empty (N < processes)
+            chunk_size = auto_chunk_size(model, params, state, ckpt.preprocess(raw_images[:1].to(dev))[0],
+                                         max_memory=max_memory, limit=len(images))
+        before = number * len(images)
+        done = (lambda count, before=before: progress(before + count)) if progress else None
+        scores = SCORE_FUNCTIONS[method](model, params, state, images, shard_labels, chunk_size=chunk_size,
+                                         progress=done)
+        per_member.append(distributed.gather_rows(scores, n, process).cpu())
     scores = torch.stack(per_member).mean(0)
     order = torch.sort(scores, descending=True, stable=True).indices
-    labels = labels.cpu()
     summary = {
         "method": method,
         "definition": SCORES[method] + (f"; the mean over {len(members)} members" if ckpt.members else ""),
         "checkpoint": str(checkpoint_path), "split": split, "num_examples": n, "members": len(members),
         "member_settings": list(ckpt.members), "mean_score": float(scores.mean()),
         "keep_fraction": keep_fraction, "kept": None, "chunk_size": chunk_size,
-        "seconds": time.perf_counter() - start,
+        "processes": process.world_size if process else 1, "seconds": time.perf_counter() - start,
         "top": [{"rank": rank + 1, "index": int(i), "label": int(labels[i]), "class": ckpt.classes[int(labels[i])],
                  "score": float(scores[i])} for rank, i in enumerate(order[:top])],
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if keep_fraction is not None:
         kept = kept_indices(scores, keep_fraction)
         summary["kept"] = len(kept)
-        write_atomic(out_dir / "kept_indices.txt", "".join(f"{i}\n" for i in kept.tolist()).encode())
-    write_atomic(out_dir / "scores.csv", _scores_csv(labels, scores, per_member if ckpt.members else []))
-    write_json(out_dir / "scores.json", summary)
+    if process is None or process.writes:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if keep_fraction is not None:
+            write_atomic(out_dir / "kept_indices.txt", "".join(f"{i}\n" for i in kept.tolist()).encode())
+        write_atomic(out_dir / "scores.csv", _scores_csv(labels, scores, per_member if ckpt.members else []))
+        write_json(out_dir / "scores.json", summary)
+    distributed.finish(process)
     return summary
 
 

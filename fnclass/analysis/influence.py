@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from fnclass import data
-from fnclass.analysis.gradients import _chunks, auto_chunk_size, make_per_example_grad_fn, vmap_model
+from fnclass.analysis.gradients import _chunks, auto_chunk_size, data_folder, make_per_example_grad_fn, vmap_model
 from fnclass.core import random, tree
 from fnclass.core.losses import per_example_cross_entropy
 from fnclass.errors import InputError
@@ -152,8 +152,7 @@ class Projection:
 
     ``R`` is drawn once and kept when it fits ``cache_bytes`` (default: the memory budget of
     :func:`fnclass.analysis.gradients.memory_budget`, a quarter of the available RAM or half the free GPU memory);
-    otherwise
-    its blocks are drawn again for every chunk. A block is a ``torch.Generator`` stream seeded from
+    otherwise its blocks are drawn again for every chunk. A block is a ``torch.Generator`` stream seeded from
     ``fold_in(key, leaf, block)``, so the same key gives the same matrix on a device type. Apply it to a list of
     per-example gradient leaves, each ``(N, *shape)``.
     """
@@ -212,14 +211,33 @@ class Problem(NamedTuple):
     chunk_size: int | None
 
 
+def _training_shard(problem: Problem, process) -> Problem:
+    """The problem with this process's contiguous shard of the training rows (all of them for a single process)."""
+    from fnclass.distributed import split_rows
+
+    return problem._replace(train_images=split_rows(problem.train_images, process),
+                            train_labels=split_rows(problem.train_labels, process))
+
+
+def _gather_columns(scores: torch.Tensor, total: int, process) -> torch.Tensor:
+    """The ``(T, total)`` scores whose columns the processes' training shards hold, on every process."""
+    from fnclass.distributed import gather_rows
+
+    return gather_rows(scores.T, total, process).T
+
+
 def tracin_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int | None = None,
-                  key: torch.Tensor | None = None, progress: Callable | None = None) -> torch.Tensor:
+                  key: torch.Tensor | None = None, progress: Callable | None = None, process=None) -> torch.Tensor:
     """TracInCP scores, ``(T, N)``: test example by training example (see the module docstring).
 
     Exact with ``proj_dim`` None (the test gradients, ``T x P``, are held; the training gradients stream); with
     ``proj_dim`` D, every model's gradients are projected by its own :class:`Projection` (from ``fold_in(key,
-    model)``), so both sides stream. Members of a checkpoint are averaged.
+    model)``), so both sides stream. Members of a checkpoint are averaged. With a data-parallel ``process``
+    (:mod:`fnclass.distributed`) each process streams its shard of the training rows past all the test gradients
+    and the columns are gathered, so every process returns what one process would.
     """
+    n = len(problem.train_images)
+    problem = _training_shard(problem, process)
     device = problem.train_images.device
     scores = torch.zeros(len(problem.test_images), len(problem.train_images), device=device)
     key = random.key(0) if key is None else key
@@ -241,11 +259,17 @@ def tracin_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int 
                 done += part.stop - part.start
                 if progress:
                     progress(done)
-    return scores
+    return _gather_columns(scores, n, process)
 
 
-def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Callable | None = None) -> torch.Tensor:
-    """TracIn self-influence of every training example, ``(N,)``: ``sum_k lr_k |g_k(z)|^2`` (exact)."""
+def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Callable | None = None,
+                   process=None) -> torch.Tensor:
+    """TracIn self-influence of every training example, ``(N,)``: ``sum_k lr_k |g_k(z)|^2`` (exact). With a
+    data-parallel ``process`` each process takes a shard of the training rows and the scores are gathered."""
+    from fnclass.distributed import gather_rows
+
+    n = len(problem.train_images)
+    problem = _training_shard(problem, process)
     device = problem.train_images.device
     scores = torch.zeros(len(problem.train_images), device=device)
     done = 0
@@ -260,18 +284,23 @@ def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Cal
                 done += part.stop - part.start
                 if progress:
                     progress(done)
-    return scores
+    return gather_rows(scores, n, process)
 
 
 def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = DEFAULT_TRAK_DIM,
                 key: torch.Tensor | None = None, damping: float = DEFAULT_TRAK_DAMPING,
-                progress: Callable | None = None) -> torch.Tensor:
+                progress: Callable | None = None, process=None) -> torch.Tensor:
     """TRAK scores, ``(T, N)``, over every model the checkpoints hold (see the module docstring).
 
     ``damping`` times the mean diagonal of ``Phi^T Phi`` is added to it before the solve (float64): a ridge that
     keeps the noise in its smallest eigenvalues from being amplified (0 is TRAK as published, which breaks down as
-    ``proj_dim`` nears the number of training examples).
+    ``proj_dim`` nears the number of training examples). With a data-parallel ``process`` each process projects its
+    shard of the training rows; ``Phi^T Phi``, a sum over the rows, is all-reduced, and the columns are gathered.
     """
+    from fnclass.distributed import all_sum
+
+    n = len(problem.train_images)
+    problem = _training_shard(problem, process)
     device = problem.train_images.device
     key = random.key(0) if key is None else key
     total = torch.zeros(len(problem.test_images), len(problem.train_images), device=device, dtype=torch.float64)
@@ -281,26 +310,28 @@ def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = 
         for m, (params, state) in enumerate(item.models(device)):
             sizes = [leaf.numel() for leaf in tree.tree_leaves(params)]
             project = Projection(random.fold_in(random.fold_in(key, k), m), sizes, proj_dim, device)
-            parts, probabilities = [], []
+            train = torch.zeros(len(problem.train_images), proj_dim, device=device, dtype=torch.float64)
+            correct = torch.zeros(len(problem.train_images), device=device, dtype=torch.float64)
             for part, phi, logits in features(problem.model, params, state, problem.train_images,
                                               problem.train_labels, chunk_size=problem.chunk_size, output=margin,
                                               project=project):
-                parts.append(phi.double())
-                probabilities.append(logits.float().softmax(-1).gather(1, problem.train_labels[part, None])[:, 0])
+                train[part] = phi.double()
+                correct[part] = logits.float().softmax(-1).gather(1, problem.train_labels[part, None])[:, 0].double()
                 done += part.stop - part.start
                 if progress:
                     progress(done)
-            train = torch.cat(parts)
             test = torch.cat([f.double() for _, f, _ in features(
                 problem.model, params, state, problem.test_images, problem.test_labels,
                 chunk_size=problem.chunk_size, output=margin, project=project)])
             kernel = train.T @ train
+            if process is not None:
+                kernel = all_sum(kernel, process)
             kernel += damping * kernel.diagonal().mean().clamp(min=1e-30) * torch.eye(proj_dim, device=device,
                                                                                       dtype=torch.float64)
             total += (train @ torch.linalg.solve(kernel, test.T)).T
-            residual += 1 - torch.cat(probabilities).double()
+            residual += 1 - correct
             count += 1
-    return (total / count * (residual / count)).float()
+    return _gather_columns((total / count * (residual / count)).float(), n, process)
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -385,10 +416,16 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     ``scores.npy`` (the whole ``(T, N)`` score matrix, float32) with ``train_indices.npy`` (its columns' rows of
     the training split) and ``influence.png`` (each test image, then its proponents and its opponents).
 
+    Under torchrun (``torchrun --nproc-per-node N -m fnclass influence ...``) the training rows are sharded over the
+    processes (:func:`tracin_scores`, :func:`trak_scores`) and rank 0 writes the files; every process returns the
+    report.
+
     Returns:
       The report (also ``influence.json``).
     """
     import time
+
+    from fnclass import distributed
 
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
@@ -397,8 +434,9 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
         raise InputError(f"--damping {damping}: expected a number >= 0 (a multiple of the mean diagonal of "
                          "Phi^T Phi), e.g. 0.1")
+    process = distributed.from_environment(device)
     along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
-                                                                      train_limit)
+                                                                      train_limit, process)
     if image_paths:
         test_raw = torch.stack([torch.tensor(data.read_image(Path(p), last.input_size)) for p in image_paths])
         test_labels = _predict(last, test_raw)
@@ -422,10 +460,11 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
         damping = DEFAULT_TRAK_DAMPING if damping is None else damping
     tick = time.perf_counter()
     if method == "tracin":
-        scores = tracin_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress)
+        scores = tracin_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress,
+                               process=process)
     else:
         scores = trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), damping=damping,
-                             progress=progress)
+                             progress=progress, process=process)
     seconds = time.perf_counter() - tick
     scores = scores.cpu()
     proponents, opponents = top_examples(scores, top)
@@ -436,12 +475,15 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     report = {
         "method": method, "proj_dim": proj_dim, "damping": damping, "seed": seed,
         "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
-        "models": models, "train_examples": len(train_images), "chunk_size": size, "seconds": seconds,
+        "models": models, "train_examples": len(train_images), "chunk_size": size,
+        "processes": process.world_size if process else 1, "seconds": seconds,
         "gradients_per_second": gradients / seconds if seconds else None, "classes": list(last.classes),
         "tests": [{"test": name, "label": int(test_labels[t]), "proponents": pick(proponents[t], t),
                    "opponents": pick(opponents[t], t)} for t, name in enumerate(names)],
     }
-    _write_attribution(Path(out_dir), report, scores, rows, test_raw, train_raw, last.classes, bool(image_paths))
+    if process is None or process.writes:
+        _write_attribution(Path(out_dir), report, scores, rows, test_raw, train_raw, last.classes, bool(image_paths))
+    distributed.finish(process)
     return report
 
 
@@ -453,54 +495,71 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     index, label, predicted, score; highest first), ``self_influence.json`` and ``self_influence.png`` (the
     ``top`` first, titled ``label / predicted``).
 
+    Under torchrun the training rows are sharded over the processes (:func:`self_influence`, and the predictions)
+    and rank 0 writes the files; every process returns the report.
+
     Returns:
       The report (also ``self_influence.json``).
     """
     import time
 
+    from fnclass import distributed
+
+    process = distributed.from_environment(device)
     along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
-                                                                      train_limit)
+                                                                      train_limit, process)
     model = vmap_model(last)
     images = prepare(last, train_raw, dev)
     size = _chunk(chunk_size, along, model, images, max_memory)
     problem = Problem(model, images, train_labels.to(dev), images[:0], train_labels[:0].to(dev), size)
     tick = time.perf_counter()
-    scores = self_influence(along, problem, progress=progress).cpu()
+    scores = self_influence(along, problem, progress=progress, process=process).cpu()
     seconds = time.perf_counter() - tick
-    predicted = _predict(last, train_raw)
+    shard = _predict(last, distributed.split_rows(train_raw, process))
+    predicted = distributed.gather_rows(shard.to(dev), len(train_raw), process).cpu()  # dev: NCCL gathers there
     order = torch.argsort(scores, descending=True, stable=True)
     models = sum(len(item.learning_rates) for item in along)
     report = {
         "method": "tracin-self",
         "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
-        "models": models, "train_examples": len(images), "chunk_size": size, "seconds": seconds,
+        "models": models, "train_examples": len(images), "chunk_size": size,
+        "processes": process.world_size if process else 1, "seconds": seconds,
         "gradients_per_second": models * len(images) / seconds if seconds else None,
         "mean_score": float(scores.mean()), "classes": list(last.classes),
         "top": [{"index": int(rows[i]), "label": int(train_labels[i]), "predicted": int(predicted[i]),
                  "score": float(scores[i])} for i in order[:top]],
     }
-    out = Path(out_dir)
+    if process is None or process.writes:
+        _write_self_influence(Path(out_dir), report, scores, order, predicted, train_raw, train_labels, rows,
+                              last.classes, top)
+    distributed.finish(process)
+    return report
+
+
+def _write_self_influence(out: Path, report: dict, scores, order, predicted, train_raw, train_labels, rows, classes,
+                          top: int) -> None:
+    """self_influence.csv/.json and self_influence.png, each written atomically."""
+    from fnclass.io import write_atomic, write_json
+
     out.mkdir(parents=True, exist_ok=True)
     lines = ["rank,index,label,predicted,score"] + [
         f"{r + 1},{int(rows[i])},{int(train_labels[i])},{int(predicted[i])},{float(scores[i]):.8g}"
         for r, i in enumerate(order.tolist())]
-    from fnclass.io import write_atomic, write_json
-
     write_atomic(out / "self_influence.csv", ("\n".join(lines) + "\n").encode())
     write_json(out / "self_influence.json", report)
-    _plot_self(out / "self_influence.png", train_raw, train_labels, predicted, scores, order[:top], rows, last.classes)
-    return report
+    _plot_self(out / "self_influence.png", train_raw, train_labels, predicted, scores, order[:top], rows, classes)
 
 
-def _open(sources, uniform: bool, device: str, data_dir, download: bool, train_limit: int | None):
-    """What both commands start from: the checkpoints, the last one, the device, the data folder and the run's
-    training split (see :func:`_training_split`)."""
+def _open(sources, uniform: bool, device: str, data_dir, download: bool, train_limit: int | None, process):
+    """What both commands start from: the checkpoints, the last one, this process's device, the data folder and the
+    run's training split (see :func:`_training_split`)."""
+    from fnclass.distributed import device_of
     from fnclass.io import pick_device
 
     along = load_along(sources, uniform=uniform)
     last = along[-1].checkpoint
-    folder = data.resolve_data_dir(data_dir, last.config.data.dataset, download=download)
-    return along, last, pick_device(device), folder, _training_split(last, folder, train_limit)
+    folder = data_folder(process, data_dir, last.config.data.dataset, download)
+    return along, last, device_of(process, pick_device(device)), folder, _training_split(last, folder, train_limit)
 
 
 def _chunk(chunk_size: int | str, along, model, images: torch.Tensor, max_memory: int | None) -> int:
@@ -522,7 +581,8 @@ def _training_split(ckpt: Checkpoint, folder: Path, limit: int | None):
 def _predict(ckpt: Checkpoint, images: torch.Tensor) -> torch.Tensor:
     """The checkpoint's predicted classes (members: their ensemble) for uint8 images, in batches of 1,000."""
     with torch.no_grad():
-        return torch.cat([ckpt.logits(images[i:i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
+        return torch.cat([torch.zeros(0, dtype=torch.int64)] +  # an empty shard predicts nothing
+                         [ckpt.logits(images[i:i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
 
 
 def _write_attribution(out: Path, report: dict, scores: torch.Tensor, rows: torch.Tensor, test_raw, train_raw,

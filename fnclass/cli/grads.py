@@ -109,10 +109,10 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
             report = analyze_checkpoint(checkpoint, out, data_dir=data_dir, split=split, limit=limit,
                                         chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
                                         top=top or 64, device=device, download=not no_download, progress=progress)
+    if not speaks():  # a torchrun job: rank 0 reports
+        return
     if score is not None:
         _show_scores(console, summary, out, as_json)
-        return
-    if not speaks():  # a torchrun job: rank 0 reports
         return
     if as_json:
         click.echo(json.dumps(report, default=float))

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fnclass.cli import options
-from fnclass.cli.errors import UsageProblem, one_line_errors
+from fnclass.cli.errors import UsageProblem, one_line_errors, speaks
 from fnclass.cli.grads import _parse_chunk, _parse_memory
 
 
@@ -66,7 +66,7 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         raise UsageProblem("--test-indices and --images both choose what to attribute: use one")
     console = Console(stderr=as_json)
     with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not console.is_terminal or as_json) as bar:
+                  console=console, transient=True, disable=not console.is_terminal or as_json or not speaks()) as bar:
         task = bar.add_task("influence", total=None)
         progress = lambda done: bar.update(task, completed=done)
         common = dict(data_dir=data_dir, train_limit=train_limit, chunk_size=_parse_chunk(chunk_size),
@@ -78,6 +78,8 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
             report = attribution.attribute(sources, out, test_indices=test_indices, image_paths=image_paths,
                                            top=top or 8, method=method, proj_dim=proj_dim, damping=damping, seed=seed,
                                            **common)
+    if not speaks():  # a torchrun job: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(report))
         return
