@@ -303,14 +303,17 @@ _NOT_PRIVATE = (
      "BatchNorm mixes the examples of a batch, so clipping each example's gradient would not bound its influence"),
     ("model.whiten", lambda c: c.model.whiten, "false", "the whitening filters are fitted to the private images"),
     ("train.precision", lambda c: c.train.precision == "fp16", '"fp32" or "bf16"',
-     "loss scaling is not implemented for per-example gradients"),
+     "a dynamic loss scale skips the steps whose gradients overflow, a data-dependent choice the accountant does "
+     "not cover"),
     ("train.accumulate_steps", lambda c: c.train.accumulate_steps != 1, "1",
-     "a Poisson batch is one optimizer step; privacy.chunk_size already bounds memory"),
-    ("data.mixup_alpha", lambda c: c.data.mixup_alpha > 0, "0", "mixing examples breaks per-example clipping"),
-    ("data.cutmix_alpha", lambda c: c.data.cutmix_alpha > 0, "0", "mixing examples breaks per-example clipping"),
+     "the accountant counts every noised Poisson batch as a step, so k accumulated batches add k draws of noise to "
+     "one update where one larger batch (train.batch_size) adds one; privacy.chunk_size bounds memory"),
+    ("data.mixup_alpha", lambda c: c.data.mixup_alpha > 0, "0",
+     "a mixed image carries two examples, so clipping its gradient no longer bounds one example's influence"),
+    ("data.cutmix_alpha", lambda c: c.data.cutmix_alpha > 0, "0",
+     "a mixed image carries two examples, so clipping its gradient no longer bounds one example's influence"),
     ("train.grad_stats_every", lambda c: c.train.grad_stats_every > 0, "0",
      "it logs statistics of the private examples' gradients without noise"),
-    ("members", lambda c: c.members.active, "no seeds or sweeps", "train private members one run at a time"),
 )
 
 

@@ -129,6 +129,15 @@ def check_batch(process: Process | None, batch_size: int) -> None:
                          f"set it to a multiple of {process.world_size} (e.g. {lower or process.world_size})")
 
 
+def broadcast(tensor: torch.Tensor, process: Process) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every process (a copy; ``tensor`` is left alone)."""
+    import torch.distributed as dist
+
+    copy = tensor.clone()
+    dist.broadcast(copy, src=0, group=process.group)
+    return copy
+
+
 def shard(process: Process | None, batch: torch.Tensor) -> torch.Tensor:
     """This process's contiguous share of a global batch (the whole batch for a single process)."""
     if process is None:

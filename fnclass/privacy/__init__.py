@@ -35,7 +35,7 @@ OVERFLOW_TAIL = 1e-10  # the padded batch holds a Poisson sample with probabilit
 
 def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, *,
                            chunk_size: int | None = None, copies: int = 1, skip_padding: bool = True,
-                           secret: torch.Tensor | None = None) -> Callable:
+                           secret: torch.Tensor | None = None, process=None) -> Callable:
     """DP-SGD's gradient, with the contract of :func:`fnclass.training.step.make_train_step`'s ``gradient`` argument.
 
     ``(sum_i clip(g_i) + N(0, (noise_multiplier * max_grad_norm)^2 I)) / expected_batch_size`` where ``g_i`` is
@@ -54,6 +54,11 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
         host). Their contribution is exactly zero either way; compiled, every chunk is computed.
       secret: a key known only to the trainer (:func:`new_secret`): the noise is drawn from it and the step's key,
         so the seed, which checkpoints and exports record, does not reveal it. None: from the step's key alone.
+      process: a data-parallel job's :class:`fnclass.distributed.Process`: each process clips the examples of its
+        shard of the Poisson batch, the clipped sums (and the loss's sum and count) are summed across the processes,
+        and the noise is added once to that sum (the same draw on every process, from the shared secret and step
+        key), so the result is one process's on the whole batch. The returned gradient then needs no further
+        reduction (its ``reduces_over_processes`` is True).
     """
     def gradient(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
         def grad_and_value(params, state, images, labels, key, *scale):
@@ -68,7 +73,8 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
             # Padded rows see a zero image, so nothing an unsampled example holds (even an inf) reaches the step.
             rows_valid = valid.repeat_interleave(copies).view(-1, *[1] * (images.ndim - 1))
             images = torch.where(rows_valid, images, torch.zeros((), dtype=images.dtype, device=images.device))
-            keys = random.split(random.fold_in(key, EXAMPLES), n)
+            keys = random.split(random.fold_in(key, EXAMPLES), n * (process.world_size if process else 1))
+            keys = keys[process.rank * n:(process.rank + 1) * n] if process else keys  # this shard's rows' keys
             leaves, treedef = optree.tree_flatten(params)
             total = [torch.zeros_like(leaf) for leaf in leaves]
             losses, logits = [], []
@@ -87,13 +93,18 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
                 total = [t + torch.tensordot(factor, g, dims=1) for t, g in zip(total, grads)]
                 losses.append(loss)
                 logits.append(chunk_logits[:, 0])  # the first copy's logits: the step's accuracy
+            valid_count = valid.sum()
+            loss_sum = torch.where(valid, torch.cat(losses), 0.0).sum()
+            if process is not None:  # the whole batch's clipped sum, before the one draw of noise
+                total, loss_sum, valid_count = process.all_sum((total, loss_sum, valid_count))
             noise_key = random.fold_in(key if secret is None else mixed(secret, key), NOISE)
             std = noise_multiplier * max_grad_norm
             noised = [(t + std * random.normal64(random.fold_in(noise_key, i), t.shape).to(t)) / expected_batch_size
                       if std else t / expected_batch_size for i, t in enumerate(total)]
-            loss = torch.where(valid, torch.cat(losses), 0.0).sum() / valid.sum().clamp_min(1)
+            loss = loss_sum / valid_count.clamp_min(1)
             return optree.tree_unflatten(treedef, noised), (loss.detach(), (state, torch.cat(logits)))
         return grad_and_value
+    gradient.reduces_over_processes = process is not None
     return gradient
 
 

@@ -140,8 +140,6 @@ def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool
     if process is not None and config.members.active:
         raise InputError("members (--seeds, --sweep) under torchrun are not supported yet: run them in one "
                          "process, or one run per process with its own --out")
-    if process is not None and config.privacy.enabled:
-        raise InputError("[privacy] under torchrun is not supported yet: train a private model in one process")
     distributed.check_batch(process, config.train.batch_size)
     dev = distributed.device_of(process, pick_device(device))
     if process is not None:  # one download, by rank 0, before the others look for the files
@@ -174,6 +172,8 @@ def build_program(setup: Setup) -> Program:
     optimizer_for = functools.partial(recipe.create_run_optimizer, config, model.param_labels, setup.steps_per_epoch)
     train_state, init_source, whitening = initial_state(setup, model, optimizer_for(members.first(hyper)))
     secret = None if setup.privacy_plan is None else run.privacy_secret(resume=setup.resume).to(dev)
+    if secret is not None and setup.process is not None:  # rank 0's: every process draws the same samples and noise
+        secret = distributed.broadcast(secret, setup.process)
     train_step = _train_step(setup, model, optimizer_for, hyper, secret)
     keys = list(train_state.key) if setup.stacked else [train_state.key]
     sources = [_source(setup, key, secret) for key in keys]
@@ -233,7 +233,7 @@ def _train_step(setup: Setup, model, optimizer_for, hyper: dict, secret):
             return functools.partial(mean_gradient, transformable=vmapped)
         return privacy.clipped_noisy_gradient(plan.max_grad_norm, plan.noise_multiplier, plan.expected_batch_size,
                                               chunk_size=config.privacy.chunk_size, copies=plan.augmult,
-                                              secret=secret, skip_padding=not vmapped)
+                                              secret=secret, skip_padding=not vmapped, process=setup.process)
 
     def build_step(member_hyper: dict):
         # Under vmap: torch.func's gradient, and no memory-format requests (vmap refuses them); compiled as a
@@ -255,7 +255,8 @@ def _source(setup: Setup, key: torch.Tensor, secret):
     """One member's batch source: Poisson batches under ``[privacy]``, a permutation per epoch otherwise."""
     plan, config = setup.privacy_plan, setup.config
     if plan is not None and plan.poisson_sampling:
-        return PoissonSource(setup.ds, config.data, key, plan, secret)
+        return PoissonSource(setup.ds, config.data, key, plan, secret,
+                             shards=setup.process.world_size if setup.process else 1)
     return PermutedSource(setup.ds, config.data, key, config.train.batch_size,
                           copies=plan.augmult if plan is not None else 1)
 
@@ -326,8 +327,8 @@ def evaluate(setup: Setup, program: Program, train_state: TrainState, split: str
         weights["ema_"] = (train_state.ema["params"], train_state.ema["state"])
     evaluation = {}
     for prefix, (params, state) in weights.items():
-        models = (list(zip(tree.tree_unstack(params), tree.tree_unstack(state))) if setup.stacked
-                  else [(params, state)])
+        models = ([(tree.tree_index(params, i), tree.tree_index(state, i)) for i in range(len(setup.members))]
+                  if setup.stacked else [(params, state)])  # a model with no state (GroupNorm) has {} to index
         result = evaluate_members(program.eval_step, models, images, labels, mean=setup.ds.mean_t,
                                   std=setup.ds.std_t, batch_size=config.train.eval_batch_size, tta=tta,
                                   process=setup.process)
@@ -391,6 +392,12 @@ def make_summary(setup: Setup, program: Program, train_state: TrainState, evalua
         summary.update(members.summary_members(setup.members, evaluation, test, split))
     if setup.privacy_plan is not None:
         summary["privacy"] = privacy_summary(setup.privacy_plan, _step_of(train_state), run.epoch_rows())
+        if setup.stacked:  # each member is its own private run: its own samples and noise, the same guarantee;
+            # releasing all K models composes K runs on the same data (K times the steps at the same rate and noise)
+            for entry in summary["members"]:
+                entry["epsilon"] = summary["privacy"]["epsilon"]
+            summary["privacy"]["ensemble_epsilon"] = _finite(privacy.epsilon(
+                setup.privacy_plan, _step_of(train_state) * len(setup.members)))
     return summary
 
 

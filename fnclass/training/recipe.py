@@ -55,7 +55,8 @@ def create_train_step(config: Config, model: Model, loss_fn: Callable, optimizer
       config: the run config.
       model, loss_fn, optimizer: what :func:`create_model`, :func:`create_loss` and :func:`create_run_optimizer`
         built.
-      gradient: the gradient transform at the centre.
+      gradient: the gradient transform at the centre (one that sums over the processes itself, as DP-SGD's with a
+        process, says so with a true ``reduces_over_processes`` and is not averaged again).
       process: a data-parallel job's :class:`fnclass.distributed.Process` (its gradients and metrics reduced), or
         None.
       compile: compile the step (default: ``train.compile``).
@@ -66,7 +67,7 @@ def create_train_step(config: Config, model: Model, loss_fn: Callable, optimizer
     channels_last = train.channels_last if channels_last is None else channels_last
     if train.precision == "fp16":
         gradient = loss_scaled_gradient(gradient)
-    if process is not None:
+    if process is not None and not getattr(gradient, "reduces_over_processes", False):
         gradient = data_parallel_gradient(gradient, process, average_state=not train.sync_batchnorm)
 
     def for_the_whole_step(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
