@@ -48,6 +48,9 @@ def test_members_keep_the_ema_of_their_single_runs_and_the_ensemble_is_evaluated
                        data_dir=str(cifar_dir), device="cpu")
         assert _equal(tree.tree_index(members.train_state.ema, seed), single.train_state.ema)
         assert not _equal(single.train_state.ema["params"], single.train_state.params)  # an average, not a copy
+    start = _start_state("cpu", SMALL + ema + ["members.seeds=[0, 1]"], tmp_path, cifar_dir)
+    for a, b in zip(tree.tree_leaves(members.train_state.ema["params"]), tree.tree_leaves(start.ema["params"])):
+        assert not torch.equal(a, b)  # every leaf of the average moved (no EMA would leave it at the start)
     config, ds = load_run_data(resolve_config(load_config("cpu", SMALL)), str(cifar_dir), False, torch.device("cpu"))
     model = recipe.create_model(config)
     images = normalized(ds, ds.test_images)
@@ -65,10 +68,7 @@ def test_a_vmapped_members_ema_is_the_average_of_its_own_update(cifar_dir, tmp_p
     sets = SMALL + ["train.batch_size=256", "train.epochs=1", "train.ema_decay=0.9", "members.seeds=[0, 1]",
                     "members.strategy=vmap"]
     result = train(load_config("cpu", sets), tmp_path / "run", data_dir=str(cifar_dir), device="cpu")
-    setup = set_up_run(load_config("cpu", sets), tmp_path / "start", data_dir=str(cifar_dir), device="cpu",
-                       download=False, resume=False, reporter=None)
-    start = build_program(setup).train_state  # the members' first TrainState, before any step
-    setup.run.close()
+    start = _start_state("cpu", sets, tmp_path, cifar_dir)  # the members' first TrainState, before any step
     ts = result.train_state
     for i in (0, 1):
         expected = ema_update(tree.tree_index(start.ema, i), tree.tree_index(ts.params, i),
@@ -179,7 +179,7 @@ def test_private_training_over_two_processes_equals_one_process(cifar_dir, tmp_p
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.safetensors").params
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.safetensors").params
-    start = fnclass_start(tmp_path, sets, cifar_dir)
+    start = _start_state("dp", sets, tmp_path, cifar_dir).params
     for (path, x), y, s in zip(tree.flatten_paths(a).items(), tree.flatten_paths(b).values(),
                                tree.flatten_paths(start).values()):
         moved = (x - s).abs().max()
@@ -190,10 +190,10 @@ def test_private_training_over_two_processes_equals_one_process(cifar_dir, tmp_p
     assert abs(rows[0]["train_loss"] - rows[1]["train_loss"]) <= 1e-5 * abs(rows[0]["train_loss"])
 
 
-def fnclass_start(tmp_path, sets, cifar_dir):
-    """The parameters a dp.toml run with ``sets`` starts from."""
-    setup = set_up_run(load_config("dp", sets), tmp_path / "start", data_dir=str(cifar_dir), device="cpu",
+def _start_state(name: str, sets: list[str], tmp_path, cifar_dir):
+    """The TrainState a run of config ``name`` with ``sets`` starts from (built, not trained)."""
+    setup = set_up_run(load_config(name, sets), tmp_path / f"start-{name}", data_dir=str(cifar_dir), device="cpu",
                        download=False, resume=False, reporter=None)
-    params = build_program(setup).train_state.params
+    train_state = build_program(setup).train_state
     setup.run.close()
-    return params
+    return train_state
