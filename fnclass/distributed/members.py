@@ -48,7 +48,7 @@ class MemberBlocks(NamedTuple):
             return tree
         leaves, treedef = optree.tree_flatten(tree)
         count = len(self.block)
-        rows = [leaf.reshape(count, leaf[0].numel()).contiguous().view(torch.uint8) for leaf in leaves]
+        rows = [_as_bytes(leaf, count) for leaf in leaves]
         everyone = gather_rows(torch.cat(rows, dim=1), self.total, self.process)
         gathered, start = [], 0
         for leaf, part in zip(leaves, rows):
@@ -56,6 +56,12 @@ class MemberBlocks(NamedTuple):
             gathered.append(columns.reshape(self.total, *leaf.shape[1:]))
             start += part.shape[1]
         return optree.tree_unflatten(treedef, gathered)
+
+
+def _as_bytes(leaf: torch.Tensor, count: int) -> torch.Tensor:
+    """A leaf's ``count`` rows as bytes (copied into unit strides, which viewing as another dtype needs)."""
+    rows = leaf.new_empty((count, leaf[0].numel()))
+    return rows.copy_(leaf.reshape(rows.shape)).view(torch.uint8)
 
 
 def member_blocks(total: int, process: Process | None) -> MemberBlocks:
