@@ -281,10 +281,11 @@ def test_influence_over_two_processes_equal_one_process(cifar_dir, along_run, tm
 
 
 MEMBERS = [*SMALL, "members.strategy=loop"]  # each member's step is the single run's: equal bit for bit
+SEEDS, SWEEP = ["--seeds", "0-2"], ["--sweep", "optim.lr=0.05,0.1,0.2"]  # 3 members: blocks of 2 and 1
 
 
-def _members_args(cifar_dir, out, sets=MEMBERS):
-    return [*_train_args(cifar_dir, out, sets), "--seeds", "0-2"]
+def _members_args(cifar_dir, out, sets=MEMBERS, members=SEEDS):
+    return [*_train_args(cifar_dir, out, sets), *members]
 
 
 def _same_run(one, two):
@@ -294,7 +295,8 @@ def _same_run(one, two):
     a = safetensors.torch.load_file(one / "checkpoints/last.safetensors")
     b = safetensors.torch.load_file(two / "checkpoints/last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert load_checkpoint(two / "checkpoints/last.safetensors").members == ({"seed": 0}, {"seed": 1}, {"seed": 2})
+    members = load_checkpoint(two / "checkpoints/last.safetensors").members
+    assert len(members) == 3 and members == load_checkpoint(one / "checkpoints/last.safetensors").members
     timeless = lambda rows: [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
                              for row in rows if row["kind"] in ("step", "member_epoch", "epoch")]
     assert timeless(_rows(one)) == timeless(_rows(two))
@@ -309,15 +311,19 @@ def members_one(cifar_dir, tmp_path_factory):
     return out
 
 
-def test_members_under_torchrun_are_the_one_process_members(cifar_dir, members_one, tmp_path):
-    """3 members over 2 processes (blocks of 2 and 1, no all-reduce between them): the checkpoint rank 0 writes holds
-    all 3, equal bit for bit to one process's, and the evaluation (rows sharded, every member on every process)
-    gives the same members' and ensemble's accuracies."""
-    two = tmp_path / "two"
-    result = torchrun("-m", "fnclass", *_members_args(cifar_dir, two))
+@pytest.mark.parametrize("members", [SEEDS, SWEEP], ids=["seeds", "sweep"])
+def test_members_under_torchrun_are_the_one_process_members(cifar_dir, members_one, tmp_path, members):
+    """3 members over 2 processes (blocks of 2 and 1, each with its own seeds and swept values, no all-reduce between
+    them): the checkpoint rank 0 writes holds all 3, equal bit for bit to one process's, and the evaluation (rows
+    sharded, every member on every process) gives the same members' and ensemble's accuracies."""
+    one, two = members_one, tmp_path / "two"
+    if members != SEEDS:
+        one = tmp_path / "one"
+        assert fnclass(*_members_args(cifar_dir, one, members=members)).returncode == 0
+    result = torchrun("-m", "fnclass", *_members_args(cifar_dir, two, members=members))
     assert result.returncode == 0, result.stderr[-3000:]
-    _same_run(members_one, two)
-    summary_one = json.loads((members_one / "summary.json").read_text())
+    _same_run(one, two)
+    summary_one = json.loads((one / "summary.json").read_text())
     summary_two = json.loads((two / "summary.json").read_text())
     accuracies = lambda summary: [m["test_accuracy"] for m in summary["members"]]
     assert len(summary_two["members"]) == 3 and accuracies(summary_two) == accuracies(summary_one)
