@@ -84,7 +84,7 @@ class Setup(NamedTuple):
 class Program(NamedTuple):
     """What :func:`build_program` makes of a :class:`Setup`."""
 
-    train_state: TrainState
+    train_state: TrainState  # this process's members: all, or its block of a job's
     loop: EpochLoop
     eval_step: Any
     schedule: Any
