@@ -280,11 +280,98 @@ def test_influence_over_two_processes_equal_one_process(cifar_dir, along_run, tm
             _same_ranking(pick(rows_one, test, kind), pick(rows_two, test, kind), "train_index", score_of, tolerance)
 
 
-def test_members_under_torchrun_are_refused_in_one_line(cifar_dir, tmp_path):
-    result = torchrun("-m", "fnclass", *_train_args(cifar_dir, tmp_path / "members"), "--seeds", "0,1")
-    assert result.returncode != 0
-    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(ours) == 1 and "members (--seeds, --sweep) under torchrun are not supported yet" in ours[0]
+MEMBERS = [*SMALL, "members.strategy=loop"]  # each member's step is the single run's: equal bit for bit
+SEEDS, SWEEP = ["--seeds", "0-2"], ["--sweep", "optim.lr=0.05,0.1,0.2"]  # 3 members: blocks of 2 and 1
+
+
+def _members_args(cifar_dir, out, sets=MEMBERS, members=SEEDS):
+    return [*_train_args(cifar_dir, out, sets), *members]
+
+
+def _same_run(one, two):
+    """Two runs of the same members: checkpoints equal bit for bit (every member's parameters, BatchNorm statistics,
+    optimizer state and key; the loop strategy makes each member's steps the same computations in any process), and
+    the same metrics.jsonl lines (every member's step losses and epoch rows) but for timings."""
+    a = safetensors.torch.load_file(one / "checkpoints/last.safetensors")
+    b = safetensors.torch.load_file(two / "checkpoints/last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    members = load_checkpoint(two / "checkpoints/last.safetensors").members
+    assert len(members) == 3 and members == load_checkpoint(one / "checkpoints/last.safetensors").members
+    timeless = lambda rows: [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
+                             for row in rows if row["kind"] in ("step", "member_epoch", "epoch")]
+    assert timeless(_rows(one)) == timeless(_rows(two))
+
+
+@pytest.fixture(scope="module")
+def members_one(cifar_dir, tmp_path_factory):
+    """Three members (seeds 0-2) trained in one process: what a torchrun job of them must equal."""
+    out = tmp_path_factory.mktemp("members") / "one"
+    result = fnclass(*_members_args(cifar_dir, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("members", [SEEDS, SWEEP], ids=["seeds", "sweep"])
+def test_members_under_torchrun_are_the_one_process_members(cifar_dir, members_one, tmp_path, members):
+    """3 members over 2 processes (blocks of 2 and 1, each with its own seeds and swept values, no all-reduce between
+    them): the checkpoint rank 0 writes holds all 3, equal bit for bit to one process's, and the evaluation (rows
+    sharded, every member on every process) gives the same members' and ensemble's accuracies."""
+    one, two = members_one, tmp_path / "two"
+    if members != SEEDS:
+        one = tmp_path / "one"
+        assert fnclass(*_members_args(cifar_dir, one, members=members)).returncode == 0
+    result = torchrun("-m", "fnclass", *_members_args(cifar_dir, two, members=members))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _same_run(one, two)
+    summary_one = json.loads((one / "summary.json").read_text())
+    summary_two = json.loads((two / "summary.json").read_text())
+    accuracies = lambda summary: [m["test_accuracy"] for m in summary["members"]]
+    assert len(summary_two["members"]) == 3 and accuracies(summary_two) == accuracies(summary_one)
+    assert summary_two["ensemble_test_accuracy"] == summary_one["ensemble_test_accuracy"]
+    assert summary_two["steps"] == 8 and not list(two.glob("**/.*.tmp"))  # one writer
+
+
+def test_members_killed_under_torchrun_resume_in_one_process(cifar_dir, members_one, tmp_path):
+    """Rank 1 (member 2) dies after step 8; the checkpoint of step 6 (mid-epoch 2: every member's state and epoch
+    sums so far, gathered) resumes in one process and ends equal to the run never stopped. Step 8 is the first
+    safe kill: both processes met at step 7, after rank 0 had written step 6."""
+    out = tmp_path / "killed"
+    sets = [*MEMBERS, "checkpoint.every_steps=3"]
+    killed = torchrun("-m", "fnclass", *_members_args(cifar_dir, out, sets), env=_env(FNCLASS_KILL_AT="step:8@1"))
+    assert killed.returncode != 0
+    assert load_checkpoint(out / "checkpoints/last.safetensors").step == 6
+    resumed = fnclass("train", "--resume", str(out), "--data-dir", str(cifar_dir), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 6
+    _same_run(members_one, out)
+
+
+def test_members_killed_in_one_process_resume_under_torchrun(cifar_dir, members_one, tmp_path):
+    """The other way: one process's mid-epoch checkpoint (step 6 of all 3 members) resumed by 2 processes, each
+    taking its block of the members and of the epoch's sums so far."""
+    out = tmp_path / "killed"
+    sets = [*MEMBERS, "checkpoint.every_steps=3"]
+    killed = fnclass(*_members_args(cifar_dir, out, sets), env=_env(FNCLASS_KILL_AT="step:7"))
+    assert killed.returncode != 0
+    assert load_checkpoint(out / "checkpoints/last.safetensors").step == 6
+    resumed = torchrun("-m", "fnclass", "train", "--resume", str(out), "--data-dir", str(cifar_dir), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(members_one, out)
+
+
+def test_members_that_leave_a_process_without_one_are_refused_in_one_line():
+    """Blocks of ceil(K / P) members: 3 over 2 processes are 2 + 1; 5 over 4 would leave process 3 none."""
+    from fnclass.distributed import Process
+    from fnclass.distributed.members import member_blocks
+    from fnclass.errors import InputError
+
+    assert [member_blocks(3, Process(rank, 2, rank, None)).block for rank in (0, 1)] == [range(0, 2), range(2, 3)]
+    assert member_blocks(3, None).block == range(3)
+    with pytest.raises(InputError) as refused:
+        member_blocks(5, Process(0, 4, 0, None))
+    assert str(refused.value) == ("5 members (--seeds, --sweep) over 4 processes leave process 3 without one (each "
+                                  "process trains a block of up to 2 whole members): run 3 processes (torchrun "
+                                  "--nproc-per-node 3), or train more members")
 
 
 @pytest.mark.parametrize("joined", [True, False])

@@ -351,8 +351,8 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
     except TrainingInterrupted as stop:
         if reporter.progress is not None:
             reporter.progress.stop()
-        click.echo(f"interrupted at step {stop.step}: saved {stop.checkpoint}; continue with "
-                   f"`fnclass train --resume {workdir}`", err=True)
+        said = f"interrupted at step {stop.step}: saved {stop.checkpoint}" if stop.step is not None else str(stop)
+        click.echo(f"{said}; continue with `fnclass train --resume {workdir}`", err=True)
         raise SystemExit(130) from None
 
 

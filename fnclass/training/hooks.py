@@ -42,11 +42,14 @@ class StepEvent(NamedTuple):
 
 class FiniteCheck:
     """Flags the first non-finite step on the device at every step; :meth:`check` raises :class:`TrainingDiverged`
-    (``train.nan_policy = "stop"``) where the loop synchronises anyway."""
+    (``train.nan_policy = "stop"``) where the loop synchronises anyway. ``gather`` makes every member's flags of
+    this process's (members spread over a torchrun job: every process then raises the same error together)."""
 
-    def __init__(self, config: Config, steps_per_epoch: int, last_checkpoint: Path, member_names: list[str]):
+    def __init__(self, config: Config, steps_per_epoch: int, last_checkpoint: Path, member_names: list[str],
+                 gather=None):
         self.config, self.steps_per_epoch, self.last = config, steps_per_epoch, last_checkpoint
         self.member_names, self.first_bad = member_names, None
+        self.gather = gather or (lambda flags: flags)
 
     def start_epoch(self, shape: tuple, dev) -> None:
         self.first_bad = torch.zeros(shape, dtype=torch.int64, device=dev)  # the first non-finite step (0: none)
@@ -63,7 +66,8 @@ class FiniteCheck:
         """
         if self.config.train.nan_policy != "stop" or self.first_bad is None:
             return
-        bad = [(step, member) for member, step in enumerate(self.first_bad.reshape(-1).tolist()) if step]
+        first_bad = self.gather(self.first_bad)
+        bad = [(step, member) for member, step in enumerate(first_bad.reshape(-1).tolist()) if step]
         if bad:
             bad, member = min(bad)
             who = f" in member {member} ({self.member_names[member]})" if len(self.member_names) > 1 else ""

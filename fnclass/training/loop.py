@@ -3,7 +3,9 @@
 The loop knows nothing of what the batches are (:mod:`fnclass.data.sources`, :mod:`fnclass.privacy.sources`,
 :mod:`fnclass.distributed.sources`), what the step does (:func:`fnclass.training.recipe.create_train_step`) or what
 is written (:mod:`fnclass.training.hooks`). One model or K stacked members run through it the same way: with
-members every sum, flag and count has a leading member axis.
+members every sum, flag and count has a leading member axis. Members spread over a torchrun job
+(:mod:`fnclass.distributed.members`): each process steps its block, and what the hooks see at a synchronising step
+and the epoch's metrics are gathered over every block, so they are those of all K members.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 
 import torch
 
+from fnclass.distributed.members import MemberBlocks
 from fnclass.io import fault_point, synchronize
 from fnclass.training.hooks import FiniteCheck, StepEvent
 
@@ -25,15 +28,18 @@ class EpochLoop:
         out, ``metrics`` leaves ``(K,)``).
       steps_per_epoch: the steps of a full epoch.
       batch_size: the images a step trains on (per member; the global batch under data parallel).
-      members: K for a stacked TrainState, None for one model.
+      members: K for a stacked TrainState (all the run's, however many this process steps), None for one model.
       finite: the finite check (:class:`fnclass.training.hooks.FiniteCheck`).
       hooks: called in order after every step with a :class:`fnclass.training.hooks.StepEvent`.
+      blocks: the members this process steps (:class:`fnclass.distributed.members.MemberBlocks`; the state, the
+        source and the step are of its block); None: all of them. Speeds count all K members' images.
     """
 
     def __init__(self, source, train_step, steps_per_epoch: int, batch_size: int, *, members: int | None,
-                 finite: FiniteCheck, hooks: tuple = ()):
+                 finite: FiniteCheck, hooks: tuple = (), blocks: MemberBlocks | None = None):
         self.source, self.train_step, self.hooks, self.finite = source, train_step, hooks, finite
         self.steps_per_epoch, self.batch_size, self.members = steps_per_epoch, batch_size, members
+        self.blocks = blocks or MemberBlocks(members or 1, None)
         self.images_seen = 0
         self.latest = None  # the state after the last finished step, for a Ctrl-C between steps
         self.sums: dict = {}  # the epoch's sums so far, on the device
@@ -94,6 +100,7 @@ class EpochLoop:
             if any(hook.syncs(step) for hook in self.hooks if hasattr(hook, "syncs")):
                 synchronize(dev)
                 self.finite.check()  # a state after a non-finite step is never logged as good or saved
+                event = self._everyone(event)
             for hook in self.hooks:
                 hook(event)
         synchronize(dev)  # steps run asynchronously: the epoch ends when the GPU is done
@@ -102,11 +109,25 @@ class EpochLoop:
         self.finite.check()  # before evaluating and saving: the last good checkpoint stays
         return train_state, seconds, self._metrics(images, seconds)
 
+    def _everyone(self, event: StepEvent) -> StepEvent:
+        """A step's event with every member's state, metrics and sums (members spread over processes: gathered)."""
+        if self.blocks.process is None:
+            return event
+        train_state, metrics, sums = self.blocks.gather((event.train_state, event.metrics, self._tensor_sums()))
+        return event._replace(train_state=train_state, metrics=metrics, skipped=sums["skipped"],
+                              progress=lambda: _as_json({**self.sums, **sums}))
+
+    def _tensor_sums(self) -> dict:
+        """The epoch's per-member sums (the tensors among :attr:`sums`)."""
+        return {name: value for name, value in self.sums.items() if isinstance(value, torch.Tensor)}
+
     def _start_sums(self, progress: dict, epoch: int, dev) -> None:
-        """The epoch's sums on the device, from a resumed checkpoint's ``progress`` or zero."""
-        shape = (self.members,) if self.members else ()
-        start = lambda name, dtype=None: torch.tensor(progress.get(name, 0), device=dev,
-                                                      dtype=dtype).expand(shape).clone()
+        """The epoch's sums on the device, from a resumed checkpoint's ``progress`` (every member's: this process
+        keeps its block's) or zero."""
+        shape = (len(self.blocks.block),) if self.members else ()
+        mine = lambda value: self.blocks.take(value) if value.ndim else value
+        start = lambda name, dtype=None: mine(torch.tensor(progress.get(name, 0), device=dev,
+                                                           dtype=dtype)).expand(shape).clone()
         self.sums = {"loss_sum": start("loss_sum", torch.float32), "correct": start("correct"),
                      "skipped": start("skipped"), "examples": start("examples"), "overflow": start("overflow"),
                      "images": int(progress.get("images", 0)), "epoch": epoch}
@@ -114,7 +135,7 @@ class EpochLoop:
     def _metrics(self, images: int, seconds: float) -> dict:
         """The epoch's train loss and accuracy (per member), skipped steps, speed and, for Poisson batches, the
         sampled examples a padded batch could not hold."""
-        sums, epoch_images = self.sums, self.sums["images"]
+        sums, epoch_images = {**self.sums, **self.blocks.gather(self._tensor_sums())}, self.sums["images"]
         losses, rights, skips, examples = (sums[name].reshape(-1).tolist()
                                            for name in ("loss_sum", "correct", "skipped", "examples"))
         if self.source.varying:  # Poisson batches: the real examples they held
@@ -126,7 +147,7 @@ class EpochLoop:
                      else float("nan") for total, skip in zip(losses, skips)]
             accuracies = [right / max(epoch_images, 1) for right in rights]
             extra = {}
-        speed = images * (self.members or 1) / seconds if seconds > 0 else None  # this process's images
+        speed = images * (self.members or 1) / seconds if seconds > 0 else None  # every member's, on this clock
         metrics = {"loss": means, "accuracy": accuracies, "skipped_steps": skips, "images_per_second": speed, **extra}
         if not self.members:
             metrics.update({name: metrics[name][0] for name in ("loss", "accuracy", "skipped_steps",
@@ -137,8 +158,12 @@ class EpochLoop:
         """The epoch's sums so far as JSON numbers (saved with a mid-epoch checkpoint); None before any epoch."""
         if not self.sums:
             return None
-        return {name: (value.tolist() if isinstance(value, torch.Tensor) else value)
-                for name, value in self.sums.items()}
+        return _as_json(self.sums)
+
+
+def _as_json(sums: dict) -> dict:
+    """An epoch's sums as JSON numbers."""
+    return {name: (value.tolist() if isinstance(value, torch.Tensor) else value) for name, value in sums.items()}
 
 
 def _step_of(train_state) -> int:

@@ -27,6 +27,7 @@ from fnclass.config import Config
 from fnclass.core import random, tree
 from fnclass.data.batches import RunData, load_run_data, normalized
 from fnclass.data.sources import PermutedSource, Stacked
+from fnclass.distributed.members import MemberBlocks, member_blocks
 from fnclass.distributed.sources import Sharded
 from fnclass.errors import InputError
 from fnclass.io import keep_freed_memory, pick_device, synchronize
@@ -48,10 +49,12 @@ from fnclass.training.step import (
 
 
 class TrainingInterrupted(Exception):
-    """Training was stopped with Ctrl-C; ``last.safetensors`` holds the state at ``step``."""
+    """Training was stopped with Ctrl-C; ``last.safetensors`` holds the state at ``step`` (None: members spread over
+    a torchrun job, which save nothing then; the last epoch end's or step checkpoint stays)."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"interrupted at step {step}; saved {checkpoint}")
+    def __init__(self, step: int | None, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; saved {checkpoint}" if step is not None else
+                         f"interrupted; {checkpoint} (if written) holds the last epoch end's or step checkpoint")
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -68,9 +71,10 @@ class Setup(NamedTuple):
     config: Config
     ds: RunData
     dev: torch.device
-    process: Any  # a data-parallel job's distributed.Process, or None
+    process: Any  # a torchrun job's distributed.Process (data parallel, or members spread over it), or None
     members: list[dict]  # {"seed": ..., swept key: value}; one for a single run
     stacked: bool  # members' TrainStates stacked on a leading axis (--seeds / --sweep)
+    blocks: MemberBlocks  # the members this process trains: all, or its block of a job's
     steps_per_epoch: int
     privacy_plan: privacy.Plan | None
     run: RunDirectory
@@ -80,7 +84,7 @@ class Setup(NamedTuple):
 class Program(NamedTuple):
     """What :func:`build_program` makes of a :class:`Setup`."""
 
-    train_state: TrainState
+    train_state: TrainState  # this process's members: all, or its block of a job's
     loop: EpochLoop
     eval_step: Any
     schedule: Any
@@ -124,7 +128,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         train_state, summary = run_epochs(setup, program)
     except KeyboardInterrupt:
         train_state = interrupted(setup, program)
-        raise TrainingInterrupted(_step_of(train_state), setup.run.last) from None
+        raise TrainingInterrupted(None if train_state is None else _step_of(train_state), setup.run.last) from None
     finally:
         setup.run.close()
     distributed.finish(setup.process)
@@ -137,10 +141,10 @@ def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool
     config = resolve_config(config)
     keep_freed_memory()  # a pure step allocates afresh every step: do not fault that memory in again each time
     process = distributed.from_environment(device)  # a torchrun job: data parallel, rank 0 writes and reports
-    if process is not None and config.members.active:
-        raise InputError("members (--seeds, --sweep) under torchrun are not supported yet: run them in one "
-                         "process, or one run per process with its own --out")
-    distributed.check_batch(process, config.train.batch_size)
+    # Members are spread whole over a job's processes (no batch is shared): a block of them each.
+    blocks = member_blocks(len(config.member_list()), process if config.members.active else None)
+    if not config.members.active:
+        distributed.check_batch(process, config.train.batch_size)
     dev = distributed.device_of(process, pick_device(device))
     if process is not None:  # one download, by rank 0, before the others look for the files
         distributed.first_on_rank_zero(process, lambda: data.resolve_data_dir(data_dir or config.data.data_dir,
@@ -160,15 +164,18 @@ def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool
             config.privacy, noise_multiplier=plan.noise_multiplier))
     writes = process is None or process.writes
     run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
-    return Setup(config, ds, dev, process, config.member_list(), config.members.active, steps_per_epoch, plan, run,
-                 resume)
+    return Setup(config, ds, dev, process, config.member_list(), config.members.active, blocks, steps_per_epoch, plan,
+                 run, resume)
 
 
 def build_program(setup: Setup) -> Program:
-    """The members' initial (or restored) TrainState, the step with its wrappers, the batch source, the hooks."""
+    """The members' initial (or restored) TrainState, the step with its wrappers, the batch source, the hooks.
+
+    Members spread over a torchrun job: this process's block of them (its members' states, swept values, keys and
+    steps); the loop gathers every member where the run needs them."""
     config, ds, dev, run = setup.config, setup.ds, setup.dev, setup.run
-    model = recipe.create_model(config, process=setup.process)
-    hyper = members.swept_values(setup.members)
+    model = recipe.create_model(config, process=_data_parallel(setup))
+    hyper = members.swept_values([setup.members[i] for i in setup.blocks.block])
     optimizer_for = functools.partial(recipe.create_run_optimizer, config, model.param_labels, setup.steps_per_epoch)
     train_state, init_source, whitening = initial_state(setup, model, optimizer_for(members.first(hyper)))
     secret = None if setup.privacy_plan is None else run.privacy_secret(resume=setup.resume).to(dev)
@@ -178,16 +185,18 @@ def build_program(setup: Setup) -> Program:
     keys = list(train_state.key) if setup.stacked else [train_state.key]
     sources = [_source(setup, key, secret) for key in keys]
     source = Stacked(sources) if setup.stacked else sources[0]
-    source = source if setup.process is None else Sharded(source, setup.process)
+    source = source if _data_parallel(setup) is None else Sharded(source, setup.process)
     schedule = recipe.create_batch_schedule(config, setup.steps_per_epoch)
     lr_scales = [m.get("optim.lr", config.optim.lr) / config.optim.lr for m in setup.members]
     hooks = [StepLog(config, run, schedule, lr_scales, setup.stacked)]
     if config.train.grad_stats_every:
         hooks.append(GradStats(config, ds, model, run, setup.stacked))
     hooks.append(StepCheckpoint(run, config.checkpoint.every_steps))
-    finite = FiniteCheck(config, setup.steps_per_epoch, run.last, [members.member_name(m) for m in setup.members])
+    finite = FiniteCheck(config, setup.steps_per_epoch, run.last, [members.member_name(m) for m in setup.members],
+                         gather=setup.blocks.gather)
     loop = EpochLoop(source, train_step, setup.steps_per_epoch, config.train.batch_size,
-                     members=len(setup.members) if setup.stacked else None, finite=finite, hooks=tuple(hooks))
+                     members=len(setup.members) if setup.stacked else None, finite=finite, hooks=tuple(hooks),
+                     blocks=setup.blocks)
     eval_step = make_eval_step(model, compile=config.train.compile, precision=config.train.precision,
                                channels_last=config.train.channels_last)
     clock = {"whitening": whitening, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
@@ -197,13 +206,17 @@ def build_program(setup: Setup) -> Program:
 def initial_state(setup: Setup, model, optimizer) -> tuple[TrainState, Any, float]:
     """Every member's TrainState from its seed (stacked with members), fitted to the data or started from
     ``train.init_from``, or the run directory's last checkpoint on resume; also the fine-tuning source's record and
-    the seconds the data-dependent init took."""
+    the seconds the data-dependent init took. Members spread over a torchrun job: this process's block of them
+    (restored from the checkpoint of all K)."""
     config, dev = setup.config, setup.dev
-    states = [create_train_state(model, optimizer, random.key(m["seed"]), ema=bool(config.train.ema_decay),
-                                 loss_scaling=config.train.precision == "fp16") for m in setup.members]
+    create = lambda member: create_train_state(model, optimizer, random.key(member["seed"]),
+                                               ema=bool(config.train.ema_decay),
+                                               loss_scaling=config.train.precision == "fp16")
     if setup.resume:
+        states = [create(m) for m in setup.members]
         skeleton = tree.tree_stack(states) if setup.stacked else states[0]
-        return tree.tree_to(setup.run.restore(skeleton), dev), None, 0.0
+        return tree.tree_to(setup.blocks.take(setup.run.restore(skeleton)), dev), None, 0.0
+    states = [create(setup.members[i]) for i in setup.blocks.block]
     states, init_source, seconds = [tree.tree_to(s, dev) for s in states], None, 0.0
     if config.train.init_from:  # fine-tuning: the source's weights (and fitted whitening), heads from each key
         source = finetune.load_source(config.train.init_from)
@@ -222,7 +235,7 @@ def initial_state(setup: Setup, model, optimizer) -> tuple[TrainState, Any, floa
 
 def _train_step(setup: Setup, model, optimizer_for, hyper: dict, secret):
     """``step(train_state, batch, key)``: the recipe's step, or the members' (vmapped or looped) over theirs."""
-    config, plan = setup.config, setup.privacy_plan
+    config, plan, process = setup.config, setup.privacy_plan, _data_parallel(setup)
     strategy = config.members.strategy
     if strategy == "auto":
         strategy = "vmap" if setup.dev.type == "cuda" else "loop"
@@ -233,13 +246,13 @@ def _train_step(setup: Setup, model, optimizer_for, hyper: dict, secret):
             return functools.partial(mean_gradient, transformable=vmapped)
         return privacy.clipped_noisy_gradient(plan.max_grad_norm, plan.noise_multiplier, plan.expected_batch_size,
                                               chunk_size=config.privacy.chunk_size, copies=plan.augmult,
-                                              secret=secret, skip_padding=not vmapped, process=setup.process)
+                                              secret=secret, skip_padding=not vmapped, process=process)
 
     def build_step(member_hyper: dict):
         # Under vmap: torch.func's gradient, and no memory-format requests (vmap refuses them); compiled as a
         # whole below. In a loop (and a single run): the single run's own step, compiled when asked.
         return recipe.create_train_step(config, model, recipe.create_loss(config, member_hyper),
-                                        optimizer_for(member_hyper), gradient=gradient(), process=setup.process,
+                                        optimizer_for(member_hyper), gradient=gradient(), process=process,
                                         channels_last=config.train.channels_last and not vmapped,
                                         compile=config.train.compile and not vmapped)
 
@@ -251,27 +264,37 @@ def _train_step(setup: Setup, model, optimizer_for, hyper: dict, secret):
     return lambda train_state, batch, keys: step(train_state, batch, keys, on_device)
 
 
+def _data_parallel(setup: Setup):
+    """The job whose processes share each step of a single run (the gradient all-reduced, BatchNorm's statistics
+    over the global batch), or None: one process, or members, each stepped whole by the process holding it."""
+    return None if setup.stacked else setup.process
+
+
 def _source(setup: Setup, key: torch.Tensor, secret):
     """One member's batch source: Poisson batches under ``[privacy]``, a permutation per epoch otherwise."""
     plan, config = setup.privacy_plan, setup.config
     if plan is not None and plan.poisson_sampling:
         return PoissonSource(setup.ds, config.data, key, plan, secret,
-                             shards=setup.process.world_size if setup.process else 1)
+                             shards=_data_parallel(setup).world_size if _data_parallel(setup) else 1)
     return PermutedSource(setup.ds, config.data, key, config.train.batch_size,
                           copies=plan.augmult if plan is not None else 1)
 
 
 def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
-    """The epochs left: train, evaluate, log the row, save (``best`` on the selection split); then the summary."""
-    config, run, loop, clock = setup.config, setup.run, program.loop, program.clock
-    train_state, start_step = program.train_state, _step_of(program.train_state)
+    """The epochs left: train, evaluate, log the row, save (``best`` on the selection split); then the summary.
+
+    Members spread over a torchrun job: each process steps its block, and every member's state is gathered at each
+    epoch's end, so evaluation, the rows and the checkpoint are of all K (as one process training them writes)."""
+    config, run, loop, clock, blocks = setup.config, setup.run, program.loop, program.clock, setup.blocks
+    own, start_step = program.train_state, _step_of(program.train_state)  # this process's members
     _start(setup, program, start_step)
     if config.train.compile:
-        clock["compile"] = loop.compile(train_state, setup.dev)
+        clock["compile"] = loop.compile(own, setup.dev)
     best, evaluation = run.best_accuracy(), None
     split, progress = setup.ds.selection_split, run.progress  # the split evaluated every epoch; "best" chosen on it
     for epoch in range(loop.first_epoch(start_step, run.has_epoch_row), config.train.epochs):
-        train_state, seconds, train_metrics = loop(train_state, epoch, setup.dev, progress)
+        own, seconds, train_metrics = loop(own, epoch, setup.dev, progress)
+        train_state = blocks.gather(own)  # every member (the loop's metrics are every member's already)
         progress = None  # only the epoch a run resumes in started before this process
         clock["train"] += seconds
         tick = time.perf_counter()
@@ -284,6 +307,7 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
         run.end_epoch(row, train_state, best=best is None or row[run.selection] > best, learning_rate=learning_rate)
         best = row[run.selection] if best is None else max(best, row[run.selection])
     if evaluation is None:  # resumed a finished run: evaluate what is there
+        train_state = blocks.gather(own)
         evaluation = evaluate(setup, program, train_state, split, final=True)
         best = max(best or 0.0, _scores(evaluation, split)[run.selection])
     tick = time.perf_counter()
@@ -299,7 +323,7 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
 def _start(setup: Setup, program: Program, start_step: int) -> None:
     """The run directory's config, header and ``run`` line: what the run is about to do."""
     ds, config, plan = setup.ds, setup.config, setup.privacy_plan
-    params = tree.num_params(program.train_state.params) // len(setup.members)
+    params = tree.num_params(program.train_state.params) // len(setup.blocks.block)
     info = {"device": str(setup.dev), "data_dir": str(ds.folder), "train_images": len(ds.train_images),
             "test_images": len(ds.test_images), "steps_per_epoch": setup.steps_per_epoch,
             "selection_split": ds.selection_split, "val_images": 0 if ds.val_images is None else len(ds.val_images),
@@ -430,9 +454,14 @@ def privacy_summary(plan: privacy.Plan, steps: int, rows: list[dict]) -> dict:
             "poisson_overflow": sum(row.get("poisson_overflow", 0) for row in rows)}
 
 
-def interrupted(setup: Setup, program: Program) -> TrainState:
-    """On Ctrl-C: the state after the last finished step (never one after a non-finite step), saved."""
+def interrupted(setup: Setup, program: Program) -> TrainState | None:
+    """On Ctrl-C: the state after the last finished step (never one after a non-finite step), saved.
+
+    Members spread over a torchrun job: nothing is saved, as the processes stop at different steps (between the
+    points where they meet, each steps its own block); the last checkpoint stays."""
     loop, train_state = program.loop, program.train_state
+    if setup.blocks.process is not None:
+        return None
     if loop.latest is not None:
         loop.finite.check()
         train_state = loop.latest
