@@ -219,7 +219,7 @@ def test_a_sweep_through_the_cli_groups_its_table_and_summary(cifar_dir, tmp_pat
     (["--sweep", "optim.lrr=0.1"], "optim.lrr is not a config key"),
     (["--sweep", "optim.lr=fast,slow"], "must be numbers"),
     (["--seeds", "3-1"], "--seeds 3-1: expected seeds >= 0"),
-    (["--seeds", "0,0,1"], "members.seeds = [0, 0, 1] is not allowed: expected seeds without repeats"),
+    (["--set", "members.seeds=[0, 0, 1]"], "members.seeds = (0, 0, 1) is not allowed: expected seeds without repeats"),
 ])
 def test_bad_member_options_are_one_line(cifar_dir, tmp_path, args, message):
     one_error_line(["train", "--config", "cpu", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), *args],
