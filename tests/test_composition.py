@@ -140,7 +140,8 @@ def test_the_composition_table_lists_every_refusal_with_the_codes_reason():
             load_config("cpu", [f"{k}={v}" for k, v in keys])
     composes = {(row["first"], row["second"].split(" = ")[0]) for row in table if row["composes"] == "yes"}
     assert composes >= {("members", "`train.ema_decay"), ("members", "`train.grad_stats_every"),
-                        ("members", "[privacy]"), ("members", "torchrun"), ("[privacy]", "torchrun"), ("`fnclass grads --score`", "torchrun"),
+                        ("members", "[privacy]"), ("members", "torchrun"), ("[privacy]", "torchrun"),
+                        ("`fnclass grads --score`", "torchrun"),
                         ("`fnclass influence`", "torchrun")}, composes  # the pairs issue 25 made compose
 
 
