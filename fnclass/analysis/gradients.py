@@ -260,13 +260,8 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     """
     from fnclass import distributed
 
-    process = distributed.from_environment(device)
-    ckpt = load_checkpoint(checkpoint_path)
-    dev = distributed.device_of(process, pick_device(device))
-    folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
-    raw_images, labels = data.load_split(folder, split, limit=limit)
-    ckpt.check_split(folder, raw_images, labels)
-    model = vmap_model(ckpt)
+    process, ckpt, dev, raw_images, labels, model = _open_split(checkpoint_path, data_dir, split, limit, device,
+                                                                download)
     params, state = tree.tree_to((ckpt.params, ckpt.state), dev)
     images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
     if chunk_size == "auto":
@@ -467,13 +462,8 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
     """
     from fnclass import distributed
 
-    process = distributed.from_environment(device)
-    ckpt = load_checkpoint(checkpoint_path)
-    dev = distributed.device_of(process, pick_device(device))
-    folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
-    raw_images, labels = data.load_split(folder, split, limit=limit)
-    ckpt.check_split(folder, raw_images, labels)
-    model = vmap_model(ckpt)
+    process, ckpt, dev, raw_images, labels, model = _open_split(checkpoint_path, data_dir, split, limit, device,
+                                                                download)
     members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
     n, start = len(labels), time.perf_counter()
     # Each process preprocesses and scores its shard only; an example's score depends on that example alone.
@@ -506,14 +496,33 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
         kept = kept_indices(scores, keep_fraction)
         summary["kept"] = len(kept)
     if process is None or process.writes:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if keep_fraction is not None:
-            write_atomic(out_dir / "kept_indices.txt", "".join(f"{i}\n" for i in kept.tolist()).encode())
-        write_atomic(out_dir / "scores.csv", _scores_csv(labels, scores, per_member if ckpt.members else []))
-        write_json(out_dir / "scores.json", summary)
+        _write_scores(Path(out_dir), summary, labels, scores, per_member if ckpt.members else [],
+                      kept if keep_fraction is not None else None)
     distributed.finish(process)
     return summary
+
+
+def _write_scores(out_dir: Path, summary: dict, labels, scores, per_member: list, kept) -> None:
+    """scores.csv, scores.json and (with a keep fraction) kept_indices.txt, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if kept is not None:
+        write_atomic(out_dir / "kept_indices.txt", "".join(f"{i}\n" for i in kept.tolist()).encode())
+    write_atomic(out_dir / "scores.csv", _scores_csv(labels, scores, per_member))
+    write_json(out_dir / "scores.json", summary)
+
+
+def _open_split(checkpoint_path, data_dir, split: str, limit, device: str, download: bool):
+    """A torchrun job joined (or None), the checkpoint, the device, the split's uint8 images and labels (checked
+    against the checkpoint) and the vmappable model: what the analysis commands start from."""
+    from fnclass import distributed
+
+    process = distributed.from_environment(device)
+    ckpt = load_checkpoint(checkpoint_path)
+    dev = distributed.device_of(process, pick_device(device))
+    folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
+    raw_images, labels = data.load_split(folder, split, limit=limit)
+    ckpt.check_split(folder, raw_images, labels)
+    return process, ckpt, dev, raw_images, labels, vmap_model(ckpt)
 
 
 def _scores_csv(labels: torch.Tensor, scores: torch.Tensor, per_member: list[torch.Tensor]) -> bytes:
