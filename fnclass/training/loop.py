@@ -77,7 +77,7 @@ class EpochLoop:
         sums = self.sums
         self.finite.start_epoch(sums["loss_sum"].shape, dev)
         images, start = 0, time.perf_counter()
-        step, self.latest = _step_of(train_state), train_state
+        step, self.latest = step_of(train_state), train_state
         for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
             batch = self.source(step, epoch, epoch_step)
             train_state, metrics = self.train_step(train_state, (batch.images, batch.labels), batch.key)
@@ -166,6 +166,6 @@ def _as_json(sums: dict) -> dict:
     return {name: (value.tolist() if isinstance(value, torch.Tensor) else value) for name, value in sums.items()}
 
 
-def _step_of(train_state) -> int:
+def step_of(train_state) -> int:
     """The step count of a TrainState (of its first member when stacked: members step together)."""
     return int(train_state.step.reshape(-1)[0])

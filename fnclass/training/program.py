@@ -37,7 +37,7 @@ from fnclass.run.directory import Reporter, RunDirectory
 from fnclass.training import finetune, members, recipe
 from fnclass.training.evaluate import evaluate_members, split_metrics
 from fnclass.training.hooks import FiniteCheck, GradStats, StepCheckpoint, StepLog, TrainingDiverged
-from fnclass.training.loop import EpochLoop
+from fnclass.training.loop import EpochLoop, step_of
 from fnclass.training.step import (
     TrainState,
     create_train_state,
@@ -128,7 +128,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         train_state, summary = run_epochs(setup, program)
     except KeyboardInterrupt:
         train_state = interrupted(setup, program)
-        raise TrainingInterrupted(None if train_state is None else _step_of(train_state), setup.run.last) from None
+        raise TrainingInterrupted(None if train_state is None else step_of(train_state), setup.run.last) from None
     finally:
         setup.run.close()
     distributed.finish(setup.process)
@@ -286,7 +286,7 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
     Members spread over a torchrun job: each process steps its block, and every member's state is gathered at each
     epoch's end, so evaluation, the rows and the checkpoint are of all K (as one process training them writes)."""
     config, run, loop, clock, blocks = setup.config, setup.run, program.loop, program.clock, setup.blocks
-    own, start_step = program.train_state, _step_of(program.train_state)  # this process's members
+    own, start_step = program.train_state, step_of(program.train_state)  # this process's members
     _start(setup, program, start_step)
     if config.train.compile:
         clock["compile"] = loop.compile(own, setup.dev)
@@ -301,7 +301,7 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
         evaluation = evaluate(setup, program, train_state, split, final=epoch + 1 == config.train.epochs)
         clock["final_eval"] = time.perf_counter() - tick  # evaluation ends with .item(): synchronised
         row = epoch_row(setup, program, train_state, epoch, train_metrics, evaluation, split, seconds)
-        mean_lr = recipe.interval_learning_rate(config, program.schedule, epoch + 1, _step_of(train_state),
+        mean_lr = recipe.interval_learning_rate(config, program.schedule, epoch + 1, step_of(train_state),
                                                 setup.steps_per_epoch)
         learning_rate = [mean_lr * scale for scale in program.lr_scales] if setup.stacked else mean_lr
         run.end_epoch(row, train_state, best=best is None or row[run.selection] > best, learning_rate=learning_rate)
@@ -376,7 +376,7 @@ def epoch_row(setup: Setup, program: Program, train_state: TrainState, epoch: in
               evaluation: dict, split: str, seconds: float) -> dict:
     """The metrics.jsonl row of an epoch (its evaluation is of the split "best" is chosen on); with members, the
     ensemble's metrics, the members' spread and a ``member_epoch`` line each (logged here)."""
-    step, lr = _step_of(train_state), float(program.schedule(_step_of(train_state) - 1))
+    step, lr = step_of(train_state), float(program.schedule(step_of(train_state) - 1))
     mean = lambda values: statistics.fmean(values) if isinstance(values, list) else values
     total = lambda values: sum(values) if isinstance(values, list) else values
     row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": mean(train_metrics["loss"]),
@@ -407,7 +407,7 @@ def make_summary(setup: Setup, program: Program, train_state: TrainState, evalua
                **(scores(_scores(evaluation, "val")) if split == "val" else {})}
     if setup.stacked:
         summary["ensemble_test_accuracy"] = test[""]["ensemble"]["accuracy"]
-    summary.update(run_facts(setup, program.clock, program.loop.images_seen, _step_of(train_state), start_step,
+    summary.update(run_facts(setup, program.clock, program.loop.images_seen, step_of(train_state), start_step,
                              tree.num_params(train_state.params) // len(setup.members)))
     for name in ("per_class_accuracy", "ema_per_class_accuracy"):
         if name in test_scores:
@@ -415,13 +415,13 @@ def make_summary(setup: Setup, program: Program, train_state: TrainState, evalua
     if setup.stacked:
         summary.update(members.summary_members(setup.members, evaluation, test, split))
     if setup.privacy_plan is not None:
-        summary["privacy"] = privacy_summary(setup.privacy_plan, _step_of(train_state), run.epoch_rows())
+        summary["privacy"] = privacy_summary(setup.privacy_plan, step_of(train_state), run.epoch_rows())
         if setup.stacked:  # each member is its own private run: its own samples and noise, the same guarantee;
             # releasing all K models composes K runs on the same data (K times the steps at the same rate and noise)
             for entry in summary["members"]:
                 entry["epsilon"] = summary["privacy"]["epsilon"]
             summary["privacy"]["ensemble_epsilon"] = _finite(privacy.epsilon(
-                setup.privacy_plan, _step_of(train_state) * len(setup.members)))
+                setup.privacy_plan, step_of(train_state) * len(setup.members)))
     return summary
 
 
@@ -472,11 +472,6 @@ def interrupted(setup: Setup, program: Program) -> TrainState | None:
 def _finite(value: float) -> float | None:
     """``value``, or None (JSON null) when it is infinite."""
     return value if math.isfinite(value) else None
-
-
-def _step_of(train_state: TrainState) -> int:
-    """The step count of a TrainState (of its first member when stacked: members step together)."""
-    return int(train_state.step.reshape(-1)[0])
 
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "train"]
