@@ -9,6 +9,14 @@ import pytest
 
 from tests.needs import missing
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on two cores: one thread per worker, and in the commands a test starts (two threads in each of
+    # two workers fight over the cores and ran the suite slower than one process).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:

@@ -76,7 +76,8 @@ def test_float32_export_equals_the_checkpoint_on_real_images(trained, reference_
 
 @pytest.mark.parametrize("fmt,dtype", LOW_PRECISION)
 def test_low_precision_export_keeps_logits_and_predictions(trained, reference_logits, tmp_path, fmt, dtype):
-    _, images, labels = trained
+    # The first 4,000 test images: float16 arithmetic on a CPU without float16 units is emulated and slow.
+    images, labels, reference_logits = trained[1][:4000], trained[2][:4000], reference_logits[:4000]
     assert (reference_logits.argmax(1) == labels).double().mean() > 0.4  # it learned: predictions worth keeping
     predictor = export.load_predictor(_export(trained, tmp_path, fmt, dtype), trust_program=True)
     logits = _logits(predictor, images)
@@ -89,6 +90,7 @@ def test_low_precision_export_keeps_logits_and_predictions(trained, reference_lo
     # Changed predictions, not accuracy, where flips both ways cancel. A flip needs a float32 top-two margin within
     # the logit error, so their share scales with eps: 108 (bfloat16) and 9-19 (float16) of 10,000 on this
     # project's CPU, 36 and 3 on another; fp8-rounded weights change 708.
+    # (On 4,000 images: 5 eps of float16 allows 19 changes where 4-8 are expected.)
     changed = (logits.argmax(1) != reference_logits.argmax(1)).double().mean()
     assert changed <= 5 * eps, f"{changed:.2%} of the predictions changed"
 
