@@ -163,6 +163,21 @@ def test_noise_has_the_right_standard_deviation():
     assert all(a.equal(b) for a, b in zip(hidden.values(), hidden_again.values()))
 
 
+def test_the_noise_reaches_eight_standard_deviations(monkeypatch):
+    """The tails of the noise, where a coarse sampler cuts them: with every random word forced to its extreme, the
+    DP gradient's noise is the largest normal its sampler can give. Float64 normals from 53 bits reach 8.2 standard
+    deviations; the 24-bit ones stop at 5.4 (probability 7e-8 beyond), and a run using them fails here. (The
+    largest word once gave an infinite normal: the uniform rounded to 1.)"""
+    model, params, state, images, _ = _setup(n=4)
+    nothing = torch.full((4,), privacy.PADDING)
+    for word, sign in ((0, -1.0), (2 ** 32 - 1, 1.0)):
+        monkeypatch.setattr(random, "bits",
+                            lambda key, shape, word=word: torch.full(tuple(shape), word, dtype=torch.int64))
+        noise, _ = _dp_grads(model, params, state, images, nothing, clip=1.0, sigma=1.0, batch=1)
+        values = torch.cat([v.flatten() for v in noise.values()]) * sign
+        assert float(values.min()) > 8.2 and float(values.max()) < 8.3, (float(values.min()), float(values.max()))
+
+
 def test_poisson_sample_rate_order_and_overflow():
     n, rate = 1000, 0.1
     size = privacy.max_batch_size(n, rate)

@@ -115,9 +115,11 @@ def normal64(key: torch.Tensor, shape) -> torch.Tensor:
     """Float64 standard normals of ``shape`` from 53-bit uniforms: the tails reach 8.2 standard deviations
     (:func:`normal`'s 24-bit ones stop at 5.4), as the Gaussian noise of DP-SGD should."""
     k_high, k_low = split(key)
-    high, low = bits(k_high, shape) >> 5, bits(k_low, shape) >> 6  # 27 + 26 bits
-    unit = ((high * (1 << 26) + low).to(torch.float64) + 0.5) * 2.0 ** -53
-    return torch.erfinv(2.0 * unit - 1.0) * math.sqrt(2.0)
+    high, low = bits(k_high, shape) >> 5, bits(k_low, shape) >> 6  # 27 + 26 bits: k in [0, 2**53)
+    # 2u - 1 for the uniform u = (k + 1/2) / 2**53, formed exactly: the odd integer 2k + 1 - 2**53 has at most 53
+    # bits. (Rounding (k + 1/2) itself to float64 made u = 1, an infinite normal, at k = 2**53 - 1.)
+    centred = (2 * (high * (1 << 26) + low) + 1 - (1 << 53)).to(torch.float64) * 2.0 ** -53
+    return torch.erfinv(centred) * math.sqrt(2.0)
 
 
 # Marsaglia-Tsang accepts a candidate with probability >= 0.9516 (the least, at shape 1), so all 16 of one output

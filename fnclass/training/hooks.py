@@ -38,6 +38,7 @@ class StepEvent(NamedTuple):
     images_per_second: float
     skipped: torch.Tensor  # the epoch's skipped steps so far, per member
     progress: Any  # () -> the epoch's sums so far (for a mid-epoch checkpoint)
+    examples: torch.Tensor | None = None  # a Poisson batch's real examples (per member); None: a fixed-size batch
 
 
 class FiniteCheck:
@@ -101,12 +102,15 @@ class StepLog:
             losses = event.metrics["loss"].reshape(-1).tolist()
             info["loss"] = sum(losses) / len(losses)
             counts = event.skipped.reshape(-1).tolist()
+            examples = None if event.examples is None else event.examples.reshape(-1).tolist()
             train = self.config.train
             for member, (loss, scale) in enumerate(zip(losses, self.lr_scales)):
                 row = {"kind": "step", **({"member": member} if self.members else {}), "step": event.step,
                        "epoch": event.epoch, "loss": loss if math.isfinite(loss) else None, "lr": lr * scale}
                 if train.nan_policy == "skip" or train.precision == "fp16":
                     row["skipped_steps"] = counts[member]  # this epoch's, so far
+                if event.examples is not None:  # what the step trained on: a Poisson sample's size varies
+                    row["examples"] = examples[member]
                 self.run.log(row)
         self.run.step(info)
 

@@ -96,7 +96,7 @@ class EpochLoop:
             fault_point("step")
             event = StepEvent(train_state, metrics, step, epoch, epoch_step + 1, self.steps_per_epoch,
                               images * (self.members or 1) / max(time.perf_counter() - start, 1e-9),
-                              sums["skipped"], self.progress)
+                              sums["skipped"], self.progress, batch.examples)
             if any(hook.syncs(step) for hook in self.hooks if hasattr(hook, "syncs")):
                 synchronize(dev)
                 self.finite.check()  # a state after a non-finite step is never logged as good or saved
@@ -113,9 +113,10 @@ class EpochLoop:
         """A step's event with every member's state, metrics and sums (members spread over processes: gathered)."""
         if self.blocks.process is None:
             return event
-        train_state, metrics, sums = self.blocks.gather((event.train_state, event.metrics, self._tensor_sums()))
+        train_state, metrics, sums, examples = self.blocks.gather((event.train_state, event.metrics,
+                                                                    self._tensor_sums(), event.examples))
         return event._replace(train_state=train_state, metrics=metrics, skipped=sums["skipped"],
-                              progress=lambda: _as_json({**self.sums, **sums}))
+                              progress=lambda: _as_json({**self.sums, **sums}), examples=examples)
 
     def _tensor_sums(self) -> dict:
         """The epoch's per-member sums (the tensors among :attr:`sums`)."""
