@@ -249,6 +249,7 @@ class CheckpointConfig:
 
 
 ACCOUNTANTS = ("rdp", "prv")
+CLIPPINGS = ("vmap", "ghost")
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,8 @@ class PrivacyConfig:
     # augmented copies, taken before clipping, so the privacy cost is unchanged
     poisson_sampling: bool = True  # batches as the accountant assumes them; false: shuffled fixed-size batches
     chunk_size: int = 128  # examples whose per-example gradients are computed at once (bounds memory)
+    clipping: str = "vmap"  # "vmap": per-example gradients of the whole model, chunk by chunk; "ghost": per-example
+    # norms layer by layer from one batched pass (fnclass.privacy.ghost; eager). The same clipped sum either way
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -285,6 +288,8 @@ class PrivacyConfig:
                " or ".join(f'"{name}"' for name in ACCOUNTANTS))
         _check(1 <= self.augmult <= 256, "privacy.augmult", self.augmult, "an integer in 1..256")
         _check(1 <= self.chunk_size <= 1 << 20, "privacy.chunk_size", self.chunk_size, "a positive integer")
+        _check(self.clipping in CLIPPINGS, "privacy.clipping", self.clipping,
+               " or ".join(f'"{name}"' for name in CLIPPINGS))
         if not self.enabled:  # a [privacy] section that would train without privacy, silently
             for field in dataclasses.fields(self):
                 _check(getattr(self, field.name) == field.default, f"privacy.{field.name}",
@@ -397,6 +402,13 @@ class Config:
                     value = "on" if key == "members" else _value_of(self, key)
                     raise ConfigError(f"{key} = {shown(value)} is not allowed under [privacy]: expected {allowed} "
                                       f"({why})")
+            if self.privacy.clipping == "ghost":
+                _check(not self.train.compile, "train.compile", self.train.compile, 'false with privacy.clipping = '
+                       '"ghost" (ghost clipping records the layers as the model runs, eagerly)')
+                _check(not self.model.weight_standardization, "model.weight_standardization",
+                       self.model.weight_standardization, 'false with privacy.clipping = "ghost" (a convolution then '
+                       'takes standardised filters, not its parameters, so its per-example norm is not one '
+                       'layer\'s), or privacy.clipping = "vmap"')
         if self.data.train_limit is not None:
             _check(self.train.batch_size <= self.data.train_limit, "train.batch_size", self.train.batch_size,
                    f"at most data.train_limit = {self.data.train_limit}")

@@ -35,7 +35,7 @@ OVERFLOW_TAIL = 1e-10  # the padded batch holds a Poisson sample with probabilit
 
 def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, *,
                            chunk_size: int | None = None, copies: int = 1, skip_padding: bool = True,
-                           secret: torch.Tensor | None = None, process=None) -> Callable:
+                           secret: torch.Tensor | None = None, process=None, clipping: str = "vmap") -> Callable:
     """DP-SGD's gradient, with the contract of :func:`fnclass.training.step.make_train_step`'s ``gradient`` argument.
 
     ``(sum_i clip(g_i) + N(0, (noise_multiplier * max_grad_norm)^2 I)) / expected_batch_size`` where ``g_i`` is
@@ -59,6 +59,9 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
         and the noise is added once to that sum (the same draw on every process, from the shared secret and step
         key), so the result is one process's on the whole batch. The returned gradient then needs no further
         reduction (its ``reduces_over_processes`` is True).
+      clipping: ``"vmap"``: each chunk's per-example gradients of the whole model (``vmap`` of ``grad``);
+        ``"ghost"``: per-example norms layer by layer from one batched forward and backward pass
+        (:mod:`fnclass.privacy.ghost`; eager only, the padding rows left out, ``chunk_size`` unused).
     """
     def gradient(loss_and_aux: Callable, *, compile: bool = False) -> Callable:
         def grad_and_value(params, state, images, labels, key, *scale):
@@ -76,6 +79,19 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
             keys = random.split(random.fold_in(key, EXAMPLES), n * (process.world_size if process else 1))
             keys = keys[process.rank * n:(process.rank + 1) * n] if process else keys  # this shard's rows' keys
             leaves, treedef = optree.tree_flatten(params)
+            if clipping == "ghost":
+                from fnclass.privacy.ghost import ghost_clipped_sum
+
+                real = valid.nonzero().squeeze(1)  # eager: the real rows alone go through the model
+                total, mean_loss, real_logits = ghost_clipped_sum(
+                    loss_and_aux, params, state,
+                    images.reshape(n, copies, *images.shape[1:])[real].reshape(-1, *images.shape[1:]),
+                    targets[real].repeat_interleave(copies, dim=0),
+                    key, n=len(real), copies=copies, max_grad_norm=max_grad_norm, clip_eps=CLIP_EPS)
+                first = real_logits.reshape(len(real), copies, -1)[:, 0]
+                logits = [first.new_zeros((n, first.shape[-1])).index_copy(0, real, first)]
+                losses = torch.where(valid, mean_loss, 0.0)  # their mean is the real rows' mean
+                return _noised(total, losses, logits, valid, treedef, key, state)
             total = [torch.zeros_like(leaf) for leaf in leaves]
             losses, logits = [], []
             size = chunk_size or n
@@ -93,8 +109,11 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
                 total = [t + torch.tensordot(factor, g, dims=1) for t, g in zip(total, grads)]
                 losses.append(loss)
                 logits.append(chunk_logits[:, 0])  # the first copy's logits: the step's accuracy
+            return _noised(total, torch.cat(losses), logits, valid, treedef, key, state)
+
+        def _noised(total, losses, logits, valid, treedef, key, state):
             valid_count = valid.sum()
-            loss_sum = torch.where(valid, torch.cat(losses), 0.0).sum()
+            loss_sum = torch.where(valid, losses, 0.0).sum()
             if process is not None:  # the whole batch's clipped sum, before the one draw of noise
                 total, loss_sum, valid_count = process.all_sum((total, loss_sum, valid_count))
             noise_key = random.fold_in(key if secret is None else mixed(secret, key), NOISE)

@@ -246,7 +246,8 @@ def _train_step(setup: Setup, model, optimizer_for, hyper: dict, secret):
             return functools.partial(mean_gradient, transformable=vmapped)
         return privacy.clipped_noisy_gradient(plan.max_grad_norm, plan.noise_multiplier, plan.expected_batch_size,
                                               chunk_size=config.privacy.chunk_size, copies=plan.augmult,
-                                              secret=secret, skip_padding=not vmapped, process=process)
+                                              secret=secret, skip_padding=not vmapped, process=process,
+                                              clipping=_clipping(config, vmapped))
 
     def build_step(member_hyper: dict):
         # Under vmap: torch.func's gradient, and no memory-format requests (vmap refuses them); compiled as a
@@ -268,6 +269,15 @@ def _data_parallel(setup: Setup):
     """The job whose processes share each step of a single run (the gradient all-reduced, BatchNorm's statistics
     over the global batch), or None: one process, or members, each stepped whole by the process holding it."""
     return None if setup.stacked else setup.process
+
+
+def _clipping(config: Config, vmapped: bool) -> str:
+    """``privacy.clipping``, refused (one line) where it cannot run: ghost clipping records the layers of an eager
+    forward pass, which members under ``vmap`` do not make."""
+    if config.privacy.clipping == "ghost" and vmapped:
+        raise InputError('privacy.clipping = "ghost" cannot run under members.strategy = "vmap" (it records each '
+                         'layer of an eager forward pass): set members.strategy = "loop" or privacy.clipping = "vmap"')
+    return config.privacy.clipping
 
 
 def _source(setup: Setup, key: torch.Tensor, secret):
