@@ -11,7 +11,8 @@ Run by hand from the repository root (Opacus ships a top-level ``benchmarks`` pa
 weights and batch, examples per second. fnclass runs its step (``fnclass.privacy.clipped_noisy_gradient`` through
 ``make_train_step``, channels-last as dp.toml says) at each ``--chunk-sizes`` (examples per vmap call) and with
 ghost clipping (``privacy.clipping = "ghost"``); Opacus its
-hooks on the ``nn.Module`` twin (tests/torch_reference.py) with the whole batch as one physical batch, in NCHW
+hooks on the ``nn.Module`` twin (tests/torch_reference.py) and its fast gradient clipping (``opacus ghost``) with
+the whole batch as one physical batch, in NCHW
 (see :func:`opacus_private`). Before timing, both clipped sums without noise are compared once with the float64
 one, fnclass's on the timed (channels-last) inputs, and the run stops if either is off (``max_rel_error``).
 Rounds call every variant once, in an order that rotates; the table gives each one's median
@@ -86,6 +87,24 @@ def opacus_private(config, params, state, *, sigma: float, batch_size: int, devi
     return module, optimizer
 
 
+def opacus_ghost(config, params, state, *, sigma: float, batch_size: int, device: str = "cpu"):
+    """The twin under Opacus' fast gradient clipping (``grad_sample_mode="ghost"``: ghost norms, then a second
+    backward pass of the reweighted loss): ``(module, optimizer, criterion)``; ``criterion(logits, labels)``
+    returns the loss whose ``backward()`` does both passes. NCHW inputs, as :func:`opacus_private`."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    module = GradSampleModuleFastGradientClipping(reference_module(config.model, params, state).to(device).train(),
+                                                  max_grad_norm=config.privacy.max_grad_norm,
+                                                  use_ghost_clipping=True)
+    optimizer = DPOptimizerFastGradientClipping(torch_optimizer(config, module.parameters()), noise_multiplier=sigma,
+                                                max_grad_norm=config.privacy.max_grad_norm,
+                                                expected_batch_size=batch_size)
+    criterion = DPLossFastGradientClipping(module, optimizer, torch.nn.CrossEntropyLoss(reduction="mean"))
+    return module, optimizer, criterion
+
+
 def speed(args) -> None:
     config, device = dp_config(), torch.device(args.device)
     model, loss_fn = recipe.create_model(config), recipe.create_loss(config)
@@ -115,6 +134,14 @@ def speed(args) -> None:
             F.cross_entropy(module(images), labels).backward()
             dp_optimizer.step()
         runners["opacus"] = opacus_step
+        ghost_module, ghost_optimizer, ghost_criterion = opacus_ghost(
+            config, train_state.params, train_state.state, sigma=sigma, batch_size=args.batch_size, device=device)
+
+        def opacus_ghost_step():
+            ghost_optimizer.zero_grad(set_to_none=True)
+            ghost_criterion(ghost_module(images), labels).backward()
+            ghost_optimizer.step()
+        runners["opacus ghost"] = opacus_ghost_step
     max_rel_error = None
     if module is not None:  # the clipped sums without noise, once, against float64: the timed computations agree
         def loss_and_aux(params, state, x, y, key):
@@ -139,7 +166,13 @@ def speed(args) -> None:
         theirs = {name: theirs[torch_name(name)] for name in truth}
         error = lambda got: max(float((got[name].double() - want).abs().max() / want.abs().max())
                                 for name, want in truth.items())
-        max_rel_error = {"fnclass": error(mine), "opacus": error(theirs)}
+        ghost_twin, ghost_twin_optimizer, ghost_twin_criterion = opacus_ghost(
+            config, train_state.params, train_state.state, sigma=0.0, batch_size=args.batch_size, device=device)
+        ghost_twin_criterion(ghost_twin(images), labels).backward()
+        ghost_twin_optimizer.pre_step()
+        ghosts = {name.removeprefix("_module."): p.grad for name, p in ghost_twin.named_parameters()}
+        ghosts = {name: ghosts[torch_name(name)] for name in truth}
+        max_rel_error = {"fnclass": error(mine), "opacus": error(theirs), "opacus ghost": error(ghosts)}
         if max(max_rel_error.values()) > MAX_REL_ERROR:  # different computations: their times would not compare
             raise SystemExit(f"error: a clipped sum is off the float64 one on the timed inputs ({max_rel_error}, "
                              f"relative; over {MAX_REL_ERROR:g}): the timed steps do not compute the same thing")
@@ -168,7 +201,8 @@ def speed(args) -> None:
         table.append(f"{name:<20}{row['examples_per_second']:>12,.0f}  {ratio}")
     if max_rel_error is not None:
         table.append("clipped sums without noise against float64, max relative error: fnclass (timed path) "
-                     f"{max_rel_error['fnclass']:.1e}, Opacus {max_rel_error['opacus']:.1e}")
+                     f"{max_rel_error['fnclass']:.1e}, Opacus {max_rel_error['opacus']:.1e}, Opacus ghost "
+                     f"{max_rel_error['opacus ghost']:.1e}")
     publish({"device": device_name(device), "torch": torch.__version__, "batch_size": args.batch_size,
              "rounds": args.rounds, "max_rel_error": max_rel_error, "results": rows}, "\n".join(table), args.json)
 
