@@ -67,8 +67,6 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
         def grad_and_value(params, state, images, labels, key, *scale):
             if scale:
                 raise ValueError("loss scaling (fp16) is not supported with per-example gradients")
-            per_example = per_example_grad_and_value(lambda p, x, y, k: loss_and_aux(p, state, x, y, k),
-                                                     copies=copies)
             n = len(labels)
             valid = labels >= 0 if not labels.is_floating_point() else torch.ones(n, dtype=torch.bool,
                                                                                      device=labels.device)
@@ -76,40 +74,17 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
             # Padded rows see a zero image, so nothing an unsampled example holds (even an inf) reaches the step.
             rows_valid = valid.repeat_interleave(copies).view(-1, *[1] * (images.ndim - 1))
             images = torch.where(rows_valid, images, torch.zeros((), dtype=images.dtype, device=images.device))
-            keys = random.split(random.fold_in(key, EXAMPLES), n * (process.world_size if process else 1))
-            keys = keys[process.rank * n:(process.rank + 1) * n] if process else keys  # this shard's rows' keys
-            leaves, treedef = optree.tree_flatten(params)
             if clipping == "ghost":
-                from fnclass.privacy.ghost import ghost_clipped_sum
-
-                real = valid.nonzero().squeeze(1)  # eager: the real rows alone go through the model
-                total, mean_loss, real_logits = ghost_clipped_sum(
-                    loss_and_aux, params, state,
-                    images.reshape(n, copies, *images.shape[1:])[real].reshape(-1, *images.shape[1:]),
-                    targets[real].repeat_interleave(copies, dim=0),
-                    key, n=len(real), copies=copies, max_grad_norm=max_grad_norm, clip_eps=CLIP_EPS)
-                first = real_logits.reshape(len(real), copies, -1)[:, 0]
-                logits = [first.new_zeros((n, first.shape[-1])).index_copy(0, real, first)]
-                losses = torch.where(valid, mean_loss, 0.0)  # their mean is the real rows' mean
-                return _noised(total, losses, logits, valid, treedef, key, state)
-            total = [torch.zeros_like(leaf) for leaf in leaves]
-            losses, logits = [], []
-            size = chunk_size or n
-            used = n if compile or not skip_padding else int(valid.sum())  # real rows come first (poisson_sample)
-            for start in range(0, n, size):
-                part = slice(start, min(start + size, n))
-                if start >= used and start > 0:
-                    losses.append(torch.zeros(part.stop - start, device=labels.device))
-                    logits.append(logits[-1].new_zeros((part.stop - start, *logits[-1].shape[1:])))
-                    continue
-                rows = slice(part.start * copies, part.stop * copies)
-                grads, (loss, (_, chunk_logits)) = per_example(params, images[rows], targets[part], keys[part])
-                grads = optree.tree_leaves(grads)
-                factor = torch.where(valid[part], clip_factor(grads, max_grad_norm), 0.0)
-                total = [t + torch.tensordot(factor, g, dims=1) for t, g in zip(total, grads)]
-                losses.append(loss)
-                logits.append(chunk_logits[:, 0])  # the first copy's logits: the step's accuracy
-            return _noised(total, torch.cat(losses), logits, valid, treedef, key, state)
+                total, losses, logits = _ghost_sum(loss_and_aux, params, state, images, targets, valid, key,
+                                                   copies=copies, max_grad_norm=max_grad_norm)
+            else:
+                keys = random.split(random.fold_in(key, EXAMPLES), n * (process.world_size if process else 1))
+                keys = keys[process.rank * n:(process.rank + 1) * n] if process else keys  # this shard's rows' keys
+                used = n if compile or not skip_padding else int(valid.sum())  # real rows first (poisson_sample)
+                total, losses, logits = _vmap_sum(loss_and_aux, params, state, images, targets, valid, keys,
+                                                  copies=copies, max_grad_norm=max_grad_norm,
+                                                  chunk_size=chunk_size or n, used=used)
+            return _noised(total, losses, logits, valid, optree.tree_structure(params), key, state)
 
         def _noised(total, losses, logits, valid, treedef, key, state):
             valid_count = valid.sum()
@@ -121,10 +96,50 @@ def clipped_noisy_gradient(max_grad_norm: float, noise_multiplier: float, expect
             noised = [(t + std * random.normal64(random.fold_in(noise_key, i), t.shape).to(t)) / expected_batch_size
                       if std else t / expected_batch_size for i, t in enumerate(total)]
             loss = loss_sum / valid_count.clamp_min(1)
-            return optree.tree_unflatten(treedef, noised), (loss.detach(), (state, torch.cat(logits)))
+            return optree.tree_unflatten(treedef, noised), (loss.detach(), (state, logits))
         return grad_and_value
     gradient.reduces_over_processes = process is not None
     return gradient
+
+
+def _vmap_sum(loss_and_aux, params, state, images, targets, valid, keys, *, copies, max_grad_norm, chunk_size,
+              used):
+    """The clipped sum chunk by chunk from per-example gradients of the whole model (``vmap`` of ``grad``);
+    chunks past the first ``used`` rows (padding only) are left uncomputed. ``(total leaves, losses (n,), logits)``.
+    """
+    per_example = per_example_grad_and_value(lambda p, x, y, k: loss_and_aux(p, state, x, y, k), copies=copies)
+    n = len(targets)
+    total = [torch.zeros_like(leaf) for leaf in optree.tree_leaves(params)]
+    losses, logits = [], []
+    for start in range(0, n, chunk_size):
+        part = slice(start, min(start + chunk_size, n))
+        if start >= used and start > 0:
+            losses.append(torch.zeros(part.stop - start, device=targets.device))
+            logits.append(logits[-1].new_zeros((part.stop - start, *logits[-1].shape[1:])))
+            continue
+        rows = slice(part.start * copies, part.stop * copies)
+        grads, (loss, (_, chunk_logits)) = per_example(params, images[rows], targets[part], keys[part])
+        grads = optree.tree_leaves(grads)
+        factor = torch.where(valid[part], clip_factor(grads, max_grad_norm), 0.0)
+        total = [t + torch.tensordot(factor, g, dims=1) for t, g in zip(total, grads)]
+        losses.append(loss)
+        logits.append(chunk_logits[:, 0])  # the first copy's logits: the step's accuracy
+    return total, torch.cat(losses), torch.cat(logits)
+
+
+def _ghost_sum(loss_and_aux, params, state, images, targets, valid, key, *, copies, max_grad_norm):
+    """The clipped sum by ghost clipping (:mod:`fnclass.privacy.ghost`), eagerly on the real rows alone; padded
+    rows get zero logits. ``(total leaves, losses (n,) each the real rows' mean, logits)``."""
+    from fnclass.privacy.ghost import ghost_clipped_sum
+
+    n, real = len(targets), valid.nonzero().squeeze(1)
+    total, mean_loss, real_logits = ghost_clipped_sum(
+        loss_and_aux, params, state, images.reshape(n, copies, *images.shape[1:])[real].flatten(0, 1),
+        targets[real].repeat_interleave(copies, dim=0), key, n=len(real), copies=copies,
+        max_grad_norm=max_grad_norm, clip_eps=CLIP_EPS)
+    first = real_logits.reshape(len(real), copies, -1)[:, 0]
+    logits = first.new_zeros((n, first.shape[-1])).index_copy(0, real, first)
+    return total, torch.where(valid, mean_loss, 0.0), logits
 
 
 def new_secret() -> torch.Tensor:
