@@ -111,3 +111,24 @@ def test_a_run_with_ghost_clipping_ends_where_the_vmap_run_does(cifar_dir, tmp_p
     error = _error({k: weights["ghost"][k] for k in params}, {k: weights["vmap"][k] for k in params})
     print(f"ghost against vmap after 2 steps: {error:.1e}")
     assert error < 1e-5, error
+
+
+def test_a_constant_weight_beside_a_parameter_bias_counts_only_the_bias():
+    """A convolution whose filters are a constant (as a frozen stem's) and whose bias is a parameter: only the bias's
+    per-example gradient enters the norm, as in the materialised path."""
+    gen = torch.Generator().manual_seed(0)
+    frozen = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    params = {"bias": torch.randn(4, generator=gen, dtype=torch.float64),
+              "head": torch.randn(10, 4, generator=gen, dtype=torch.float64)}
+
+    def loss_and_aux(params, state, images, labels, key):
+        x = F.conv2d(images, frozen, params["bias"], padding=1).relu().mean((2, 3))
+        logits = F.linear(x, params["head"])
+        return F.cross_entropy(logits, labels), (state, logits.detach())
+
+    images, labels = torch.randn(6, 3, 8, 8, generator=gen, dtype=torch.float64), torch.arange(6)
+    sums = {}
+    for clipping in ("vmap", "ghost"):
+        gradient = privacy.clipped_noisy_gradient(0.05, 0.0, 6.0, clipping=clipping)
+        sums[clipping] = gradient(loss_and_aux)(params, {}, images, labels, random.key(0))[0]
+    assert _error(sums["ghost"], sums["vmap"]) < 1e-9

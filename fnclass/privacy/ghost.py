@@ -167,8 +167,9 @@ def ghost_clipped_sum(loss_and_aux: Callable, params, state, images: torch.Tenso
     sq = torch.zeros(n, dtype=torch.float64 if leaves[0].dtype == torch.float64 else torch.float32,
                      device=images.device)
     for (func, args, kwargs, _), g in zip(record.calls, grads):
-        for value in _HANDLERS[func](args, kwargs, g.detach() * rows / copies, n).values():
-            sq = sq + value.to(sq.dtype)
+        for tensor, value in _HANDLERS[func](args, kwargs, g.detach() * rows / copies, n).items():
+            if id(tensor) in record.ids:  # a parameter's (a constant weight beside a parameter bias: not counted)
+                sq = sq + value.to(sq.dtype)
     factor = (max_grad_norm / (sq.sqrt() + clip_eps)).clamp(max=1.0)
     total = {}
     row_factor = factor.repeat_interleave(copies) * rows / copies
