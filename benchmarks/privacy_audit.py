@@ -39,28 +39,21 @@ def audited_run(config, out: Path, data_dir: str, *, canaries: int, noise: bool 
     """Train ``config`` (with ``[privacy]``) with ``canaries`` gradient canaries in its DP gradient (``noise=False``:
     the noise removed from the step, nothing else changed), then audit it. Returns the run's claimed epsilon, delta,
     the audit and the run's test accuracy."""
-    real = privacy.clipped_noisy_gradient
-    made = {}
+    model = build_model(resolve_config(config).model)
+    canary_set = audit_module.gradient_canaries(random.key(audit_seed), num_params(model.init(random.key(0))[0]),
+                                                canaries, config.privacy.max_grad_norm)
+    real, plan_real, made = privacy.clipped_noisy_gradient, privacy.plan, {}
+
+    # The program plans the run through privacy.plan (its sampling rate) and builds its DP gradient through
+    # privacy.clipped_noisy_gradient: the canaries wrap it there.
+    def plan(*args, **kwargs):
+        made["rate"] = (resolved := plan_real(*args, **kwargs)).sample_rate
+        return resolved
 
     def wrapped(max_grad_norm, noise_multiplier, expected_batch_size, **options):
         gradient = real(max_grad_norm, noise_multiplier if noise else 0.0, expected_batch_size, **options)
-        made["gradient"] = audit_module.with_canaries(gradient, made["canaries"](max_grad_norm), made["rate"],
-                                                      expected_batch_size)
+        made["gradient"] = audit_module.with_canaries(gradient, canary_set, made["rate"], expected_batch_size)
         return made["gradient"]
-
-    def canaries_for(num_params):
-        return lambda norm: audit_module.gradient_canaries(random.key(audit_seed), num_params, canaries, norm)
-
-    # The program builds its DP gradient through privacy.clipped_noisy_gradient: the canaries wrap it there.
-    model = build_model(resolve_config(config).model)
-    made["canaries"] = canaries_for(num_params(model.init(random.key(0))[0]))
-    made["rate"] = None
-    plan_real = privacy.plan
-
-    def plan(*args, **kwargs):
-        resolved = plan_real(*args, **kwargs)
-        made["rate"] = resolved.sample_rate
-        return resolved
 
     privacy.clipped_noisy_gradient, privacy.plan = wrapped, plan
     try:
@@ -69,8 +62,7 @@ def audited_run(config, out: Path, data_dir: str, *, canaries: int, noise: bool 
         seconds = time.perf_counter() - tick
     finally:
         privacy.clipped_noisy_gradient, privacy.plan = real, plan_real
-    gradient, canary_set = made["gradient"], made["canaries"](config.privacy.max_grad_norm)
-    scores = audit_module.scores(canary_set, gradient.initial, optree.tree_leaves(result.train_state.params))
+    scores = audit_module.scores(canary_set, made["gradient"].initial, optree.tree_leaves(result.train_state.params))
     summary = result.summary["privacy"]
     found = audit_module.audit(scores, canary_set.included, summary["delta"])
     return {"noise": noise, "claimed_epsilon": summary["epsilon"], "delta": summary["delta"],
