@@ -109,7 +109,7 @@ class StepLog:
                        "epoch": event.epoch, "loss": loss if math.isfinite(loss) else None, "lr": lr * scale}
                 if train.nan_policy == "skip" or train.precision == "fp16":
                     row["skipped_steps"] = counts[member]  # this epoch's, so far
-                if event.examples is not None:  # what the step trained on: a Poisson sample's size varies
+                if examples is not None:  # what the step trained on: a Poisson sample's size varies
                     row["examples"] = examples[member]
                 self.run.log(row)
         self.run.step(info)
