@@ -4,8 +4,8 @@ same model with configs/dp.toml's hyperparameters and privacy budget, to compare
 Run by hand from the repository root (Opacus ships a top-level ``benchmarks`` package), not by pytest::
 
     python -m benchmarks.dp speed [--batch-size 1024] [--rounds 5] [--no-ghost] [--json dp-speed.json]
+    python -m benchmarks.dp train --data-dir ../shared/data/cifar10 [--set train.epochs=2] [--json dp-train.json]
     python -m benchmarks.dp opacus-train --data-dir ../shared/data/cifar10 [--json dp-opacus.json]
-    fnclass train --config dp --data-dir ../shared/data/cifar10 --out runs/dp     # fnclass's side of it
 
 ``speed``: one private step (per-example gradients, clipping, noise, then dp.toml's optimizer) on the same model,
 weights and batch, examples per second. fnclass runs its step (``fnclass.privacy.clipped_noisy_gradient`` through
@@ -18,7 +18,9 @@ one, fnclass's on the timed (channels-last) inputs, and the run stops if either 
 Rounds call every variant once, in an order that rotates; the table gives each one's median
 and the paired per-round ratio to Opacus (median, min, max).
 
-``opacus-train``: dp.toml's run done with Opacus: the twin starting from fnclass's initial weights for
+``train``: dp.toml's run by fnclass (``fnclass.train``, what ``fnclass train --config dp`` calls), then the same run by
+Opacus, in one process: one table of test accuracy, epsilon, steps and seconds for both. ``opacus-train``: Opacus'
+side alone. Opacus' run is dp.toml's done with Opacus: the twin starting from fnclass's initial weights for
 ``train.seed``, Poisson batches of the same rate (``torch.rand < q`` per example, as Opacus' DPDataLoader), the same
 augmentation (fnclass.core.augment, so only the DP machinery differs), the same learning-rate schedule, noise
 multiplier (Opacus' ``get_noise_multiplier``, as fnclass), clipping norm and steps; Opacus' RDP accountant reports
@@ -207,13 +209,50 @@ def speed(args) -> None:
              "rounds": args.rounds, "max_rel_error": max_rel_error, "results": rows}, "\n".join(table), args.json)
 
 
-
-
 def opacus_train(args) -> None:
-    from opacus.accountants import RDPAccountant
+    """``opacus-train``: dp.toml's run by Opacus alone."""
+    results = opacus_run(dp_config(args.set), args.data_dir)
+    publish(results, f"Opacus, dp.toml: test accuracy {results['test_accuracy']:.2%}, epsilon "
+                     f"{results['epsilon']:.3f} (delta {results['plan']['delta']:g}), "
+                     f"{results['train_seconds']:.0f} s of training steps", args.json)
+
+
+def both_train(args) -> None:
+    """``train``: dp.toml's run by fnclass (``fnclass.train``, the library call behind ``fnclass train``), then by
+    Opacus, in this one process on the same data, config and initial weights; one table of both."""
+    import tempfile
+
+    from fnclass.training.program import train
 
     config = dp_config(args.set)
-    folder = data.resolve_data_dir(args.data_dir, "cifar10", download=False)
+    rows = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        tick = time.perf_counter()
+        summary = train(config, workdir, data_dir=args.data_dir, device="cpu", download=False).summary
+        rows["fnclass"] = {"test_accuracy": summary["test_accuracy"], "epsilon": summary["privacy"]["epsilon"],
+                           "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+                           "whole_seconds": time.perf_counter() - tick}
+    opacus = opacus_run(config, args.data_dir)
+    rows["opacus"] = {name: opacus[name] for name in ("test_accuracy", "epsilon", "train_seconds")}
+    rows["opacus"] |= {"steps": opacus["plan"]["steps"], "whole_seconds": opacus["whole_seconds"]}
+    table = [f"dp.toml{' with ' + ', '.join(args.set) if args.set else ''}, both trainers, "
+             f"{device_name(torch.device('cpu'))}, torch {torch.__version__}",
+             f"{'trainer':<10}{'test acc':>10}{'epsilon':>9}{'steps':>7}{'train s':>10}{'whole s':>10}"]
+    for name, row in rows.items():
+        table.append(f"{name:<10}{row['test_accuracy']:>10.2%}{row['epsilon']:>9.3f}{row['steps']:>7}"
+                     f"{row['train_seconds']:>10.1f}{row['whole_seconds']:>10.1f}")
+    ratio = rows["opacus"]["train_seconds"] / rows["fnclass"]["train_seconds"]
+    table.append(f"Opacus' training steps took {ratio:.2f}x fnclass's")
+    publish({"device": device_name(torch.device("cpu")), "torch": torch.__version__, "overrides": args.set,
+             "results": rows, "opacus_over_fnclass_train_seconds": ratio}, "\n".join(table), args.json)
+
+
+def opacus_run(config, data_dir: str) -> dict:
+    """dp.toml's run (``config``) trained by Opacus; test accuracy, epsilon and timings (see the module's doc)."""
+    from opacus.accountants import RDPAccountant
+
+    whole = time.perf_counter()
+    folder = data.resolve_data_dir(data_dir, "cifar10", download=False)
     dataset = data.load_dataset(folder, train_limit=config.data.train_limit, test_limit=config.data.test_limit)
     n, batch_size = len(dataset.train_images), config.train.batch_size
     steps_per_epoch = n // batch_size
@@ -252,8 +291,7 @@ def opacus_train(args) -> None:
                "epsilon": accountant.get_epsilon(plan.delta), "plan": plan._asdict(),
                "device": device_name(torch.device("cpu")), "torch": torch.__version__,
                "config": dataclasses.asdict(config.optim) | {"epochs": config.train.epochs}}
-    publish(results, f"Opacus, dp.toml: test accuracy {accuracy:.2%}, epsilon {results['epsilon']:.3f} "
-                     f"(delta {plan.delta:g}), {seconds:.0f} s of training steps", args.json)
+    return results | {"whole_seconds": time.perf_counter() - whole}
 
 
 def main() -> None:
@@ -271,8 +309,12 @@ def main() -> None:
     slow.add_argument("--data-dir", required=True)
     slow.add_argument("--set", action="append", default=[], help="section.key=value, as fnclass train --set")
     slow.add_argument("--json")
+    both = commands.add_parser("train", help="dp.toml's run by fnclass, then by Opacus: one table")
+    both.add_argument("--data-dir", required=True)
+    both.add_argument("--set", action="append", default=[], help="section.key=value, as fnclass train --set")
+    both.add_argument("--json")
     args = parser.parse_args()
-    speed(args) if args.command == "speed" else opacus_train(args)
+    {"speed": speed, "opacus-train": opacus_train, "train": both_train}[args.command](args)
 
 
 if __name__ == "__main__":
