@@ -85,6 +85,8 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N training images (quick runs, tests)
     train_indices: str | None = None  # train only on these rows of train_images.npy: a .npy, .txt or .csv file of
     # 0-based indices (fnclass.data.read_indices), e.g. the kept_indices.txt of `fnclass grads --score`
+    train_weights: str | None = None  # a loss weight for each row of train_images.npy (.npy floats or .txt, one a
+    # line): each example's loss is multiplied by its weight, every batch, key and augmentation as without it
     test_limit: int | None = None  # use only the first N test images
     crop_padding: int = 4  # random-crop translation in pixels (the paper's crop+flip recipe)
     pad_mode: str = "reflect"  # "reflect" or "zeros" padding for the crop
@@ -109,6 +111,11 @@ class DataConfig:
             _check(value is None or value >= 1, f"data.{name}", value, "a positive integer (or leave it out)")
         _check(self.train_indices is None or 0 < len(self.train_indices) <= 4096, "data.train_indices",
                self.train_indices, "the path of a .npy, .txt or .csv file of training-image indices")
+        _check(self.train_weights is None or 0 < len(self.train_weights) <= 4096, "data.train_weights",
+               self.train_weights, "the path of a .npy or .txt file of one loss weight per training image")
+        _check(self.train_weights is None or not self.mixing, "data.train_weights", self.train_weights,
+               "no value with mixup or CutMix (data.mixup_alpha, data.cutmix_alpha): a mixed image holds two "
+               "examples, so one example's weight is not its loss's")
         _check(self.train_limit is None or self.train_indices is None, "data.train_limit", self.train_limit,
                "no value when data.train_indices is set (both choose the training images: use one)")
         _check(0 <= self.crop_padding <= 16, "data.crop_padding", self.crop_padding, "an integer in 0..16")
@@ -319,6 +326,8 @@ _NOT_PRIVATE = (
      "a mixed image carries two examples, so clipping its gradient no longer bounds one example's influence"),
     ("train.grad_stats_every", lambda c: c.train.grad_stats_every > 0, "0",
      "it logs statistics of the private examples' gradients without noise"),
+    ("data.train_weights", lambda c: c.data.train_weights is not None, "no value",
+     "a weight above 1 scales an example's gradient past the clipping norm the accountant assumes"),
 )
 
 

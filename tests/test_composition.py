@@ -128,7 +128,7 @@ def test_the_composition_table_lists_every_refusal_with_the_codes_reason():
         assert refused.get(("[privacy]", f"`{key}`")) == why, key
     values = {"model.norm": '"batch"', "model.whiten": "true", "train.precision": '"fp16"',
               "train.accumulate_steps": "2", "data.mixup_alpha": "0.2", "data.cutmix_alpha": "1.0",
-              "train.grad_stats_every": "5"}
+              "train.grad_stats_every": "5", "data.train_weights": '"weights.npy"'}
     for (first, second), why in refused.items():
         key = second.strip("`")
         if first == "[privacy]":

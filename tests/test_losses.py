@@ -30,10 +30,16 @@ def _timm_mixup_target(labels: torch.Tensor, lam: float, smoothing: float) -> to
 
 def test_integer_labels_give_torchs_loss_exactly():
     logits, labels, _ = _batch()
-    # The integer path is F.cross_entropy itself, so the results are bit-identical by construction.
+    # The integer path is the mean of F.cross_entropy's per-example losses: bit-identical to that, equal to its own
+    # mean reduction to rounding, and with F.cross_entropy's gradient bit for bit (so runs train identically).
     for smoothing in (0.0, 0.1):
         assert torch.equal(losses.cross_entropy(logits, labels, label_smoothing=smoothing),
-                           F.cross_entropy(logits, labels, label_smoothing=smoothing))
+                           F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none").mean())
+        torch.testing.assert_close(losses.cross_entropy(logits, labels, label_smoothing=smoothing),
+                                   F.cross_entropy(logits, labels, label_smoothing=smoothing), rtol=1e-6, atol=0)
+        ours, theirs = (torch.func.grad(lambda z, f=f, s=smoothing: f(z, labels, label_smoothing=s))(logits)
+                        for f in (losses.cross_entropy, F.cross_entropy))
+        assert torch.equal(ours, theirs)
         assert torch.equal(losses.per_example_cross_entropy(logits, labels, label_smoothing=smoothing),
                            F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none"))
     torch.testing.assert_close(losses.cross_entropy(logits, labels, label_smoothing=torch.tensor(0.1)),
@@ -85,3 +91,20 @@ def test_float_targets_of_the_wrong_shape_are_refused():
     logits, labels, _ = _batch()
     with pytest.raises(ValueError, match="probability rows"):
         losses.cross_entropy(logits, labels.float())
+
+
+def test_weighted_loss_is_the_weighted_mean_of_the_per_example_losses():
+    """``weights`` (data.train_weights): the mean over all rows of weight x loss, against a loop; all ones is the
+    unweighted loss bit for bit, for integer labels, a vmapped sweep's tensor smoothing and soft targets."""
+    logits, labels, _ = _batch()
+    weights = torch.rand(len(labels), generator=torch.Generator().manual_seed(3)) * 2
+    for smoothing in (0.0, 0.1, torch.tensor(0.1)):
+        expected = sum(float(w) * float(losses.cross_entropy(z[None], y[None], label_smoothing=smoothing))
+                       for z, y, w in zip(logits, labels, weights)) / len(labels)
+        got = losses.cross_entropy(logits, labels, label_smoothing=smoothing, weights=weights)
+        assert float(got) == pytest.approx(expected, rel=1e-5)
+        ones = losses.cross_entropy(logits, labels, label_smoothing=smoothing, weights=torch.ones(len(labels)))
+        assert torch.equal(ones, losses.cross_entropy(logits, labels, label_smoothing=smoothing))
+    soft = torch.softmax(torch.randn(logits.shape, generator=torch.Generator().manual_seed(4)), -1)
+    assert torch.equal(losses.cross_entropy(logits, soft, weights=torch.ones(len(labels))),
+                       losses.cross_entropy(logits, soft))

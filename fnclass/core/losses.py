@@ -16,7 +16,8 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return -(smoothed * log_probs).sum(dim=-1)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean softmax cross-entropy, optionally with label smoothing (as ``torch.nn.CrossEntropyLoss``).
 
     Args:
@@ -28,16 +29,33 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothin
         ``(1 - label_smoothing) * targets + label_smoothing / classes``, which is the same as smoothing each
         one-hot row before mixing them.
 
+      weights: (N,) a weight per example (``data.train_weights``): the mean of ``weights * per-example loss``,
+        still over all N examples (a weight of 0 removes an example's loss, not its row from the mean).
+
     Returns:
       A 0-d float32 tensor.
     """
+    if weights is not None:
+        return (_per_example(logits, targets, label_smoothing) * weights).mean()
     if targets.is_floating_point():
         return _soft_cross_entropy(logits, targets, label_smoothing).mean()
     if isinstance(label_smoothing, torch.Tensor):
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
         return ((1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1)).mean()
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    # The mean of the per-example losses (not F.cross_entropy's own reduction): the same float as the weighted loss
+    # with all weights 1, and the same gradient, bit for bit.
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="none").mean()
+
+
+def _per_example(logits: torch.Tensor, targets: torch.Tensor, label_smoothing) -> torch.Tensor:
+    """Each example's cross-entropy, for every kind of ``targets`` and ``label_smoothing`` :func:`cross_entropy`
+    takes."""
+    if isinstance(label_smoothing, torch.Tensor) and not targets.is_floating_point():
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
+        return (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1)
+    return per_example_cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def per_example_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,

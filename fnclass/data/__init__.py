@@ -213,6 +213,53 @@ def read_indices(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(indices)
 
 
+WEIGHTS_FORMAT = ("write one finite, non-negative loss weight per row of train_images.npy, in its order: a 1-d float "
+                  "array (.npy) or one number a line (.txt)")
+
+
+def read_weights(path: str | Path, size: int) -> torch.Tensor:
+    """A loss weight for each row of a split (``data.train_weights``), as a float32 CPU tensor of length ``size``.
+
+    The file is a ``.npy`` 1-d numeric array (read without pickle) or ``.txt`` text, one number a line (blank lines
+    skipped). A relative path is relative to the current directory.
+
+    Raises:
+      DataError: one line naming the file, when it is missing, unreadable, not numbers, of another length than
+        the split, or holds a negative or non-finite weight (the first such row is named).
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in (".npy", ".txt"):
+        raise DataError(f"{path}: expected a .npy or .txt file of loss weights; {WEIGHTS_FORMAT}")
+    if not path.is_file():
+        raise DataError(f"{path} is {'not a file' if path.exists() else 'missing'}: data.train_weights names a file "
+                        "of loss weights; check the path (relative paths start at the current directory)")
+    if path.suffix.lower() == ".npy":
+        weights = _load_array(path, fix=WEIGHTS_FORMAT)
+        if weights.ndim != 1 or not (np.issubdtype(weights.dtype, np.floating)
+                                     or np.issubdtype(weights.dtype, np.integer)):
+            raise DataError(f"{path}: expected a 1-d numeric array, got {weights.dtype} {weights.shape}; "
+                            f"{WEIGHTS_FORMAT}")
+        weights = weights.astype(np.float64)
+    else:
+        lines = read_small(path, MAX_INDICES_BYTES, DataError, "weight list").decode("utf-8", "replace").splitlines()
+        values = []
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    values.append(float(line.strip()))
+                except ValueError:
+                    raise DataError(f"{path}: line {number} is {repr(line.strip())[:60]}, not a number; "
+                                    f"{WEIGHTS_FORMAT}") from None
+        weights = np.array(values, dtype=np.float64)
+    if len(weights) != size:
+        raise DataError(f"{path} holds {len(weights)} weights but train_images.npy has {size} rows; "
+                        f"{WEIGHTS_FORMAT}")
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if len(bad):
+        raise DataError(f"{path}: the weight of row {bad[0]} is {weights[bad[0]]}; {WEIGHTS_FORMAT}")
+    return torch.from_numpy(weights.astype(np.float32))
+
+
 def load_split(folder: str | Path, split: str, *, limit: int | None = None,
                indices: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Load and validate one split (``"train"`` or ``"test"``) as ``(images uint8 NHWC, labels int64)``.

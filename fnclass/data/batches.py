@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from fnclass import data
@@ -27,13 +28,19 @@ class Batch(NamedTuple):
     """One step's batch from a source: normalised, augmented NCHW ``images``, ``labels`` (int64, or soft targets
     after mixing; -1 marks a padded row), the model's ``key`` (dropout), and for a source whose batches vary in size,
     ``examples`` (the real rows, a device tensor) and ``overflow`` (sampled examples a fixed-size batch could not
-    hold); None for fixed-size batches."""
+    hold); None for fixed-size batches. ``weights``: each row's loss weight, when the run has them."""
 
     images: torch.Tensor
     labels: torch.Tensor
     key: torch.Tensor
     examples: torch.Tensor | None = None
     overflow: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # the examples' loss weights (data.train_weights); None: all 1
+
+    @property
+    def step_batch(self) -> tuple:
+        """What a train step takes: ``(images, labels)``, or ``(images, labels, weights)`` with loss weights."""
+        return (self.images, self.labels) if self.weights is None else (self.images, self.labels, self.weights)
 
 
 def step_keys(step_root: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +91,7 @@ class RunData(NamedTuple):
     folder: Path
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
+    train_weights: torch.Tensor | None = None  # data.train_weights of the training rows, float32; None: all 1
 
     @property
     def selection_split(self) -> str:
@@ -109,12 +117,14 @@ def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -
         raise ConfigError(f"model.num_classes = {config.model.num_classes} but {folder} has "
                           f"{len(dataset.classes)} classes: set model.num_classes = {len(dataset.classes)} "
                           "(or leave it out)")
+    weights = _train_weights(config.data, folder)
     val_images = val_labels = None
     if config.data.val_size:
         train_idx, val_idx = data.validation_split(dataset.train_labels, config.data.val_size, config.data.val_seed)
         val_images, val_labels = dataset.train_images[val_idx].to(dev), dataset.train_labels[val_idx].to(dev)
         dataset = dataset._replace(train_images=dataset.train_images[train_idx],
                                    train_labels=dataset.train_labels[train_idx])
+        weights = None if weights is None else weights[train_idx]
     if config.train.batch_size > len(dataset.train_images):
         more = ("select more images (data.train_indices)" if config.data.train_indices
                 else "use more data (data.train_limit)")
@@ -130,7 +140,18 @@ def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -
                                                                        num_classes=len(dataset.classes)))
     return config, RunData(dataset.train_images.to(dev), dataset.train_labels.to(dev), dataset.test_images.to(dev),
                            dataset.test_labels.to(dev), mean, std, mean_t, std_t, dataset.classes, folder,
-                           val_images, val_labels)
+                           val_images, val_labels, None if weights is None else weights.to(dev))
+
+
+def _train_weights(config: DataConfig, folder: Path) -> torch.Tensor | None:
+    """``data.train_weights`` (one per row of train_images.npy) of the rows the run trains on, or None."""
+    if config.train_weights is None:
+        return None
+    size = len(np.load(folder / "train_labels.npy", mmap_mode="r", allow_pickle=False))
+    weights = data.read_weights(config.train_weights, size)
+    if config.train_indices is not None:
+        return weights[data.read_indices(config.train_indices, size)]
+    return weights[:config.train_limit]
 
 
 def normalized(ds: RunData, images: torch.Tensor) -> torch.Tensor:

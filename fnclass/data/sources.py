@@ -53,7 +53,8 @@ class PermutedSource:
         idx = self.order(epoch)[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
         images, labels = augmented_batch(self.ds, self.config, idx, epoch, aug_key, first_flips=self.first_flips,
                                          copies=self.copies)
-        return Batch(images, labels, model_key)
+        weights = None if self.ds.train_weights is None else self.ds.train_weights[idx]
+        return Batch(images, labels, model_key, weights=weights)
 
 
 class Stacked:

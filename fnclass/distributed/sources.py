@@ -15,4 +15,5 @@ class Sharded:
 
     def __call__(self, step: int, epoch: int, epoch_step: int) -> Batch:
         batch = self.source(step, epoch, epoch_step)
-        return batch._replace(images=shard(self.process, batch.images), labels=shard(self.process, batch.labels))
+        return batch._replace(images=shard(self.process, batch.images), labels=shard(self.process, batch.labels),
+                              weights=None if batch.weights is None else shard(self.process, batch.weights))

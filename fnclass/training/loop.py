@@ -62,7 +62,7 @@ class EpochLoop:
         """
         tick = time.perf_counter()
         batch = self.source(-1, 0, 0)  # no real step uses a negative step number
-        self.train_step(train_state, (batch.images, batch.labels), batch.key)
+        self.train_step(train_state, batch.step_batch, batch.key)
         synchronize(dev)
         return time.perf_counter() - tick
 
@@ -80,7 +80,7 @@ class EpochLoop:
         step, self.latest = step_of(train_state), train_state
         for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
             batch = self.source(step, epoch, epoch_step)
-            train_state, metrics = self.train_step(train_state, (batch.images, batch.labels), batch.key)
+            train_state, metrics = self.train_step(train_state, batch.step_batch, batch.key)
             self.latest = train_state
             self.finite.record(train_state, metrics)
             applied = metrics["finite"] & ~metrics["overflow"] if "overflow" in metrics else metrics["finite"]

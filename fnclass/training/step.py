@@ -132,7 +132,8 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
 
     Args:
       model: the model to train.
-      loss_fn: ``loss_fn(logits, labels) -> 0-d tensor``, e.g. ``partial(cross_entropy, label_smoothing=0.1)``.
+      loss_fn: ``loss_fn(logits, labels) -> 0-d tensor``, e.g. ``partial(cross_entropy, label_smoothing=0.1)``;
+        for batches with loss weights also ``loss_fn(logits, labels, weights=...)`` (:func:`cross_entropy` does).
       optimizer: the optimizer transform.
       gradient: ``gradient(loss_and_aux, *, compile) -> grad_and_value`` where ``loss_and_aux(params, state,
         images, labels, key) -> (loss, (new_state, logits))`` and ``grad_and_value`` takes the same arguments
@@ -150,23 +151,28 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
 
     Returns:
       The step function. ``batch`` is ``(images, labels)``: float NCHW images and int64 labels (or float
-      ``(B, classes)`` soft targets from mixup/CutMix: ``correct`` then counts the targets' largest entry);
+      ``(B, classes)`` soft targets from mixup/CutMix: ``correct`` then counts the targets' largest entry), or
+      ``(images, labels, weights)`` with a loss weight per example (``data.train_weights``: the loss is the mean
+      of ``weights * per-example loss``, and ``labels`` reaches ``gradient`` as the pair ``(labels, weights)``);
       ``key`` drives the model's randomness (dropout) for this step.
     """
     def loss_and_aux(params, state, images, labels, key):
+        labels, weights = labels if isinstance(labels, tuple) else (labels, None)  # (labels, loss weights)
         with _autocast(images.device.type, precision):
             logits, new_state = model.apply(params, state, images, train=True, key=key)
-        return loss_fn(logits, labels), (new_state, logits.detach())
+        loss = loss_fn(logits, labels) if weights is None else loss_fn(logits, labels, weights=weights)
+        return loss, (new_state, logits.detach())
 
     grad_and_value = gradient(loss_and_aux, compile=compile)
 
     def step(train_state: TrainState, batch, key):
-        images, labels = batch
+        images, labels, *weights = batch
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         scale = () if train_state.loss_scale is None else (train_state.loss_scale["scale"],)
+        targets = (labels, weights[0]) if weights else labels
         grads, (loss, (new_state, logits)) = grad_and_value(train_state.params, train_state.state, images,
-                                                            labels, key, *scale)
+                                                            targets, key, *scale)
         updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
         params = optim.apply_updates(train_state.params, updates)
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # soft (mixed) targets: their larger part
@@ -210,7 +216,7 @@ def make_members_step(build_step: Callable[[dict], Callable], *, compile: bool =
             for i in range(len(key)):
                 if i not in steps:
                     steps[i] = build_step({name: value[i] for name, value in hyper.items()})
-                outs.append(steps[i](tree_index(train_state, i), (batch[0][i], batch[1][i]), key[i]))
+                outs.append(steps[i](tree_index(train_state, i), tuple(field[i] for field in batch), key[i]))
             return tree_stack([out[0] for out in outs]), tree_stack([out[1] for out in outs])
         return looped
     stacked = torch.func.vmap(member_step, randomness="error", chunk_size=chunk_size)
