@@ -39,7 +39,7 @@ import torch
 from fnclass import data
 from fnclass.analysis.gradients import _chunks, auto_chunk_size, data_folder, make_per_example_grad_fn, vmap_model
 from fnclass.core import random, tree
-from fnclass.core.losses import per_example_cross_entropy
+from fnclass.core.losses import margin, per_example_cross_entropy
 from fnclass.errors import InputError
 from fnclass.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
@@ -137,14 +137,6 @@ def training_rows(ckpt: Checkpoint, labels: torch.Tensor, limit: int | None = No
         kept, _ = data.validation_split(labels[rows], config.val_size, config.val_seed)
         rows = rows[kept]
     return rows[:limit] if limit else rows
-
-
-def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """TRAK's output function for classification: ``logit_y - logsumexp_{j != y} logit_j`` per example."""
-    logits = logits.float()
-    correct = logits.gather(1, labels[:, None])[:, 0]
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return correct - torch.logsumexp(others, 1)
 
 
 class Projection:

@@ -24,9 +24,10 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
               help="PNG/JPEG files to attribute instead (for the class the model predicts); repeatable.")
 @click.option("--self", "self_mode", is_flag=True,
               help="Rank every training example by self-influence instead (data debugging: mislabels first).")
-@click.option("--method", type=click.Choice(["tracin", "trak"]), default="tracin", show_default=True,
+@click.option("--method", type=click.Choice(["tracin", "trak", "metagrad"]), default="tracin", show_default=True,
               help="tracin: lr-weighted gradient dot products over the checkpoints; trak: TRAK over every "
-                   "model (members and checkpoints), projected.")
+                   "model (members and checkpoints), projected; metagrad: the exact derivative of the margin "
+                   "through the whole replayed run (one run directory).")
 @click.option("--proj-dim", type=click.IntRange(min=1),
               help="Project gradients to P dimensions (tracin default: exact; trak default: 2048).")
 @click.option("--damping", type=float, help="trak: added to Phi^T Phi before the solve, as a multiple of its mean "
@@ -64,6 +65,11 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
                            "--images, --method, --proj-dim and --damping")
     if test_indices and image_paths:
         raise UsageProblem("--test-indices and --images both choose what to attribute: use one")
+    if method == "metagrad" and (self_mode or image_paths or proj_dim or damping is not None or train_limit
+                                 or uniform or len(sources) != 1):
+        raise UsageProblem("--method metagrad replays one run directory for test-split examples: give one RUN_DIR "
+                           "and --test-indices; drop --self, --images, --proj-dim, --damping, --train-limit and "
+                           "--uniform")
     console = Console(stderr=as_json)
     with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal or as_json or not speaks()) as bar:
@@ -72,7 +78,12 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         common = dict(data_dir=data_dir, train_limit=train_limit, chunk_size=_parse_chunk(chunk_size),
                       max_memory=_parse_memory(max_memory), uniform=uniform, device=device,
                       download=not no_download, progress=progress)
-        if self_mode:
+        if method == "metagrad":
+            from fnclass.training import metagrad
+
+            report = metagrad.attribute(sources[0], out, test_indices=test_indices, top=top or 8, data_dir=data_dir,
+                                        device=device, download=not no_download, progress=progress)
+        elif self_mode:
             report = attribution.rank_self_influence(sources, out, top=top or 32, **common)
         else:
             report = attribution.attribute(sources, out, test_indices=test_indices, image_paths=image_paths,
@@ -85,9 +96,16 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         return
     classes = report["classes"]
     speed = report["gradients_per_second"]
-    console.print(f"{report['method']}: {report['models']} model(s) over {len(report['checkpoints'])} checkpoint(s), "
-                  f"{report['train_examples']} training examples, {speed:,.0f} per-example gradients/s "
-                  f"(chunk {report['chunk_size']})", highlight=False)
+    if method == "metagrad":
+        ratio = f" ({report['seconds'] / report['train_seconds']:.1f}x the run's training)" \
+            if report["train_seconds"] else ""
+        console.print(f"metagrad: through {report['steps']} replayed steps (the replay ends on the run's last "
+                      f"checkpoint to {report['replay_error']:.1g}), {report['train_examples']} training examples, "
+                      f"{report['seconds']:.1f} s{ratio}", highlight=False)
+    else:
+        console.print(f"{report['method']}: {report['models']} model(s) over {len(report['checkpoints'])} "
+                      f"checkpoint(s), {report['train_examples']} training examples, {speed:,.0f} per-example "
+                      f"gradients/s (chunk {report['chunk_size']})", highlight=False)
     if self_mode:
         table = Table(title="highest self-influence (mislabelled and atypical examples come first)")
         for column in ("rank", "index", "label", "predicted", "score"):

@@ -7,6 +7,8 @@ behaves like its torch.nn twin from the first step. Apply functions never mutate
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -103,6 +105,34 @@ def batch_norm_init(channels: int) -> tuple[dict, dict]:
     return params, state
 
 
+_DIFFERENTIABLE_STATISTICS = contextvars.ContextVar("differentiable_statistics", default=False)
+
+
+@contextlib.contextmanager
+def differentiable_statistics():
+    """Within it, :func:`batch_norm` computes its running statistics (and normalises with them in eval mode) with
+    plain tensor operations, so reverse mode goes through them (``F.batch_norm`` updates them in place, outside
+    autograd). The output in training mode, and so every parameter update, is the same; the statistics may differ
+    in the last bit. Used to differentiate a whole training run (:mod:`fnclass.training.metagrad`)."""
+    token = _DIFFERENTIABLE_STATISTICS.set(True)
+    try:
+        yield
+    finally:
+        _DIFFERENTIABLE_STATISTICS.reset(token)
+
+
+def _differentiable_batch_norm(params, state, x, *, train, momentum, eps):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if not train:
+        scale = params["scale"] * torch.rsqrt(state["var"] + eps)
+        return (x - state["mean"].view(shape)) * scale.view(shape) + params["bias"].view(shape), state
+    dims = [0] + list(range(2, x.ndim))
+    var, mean = torch.var_mean(x, dim=dims, correction=1)
+    y = F.batch_norm(x, None, None, params["scale"], params["bias"], True, 0.0, eps)
+    return y, {"mean": (1 - momentum) * state["mean"] + momentum * mean,
+               "var": (1 - momentum) * state["var"] + momentum * var}
+
+
 def batch_norm(params: dict, state: dict, x: torch.Tensor, *, train: bool, momentum: float = 0.1,
                eps: float = 1e-5, axis=None) -> tuple[torch.Tensor, dict]:
     """Batch normalisation over all axes but the channel axis 1; returns ``(y, new_state)``.
@@ -113,6 +143,8 @@ def batch_norm(params: dict, state: dict, x: torch.Tensor, *, train: bool, momen
     returned as it came. With ``axis`` (a :class:`fnclass.distributed.Process`, named where the model is built, as
     Equinox's ``BatchNorm(axis_name=...)``) the batch is the global one, across the job's processes.
     """
+    if _DIFFERENTIABLE_STATISTICS.get():
+        return _differentiable_batch_norm(params, state, x, train=train, momentum=momentum, eps=eps)
     if not train:
         y = F.batch_norm(x, state["mean"], state["var"], params["scale"], params["bias"], False, 0.0, eps)
         return y, state

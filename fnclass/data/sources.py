@@ -47,10 +47,15 @@ class PermutedSource:
             self._order = epoch, random.permutation(random.fold_in(self.order_root, epoch), len(self.ds.train_images))
         return self._order[1]
 
+    def indices(self, epoch: int, epoch_step: int) -> torch.Tensor:
+        """The training examples of ``epoch``'s batch ``epoch_step``: rows ``epoch_step * batch_size ...`` of the
+        epoch's permutation."""
+        return self.order(epoch)[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
+
     def __call__(self, step: int, epoch: int, epoch_step: int) -> Batch:
-        """Step ``step``'s (0-based) batch: rows ``epoch_step * batch_size ...`` of the epoch's permutation."""
+        """Step ``step``'s (0-based) batch: the examples :meth:`indices` names, augmented from the step's key."""
         aug_key, model_key = step_keys(self.step_root, step)
-        idx = self.order(epoch)[epoch_step * self.batch_size:(epoch_step + 1) * self.batch_size]
+        idx = self.indices(epoch, epoch_step)
         images, labels = augmented_batch(self.ds, self.config, idx, epoch, aug_key, first_flips=self.first_flips,
                                          copies=self.copies)
         weights = None if self.ds.train_weights is None else self.ds.train_weights[idx]
