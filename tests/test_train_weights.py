@@ -165,3 +165,4 @@ def test_each_weight_follows_its_row(cifar_dir, tmp_path, select):
     images = np.load(cifar_dir / "train_images.npy", mmap_mode="r")
     assert len(rows) == len(ds.train_images) == (N if select == "limit" else 300) - 32
     assert np.array_equal(images[rows], ds.train_images.numpy())
+    assert np.array_equal(ds.train_rows.numpy(), rows)  # the rows the run records (metagrad's columns)

@@ -92,6 +92,7 @@ class RunData(NamedTuple):
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
     train_weights: torch.Tensor | None = None  # data.train_weights of the training rows, float32; None: all 1
+    train_rows: torch.Tensor | None = None  # the row of train_images.npy of each training image (CPU int64)
 
     @property
     def selection_split(self) -> str:
@@ -117,14 +118,17 @@ def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -
         raise ConfigError(f"model.num_classes = {config.model.num_classes} but {folder} has "
                           f"{len(dataset.classes)} classes: set model.num_classes = {len(dataset.classes)} "
                           "(or leave it out)")
-    weights = _train_weights(config.data, folder)
+    rows = _train_rows(config.data, folder)
     val_images = val_labels = None
     if config.data.val_size:
         train_idx, val_idx = data.validation_split(dataset.train_labels, config.data.val_size, config.data.val_seed)
         val_images, val_labels = dataset.train_images[val_idx].to(dev), dataset.train_labels[val_idx].to(dev)
         dataset = dataset._replace(train_images=dataset.train_images[train_idx],
                                    train_labels=dataset.train_labels[train_idx])
-        weights = None if weights is None else weights[train_idx]
+        rows = rows[train_idx]
+    weights = None
+    if config.data.train_weights is not None:
+        weights = data.read_weights(config.data.train_weights, _split_size(folder))[rows].to(dev)
     if config.train.batch_size > len(dataset.train_images):
         more = ("select more images (data.train_indices)" if config.data.train_indices
                 else "use more data (data.train_limit)")
@@ -140,18 +144,20 @@ def load_run_data(config: Config, data_dir, download: bool, dev: torch.device) -
                                                                        num_classes=len(dataset.classes)))
     return config, RunData(dataset.train_images.to(dev), dataset.train_labels.to(dev), dataset.test_images.to(dev),
                            dataset.test_labels.to(dev), mean, std, mean_t, std_t, dataset.classes, folder,
-                           val_images, val_labels, None if weights is None else weights.to(dev))
+                           val_images, val_labels, weights, rows)
 
 
-def _train_weights(config: DataConfig, folder: Path) -> torch.Tensor | None:
-    """``data.train_weights`` (one per row of train_images.npy) of the rows the run trains on, or None."""
-    if config.train_weights is None:
-        return None
-    size = len(np.load(folder / "train_labels.npy", mmap_mode="r", allow_pickle=False))
-    weights = data.read_weights(config.train_weights, size)
+def _split_size(folder: Path) -> int:
+    """The number of rows of the data folder's train_images.npy (from its labels' header)."""
+    return len(np.load(folder / "train_labels.npy", mmap_mode="r", allow_pickle=False))
+
+
+def _train_rows(config: DataConfig, folder: Path) -> torch.Tensor:
+    """The rows of train_images.npy that ``data.train_limit`` or ``data.train_indices`` selects, in order."""
+    size = _split_size(folder)
     if config.train_indices is not None:
-        return weights[data.read_indices(config.train_indices, size)]
-    return weights[:config.train_limit]
+        return data.read_indices(config.train_indices, size)
+    return torch.arange(min(config.train_limit or size, size))
 
 
 def normalized(ds: RunData, images: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import optree
 import torch
 
@@ -212,7 +211,7 @@ def _metagradients(run, test_indices, *, data_dir, device, download, segment, pr
                 progress(done)
     summary = Path(run) / "summary.json"
     train_seconds = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
-    return Result(scores.cpu(), _rows(replay.config, replay.ds.folder), test_labels.cpu(), error, total,
+    return Result(scores.cpu(), replay.ds.train_rows, test_labels.cpu(), error, total,
                   time.perf_counter() - tick, train_seconds)
 
 
@@ -252,19 +251,6 @@ def _replay_error(run: Path, state) -> float:
                          "checkpoints/last.safetensors, so it is not the recorded run (trained under torchrun, on "
                          "another device or library version, or resumed differently); use --method tracin or trak")
     return error
-
-
-def _rows(config, folder: Path) -> torch.Tensor:
-    """The rows of train_images.npy the run trained on, in its order: its ``data.train_limit`` or
-    ``data.train_indices``, less a validation split (as :func:`fnclass.data.batches.load_run_data` chooses them)."""
-    labels = torch.from_numpy(np.load(Path(folder) / "train_labels.npy", allow_pickle=False)).long()
-    if config.data.train_indices:
-        rows = data.read_indices(config.data.train_indices, len(labels))
-    else:
-        rows = torch.arange(min(config.data.train_limit or len(labels), len(labels)))
-    if config.data.val_size:
-        rows = rows[data.validation_split(labels[rows], config.data.val_size, config.data.val_seed)[0]]
-    return rows
 
 
 def attribute(run: str | Path, out_dir: str | Path, *, test_indices: str | None = None, top: int = 8,
