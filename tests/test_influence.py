@@ -302,19 +302,9 @@ def test_images_are_attributed_for_the_predicted_class_through_the_cli(cifar_dir
     assert json.loads(by_index.output)["tests"][0]["proponents"] == report["tests"][0]["proponents"]
 
 
-def naive_spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's correlation by hand: ranks from sorting (ties: their mean 1-based position), then Pearson."""
-    def rank(values):
-        ordered = sorted(values)
-        return [sum(i + 1 for i, v in enumerate(ordered) if v == value) / ordered.count(value) for value in values]
+def test_the_linear_datamodeling_score_equals_scipys_spearman():
+    from scipy.stats import spearmanr
 
-    rx, ry = rank(x), rank(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-
-
-def test_the_linear_datamodeling_score_equals_spearman_by_hand():
     generator = np.random.default_rng(0)
     scores = generator.standard_normal((3, 12))
     masks = generator.random((9, 12)) < 0.5
@@ -324,7 +314,7 @@ def test_the_linear_datamodeling_score_equals_spearman_by_hand():
     lds = influence.linear_datamodeling_score(scores, masks, outputs)
     for t in range(3):
         predicted = [float(sum(scores[t, i] for i in range(12) if masks[m, i])) for m in range(9)]
-        assert lds[t].item() == pytest.approx(naive_spearman(predicted, list(outputs[:, t])), abs=1e-6)
+        assert lds[t].item() == pytest.approx(spearmanr(predicted, outputs[:, t]).statistic, abs=1e-6)
     # outputs that are exactly the subsets' summed scores (a monotone map of them) score 1; negated, -1
     exact = np.exp(masks.astype(float) @ scores.T)
     assert torch.allclose(influence.linear_datamodeling_score(scores, masks, exact), torch.ones(3))
@@ -337,3 +327,4 @@ def test_the_linear_datamodeling_score_equals_spearman_by_hand():
     outputs[3, 0], scores[2, 5] = np.nan, np.nan
     lds = influence.linear_datamodeling_score(scores, masks, outputs)
     assert lds[0].isnan() and lds[2].isnan() and not lds[1].isnan()
+    assert np.isnan(spearmanr(masks.astype(float) @ scores[2], outputs[:, 2]).statistic)
