@@ -55,8 +55,9 @@ def test_all_ones_is_the_unweighted_run_bit_for_bit(cifar_dir, tmp_path):
 
 def test_weight_zero_is_the_loss_masked_by_hand(cifar_dir, tmp_path, monkeypatch):
     """Reference: the same run without weights, the removed rows relabelled -1 as they are loaded and the loss
-    ``sum of the other rows' cross-entropy / batch size`` written here. Same batches and keys, so the two runs agree
-    to float32 rounding; both are far from the unweighted run."""
+    ``sum of the other rows' cross-entropy / batch size`` written here. Same batches and keys, and each example's
+    gradient is its own times exactly 1/B or 0 both ways, so the parameters agree bit for bit; both are far from the
+    unweighted run."""
     weights = np.ones(_total(cifar_dir))
     weights[REMOVED] = 0.0
     path = _weights_file(tmp_path, weights)
@@ -80,9 +81,9 @@ def test_weight_zero_is_the_loss_masked_by_hand(cifar_dir, tmp_path, monkeypatch
     train(config, tmp_path / "hand", data_dir=str(cifar_dir))
 
     weighted, hand, plain = _last(tmp_path / "w"), _last(tmp_path / "hand"), _last(tmp_path / "plain")
-    for name in weighted:
-        if weighted[name].is_floating_point() and "params" in name:
-            torch.testing.assert_close(weighted[name], hand[name], rtol=1e-4, atol=1e-5)
+    for name in weighted:  # every example's gradient is scaled by exactly 1/B (or 0) both ways: the same bits
+        if "params" in name:
+            assert torch.equal(weighted[name], hand[name]), name
     moved = max(float((weighted[k] - plain[k]).abs().max()) for k in weighted if "params" in k)
     assert moved > 1e-3  # the removed examples mattered: the comparison above can fail
 

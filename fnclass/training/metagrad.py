@@ -97,11 +97,7 @@ def replay_of(run: str | Path, *, data_dir=None, device: str = "cpu", download: 
       InputError: the run has no last checkpoint, or cannot be replayed exactly (see the module's doc).
     """
     run = Path(run)
-    last = run / "checkpoints" / "last.safetensors"
-    if not last.is_file():
-        raise InputError(f"{run} has no checkpoints/last.safetensors: --method metagrad replays a run directory "
-                         "that finished training; give one")
-    config = load_checkpoint(last, weights="raw").config
+    config = _last_checkpoint(run).config
     _refuse(config, run)
     dev = pick_device(device)
     config, ds = load_run_data(config, data_dir or config.data.data_dir, download, dev)
@@ -124,6 +120,15 @@ def replay_of(run: str | Path, *, data_dir=None, device: str = "cpu", download: 
     weights = ds.train_weights if ds.train_weights is not None else torch.ones(len(ds.train_images), device=dev)
     return Replay(config, ds, math_model, step_of(model), step_of(math_model), source, start, steps_per_epoch,
                   steps_per_epoch * config.train.epochs, weights)
+
+
+def _last_checkpoint(run: Path):
+    """The run directory's last checkpoint (raw weights), or one line saying a finished run is needed."""
+    path = run / "checkpoints" / "last.safetensors"
+    if not path.is_file():
+        raise InputError(f"{run} has no checkpoints/last.safetensors: --method metagrad replays a run directory "
+                         "that finished training; give one")
+    return load_checkpoint(path, weights="raw")
 
 
 def _batch(replay: Replay, t: int):
@@ -261,11 +266,7 @@ def attribute(run: str | Path, out_dir: str | Path, *, test_indices: str | None 
     ``scores.npy``, ``train_indices.npy``, ``influence.png``). Returns the report."""
     from fnclass.analysis.influence import _write_attribution, parse_indices, top_examples
 
-    last = load_checkpoint(Path(run) / "checkpoints" / "last.safetensors", weights="raw") \
-        if (Path(run) / "checkpoints" / "last.safetensors").is_file() else None
-    if last is None:
-        raise InputError(f"{run} has no checkpoints/last.safetensors: --method metagrad replays a run directory "
-                         "that finished training; give one")
+    last = _last_checkpoint(Path(run))
     folder = data.resolve_data_dir(data_dir or last.config.data.data_dir, last.config.data.dataset,
                                    download=download)
     test_all, _ = data.load_split(folder, "test")
