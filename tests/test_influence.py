@@ -210,8 +210,10 @@ def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir
     (["RUN", "--test-indices", "5-2"], "'5-2' is outside the test split"),
     (["RUN", "--test-indices", "x"], "'x' is not an index or a range"),
     (["RUN", "--self", "--method", "trak"], "--self ranks training examples"),
-    (["RUN", "--self", "--damping", "0.1"], "drop --test-indices, --images, --method, --proj-dim and --damping"),
-    (["RUN", "--damping", "0.1"], "--damping is TRAK's (--method trak)"),
+    (["RUN", "--self", "--damping", "0.1"], "--damping with --self is EK-FAC's (--method ekfac)"),
+    (["RUN", "--damping", "0.1"], "--damping is TRAK's and EK-FAC's (--method trak or ekfac)"),
+    (["RUN", "--method", "ekfac", "--damping", "-1"], "--damping -1.0: expected a number >= 0"),
+    (["RUN", "--method", "ekfac", "--proj-dim", "64"], "EK-FAC does not project"),
     (["RUN", "--method", "trak", "--damping", "-1"], "--damping -1.0: expected a number >= 0"),
     (["RUN", "--method", "trak", "--damping", "nan"], "--damping nan: expected a number >= 0"),
     (["RUN", "--method", "trak", "--damping", "0", "--proj-dim", "64", "--train-limit", "64"],
@@ -231,6 +233,39 @@ def test_bad_input_is_one_line_with_exit_code_2(cifar_dir, run_dir, tmp_path, ar
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_ekfac_through_the_cli_is_the_api_on_the_final_checkpoint_averaged_over_members(cifar_dir, members_dir,
+                                                                                      tmp_path):
+    """`fnclass influence RUN --method ekfac` (and `--self --method ekfac`): the run's final checkpoint, the rows
+    it trained on, each member's factors from its own key, the members' mean; chunking does not change it."""
+    from fnclass.analysis import ekfac
+    from fnclass.core import random
+
+    cli = ["influence", str(members_dir), "--data-dir", str(cifar_dir), "--method", "ekfac", "--train-limit", "20",
+           "--chunk-size", "7", "--seed", "4", "--damping", "0.3"]
+    result = CliRunner().invoke(main, [*cli, "--test-indices", "3,0", "--out", str(tmp_path / "pairs"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    result = CliRunner().invoke(main, [*cli, "--self", "--out", str(tmp_path / "self")])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(members_dir / "checkpoints/last.safetensors", weights="raw")
+    model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+    train_x, train_y = first(cifar_dir, "train", 20)
+    test_x, test_y = first(cifar_dir, "test", 4)
+    expected, expected_self = 0, 0
+    for m in range(2):
+        one = ckpt.member(m)
+        x, t = one.preprocess(train_x), one.preprocess(test_x[[3, 0]])
+        factors = ekfac.fit(model, one.params, one.state, x, key=random.fold_in(random.key(4), m), damping=0.3)
+        expected = expected + ekfac.scores(factors, model, one.params, one.state, x, train_y, t, test_y[[3, 0]]) / 2
+        expected_self = expected_self + ekfac.self_influence(factors, model, one.params, one.state, x, train_y) / 2
+    scores = torch.from_numpy(np.load(tmp_path / "pairs/scores.npy", allow_pickle=False))
+    torch.testing.assert_close(scores, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    assert report["method"] == "ekfac" and report["damping"] == 0.3 and "head.weight" in report["ekfac_layers"]
+    rows = list(csv.DictReader(open(tmp_path / "self/self_influence.csv")))
+    got = torch.tensor([float(r["score"]) for r in sorted(rows, key=lambda r: int(r["index"]))])
+    torch.testing.assert_close(got, expected_self, rtol=1e-3, atol=0)
 
 
 def test_self_influence_ranks_flipped_labels_first_on_real_images(cifar_dir, tmp_path):

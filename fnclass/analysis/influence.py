@@ -37,13 +37,14 @@ from typing import NamedTuple
 import torch
 
 from fnclass import data
+from fnclass.analysis import ekfac
 from fnclass.analysis.gradients import _chunks, auto_chunk_size, data_folder, make_per_example_grad_fn, vmap_model
 from fnclass.core import random, tree
 from fnclass.core.losses import margin, per_example_cross_entropy
 from fnclass.errors import InputError
 from fnclass.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
-METHODS = ("tracin", "trak")
+METHODS = ("tracin", "trak", "ekfac")
 DEFAULT_TRAK_DIM = 2048
 DEFAULT_TRAK_DAMPING = 0.1  # x mean(diag(Phi^T Phi)): best for 8 members in RESULTS.md's LDS sweep; safe at D >= N
 
@@ -326,6 +327,54 @@ def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = 
     return _gather_columns((total / count * (residual / count)).float(), n, process)
 
 
+def final_checkpoint(sources: Sequence[str | Path]) -> Path:
+    """The one model EK-FAC scores with: the last of ``sources``, where a run directory stands for its final
+    checkpoint (``checkpoints/last.safetensors``, or the last one kept along the run)."""
+    source = Path(sources[-1])
+    if source.is_dir() and (source / "checkpoints" / "last.safetensors").is_file():
+        return source / "checkpoints" / "last.safetensors"
+    return checkpoint_paths([source])[-1]
+
+
+def _one_process(process) -> None:
+    if process is not None:
+        raise InputError("--method ekfac runs in one process (its factors are not sharded): run it without torchrun")
+
+
+def _ekfac_mean(item: AlongRun, problem: Problem, key: torch.Tensor, damping: float, progress: Callable | None,
+                score: Callable) -> tuple[torch.Tensor, dict]:
+    """``score(factors, params, state, progress)`` averaged over the checkpoint's models (its members, or itself),
+    each with its factors fitted on the training rows and labels drawn from ``fold_in(key, member)``; and what the
+    report says of them (the covered layers and the parameters left out)."""
+    n, total, factors = len(problem.train_images), 0, None
+    models = item.models(problem.train_images.device)
+    ticks = (lambda start: lambda done: progress(start + done)) if progress else (lambda start: None)
+    for m, (params, state) in enumerate(models):
+        factors = ekfac.fit(problem.model, params, state, problem.train_images, key=random.fold_in(key, m),
+                            damping=damping, chunk_size=problem.chunk_size, progress=ticks(3 * n * m))
+        total = total + score(factors, params, state, ticks(3 * n * m + 2 * n))
+    return total / len(models), {"damping": damping, "ekfac_layers": [layer.weight for layer in factors.layers],
+                                 "ekfac_left_out": factors.left_out}
+
+
+def ekfac_scores(item: AlongRun, problem: Problem, *, key: torch.Tensor, damping: float = ekfac.DEFAULT_DAMPING,
+                 progress: Callable | None = None) -> tuple[torch.Tensor, dict]:
+    """EK-FAC influence scores, ``(T, N)`` (:mod:`fnclass.analysis.ekfac`), averaged over the checkpoint's models,
+    and the report's entries (:func:`_ekfac_mean`)."""
+    return _ekfac_mean(item, problem, key, damping, progress, lambda factors, params, state, ticks: ekfac.scores(
+        factors, problem.model, params, state, problem.train_images, problem.train_labels, problem.test_images,
+        problem.test_labels, chunk_size=problem.chunk_size, progress=ticks))
+
+
+def ekfac_self_influence(item: AlongRun, problem: Problem, *, key: torch.Tensor,
+                         damping: float = ekfac.DEFAULT_DAMPING, progress: Callable | None = None
+                         ) -> tuple[torch.Tensor, dict]:
+    """EK-FAC self-influence of every training example, ``(N,)``, averaged over the checkpoint's models."""
+    return _ekfac_mean(item, problem, key, damping, progress, lambda factors, params, state, ticks:
+                       ekfac.self_influence(factors, problem.model, params, state, problem.train_images,
+                                            problem.train_labels, chunk_size=problem.chunk_size, progress=ticks))
+
+
 def _ranks(values: torch.Tensor) -> torch.Tensor:
     """Ranks (0-based, float64) along dim 0, tied values sharing their mean rank, as Spearman's correlation ranks."""
     ranked = torch.empty(values.shape, dtype=torch.float64)
@@ -421,12 +470,18 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
 
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
-    if damping is not None and method != "trak":
-        raise InputError("--damping is TRAK's (--method trak); TracIn has no kernel to damp: drop it")
+    if damping is not None and method == "tracin":
+        raise InputError("--damping is TRAK's and EK-FAC's (--method trak or ekfac); TracIn has no curvature to damp: "
+                         "drop it")
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
         raise InputError(f"--damping {damping}: expected a number >= 0 (a multiple of the mean diagonal of "
-                         "Phi^T Phi), e.g. 0.1")
+                         "Phi^T Phi for trak, of each layer's mean corrected eigenvalue for ekfac), e.g. 0.1")
+    if method == "ekfac" and proj_dim:
+        raise InputError("--proj-dim: EK-FAC does not project (its factors are per layer): drop --proj-dim")
     process = distributed.from_environment(device)
+    if method == "ekfac":
+        _one_process(process)
+        sources, uniform = [final_checkpoint(sources)], True
     along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
                                                                       train_limit, process)
     if image_paths:
@@ -444,16 +499,20 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
                          "or lower --proj-dim")
     model = vmap_model(last)
     train_images = prepare(last, train_raw, dev)
-    size = _chunk(chunk_size, along, model, train_images, max_memory)
+    size = _chunk(chunk_size, along, model, train_images, max_memory, method)
     problem = Problem(model, train_images, train_labels.to(dev), prepare(last, test_raw, dev), test_labels.to(dev),
                       size)
     if method == "trak":
         proj_dim = proj_dim or DEFAULT_TRAK_DIM
         damping = DEFAULT_TRAK_DAMPING if damping is None else damping
+    extra = {}
     tick = time.perf_counter()
     if method == "tracin":
         scores = tracin_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress,
                                process=process)
+    elif method == "ekfac":
+        damping = ekfac.DEFAULT_DAMPING if damping is None else damping
+        scores, extra = ekfac_scores(along[-1], problem, key=random.key(seed), damping=damping, progress=progress)
     else:
         scores = trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), damping=damping,
                              progress=progress, process=process)
@@ -469,7 +528,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
         "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
         "models": models, "train_examples": len(train_images), "chunk_size": size,
         "processes": process.world_size if process else 1, "seconds": seconds,
-        "gradients_per_second": gradients / seconds if seconds else None, "classes": list(last.classes),
+        "gradients_per_second": gradients / seconds if seconds else None, "classes": list(last.classes), **extra,
         "tests": [{"test": name, "label": int(test_labels[t]), "proponents": pick(proponents[t], t),
                    "opponents": pick(opponents[t], t)} for t, name in enumerate(names)],
     }
@@ -482,13 +541,16 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
 def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=None, top: int = 32,
                         train_limit: int | None = None, chunk_size: int | str = "auto",
                         max_memory: int | None = None, uniform: bool = False, device: str = "auto",
-                        download: bool = True, progress: Callable | None = None) -> dict:
-    """Rank every training example by TracIn self-influence and write ``out_dir``: ``self_influence.csv`` (rank,
+                        download: bool = True, method: str = "tracin", damping: float | None = None, seed: int = 0,
+                        progress: Callable | None = None) -> dict:
+    """Rank every training example by self-influence and write ``out_dir``: ``self_influence.csv`` (rank,
     index, label, predicted, score; highest first), ``self_influence.json`` and ``self_influence.png`` (the
-    ``top`` first, titled ``label / predicted``).
+    ``top`` first, titled ``label / predicted``). ``method``: ``"tracin"`` (``sum_k lr_k |g_k(z)|^2`` over the
+    checkpoints) or ``"ekfac"`` (``g(z)^T H^-1 g(z) / N`` at the final checkpoint, :mod:`fnclass.analysis.ekfac`,
+    labels drawn from ``seed``'s key, ``damping`` as there).
 
-    Under torchrun the training rows are sharded over the processes (:func:`self_influence`, and the predictions)
-    and rank 0 writes the files; every process returns the report.
+    Under torchrun (TracIn only) the training rows are sharded over the processes (:func:`self_influence`, and the
+    predictions) and rank 0 writes the files; every process returns the report.
 
     Returns:
       The report (also ``self_influence.json``).
@@ -497,22 +559,37 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
 
     from fnclass import distributed
 
+    if method not in ("tracin", "ekfac"):
+        raise ValueError(f"method {method!r}: expected tracin or ekfac")
+    if damping is not None and method != "ekfac":
+        raise InputError("--damping with --self is EK-FAC's (--method ekfac); TracIn has no curvature to damp: "
+                         "drop it")
     process = distributed.from_environment(device)
+    if method == "ekfac":
+        _one_process(process)
+        sources, uniform = [final_checkpoint(sources)], True
     along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
                                                                       train_limit, process)
     model = vmap_model(last)
     images = prepare(last, train_raw, dev)
-    size = _chunk(chunk_size, along, model, images, max_memory)
+    size = _chunk(chunk_size, along, model, images, max_memory, method)
     problem = Problem(model, images, train_labels.to(dev), images[:0], train_labels[:0].to(dev), size)
+    extra = {}
     tick = time.perf_counter()
-    scores = self_influence(along, problem, progress=progress, process=process).cpu()
+    if method == "ekfac":
+        damping = ekfac.DEFAULT_DAMPING if damping is None else damping
+        scores, extra = ekfac_self_influence(along[-1], problem, key=random.key(seed), damping=damping,
+                                             progress=progress)
+        scores = scores.cpu()
+    else:
+        scores = self_influence(along, problem, progress=progress, process=process).cpu()
     seconds = time.perf_counter() - tick
     shard = _predict(last, distributed.split_rows(train_raw, process))
     predicted = distributed.gather_rows(shard.to(dev), len(train_raw), process).cpu()  # dev: NCCL gathers there
     order = torch.argsort(scores, descending=True, stable=True)
     models = sum(len(item.learning_rates) for item in along)
     report = {
-        "method": "tracin-self",
+        "method": f"{method}-self", **extra,
         "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
         "models": models, "train_examples": len(images), "chunk_size": size,
         "processes": process.world_size if process else 1, "seconds": seconds,
@@ -554,11 +631,17 @@ def _open(sources, uniform: bool, device: str, data_dir, download: bool, train_l
     return along, last, device_of(process, pick_device(device)), folder, _training_split(last, folder, train_limit)
 
 
-def _chunk(chunk_size: int | str, along, model, images: torch.Tensor, max_memory: int | None) -> int:
+def _chunk(chunk_size: int | str, along, model, images: torch.Tensor, max_memory: int | None,
+           method: str = "tracin") -> int:
     """``chunk_size``, or with ``"auto"`` the chunk that fits the memory budget."""
+    from fnclass.analysis.gradients import memory_budget
+
     if chunk_size != "auto":
         return chunk_size
     params, state = along[0].models(images.device)[0]
+    if method == "ekfac":
+        budget = max_memory if max_memory is not None else memory_budget(images.device)
+        return ekfac.auto_chunk_size(model, params, state, images[0], budget, limit=len(images))
     return auto_chunk_size(model, params, state, images[0], max_memory=max_memory, limit=len(images))
 
 
@@ -651,6 +734,6 @@ def _plot_self(path, train_raw, labels, predicted, scores, order, rows, classes)
         label, guess = classes[int(labels[i])], classes[int(predicted[i])]
         ax.imshow(train_raw[i].numpy())
         ax.set_title(f"#{int(rows[i])}\n{label} / {guess}", fontsize=7, color="black" if label == guess else "red")
-    fig.suptitle("highest TracIn self-influence (label / predicted)", fontsize=9)
+    fig.suptitle("highest self-influence (label / predicted)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)

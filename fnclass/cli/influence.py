@@ -1,4 +1,5 @@
-"""``fnclass influence``: which training examples made a prediction (TracIn, TRAK), and self-influence."""
+"""``fnclass influence``: which training examples made a prediction (TracIn, TRAK, EK-FAC, metagradients), and
+self-influence."""
 
 from __future__ import annotations
 
@@ -23,22 +24,27 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
 @click.option("--images", "image_paths", multiple=True, type=click.Path(path_type=Path),
               help="PNG/JPEG files to attribute instead (for the class the model predicts); repeatable.")
 @click.option("--self", "self_mode", is_flag=True,
-              help="Rank every training example by self-influence instead (data debugging: mislabels first).")
-@click.option("--method", type=click.Choice(["tracin", "trak", "metagrad"]), default="tracin", show_default=True,
+              help="Rank every training example by self-influence instead (with --method tracin or ekfac). To "
+                   "find mislabelled examples, rank by EL2N first: fnclass grads --score el2n (docs/attribution.md).")
+@click.option("--method", type=click.Choice(["tracin", "trak", "ekfac", "metagrad"]), default="tracin",
+              show_default=True,
               help="tracin: lr-weighted gradient dot products over the checkpoints; trak: TRAK over every "
-                   "model (members and checkpoints), projected; metagrad: the exact derivative of the margin "
-                   "through the whole replayed run (one run directory).")
+                   "model (members and checkpoints), projected; ekfac: influence functions with EK-FAC curvature "
+                   "at the final checkpoint; metagrad: the exact derivative of the margin through the whole "
+                   "replayed run (one run directory).")
 @click.option("--proj-dim", type=click.IntRange(min=1),
               help="Project gradients to P dimensions (tracin default: exact; trak default: 2048).")
 @click.option("--damping", type=float, help="trak: added to Phi^T Phi before the solve, as a multiple of its mean "
-              "diagonal (default 0.1; 0 is TRAK as published).")
+              "diagonal (default 0.1; 0 is TRAK as published); ekfac: added to each layer's corrected eigenvalues, "
+              "as a multiple of their mean (default 0.1, Kronfluence's heuristic).")
 @click.option("--top", type=click.IntRange(min=1), help="Proponents and opponents per test example (default 8); "
               "with --self, examples in the grid (default 32).")
 @click.option("--train-limit", type=click.IntRange(min=1), help="Attribute to the first N training examples only.")
 @click.option("--chunk-size", default="auto", show_default=True, help="Examples per vmap call: auto or K.")
 @click.option("--max-memory", help="Budget for --chunk-size auto, e.g. 4GB.")
 @click.option("--uniform", is_flag=True, help="Weigh every checkpoint 1 (for files without a recorded learning rate).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Key of the random projections.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Key of the random projections (tracin, trak) and of EK-FAC's labels drawn from the model.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("influence"),
               show_default=True)
 @options.device
@@ -55,14 +61,15 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
     \b
     Examples:
       fnclass influence runs/cpu --test-indices 0-7 --out influence/cpu
-      fnclass influence runs/cpu --self --out influence/self
+      fnclass influence runs/cpu --method ekfac --test-indices 0-7 --out influence/ekfac
       fnclass influence runs/seeds --method trak --proj-dim 2048 --test-indices 0-99
+      fnclass influence runs/cpu --self --method ekfac --out influence/self
     """
     from fnclass.analysis import influence as attribution
 
-    if self_mode and (test_indices or image_paths or method != "tracin" or proj_dim or damping is not None):
-        raise UsageProblem("--self ranks training examples by exact TracIn self-influence: drop --test-indices, "
-                           "--images, --method, --proj-dim and --damping")
+    if self_mode and (test_indices or image_paths or method not in ("tracin", "ekfac") or proj_dim):
+        raise UsageProblem("--self ranks training examples by exact TracIn or EK-FAC self-influence: drop "
+                           "--test-indices, --images and --proj-dim; --method tracin or ekfac")
     if test_indices and image_paths:
         raise UsageProblem("--test-indices and --images both choose what to attribute: use one")
     if method == "metagrad" and (self_mode or image_paths or proj_dim or damping is not None or train_limit
@@ -84,7 +91,8 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
             report = metagrad.attribute(sources[0], out, test_indices=test_indices, top=top or 8, data_dir=data_dir,
                                         device=device, download=not no_download, progress=progress)
         elif self_mode:
-            report = attribution.rank_self_influence(sources, out, top=top or 32, **common)
+            report = attribution.rank_self_influence(sources, out, top=top or 32, method=method, damping=damping,
+                                                     seed=seed, **common)
         else:
             report = attribution.attribute(sources, out, test_indices=test_indices, image_paths=image_paths,
                                            top=top or 8, method=method, proj_dim=proj_dim, damping=damping, seed=seed,
@@ -106,6 +114,10 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         console.print(f"{report['method']}: {report['models']} model(s) over {len(report['checkpoints'])} "
                       f"checkpoint(s), {report['train_examples']} training examples, {speed:,.0f} per-example "
                       f"gradients/s (chunk {report['chunk_size']})", highlight=False)
+    if "ekfac_layers" in report:
+        console.print(f"EK-FAC over {len(report['ekfac_layers'])} convolution/linear layers (damping "
+                      f"{report['damping']:g}); left out: {len(report['ekfac_left_out'])} normalisation and frozen-"
+                      "stem parameters", highlight=False)
     if self_mode:
         table = Table(title="highest self-influence (mislabelled and atypical examples come first)")
         for column in ("rank", "index", "label", "predicted", "score"):
