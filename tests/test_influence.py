@@ -214,6 +214,7 @@ def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir
     (["RUN", "--damping", "0.1"], "--damping is TRAK's and EK-FAC's (--method trak or ekfac)"),
     (["RUN", "--method", "ekfac", "--damping", "-1"], "--damping -1.0: expected a number >= 0"),
     (["RUN", "--method", "ekfac", "--proj-dim", "64"], "EK-FAC does not project"),
+    (["RUN", "--factor-examples", "64"], "--factor-examples is EK-FAC's (--method ekfac): drop it"),
     (["RUN", "--method", "trak", "--damping", "-1"], "--damping -1.0: expected a number >= 0"),
     (["RUN", "--method", "trak", "--damping", "nan"], "--damping nan: expected a number >= 0"),
     (["RUN", "--method", "trak", "--damping", "0", "--proj-dim", "64", "--train-limit", "64"],
@@ -266,6 +267,23 @@ def test_ekfac_through_the_cli_is_the_api_on_the_final_checkpoint_averaged_over_
     rows = list(csv.DictReader(open(tmp_path / "self/self_influence.csv")))
     got = torch.tensor([float(r["score"]) for r in sorted(rows, key=lambda r: int(r["index"]))])
     torch.testing.assert_close(got, expected_self, rtol=1e-3, atol=0)
+    # --factor-examples 8: the curvature from 8 of the 20 rows drawn from the key, the 1/N still over all 20
+    report = influence.rank_self_influence([members_dir], tmp_path / "sample", data_dir=cifar_dir, train_limit=20,
+                                           chunk_size=7, seed=4, damping=0.3, method="ekfac", factor_examples=8,
+                                           device="cpu")
+    assert report["factor_examples"] == 8
+    chosen = random.permutation(random.fold_in(random.key(4), -1), 20)[:8].sort().values
+    expected_sample = 0
+    for m in range(2):
+        one = ckpt.member(m)
+        x = one.preprocess(train_x)
+        factors = ekfac.fit(model, one.params, one.state, x[chosen], key=random.fold_in(random.key(4), m),
+                            damping=0.3, train_size=20)
+        expected_sample = expected_sample + ekfac.self_influence(factors, model, one.params, one.state, x,
+                                                                 train_y) / 2
+    rows = list(csv.DictReader(open(tmp_path / "sample/self_influence.csv")))
+    got = torch.tensor([float(r["score"]) for r in sorted(rows, key=lambda r: int(r["index"]))])
+    torch.testing.assert_close(got, expected_sample, rtol=1e-3, atol=0)
 
 
 def test_self_influence_ranks_flipped_labels_first_on_real_images(cifar_dir, tmp_path):

@@ -226,8 +226,8 @@ def sampled_cross_entropy(uniforms: torch.Tensor) -> Callable:
 
 class Factors(NamedTuple):
     """The fitted EK-FAC approximation: per covered layer, ``Q_A``, ``Q_S``, the corrected eigenvalues ``Lambda``
-    (``(p, d)``) and the damping added to them (float64); the number of examples it was fitted on; the parameters it
-    leaves out."""
+    (``(p, d)``) and the damping added to them (float64); the training set's size ``N`` (the scores' ``1/N``); the
+    parameters it leaves out; the layers it was restricted to."""
 
     layers: list[Layer]
     q_a: list[torch.Tensor]
@@ -270,13 +270,15 @@ def _batches(n: int, chunk_size: int | None) -> list[slice]:
 
 
 def fit(model, params, state, images: torch.Tensor, *, key: torch.Tensor, damping: float = DEFAULT_DAMPING,
-        chunk_size: int | None = None, only=None, progress: Callable | None = None) -> Factors:
+        chunk_size: int | None = None, only=None, train_size: int | None = None,
+        progress: Callable | None = None) -> Factors:
     """EK-FAC's factors of ``model`` at ``params`` on ``images`` (preprocessed): two passes, the Kronecker factors
     and then the eigenvalue correction, both from the gradients at labels drawn from the model (``key``: one uniform
     per example, so the same draws in both passes and for any ``chunk_size``). ``damping`` is a multiple of each
     layer's mean corrected eigenvalue. Factors and eigenvalues are accumulated in float64; each chunk's sums and
     each example's gradient are formed in the model's dtype. ``only``: the weight paths of the layers to cover
-    (default: every layer the tap covers)."""
+    (default: every layer the tap covers). ``train_size``: the ``N`` of the scores' ``1/N``, the training set's
+    size when ``images`` is a sample of it (default ``len(images)``)."""
     only = frozenset(only) if only is not None else None
     if not damping >= 0:
         raise InputError(f"--damping {damping}: expected a number >= 0 (a multiple of each layer's mean corrected "
@@ -298,7 +300,7 @@ def fit(model, params, state, images: torch.Tensor, *, key: torch.Tensor, dampin
             progress(part.stop)
     q_a = [torch.linalg.eigh(a / len(images)).eigenvectors for a in sums_a]
     q_s = [torch.linalg.eigh(s / len(images)).eigenvectors for s in sums_s]
-    factors = Factors(tapped.layers, q_a, q_s, [], [], len(images), tapped.left_out, only)
+    factors = Factors(tapped.layers, q_a, q_s, [], [], train_size or len(images), tapped.left_out, only)
     eigenvalues = [0] * len(q_a)
     for c, part in enumerate(chunks):
         for i, (a, g) in enumerate(layer_tap(model, params, state, images[part], loss(c), labels[part],

@@ -342,37 +342,44 @@ def _one_process(process) -> None:
 
 
 def _ekfac_mean(item: AlongRun, problem: Problem, key: torch.Tensor, damping: float, progress: Callable | None,
-                score: Callable) -> tuple[torch.Tensor, dict]:
+                score: Callable, factor_examples: int | None = None) -> tuple[torch.Tensor, dict]:
     """``score(factors, params, state, progress)`` averaged over the checkpoint's models (its members, or itself),
-    each with its factors fitted on the training rows and labels drawn from ``fold_in(key, member)``; and what the
-    report says of them (the covered layers and the parameters left out)."""
+    each with its factors fitted on the training rows (or ``factor_examples`` of them drawn at random from
+    ``key``) and labels drawn from ``fold_in(key, member)``; and what the report says of them (the covered layers
+    and the parameters left out)."""
     n, total, factors = len(problem.train_images), 0, None
+    fitted = problem.train_images
+    if factor_examples and factor_examples < n:
+        rows = random.permutation(random.fold_in(key, -1), n)[:factor_examples].sort().values
+        fitted = problem.train_images[rows.to(fitted.device)]
     models = item.models(problem.train_images.device)
     ticks = (lambda start: lambda done: progress(start + done)) if progress else (lambda start: None)
     for m, (params, state) in enumerate(models):
-        factors = ekfac.fit(problem.model, params, state, problem.train_images, key=random.fold_in(key, m),
-                            damping=damping, chunk_size=problem.chunk_size, progress=ticks(3 * n * m))
-        total = total + score(factors, params, state, ticks(3 * n * m + 2 * n))
-    return total / len(models), {"damping": damping, "ekfac_layers": [layer.weight for layer in factors.layers],
+        factors = ekfac.fit(problem.model, params, state, fitted, key=random.fold_in(key, m), damping=damping,
+                            chunk_size=problem.chunk_size, train_size=n, progress=ticks(3 * n * m))
+        total = total + score(factors, params, state, ticks(3 * n * m + 2 * len(fitted)))
+    return total / len(models), {"damping": damping, "factor_examples": len(fitted),
+                                 "ekfac_layers": [layer.weight for layer in factors.layers],
                                  "ekfac_left_out": factors.left_out}
 
 
 def ekfac_scores(item: AlongRun, problem: Problem, *, key: torch.Tensor, damping: float = ekfac.DEFAULT_DAMPING,
-                 progress: Callable | None = None) -> tuple[torch.Tensor, dict]:
+                 factor_examples: int | None = None, progress: Callable | None = None) -> tuple[torch.Tensor, dict]:
     """EK-FAC influence scores, ``(T, N)`` (:mod:`fnclass.analysis.ekfac`), averaged over the checkpoint's models,
     and the report's entries (:func:`_ekfac_mean`)."""
     return _ekfac_mean(item, problem, key, damping, progress, lambda factors, params, state, ticks: ekfac.scores(
         factors, problem.model, params, state, problem.train_images, problem.train_labels, problem.test_images,
-        problem.test_labels, chunk_size=problem.chunk_size, progress=ticks))
+        problem.test_labels, chunk_size=problem.chunk_size, progress=ticks), factor_examples)
 
 
 def ekfac_self_influence(item: AlongRun, problem: Problem, *, key: torch.Tensor,
-                         damping: float = ekfac.DEFAULT_DAMPING, progress: Callable | None = None
-                         ) -> tuple[torch.Tensor, dict]:
+                         damping: float = ekfac.DEFAULT_DAMPING, factor_examples: int | None = None,
+                         progress: Callable | None = None) -> tuple[torch.Tensor, dict]:
     """EK-FAC self-influence of every training example, ``(N,)``, averaged over the checkpoint's models."""
     return _ekfac_mean(item, problem, key, damping, progress, lambda factors, params, state, ticks:
                        ekfac.self_influence(factors, problem.model, params, state, problem.train_images,
-                                            problem.train_labels, chunk_size=problem.chunk_size, progress=ticks))
+                                            problem.train_labels, chunk_size=problem.chunk_size, progress=ticks),
+                       factor_examples)
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -450,7 +457,8 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
               image_paths: Sequence[str | Path] = (), top: int = 8, method: str = "tracin",
               proj_dim: int | None = None, damping: float | None = None, train_limit: int | None = None,
               chunk_size: int | str = "auto", max_memory: int | None = None, uniform: bool = False, seed: int = 0,
-              device: str = "auto", download: bool = True, progress: Callable | None = None) -> dict:
+              device: str = "auto", download: bool = True, factor_examples: int | None = None,
+              progress: Callable | None = None) -> dict:
     """Attribute test examples (``test_indices`` of the test split, or the images ``image_paths``, which are
     attributed for the class the last checkpoint predicts) to the training examples, and write ``out_dir``:
     ``influence.csv`` and ``influence.json`` (each test example's ``top`` proponents and opponents),
@@ -478,6 +486,8 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
                          "Phi^T Phi for trak, of each layer's mean corrected eigenvalue for ekfac), e.g. 0.1")
     if method == "ekfac" and proj_dim:
         raise InputError("--proj-dim: EK-FAC does not project (its factors are per layer): drop --proj-dim")
+    if factor_examples and method != "ekfac":
+        raise InputError("--factor-examples is EK-FAC's (--method ekfac): drop it")
     process = distributed.from_environment(device)
     if method == "ekfac":
         _one_process(process)
@@ -512,7 +522,8 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
                                process=process)
     elif method == "ekfac":
         damping = ekfac.DEFAULT_DAMPING if damping is None else damping
-        scores, extra = ekfac_scores(along[-1], problem, key=random.key(seed), damping=damping, progress=progress)
+        scores, extra = ekfac_scores(along[-1], problem, key=random.key(seed), damping=damping,
+                                     factor_examples=factor_examples, progress=progress)
     else:
         scores = trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), damping=damping,
                              progress=progress, process=process)
@@ -542,7 +553,7 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
                         train_limit: int | None = None, chunk_size: int | str = "auto",
                         max_memory: int | None = None, uniform: bool = False, device: str = "auto",
                         download: bool = True, method: str = "tracin", damping: float | None = None, seed: int = 0,
-                        progress: Callable | None = None) -> dict:
+                        factor_examples: int | None = None, progress: Callable | None = None) -> dict:
     """Rank every training example by self-influence and write ``out_dir``: ``self_influence.csv`` (rank,
     index, label, predicted, score; highest first), ``self_influence.json`` and ``self_influence.png`` (the
     ``top`` first, titled ``label / predicted``). ``method``: ``"tracin"`` (``sum_k lr_k |g_k(z)|^2`` over the
@@ -564,6 +575,8 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     if damping is not None and method != "ekfac":
         raise InputError("--damping with --self is EK-FAC's (--method ekfac); TracIn has no curvature to damp: "
                          "drop it")
+    if factor_examples and method != "ekfac":
+        raise InputError("--factor-examples is EK-FAC's (--method ekfac): drop it")
     process = distributed.from_environment(device)
     if method == "ekfac":
         _one_process(process)
@@ -579,7 +592,7 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     if method == "ekfac":
         damping = ekfac.DEFAULT_DAMPING if damping is None else damping
         scores, extra = ekfac_self_influence(along[-1], problem, key=random.key(seed), damping=damping,
-                                             progress=progress)
+                                             factor_examples=factor_examples, progress=progress)
         scores = scores.cpu()
     else:
         scores = self_influence(along, problem, progress=progress, process=process).cpu()

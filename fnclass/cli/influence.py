@@ -40,6 +40,9 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
 @click.option("--top", type=click.IntRange(min=1), help="Proponents and opponents per test example (default 8); "
               "with --self, examples in the grid (default 32).")
 @click.option("--train-limit", type=click.IntRange(min=1), help="Attribute to the first N training examples only.")
+@click.option("--factor-examples", type=click.IntRange(min=1),
+              help="ekfac: fit the curvature on N training examples drawn at random (default: all of them); the "
+                   "scores still cover every training example.")
 @click.option("--chunk-size", default="auto", show_default=True, help="Examples per vmap call: auto or K.")
 @click.option("--max-memory", help="Budget for --chunk-size auto, e.g. 4GB.")
 @click.option("--uniform", is_flag=True, help="Weigh every checkpoint 1 (for files without a recorded learning rate).")
@@ -52,7 +55,7 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
 @options.as_json("the report")
 @one_line_errors
 def influence(sources, data_dir, test_indices, image_paths, self_mode, method, proj_dim, damping, top, train_limit,
-              chunk_size, max_memory, uniform, seed, out, device, no_download, as_json):
+              factor_examples, chunk_size, max_memory, uniform, seed, out, device, no_download, as_json):
     """Which training examples made these predictions: TracIn over the checkpoints of a run, or TRAK.
 
     A run directory stands for the checkpoints it kept along the run (train it with
@@ -73,10 +76,10 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
     if test_indices and image_paths:
         raise UsageProblem("--test-indices and --images both choose what to attribute: use one")
     if method == "metagrad" and (self_mode or image_paths or proj_dim or damping is not None or train_limit
-                                 or uniform or len(sources) != 1):
+                                 or uniform or factor_examples or len(sources) != 1):
         raise UsageProblem("--method metagrad replays one run directory for test-split examples: give one RUN_DIR "
-                           "and --test-indices; drop --self, --images, --proj-dim, --damping, --train-limit and "
-                           "--uniform")
+                           "and --test-indices; drop --self, --images, --proj-dim, --damping, --train-limit, "
+                           "--factor-examples and --uniform")
     console = Console(stderr=as_json)
     with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal or as_json or not speaks()) as bar:
@@ -92,11 +95,11 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
                                         device=device, download=not no_download, progress=progress)
         elif self_mode:
             report = attribution.rank_self_influence(sources, out, top=top or 32, method=method, damping=damping,
-                                                     seed=seed, **common)
+                                                     seed=seed, factor_examples=factor_examples, **common)
         else:
             report = attribution.attribute(sources, out, test_indices=test_indices, image_paths=image_paths,
                                            top=top or 8, method=method, proj_dim=proj_dim, damping=damping, seed=seed,
-                                           **common)
+                                           factor_examples=factor_examples, **common)
     if not speaks():  # a torchrun job: rank 0 reports
         return
     if as_json:
