@@ -118,33 +118,73 @@ def found(scores: np.ndarray, flipped: np.ndarray, fractions=(0.05, 0.1, 0.2)) -
 def mislabel(args) -> None:
     work = Path(args.work)
     data = work / "data"
-    flipped = flipped_folder(Path(args.data_dir), data, args.train_limit, 0.1, args.seed)
     run = work / "run"
-    seconds = {"train": fnclass("train", "--config", "cpu", "--data-dir", str(data), "--out", str(run), "--quiet",
-                                "--set", f"checkpoint.every_epochs={args.every_epochs}")}
+    seconds = {}
+    if (run / "summary.json").exists() and (data / "flipped.npy").exists():  # trained already: go on from there
+        flipped = np.load(data / "flipped.npy", allow_pickle=False)
+    else:
+        flipped = flipped_folder(Path(args.data_dir), data, args.train_limit, 0.1, args.seed)
+        seconds["train"] = fnclass("train", "--config", "cpu", "--data-dir", str(data), "--out", str(run),
+                                   "--quiet", "--set", f"checkpoint.every_epochs={args.every_epochs}")
     summary = json.loads((run / "summary.json").read_text())
     last = run / "checkpoints/last.safetensors"
-    seconds["self_influence"] = fnclass("influence", str(run), "--self", "--data-dir", str(data), "--out",
-                                        str(work / "self"))
-    seconds["grads"] = fnclass("grads", str(last), "--data-dir", str(data), "--out", str(work / "grads"))
-    seconds["el2n"] = fnclass("grads", str(last), "--data-dir", str(data), "--score", "el2n", "--out",
-                              str(work / "el2n"))
+    steps = {
+        "self_influence": ("influence", str(run), "--self", "--data-dir", str(data), "--out", str(work / "self")),
+        "ekfac_self": ("influence", str(run), "--self", "--method", "ekfac", "--data-dir", str(data), "--out",
+                       str(work / "ekfac-self"), *(("--factor-examples", str(args.factor_examples))
+                                                   if args.factor_examples else ())),
+        "grads": ("grads", str(last), "--data-dir", str(data), "--out", str(work / "grads")),
+        "el2n": ("grads", str(last), "--data-dir", str(data), "--score", "el2n", "--out", str(work / "el2n")),
+        "grand": ("grads", str(last), "--data-dir", str(data), "--score", "grand", "--out", str(work / "grand")),
+    }
+    outputs = {"self_influence": "self/self_influence.csv", "ekfac_self": "ekfac-self/self_influence.csv",
+               "grads": "grads/per_example.csv", "el2n": "el2n/scores.csv", "grand": "grand/scores.csv"}
+    for name, command in steps.items():
+        if not (work / outputs[name]).exists():
+            seconds[name] = fnclass(*command)
     rankings = {"TracIn self-influence": column(work / "self/self_influence.csv", "score"),
+                "EK-FAC self-influence": column(work / "ekfac-self/self_influence.csv", "score"),
                 "final loss": column(work / "grads/per_example.csv", "loss"),
                 "gradient norm": column(work / "grads/per_example.csv", "grad_norm"),
-                "EL2N": column(work / "el2n/scores.csv", "score")}
+                "EL2N": column(work / "el2n/scores.csv", "score"),
+                "GraNd": column(work / "grand/scores.csv", "score")}
     results = {name: found(scores, flipped) for name, scores in rankings.items()}
+    side = {}
+    if args.side_by_side:  # fnclass's EK-FAC and Kronfluence's on the first rows, the same layers and factors' rows
+        n = args.side_by_side
+        chosen = flipped[flipped < n]
+        for library in ("fnclass", "kronfluence"):
+            out = work / f"side-{library}.npy"
+            if not out.exists():
+                tick = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "benchmarks.ekfac", "self", "--library", library,
+                                "--checkpoint", str(last), "--data-dir", str(data), "--train", str(n), "--out",
+                                str(out), *(("--factor-examples", str(args.factor_examples))
+                                            if args.factor_examples and args.factor_examples < n else ())],
+                               check=True)
+                seconds[f"side {library}"] = time.perf_counter() - tick
+            side[f"{library} EK-FAC self-influence (convolutions + head)"] = found(
+                np.load(out, allow_pickle=False), chosen)
+        for name in ("EL2N", "EK-FAC self-influence", "final loss"):
+            side[f"fnclass {name} (all layers), these rows"] = found(rankings[name][:n], chosen)
     checkpoints = len(list((run / "checkpoints").glob("epoch-*.safetensors")))
-    table = [f"mislabel detection: {args.train_limit:,} CIFAR-10 training images, {len(flipped):,} labels flipped "
-             f"(10%), cpu.toml ({summary.get('test_accuracy', float('nan')):.2%} test accuracy), {checkpoints} "
-             f"checkpoints for TracIn; {device_name(torch.device('cpu'))}, torch {torch.__version__}",
-             f"{'ranking':<24}" + "".join(f"{'top ' + k:>10}" for k in next(iter(results.values())))]
+    n_train = len(rankings["EL2N"])
+    table = [f"mislabel detection: {n_train:,} CIFAR-10 training images, {len(flipped):,} labels flipped "
+             f"(10%, seed {args.seed}), cpu.toml ({summary.get('test_accuracy', float('nan')):.2%} test accuracy), "
+             f"{checkpoints} checkpoints for TracIn; {device_name(torch.device('cpu'))}, torch {torch.__version__}",
+             f"{'ranking':<56}" + "".join(f"{'top ' + k:>10}" for k in next(iter(results.values())))]
     for name, shares in results.items():
-        table.append(f"{name:<24}" + "".join(f"{share:>10.1%}" for share in shares.values()))
-    table.append("chance finds 5%, 10% and 20%; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    publish({"train_limit": args.train_limit, "flipped": len(flipped), "seed": args.seed,
-             "every_epochs": args.every_epochs, "checkpoints": checkpoints,
-             "test_accuracy": summary.get("test_accuracy"), "found": results, "seconds": seconds,
+        table.append(f"{name:<56}" + "".join(f"{share:>10.1%}" for share in shares.values()))
+    if side:
+        table.append(f"side by side on the first {args.side_by_side:,} rows:")
+        for name, shares in side.items():
+            table.append(f"{name:<56}" + "".join(f"{share:>10.1%}" for share in shares.values()))
+    table.append("chance finds 5%, 10% and 20%; seconds (this invocation): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    publish({"train": n_train, "flipped": len(flipped), "seed": args.seed, "every_epochs": args.every_epochs,
+             "checkpoints": checkpoints, "factor_examples": args.factor_examples,
+             "test_accuracy": summary.get("test_accuracy"), "found": results, "side_by_side": side,
+             "side_by_side_rows": args.side_by_side, "seconds": seconds,
              "device": device_name(torch.device("cpu")), "torch": torch.__version__}, "\n".join(table), args.json)
 
 
@@ -320,6 +360,47 @@ def retrain_subsets(args, data: Path, work: Path, test_x: torch.Tensor, test_y: 
     return masks, outputs, accuracy, (time.perf_counter() - tick) / max(trained, 1) if trained else None
 
 
+def retrain_weighted(args, data: Path, work: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
+    """The single-model setting: for each drop fraction, ``--single-subsets`` retrainings of the attributed run
+    itself (the same seed, so every batch, key and augmentation as trained) with a random ``fraction`` of the
+    training examples given loss weight 0 (``data.train_weights``). Per fraction: ``(masks, margins)``; kept in
+    ``work/retrain-single`` so that an interrupted benchmark goes on where it stopped."""
+    import shutil
+
+    from fnclass.training.program import train
+
+    folder = work / "retrain-single"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for fraction in args.drop_fractions:
+        generator = np.random.default_rng([args.seed, round(fraction * 1e6)])
+        masks = np.ones((args.single_subsets, args.train), dtype=bool)
+        outputs = np.zeros((args.single_subsets, len(test_x)))
+        for m in range(args.single_subsets):
+            dropped = np.sort(generator.choice(args.train, max(1, round(fraction * args.train)), replace=False))
+            masks[m, dropped] = False
+            kept = folder / f"drop-{fraction:g}-{m:04d}.npz"
+            if not kept.exists():
+                weights = folder / f"drop-{fraction:g}-{m:04d}.npy"
+                np.save(weights, masks[m].astype(np.float32))
+                run = folder / f"run-{fraction:g}-{m:04d}"
+                shutil.rmtree(run, ignore_errors=True)
+                config = lds_config(args.epochs, f"data.train_weights={weights.resolve()}")
+                train(config, run, data_dir=str(data), device="cpu", download=False)
+                tmp = folder / f"drop-{fraction:g}-{m:04d}.tmp.npz"
+                np.savez(tmp, margins=test_margins(run / "checkpoints/last.safetensors", test_x, test_y),
+                         dropped=dropped)
+                tmp.rename(kept)
+                shutil.rmtree(run)
+                print(f"single-model retraining, drop {fraction:g}: {m + 1}/{args.single_subsets}", flush=True)
+            with np.load(kept, allow_pickle=False) as saved:
+                if not np.array_equal(saved["dropped"], dropped):
+                    raise SystemExit(f"{kept} dropped other examples (another --train or --seed): use another --work")
+                outputs[m] = saved["margins"]
+        results[fraction] = (masks, outputs)
+    return results
+
+
 def dattri_scores(config, along: list, along_members: list, train_x, train_y, test_x, test_y, proj_dim: int,
                   seconds: dict) -> dict:
     """dattri's TracIn (exact, the same checkpoints and learning rates) and TRAK (the same members, the same
@@ -437,18 +518,47 @@ def lds(args) -> None:
             timed(f"fnclass TRAK ({args.members} models, D={dim}, damping {damping:g})",
                   lambda dim=dim, damping=damping: influence.trak_scores(along_members, problem, proj_dim=dim,
                                                                          key=random.key(0), damping=damping))
+    for name, runs in (("fnclass EK-FAC (1 model)", last_single), (f"fnclass EK-FAC ({args.members} models)",
+                                                                     along_members)):
+        timed(name, lambda runs=runs: influence.ekfac_scores(runs[-1], problem, key=random.key(0))[0])
+    if args.metagrad_tests:
+        from fnclass.training import metagrad
+
+        k = args.metagrad_tests
+        tick = time.perf_counter()
+        result = metagrad.metagradients(single, list(range(k)), data_dir=str(data), device="cpu")
+        seconds[f"fnclass metagrad (test images 0-{k - 1})"] = time.perf_counter() - tick
+        padded = np.full((args.test, args.train), np.nan)
+        padded[:k] = result.scores.numpy()
+        scores[f"fnclass metagrad (test images 0-{k - 1})"] = padded
+        seconds["one run of the attributed model"] = result.train_seconds
+    if args.kronfluence:
+        out = work / "kronfluence-pairs.npy"
+        tick = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "benchmarks.ekfac", "worker", "--library", "kronfluence", "--mode",
+                        "pairs", "--checkpoint", str(single / "checkpoints/last.safetensors"), "--data-dir",
+                        str(data), "--train", str(args.train), "--test", str(args.test), "--work", str(work),
+                        "--out", str(out)], check=True)
+        seconds["Kronfluence EK-FAC (1 model; convolutions + head)"] = time.perf_counter() - tick
+        scores["Kronfluence EK-FAC (1 model; convolutions + head)"] = np.load(out, allow_pickle=False)
     if not args.no_dattri:
         scores.update(dattri_scores(first.config, along, along_members, train_x, train_y, test_x, test_y,
                                     args.proj_dim, seconds))
     scores["random scores"] = np.random.default_rng(args.seed).standard_normal((args.test, args.train))
     masks, outputs, accuracy, per_retrain = retrain_subsets(args, data, work, test_raw, test_y)
+    single_model = retrain_weighted(args, data, work, test_raw, test_y) if args.drop_fractions else {}
     results = {}
+    k = args.metagrad_tests or held
+    mean_se = lambda values: (float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values))))
     for name, matrix in scores.items():
-        per_test = influence.linear_datamodeling_score(matrix, masks, outputs).numpy()
+        per_test = influence.linear_datamodeling_score(np.nan_to_num(matrix), masks, outputs).numpy()
         results[name] = {"lds": float(np.mean(per_test[:held])),
                          "stderr": float(np.std(per_test[:held], ddof=1) / np.sqrt(held)),
                          "lds_tuning": float(np.mean(per_test[held:])) if args.tune else None,
-                         "seconds": seconds.get(name)}
+                         "seconds": seconds.get(name), "first_k": {"cross-seed": mean_se(per_test[:k])}}
+        for fraction, (drop_masks, drop_outputs) in single_model.items():
+            per_test = influence.linear_datamodeling_score(np.nan_to_num(matrix), drop_masks, drop_outputs).numpy()
+            results[name]["first_k"][f"single-model, drop {fraction:g}"] = mean_se(per_test[:k])
     chosen = ({family: max(names, key=lambda n: results[n]["lds_tuning"]) for family, names in sweep.items()}
               if args.tune else {})
     checks = {}
@@ -478,6 +588,12 @@ def lds(args) -> None:
     table.append("* the damping with the highest LDS on the tuning images; the damping is a multiple of the mean "
                  "diagonal of Phi^T Phi")
     table += [f"{k}: {v:.1e}" for k, v in checks.items()]
+    settings = list(next(iter(results.values()))["first_k"])
+    table += [f"LDS on test images 0-{k - 1} in each setting (mean ± s.e.; single-model: {args.single_subsets} "
+              "retrainings of the attributed run with the fraction's examples weighted 0):",
+              f"{'method':<58}" + "".join(f"{setting:>24}" for setting in settings)]
+    for name, row in results.items():
+        table.append(f"{name:<58}" + "".join(f"{m:>16.3f} ± {e:.3f}" for m, e in row["first_k"].values()))
     if per_retrain:
         table.append(f"one retraining: {per_retrain:.1f} s")
     publish({"train": args.train, "test": args.test, "tune": args.tune, "subsets": args.subsets,
@@ -495,6 +611,9 @@ def main() -> None:
     detect.add_argument("--every-epochs", type=int, default=3)
     detect.add_argument("--seed", type=int, default=0)
     detect.add_argument("--work", default="runs/bench-mislabel")
+    detect.add_argument("--factor-examples", type=int, help="EK-FAC's curvature from this many rows (default all)")
+    detect.add_argument("--side-by-side", type=int, help="also fnclass's and Kronfluence's EK-FAC self-influence "
+                        "on the first N rows (the same layers and factor rows; pip install -e '.[bench]')")
     detect.add_argument("--json")
     fast = commands.add_parser("speed", help="TracIn: fnclass against Captum's TracInCP")
     fast.add_argument("--data-dir", required=True)
@@ -527,6 +646,11 @@ def main() -> None:
                          help="TRAK of the members at these D too, with the first and the default damping")
     quality.add_argument("--seed", type=int, default=0, help="the subsets' and the random baseline's")
     quality.add_argument("--no-dattri", action="store_true")
+    quality.add_argument("--drop-fractions", type=lambda text: [float(v) for v in text.split(",") if v],
+                         default=[0.01, 0.1, 0.5], help="the single-model setting's (empty: cross-seed only)")
+    quality.add_argument("--single-subsets", type=int, default=32, help="retrainings per drop fraction")
+    quality.add_argument("--metagrad-tests", type=int, default=20, help="metagrad of test images 0..K-1 (0: none)")
+    quality.add_argument("--kronfluence", action="store_true", help="Kronfluence's EK-FAC too (the bench extra)")
     quality.add_argument("--work", default="runs/bench-lds")
     quality.add_argument("--json")
     args = parser.parse_args()

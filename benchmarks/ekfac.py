@@ -73,18 +73,19 @@ def _covered(params) -> list[str]:
             if path.endswith(".weight") and (".conv" in path or path == "head.weight")]
 
 
-def run_fnclass(ckpt, model, train_x, train_y, test_x, test_y, damping: float, mode: str, chunk: int):
+def run_fnclass(ckpt, model, train_x, train_y, test_x, test_y, damping: float, mode: str, chunk: int, fit_rows):
     from fnclass.analysis import ekfac
     from fnclass.core import random
 
-    factors = ekfac.fit(model, ckpt.params, ckpt.state, train_x, key=random.key(0), damping=damping,
-                        chunk_size=chunk, only=_covered(ckpt.params))
+    factors = ekfac.fit(model, ckpt.params, ckpt.state, train_x[fit_rows], key=random.key(0), damping=damping,
+                        chunk_size=chunk, only=_covered(ckpt.params), train_size=len(train_x))
     if mode == "self":
         return ekfac.self_influence(factors, model, ckpt.params, ckpt.state, train_x, train_y, chunk_size=chunk)
     return ekfac.scores(factors, model, ckpt.params, ckpt.state, train_x, train_y, test_x, test_y, chunk_size=chunk)
 
 
-def run_kronfluence(ckpt, train_x, train_y, test_x, test_y, damping: float, mode: str, chunk: int, work: Path):
+def run_kronfluence(ckpt, train_x, train_y, test_x, test_y, damping: float, mode: str, chunk: int, fit_rows,
+                    work: Path):
     import logging
 
     import torch.nn.functional as F
@@ -119,15 +120,15 @@ def run_kronfluence(ckpt, train_x, train_y, test_x, test_y, damping: float, mode
     module = prepare_model(module, task)
     analyzer = Analyzer("bench", module, task, cpu=True, disable_tqdm=True, output_dir=str(work),
                         log_level=logging.WARNING)
-    analyzer.fit_all_factors("ekfac", TensorDataset(train_x, train_y), per_device_batch_size=chunk,
+    analyzer.fit_all_factors("ekfac", TensorDataset(train_x[fit_rows], train_y[fit_rows]), per_device_batch_size=chunk,
                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
     arguments = ScoreArguments(damping_factor=None if damping == 0.1 else damping)
     if damping != 0.1:
         raise SystemExit("Kronfluence's per-layer heuristic damping is 0.1 x the mean eigenvalue; other values are "
                          "absolute there: use --damping 0.1")
     if mode == "self":
-        analyzer.compute_self_scores("self", "ekfac", TensorDataset(train_x, train_y), per_device_train_batch_size=chunk,
-                                     score_args=arguments, overwrite_output_dir=True)
+        analyzer.compute_self_scores("self", "ekfac", TensorDataset(train_x, train_y),
+                                     per_device_train_batch_size=chunk, score_args=arguments, overwrite_output_dir=True)
         return analyzer.load_self_scores("self")["all_modules"] / len(train_x)
     analyzer.compute_pairwise_scores("pairs", "ekfac", TensorDataset(test_x, test_y), TensorDataset(train_x, train_y),
                                      per_device_query_batch_size=len(test_x), per_device_train_batch_size=chunk,
@@ -140,11 +141,15 @@ def worker(args) -> None:
     torch.manual_seed(0)  # Kronfluence draws its Fisher labels from torch's global generator
     problem = _problem(Path(args.checkpoint), Path(args.data_dir), args.train, args.test)
     ckpt, model, *tensors = problem
+    n = len(tensors[0])
+    fit_rows = torch.arange(n)
+    if args.factor_examples and args.factor_examples < n:  # the same sample for both libraries
+        fit_rows = torch.from_numpy(np.sort(np.random.default_rng(0).choice(n, args.factor_examples, replace=False)))
     tick = time.perf_counter()
     if args.library == "fnclass":
-        scores = run_fnclass(ckpt, model, *tensors, args.damping, args.mode, args.chunk_size)
+        scores = run_fnclass(ckpt, model, *tensors, args.damping, args.mode, args.chunk_size, fit_rows)
     else:
-        scores = run_kronfluence(ckpt, *tensors, args.damping, args.mode, args.chunk_size,
+        scores = run_kronfluence(ckpt, *tensors, args.damping, args.mode, args.chunk_size, fit_rows,
                                  Path(args.work) / f"kronfluence-{args.mode}")
     seconds = time.perf_counter() - tick
     np.save(args.out, scores.float().numpy(), allow_pickle=False)
@@ -155,7 +160,8 @@ def _spawn(args, library: str, mode: str, out: Path) -> dict:
     command = [sys.executable, "-m", "benchmarks.ekfac", "worker", "--library", library, "--mode", mode,
                "--checkpoint", args.checkpoint, "--data-dir", args.data_dir, "--train", str(args.train), "--test",
                str(args.test), "--damping", str(args.damping), "--chunk-size", str(args.chunk_size), "--work",
-               args.work, "--out", str(out)]
+               args.work, "--out", str(out)] + (["--factor-examples", str(args.factor_examples)]
+                                                if args.factor_examples else [])
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -214,6 +220,8 @@ def main() -> None:
         sub.add_argument("--damping", type=float, default=0.1)
         sub.add_argument("--chunk-size", type=int, default=100)
         sub.add_argument("--work", default="runs/bench-ekfac")
+        sub.add_argument("--factor-examples", type=int, help="fit the factors on this many rows drawn at random "
+                         "(numpy seed 0; the same rows for both libraries)")
         if name == "compare":
             sub.add_argument("--rounds", type=int, default=3)
             sub.add_argument("--json")
