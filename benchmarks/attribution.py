@@ -29,7 +29,8 @@ fnclass's exact scores are compared with Captum's ``TracInCP`` (max relative err
 ``prune``: "prune by score, retrain" as two commands. EL2N is scored early in training, as Paul et al. do (here
 a 2-epoch cpu.toml run of two seeds, the members' mean: ``fnclass grads --score el2n --keep-fraction``); then
 cpu.toml is trained on the ``--keep`` highest-scoring training images and on as many drawn at random, with
-``--seeds`` as members of one run each (``data.train_indices``), and the test accuracies are compared.
+``--seeds`` as members of one run for EL2N's selection (``data.train_indices``) and, for the random one, one run
+per seed, each on its own random selection (drawn from ``(--seed, seed)``), and the test accuracies are compared.
 
 ``lds``: the linear datamodeling score (Park et al. 2023; ``fnclass.analysis.influence.linear_datamodeling_score``) on a
 small subset: the first ``--train`` training and ``--test`` test images, a small model (cpu.toml's recipe at widths
@@ -273,16 +274,22 @@ def prune(args) -> None:
                               "--score", "el2n", "--keep-fraction", str(args.keep), "--out", str(work / "el2n"))
     kept = np.loadtxt(work / "el2n/kept_indices.txt", dtype=np.int64)
     n = len(np.load(Path(args.data_dir) / "train_labels.npy", mmap_mode="r"))
-    chosen = np.sort(np.random.default_rng(args.seed).choice(n, len(kept), replace=False))
-    np.savetxt(work / "random_indices.txt", chosen, fmt="%d")
-    accuracy = {}
-    for name, indices in (("EL2N", work / "el2n/kept_indices.txt"), ("random", work / "random_indices.txt")):
-        out = work / f"train-{name.lower()}"
-        seconds[f"train {name}"] = fnclass("train", "--config", "cpu", "--data-dir", args.data_dir, "--out",
-                                           str(out), "--quiet", "--seeds", args.seeds, "--set",
-                                           f"data.train_indices={indices.resolve()}")
-        summary = json.loads((out / "summary.json").read_text())
-        accuracy[name] = [member["test_accuracy"] for member in summary["members"]]
+    out = work / "train-el2n"  # EL2N's selection is one set: the seeds train on it as members of one run
+    seconds["train EL2N"] = fnclass("train", "--config", "cpu", "--data-dir", args.data_dir, "--out", str(out),
+                                    "--quiet", "--seeds", args.seeds, "--set",
+                                    f"data.train_indices={(work / 'el2n/kept_indices.txt').resolve()}")
+    accuracy = {"EL2N": [m["test_accuracy"] for m in json.loads((out / "summary.json").read_text())["members"]],
+                "random": []}
+    low, _, high = args.seeds.partition("-")
+    for seed in range(int(low), int(high or low) + 1):  # each seed its own random selection, drawn from (seed, --seed)
+        chosen = np.sort(np.random.default_rng([args.seed, seed]).choice(n, len(kept), replace=False))
+        indices = work / f"random_indices-{seed}.txt"
+        np.savetxt(indices, chosen, fmt="%d")
+        out = work / f"train-random-{seed}"
+        seconds[f"train random {seed}"] = fnclass("train", "--config", "cpu", "--data-dir", args.data_dir, "--out",
+                                                  str(out), "--quiet", "--set", f"train.seed={seed}", "--set",
+                                                  f"data.train_indices={indices.resolve()}")
+        accuracy["random"].append(json.loads((out / "summary.json").read_text())["test_accuracy"])
     table = [f"pruning: cpu.toml on {len(kept):,} of {n:,} training images ({args.keep:.0%}), seeds {args.seeds}; "
              f"EL2N from {args.score_epochs} epochs x 2 seeds; {device_name(torch.device('cpu'))}, "
              f"torch {torch.__version__}"]

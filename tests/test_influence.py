@@ -169,16 +169,29 @@ def test_the_projection_is_a_pure_function_of_its_key_and_preserves_dot_products
 
 
 @pytest.mark.parametrize("damping", [None, 1e-6])
-def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir, tmp_path, damping):
+def test_trak_equals_its_formula_with_an_independently_drawn_projection(cifar_dir, members_dir, tmp_path,
+                                                                         damping):
     """phi(z') (Phi^T Phi + damping mean(diag) I)^-1 Phi^T averaged over the models, times the mean of 1 - p(z),
-    by hand in float64 (the default damping, 0.1, and a tiny one)."""
-    influence.attribute([members_dir / "checkpoints/epoch-0003.safetensors"], tmp_path, data_dir=cifar_dir,
-                        test_indices="0-3", train_limit=40, method="trak", proj_dim=16, damping=damping, chunk_size=8,
-                        device="cpu")
-    ckpt = load_checkpoint(members_dir / "checkpoints/epoch-0003.safetensors", weights="raw")
+    by hand in float64 (the default damping, 0.1, and a tiny one), each model's projection a dense Gaussian matrix
+    from torch's own generator handed to trak_scores, so a bug in influence.Projection is not shared (Projection
+    itself: the test above)."""
+    drawn = []
+
+    def dense(key, sizes, dim, device):
+        generator = torch.Generator().manual_seed(100 + len(drawn))
+        drawn.append(torch.randn(sum(sizes), dim, generator=generator, dtype=torch.float64) / math.sqrt(dim))
+        matrix = drawn[-1]
+        return lambda leaves: (torch.cat([leaf.flatten(1).double() for leaf in leaves], 1) @ matrix).float()
+
+    path = members_dir / "checkpoints/epoch-0003.safetensors"
+    ckpt = load_checkpoint(path, weights="raw")
     model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
     train_x, train_y = first(cifar_dir, "train", 40)
     test_x, test_y = first(cifar_dir, "test", 4)
+    problem = influence.Problem(model, ckpt.preprocess(train_x), train_y, ckpt.preprocess(test_x), test_y, 8)
+    scores = influence.trak_scores(influence.load_along([path]), problem, proj_dim=16, damping=damping or 0.1,
+                                   projection=dense)
+    assert len(drawn) == 2
     total, residual = 0, 0
     for m in range(2):
         one = ckpt.member(m)
@@ -187,23 +200,25 @@ def test_trak_equals_its_formula_with_the_same_projection(cifar_dir, members_dir
             logits, _ = model.apply(p, one.state, x[None], train=False)
             return logits[0, y] - torch.logsumexp(torch.cat([logits[0, :y], logits[0, y + 1:]]), 0)
 
-        def projected(images, labels, one=one, m=m, margin=margin):
-            leaves = [torch.stack(list(parts)) for parts in zip(*[
-                tree.tree_leaves(torch.func.grad(margin)(one.params, x, y)) for x, y in zip(images, labels)])]
-            sizes = [leaf[0].numel() for leaf in leaves]
-            key = influence.random.fold_in(influence.random.fold_in(influence.random.key(0), 0), m)
-            return influence.Projection(key, sizes, 16, "cpu")(leaves).double()
+        def projected(images, labels, m=m, margin=margin, one=one):
+            return torch.stack([torch.cat([g.flatten().double() for g in tree.tree_leaves(
+                torch.func.grad(margin)(one.params, x, y))]) for x, y in zip(images, labels)]) @ drawn[m]
 
         phi, phi_test = projected(one.preprocess(train_x), train_y), projected(one.preprocess(test_x), test_y)
         kernel = phi.T @ phi
-        kernel += (0.1 if damping is None else damping) * kernel.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+        kernel += (damping or 0.1) * kernel.diagonal().mean() * torch.eye(16, dtype=torch.float64)
         total = total + phi_test @ torch.linalg.inv(kernel) @ phi.T
         with torch.no_grad():
             p = model.apply(one.params, one.state, one.preprocess(train_x), train=False)[0].softmax(1)
         residual = residual + (1 - p.gather(1, train_y[:, None])[:, 0]).double()
     expected = (total / 2 * residual / 2).float()
-    scores = torch.from_numpy(np.load(tmp_path / "scores.npy"))
     assert (scores - expected).abs().max() / expected.abs().max() < 1e-4
+    if damping is None:  # the command's path: its default damping and key, the default projection
+        influence.attribute([path], tmp_path, data_dir=cifar_dir, test_indices="0-3", train_limit=40, method="trak",
+                            proj_dim=16, chunk_size=8, device="cpu")
+        own = influence.trak_scores(influence.load_along([path]), problem, proj_dim=16,
+                                    key=influence.random.key(0))
+        assert torch.equal(torch.from_numpy(np.load(tmp_path / "scores.npy")), own)
 
 
 @pytest.mark.parametrize("args,message", [

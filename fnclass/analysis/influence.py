@@ -282,13 +282,14 @@ def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Cal
 
 def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = DEFAULT_TRAK_DIM,
                 key: torch.Tensor | None = None, damping: float = DEFAULT_TRAK_DAMPING,
-                progress: Callable | None = None, process=None) -> torch.Tensor:
+                progress: Callable | None = None, process=None, projection: Callable = Projection) -> torch.Tensor:
     """TRAK scores, ``(T, N)``, over every model the checkpoints hold (see the module docstring).
 
     ``damping`` times the mean diagonal of ``Phi^T Phi`` is added to it before the solve (float64): a ridge that
     keeps the noise in its smallest eigenvalues from being amplified (0 is TRAK as published, which breaks down as
     ``proj_dim`` nears the number of training examples). With a data-parallel ``process`` each process projects its
     shard of the training rows; ``Phi^T Phi``, a sum over the rows, is all-reduced, and the columns are gathered.
+    ``projection(key, sizes, dim, device)`` makes each model's projection (default :class:`Projection`).
     """
     from fnclass.distributed import all_sum
 
@@ -302,7 +303,7 @@ def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = 
     for k, item in enumerate(along):
         for m, (params, state) in enumerate(item.models(device)):
             sizes = [leaf.numel() for leaf in tree.tree_leaves(params)]
-            project = Projection(random.fold_in(random.fold_in(key, k), m), sizes, proj_dim, device)
+            project = projection(random.fold_in(random.fold_in(key, k), m), sizes, proj_dim, device)
             train = torch.zeros(len(problem.train_images), proj_dim, device=device, dtype=torch.float64)
             correct = torch.zeros(len(problem.train_images), device=device, dtype=torch.float64)
             for part, phi, logits in features(problem.model, params, state, problem.train_images,
