@@ -17,14 +17,16 @@ TracIn self-influence over the kept checkpoints (``fnclass influence --self``), 
 gradient norm (``fnclass grads``) and EL2N (``fnclass grads --score el2n``). For each ranking, the fraction of the
 flipped examples found among its top 5%, 10% and 20%; chance finds 5%, 10% and 20% of them.
 
-``speed``: TracIn of ``--test`` test images against ``--train`` training images over two checkpoints of
-configs/cpu.toml's model (without its whitening stem, which the ``nn.Module`` twin lacks), as training
-examples scored per second (training examples x checkpoints / seconds): fnclass exact and projected (D = 1024, all
-layers) and Captum's ``TracInCP`` on the twin, exact: its default (one backward per example, all parameters)
-and with ``sample_wise_grads_per_batch`` (hooks that cover Linear and Conv2d parameters only). Captum projects
-only in ``TracInCPFastRandProj``, which takes the final layer's gradients alone and needs the ``annoy`` package:
-not the same computation, so it is left out.
-fnclass's exact scores are compared with Captum's ``TracInCP`` (max relative error) before they are timed.
+``speed``: TracIn of ``--test`` test images against ``--train`` training images over the two checkpoints of a
+short trained run (cpu.toml's model without its whitening stem, which the ``nn.Module`` twin lacks, ``--epochs``
+epochs on ``--train-images`` images, kept in ``--work``), as training examples scored per second (training examples
+x checkpoints / seconds): fnclass exact and projected (D = 1024, all layers), Captum's ``TracInCP`` on the twin,
+exact: its default (one backward per example, all parameters) and with ``sample_wise_grads_per_batch`` (hooks that
+cover Linear and Conv2d parameters only), and dattri's ``TracInAttributor`` (exact) when installed. Each variant
+runs once untimed (its scores checked against Captum's exact ones), then ``--rounds`` timed rounds in alternating
+order; the table gives the median time and the median and range of the per-round ratios to Captum's exact
+TracInCP. Captum projects only in ``TracInCPFastRandProj``, which takes the final layer's gradients alone and needs
+the ``annoy`` package: not the same computation, so it is left out.
 
 ``prune``: "prune by score, retrain" as two commands. EL2N is scored early in training, as Paul et al. do (here
 a 2-epoch cpu.toml run of two seeds, the members' mean: ``fnclass grads --score el2n --keep-fraction``); then
@@ -190,51 +192,32 @@ def mislabel(args) -> None:
 
 
 def speed(args) -> None:
-    import tempfile
+    import statistics
 
     from captum.influence import TracInCP
-    from torch.utils.data import TensorDataset
+    from torch.utils.data import DataLoader, TensorDataset
 
     from fnclass.analysis import influence
     from fnclass.analysis.gradients import vmap_model
-    from fnclass.config import load_config
-    from fnclass.core import random, tree
+    from fnclass.core import tree
     from fnclass.data import load_split
-    from fnclass.models import resolve_config
-    from fnclass.run.checkpoint import save_checkpoint
-    from fnclass.training import recipe
-    from fnclass.training.step import create_train_state
+    from fnclass.training.program import train
     from tests.torch_reference import reference_module
 
-    config = resolve_config(load_config("cpu", ["model.whiten=false", "optim.whiten_bias_epochs=0",
-                                               "model.num_classes=10"]))
-    model = recipe.create_model(config)
-    optimizer = recipe.create_run_optimizer(config, model.param_labels, 10)
-    train_raw, train_labels = load_split(args.data_dir, "train", limit=args.train)
-    test_raw, test_labels = load_split(args.data_dir, "test", limit=args.test)
-    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    folder = Path(tempfile.mkdtemp())
-    paths = []
-    for k in range(2):
-        state = create_train_state(model, optimizer, random.key(k))
-        paths.append(folder / f"epoch-{k + 1:04d}.safetensors")
-        save_checkpoint(paths[-1], state, config=config, classes=[str(c) for c in range(10)], mean=mean, std=std,
-                        input_size=(32, 32), learning_rate=0.1 * (k + 1))
+    work = Path(args.work)
+    run = work / "run"
+    if not (run / "summary.json").exists():  # trained checkpoints: cpu.toml without whitening, a short run
+        config = lds_config(args.epochs, "model.widths=[48,96,192]", "train.batch_size=500",
+                            f"checkpoint.every_epochs={args.epochs // 2}", f"data.train_limit={args.train_images}")
+        train(config, run, data_dir=args.data_dir, device="cpu", download=False)
+    paths = sorted((run / "checkpoints").glob("epoch-*.safetensors"))
     along = influence.load_along(paths)
     first = along[0].checkpoint
+    config = first.config
+    train_raw, train_labels = load_split(args.data_dir, "train", limit=args.train)
+    test_raw, test_labels = load_split(args.data_dir, "test", limit=args.test)
     train_x, test_x = first.preprocess(train_raw).contiguous(), first.preprocess(test_raw).contiguous()
-    problem = influence.Problem(vmap_model(first), train_x, train_labels, test_x, test_labels,
-                                args.chunk_size)
-    timed = {}
-
-    def clock(name, work):
-        tick = time.perf_counter()
-        result = work()
-        timed[name] = len(train_x) * len(paths) / (time.perf_counter() - tick)
-        return result
-
-    exact = clock("fnclass exact", lambda: influence.tracin_scores(along, problem))
-    clock("fnclass projected D=1024", lambda: influence.tracin_scores(along, problem, proj_dim=1024))
+    problem = influence.Problem(vmap_model(first), train_x, train_labels, test_x, test_labels, args.chunk_size)
     twin = reference_module(config.model, first.params, first.state).eval()
     weights = {str(path): item for path, item in zip(paths, along)}
 
@@ -246,22 +229,64 @@ def speed(args) -> None:
         return item.learning_rates[0]
 
     dataset = TensorDataset(train_x, train_labels)
-    loss = torch.nn.CrossEntropyLoss(reduction="sum")
-    hooks = TracInCP(twin, dataset, [str(p) for p in paths], checkpoints_load_func=load, loss_fn=loss,
-                     batch_size=args.chunk_size, sample_wise_grads_per_batch=True)
-    clock("Captum TracInCP, per-sample hooks (Linear/Conv2d only)", lambda: hooks.influence((test_x, test_labels)))
+    hooks = TracInCP(twin, dataset, [str(p) for p in paths], checkpoints_load_func=load,
+                     loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=args.chunk_size,
+                     sample_wise_grads_per_batch=True)
     plain = TracInCP(twin, dataset, [str(p) for p in paths], checkpoints_load_func=load,
                      loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), batch_size=args.chunk_size)
-    theirs = clock("Captum TracInCP (exact)", lambda: plain.influence((test_x, test_labels)))
-    error = float((exact - theirs).abs().max() / theirs.abs().max())
-    base = timed["Captum TracInCP (exact)"]
-    table = [f"TracIn speed: {len(test_x)} test x {len(train_x)} training images, 2 checkpoints, cpu.toml's model "
-             f"without whitening ({tree.num_params(first.params):,} parameters), chunk {args.chunk_size}; "
-             f"{device_name(torch.device('cpu'))}, torch {torch.__version__}",
-             f"{'variant':<56}{'train ex./s':>12}{'x Captum TracInCP':>20}"]
-    table += [f"{name:<56}{value:>12,.1f}{value / base:>19.2f}x" for name, value in timed.items()]
-    table.append(f"fnclass exact against Captum TracInCP: max relative error {error:.1e}")
-    publish({"train": len(train_x), "test": len(test_x), "examples_per_second": timed, "max_rel_error": error,
+    variants = {"fnclass exact": lambda: influence.tracin_scores(along, problem),
+                "fnclass projected D=1024": lambda: influence.tracin_scores(along, problem, proj_dim=1024),
+                "Captum TracInCP, per-sample hooks (Linear/Conv2d only)":
+                    lambda: hooks.influence((test_x, test_labels)),
+                "Captum TracInCP (exact)": lambda: plain.influence((test_x, test_labels))}
+    try:
+        from dattri.algorithm.tracin import TracInAttributor
+        from dattri.task import AttributionTask
+
+        def dattri():
+            def loss(params, data):
+                image, label = data
+                return torch.nn.functional.cross_entropy(torch.func.functional_call(twin, params, image[None]),
+                                                         label[None])
+
+            def load_state(model, state):
+                model.load_state_dict(state)
+                return model.eval()
+            states = [reference_module(config.model, item.checkpoint.params, item.checkpoint.state).state_dict()
+                      for item in along]
+            task = AttributionTask(loss_func=loss, model=twin, checkpoints=states, checkpoints_load_func=load_state)
+            tracin = TracInAttributor(task, weight_list=torch.tensor([item.learning_rates[0] for item in along]),
+                                      normalized_grad=False, device="cpu")
+            tracin.projector_kwargs = None
+            return tracin.attribute(DataLoader(dataset, batch_size=500), DataLoader(
+                TensorDataset(test_x, test_labels), batch_size=256)).T
+        variants["dattri TracInAttributor (exact)"] = dattri
+    except ImportError:
+        pass
+    results = {name: variants[name]() for name in variants}  # once each, untimed: warm-up and the check
+    reference = results["Captum TracInCP (exact)"]
+    errors = {name: float((torch.as_tensor(value) - reference).abs().max() / reference.abs().max())
+              for name, value in results.items() if "projected" not in name}
+    names, seconds = list(variants), {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            tick = time.perf_counter()
+            variants[name]()
+            seconds[name].append(time.perf_counter() - tick)
+    base = seconds["Captum TracInCP (exact)"]
+    ratios = {name: [b / t for b, t in zip(base, times)] for name, times in seconds.items()}
+    table = [f"TracIn speed: {len(test_x)} test x {len(train_x)} training images, {len(paths)} trained checkpoints "
+             f"of cpu.toml's model without whitening ({tree.num_params(first.params):,} parameters), chunk "
+             f"{args.chunk_size}, {args.rounds} rounds in alternating order; {device_name(torch.device('cpu'))}, "
+             f"torch {torch.__version__}",
+             f"{'variant':<56}{'train ex./s':>12}{'x Captum TracInCP (median, range)':>36}{'max rel. err.':>15}"]
+    for name, times in seconds.items():
+        rate = len(train_x) * len(paths) / statistics.median(times)
+        spread = f"{statistics.median(ratios[name]):.2f}x [{min(ratios[name]):.2f}, {max(ratios[name]):.2f}]"
+        error = f"{errors[name]:.1e}" if name in errors else "-"
+        table.append(f"{name:<56}{rate:>12,.1f}{spread:>36}{error:>15}")
+    publish({"train": len(train_x), "test": len(test_x), "checkpoints": [str(p) for p in paths],
+             "rounds": args.rounds, "seconds": seconds, "ratios_to_captum_exact": ratios, "max_rel_error": errors,
              "device": device_name(torch.device("cpu")), "torch": torch.__version__}, "\n".join(table), args.json)
 
 
@@ -627,6 +652,10 @@ def main() -> None:
     fast.add_argument("--train", type=int, default=1000)
     fast.add_argument("--test", type=int, default=10)
     fast.add_argument("--chunk-size", type=int, default=64)
+    fast.add_argument("--rounds", type=int, default=3)
+    fast.add_argument("--epochs", type=int, default=4, help="of the short run whose checkpoints are timed")
+    fast.add_argument("--train-images", type=int, default=10_000, help="the short run's training images")
+    fast.add_argument("--work", default="runs/bench-speed")
     fast.add_argument("--json")
     cut = commands.add_parser("prune", help="cpu.toml on the 70%% kept by EL2N against 70%% at random")
     cut.add_argument("--data-dir", required=True)
