@@ -191,8 +191,10 @@ def _metagradients(run, test_indices, *, data_dir, device, download, segment, pr
             state = _advance(replay, state, t)
     error = _replay_error(run, state) if dtype == torch.float32 else None
     test_images, test_labels = _test_split(replay, test_indices)
-    cotangents = [_objective_gradient(replay, state, test_images[j:j + 1], test_labels[j:j + 1])
-                  for j in range(len(test_indices))]
+    # One cotangent per test example, stacked leaf by leaf: the reverse pass of a step is vmapped over them.
+    cotangents = [torch.stack(parts) for parts in zip(*[
+        _objective_gradient(replay, state, test_images[j:j + 1], test_labels[j:j + 1])
+        for j in range(len(test_indices))])]
     scores = torch.zeros(len(test_indices), len(replay.weights), device=replay.weights.device, dtype=dtype)
     done = 0
     for first in reversed(range(0, total, segment)):
@@ -208,9 +210,8 @@ def _metagradients(run, test_indices, *, data_dir, device, download, segment, pr
                 new = replay.grad_step(rebuild(values), (batch.images, batch.labels, weights), batch.key)[0]
                 return _split(new)[0]
             _, vjp = torch.func.vjp(step_leaves, leaves, replay.weights[rows])
-            for j, cotangent in enumerate(cotangents):
-                cotangents[j], weight_grad = vjp(cotangent)
-                scores[j].index_add_(0, rows, weight_grad.detach())
+            cotangents, weight_grads = torch.func.vmap(vjp)(cotangents)
+            scores.index_add_(1, rows, weight_grads.detach())
             done += 1
             if progress:
                 progress(done)
