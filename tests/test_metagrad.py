@@ -93,7 +93,7 @@ def test_a_replay_that_does_not_end_on_the_checkpoint_is_refused(run, cifar_dir,
         metagrad.metagradients(run, TESTS, data_dir=str(cifar_dir))
 
 
-def test_runs_it_cannot_replay_are_one_line(cifar_dir, tmp_path):
+def test_runs_it_cannot_replay_are_one_line(run, cifar_dir, tmp_path):
     private = tmp_path / "private"
     train(load_config("dp", ["data.train_limit=256", "data.test_limit=100", "train.epochs=1",
                              "train.batch_size=64", "model.widths=[8, 16, 16]", "model.stem_width=8",
@@ -102,4 +102,6 @@ def test_runs_it_cannot_replay_are_one_line(cifar_dir, tmp_path):
                     str(tmp_path / "out")], "cannot replay", "private run")
     one_error_line(["influence", str(tmp_path / "missing"), "--method", "metagrad", "--out", str(tmp_path / "o")],
                    "has no checkpoints/last.safetensors")
+    one_error_line(["influence", str(run), "--method", "metagrad", "--data-dir", str(cifar_dir), "--max-memory",
+                    "100KB", "--out", str(tmp_path / "out")], "over --max-memory", "raise --max-memory")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

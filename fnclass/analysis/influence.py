@@ -21,6 +21,10 @@ checkpoint) the projected gradients ``phi`` of the margin ``logit_y - logsumexp_
 ``1 - p_y(z)``.
 The more independently trained models (``--seeds``), the better its estimate.
 
+**EK-FAC** influence functions (``--method ekfac``, :mod:`fnclass.analysis.ekfac`): ``-(1/N) grad margin(z')^T
+(F + lambda)^-1 grad loss(z)`` at the final checkpoint, the Fisher in each layer's eigenvalue-corrected Kronecker
+eigenbasis; :func:`ekfac_scores` and :func:`ekfac_self_influence` here.
+
 **LDS** (the linear datamodeling score, Park et al. 2023): how well an attribution predicts retraining. For M
 random subsets of the training set, the sum of the scores of a subset's examples is compared with the output
 (the margin) of a model retrained on that subset: the Spearman correlation over the subsets, per test example.

@@ -92,7 +92,8 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
             from fnclass.training import metagrad
 
             report = metagrad.attribute(sources[0], out, test_indices=test_indices, top=top or 8, data_dir=data_dir,
-                                        device=device, download=not no_download, progress=progress)
+                                        device=device, download=not no_download, progress=progress,
+                                        max_memory=_parse_memory(max_memory))
         elif self_mode:
             report = attribution.rank_self_influence(sources, out, top=top or 32, method=method, damping=damping,
                                                      seed=seed, factor_examples=factor_examples, **common)

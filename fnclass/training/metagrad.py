@@ -158,7 +158,7 @@ def _split(state):
 
 def metagradients(run: str | Path, test_indices: list[int], *, data_dir=None, device: str = "cpu",
                   download: bool = False, segment: int | None = None, progress: Callable | None = None,
-                  dtype: torch.dtype = torch.float32) -> Result:
+                  dtype: torch.dtype = torch.float32, max_memory: int | None = None) -> Result:
     """``d margin_j / d w_i`` for the test examples ``test_indices`` and every training example the run used.
 
     Args:
@@ -169,20 +169,36 @@ def metagradients(run: str | Path, test_indices: list[int], *, data_dir=None, de
       progress: called with the number of steps gone back through.
       dtype: ``torch.float64`` replays the same run in double precision (its states, images and weights; the check
         against the last checkpoint is then skipped): to test the reverse pass against finite differences.
+      max_memory: bytes the kept TrainStates may take (:func:`states_bytes`); a run that needs more is refused
+        before the replay.
 
     Raises:
       InputError: as :func:`replay_of`, and when the replay does not end on the run's last checkpoint.
     """
     with layers.differentiable_statistics():
         return _metagradients(run, test_indices, data_dir=data_dir, device=device, download=download,
-                              segment=segment, progress=progress, dtype=dtype)
+                              segment=segment, progress=progress, dtype=dtype, max_memory=max_memory)
 
 
-def _metagradients(run, test_indices, *, data_dir, device, download, segment, progress, dtype) -> Result:
+def states_bytes(replay: Replay, segment: int, tests: int) -> int:
+    """What the reverse pass holds at once: the ``ceil(T / segment)`` kept TrainStates, one segment's recomputed
+    ones, and a TrainState-sized cotangent per test example (twice: the step's vector-Jacobian product in flight)."""
+    one = sum(leaf.numel() * leaf.element_size() for leaf in optree.tree_leaves(replay.start)
+              if isinstance(leaf, torch.Tensor))
+    return one * (math.ceil(replay.steps / segment) + segment + 2 * tests)
+
+
+def _metagradients(run, test_indices, *, data_dir, device, download, segment, progress, dtype, max_memory) -> Result:
     tick = time.perf_counter()
     replay = in_dtype(replay_of(run, data_dir=data_dir, device=device, download=download), dtype)
     total = replay.steps
     segment = segment or max(1, math.ceil(math.sqrt(total)))
+    needed = states_bytes(replay, segment, len(test_indices))
+    if max_memory is not None and needed > max_memory:
+        raise InputError(f"--method metagrad: {total} steps of this run keep about {needed / 2**20:,.0f} MiB of "
+                         f"training states for {len(test_indices)} test example(s), over --max-memory "
+                         f"{max_memory / 2**20:,.0f} MiB; raise --max-memory or attribute fewer test examples at "
+                         "a time")
     kept, state = {}, replay.start
     with torch.no_grad():
         for t in range(total):
@@ -261,6 +277,7 @@ def _replay_error(run: Path, state) -> float:
 
 def attribute(run: str | Path, out_dir: str | Path, *, test_indices: str | None = None, top: int = 8,
               data_dir=None, device: str = "cpu", download: bool = False, segment: int | None = None,
+              max_memory: int | None = None,
               progress: Callable | None = None) -> dict:
     """``fnclass influence RUN --method metagrad``: :func:`metagradients` of the test examples ``test_indices``
     (``"0-7"`` by default), written to ``out_dir`` as the other methods write theirs (``influence.csv``/``.json``,
@@ -273,6 +290,7 @@ def attribute(run: str | Path, out_dir: str | Path, *, test_indices: str | None 
     test_all, _ = data.load_split(folder, "test")
     chosen = parse_indices(test_indices or "0-7", len(test_all))
     result = metagradients(run, chosen, data_dir=str(folder), device=device, download=download, segment=segment,
+                           max_memory=max_memory,
                            progress=progress)
     train_raw, train_labels = data.load_split(folder, "train")
     train_raw, train_labels = train_raw[result.rows], train_labels[result.rows]
