@@ -535,6 +535,7 @@ def lds(args) -> None:
         tick = time.perf_counter()
         scores[name] = work().numpy()
         seconds[name] = time.perf_counter() - tick
+        print(f"{name}: {seconds[name]:.1f} s", flush=True)
 
     timed(f"fnclass TracIn (exact, {len(along)} checkpoints)", lambda: influence.tracin_scores(along, problem))
     timed(f"fnclass TracIn (D={args.proj_dim})",
@@ -560,6 +561,8 @@ def lds(args) -> None:
         tick = time.perf_counter()
         result = metagrad.metagradients(single, list(range(k)), data_dir=str(data), device="cpu")
         seconds[f"fnclass metagrad (test images 0-{k - 1})"] = time.perf_counter() - tick
+        print(f"metagrad: {seconds[f'fnclass metagrad (test images 0-{k - 1})']:.1f} s, one run "
+              f"{result.train_seconds:.1f} s", flush=True)
         padded = np.full((args.test, args.train), np.nan)
         padded[:k] = result.scores.numpy()
         scores[f"fnclass metagrad (test images 0-{k - 1})"] = padded

@@ -180,6 +180,9 @@ def metagradients(run: str | Path, test_indices: list[int], *, data_dir=None, de
                               segment=segment, progress=progress, dtype=dtype, max_memory=max_memory)
 
 
+TEST_CHUNK = 2  # test examples per vmapped reverse step: each holds its own copy of the step's second-order graph
+
+
 def states_bytes(replay: Replay, segment: int, tests: int) -> int:
     """What the reverse pass holds at once: the ``ceil(T / segment)`` kept TrainStates, one segment's recomputed
     ones, and a TrainState-sized cotangent per test example (twice: the step's vector-Jacobian product in flight)."""
@@ -226,7 +229,7 @@ def _metagradients(run, test_indices, *, data_dir, device, download, segment, pr
                 new = replay.grad_step(rebuild(values), (batch.images, batch.labels, weights), batch.key)[0]
                 return _split(new)[0]
             _, vjp = torch.func.vjp(step_leaves, leaves, replay.weights[rows])
-            cotangents, weight_grads = torch.func.vmap(vjp)(cotangents)
+            cotangents, weight_grads = torch.func.vmap(vjp, chunk_size=TEST_CHUNK)(cotangents)
             scores.index_add_(1, rows, weight_grads.detach())
             done += 1
             if progress:
