@@ -16,7 +16,7 @@ steps.
 
 What cannot be replayed exactly is refused with one line: private runs (the noise comes from a secret the run
 keeps out of its checkpoints), members, fine-tuned runs, fp16 loss scaling, and any run whose replay does not end on
-its own last checkpoint (a torchrun job, another device or library version).
+its own last checkpoint (a torchrun job, another device, library version or number of CPU threads).
 """
 
 from __future__ import annotations
@@ -274,7 +274,8 @@ def _replay_error(run: Path, state) -> float:
     if not error <= REPLAY_TOLERANCE:
         raise InputError(f"--method metagrad: replaying {run} ends {error:.2g} (relative) away from its "
                          "checkpoints/last.safetensors, so it is not the recorded run (trained under torchrun, on "
-                         "another device or library version, or resumed differently); use --method tracin or trak")
+                         "another device, library version or number of CPU threads, or resumed differently); run "
+                         "it as it was trained, or use --method tracin, trak or ekfac")
     return error
 
 
