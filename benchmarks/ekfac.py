@@ -23,6 +23,9 @@ scores are fnclass's times the number of training examples (same sign: positive 
 
 ``self``: one library's self-influence of the rows (all of them by default), written as .npy (used by
 ``benchmarks.attribution mislabel`` for Kronfluence's ranking).
+
+``--factor-examples N`` (every command): both libraries fit their factors on the same N rows drawn at random
+(numpy seed 0); the scores cover every row.
 """
 
 from __future__ import annotations
