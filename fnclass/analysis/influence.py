@@ -458,6 +458,34 @@ def parse_indices(text: str, size: int) -> list[int]:
     return chosen
 
 
+def _check_options(method: str, damping: float | None, proj_dim: int | None, factor_examples: int | None) -> None:
+    """One line for an option the method does not take, or a bad damping (:func:`attribute`)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    if damping is not None and method == "tracin":
+        raise InputError("--damping is TRAK's and EK-FAC's (--method trak or ekfac); TracIn has no curvature to damp: "
+                         "drop it")
+    if damping is not None and not (math.isfinite(damping) and damping >= 0):
+        raise InputError(f"--damping {damping}: expected a number >= 0 (a multiple of the mean diagonal of "
+                         "Phi^T Phi for trak, of each layer's mean corrected eigenvalue for ekfac), e.g. 0.1")
+    if method == "ekfac" and proj_dim:
+        raise InputError("--proj-dim: EK-FAC does not project (its factors are per layer): drop --proj-dim")
+    if factor_examples and method != "ekfac":
+        raise InputError("--factor-examples is EK-FAC's (--method ekfac): drop it")
+
+
+def _method_scores(method, along, problem, proj_dim, damping, seed, factor_examples, progress, process):
+    """``(scores, report entries)`` of :func:`attribute`'s method."""
+    if method == "tracin":
+        return tracin_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress,
+                             process=process), {}
+    if method == "ekfac":
+        return ekfac_scores(along[-1], problem, key=random.key(seed), factor_examples=factor_examples,
+                            damping=ekfac.DEFAULT_DAMPING if damping is None else damping, progress=progress)
+    return trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), damping=damping, progress=progress,
+                       process=process), {}
+
+
 def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=None, test_indices: str | None = None,
               image_paths: Sequence[str | Path] = (), top: int = 8, method: str = "tracin",
               proj_dim: int | None = None, damping: float | None = None, train_limit: int | None = None,
@@ -481,18 +509,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
 
     from fnclass import distributed
 
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}: expected one of {METHODS}")
-    if damping is not None and method == "tracin":
-        raise InputError("--damping is TRAK's and EK-FAC's (--method trak or ekfac); TracIn has no curvature to damp: "
-                         "drop it")
-    if damping is not None and not (math.isfinite(damping) and damping >= 0):
-        raise InputError(f"--damping {damping}: expected a number >= 0 (a multiple of the mean diagonal of "
-                         "Phi^T Phi for trak, of each layer's mean corrected eigenvalue for ekfac), e.g. 0.1")
-    if method == "ekfac" and proj_dim:
-        raise InputError("--proj-dim: EK-FAC does not project (its factors are per layer): drop --proj-dim")
-    if factor_examples and method != "ekfac":
-        raise InputError("--factor-examples is EK-FAC's (--method ekfac): drop it")
+    _check_options(method, damping, proj_dim, factor_examples)
     process = distributed.from_environment(device)
     if method == "ekfac":
         _one_process(process)
@@ -520,18 +537,9 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     if method == "trak":
         proj_dim = proj_dim or DEFAULT_TRAK_DIM
         damping = DEFAULT_TRAK_DAMPING if damping is None else damping
-    extra = {}
     tick = time.perf_counter()
-    if method == "tracin":
-        scores = tracin_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), progress=progress,
-                               process=process)
-    elif method == "ekfac":
-        damping = ekfac.DEFAULT_DAMPING if damping is None else damping
-        scores, extra = ekfac_scores(along[-1], problem, key=random.key(seed), damping=damping,
-                                     factor_examples=factor_examples, progress=progress)
-    else:
-        scores = trak_scores(along, problem, proj_dim=proj_dim, key=random.key(seed), damping=damping,
-                             progress=progress, process=process)
+    scores, extra = _method_scores(method, along, problem, proj_dim, damping, seed, factor_examples, progress, process)
+    damping = extra.get("damping", damping)
     seconds = time.perf_counter() - tick
     scores = scores.cpu()
     proponents, opponents = top_examples(scores, top)

@@ -106,6 +106,11 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
     if as_json:
         click.echo(json.dumps(report))
         return
+    _print_report(console, report, method, self_mode, out)
+
+
+def _print_report(console: Console, report: dict, method: str, self_mode: bool, out: Path) -> None:
+    """The summary line, the table and the files written."""
     classes = report["classes"]
     speed = report["gradients_per_second"]
     if method == "metagrad":
