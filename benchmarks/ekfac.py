@@ -100,6 +100,8 @@ def run_kronfluence(ckpt, train_x, train_y, test_x, test_y, damping: float, mode
     from fnclass.core.losses import margin
     from tests.torch_reference import reference_module
 
+    if damping != 0.1:  # checked before any work: Kronfluence takes other dampings as absolute values
+        raise SystemExit("Kronfluence's per-layer heuristic damping is 0.1 x the mean eigenvalue; use --damping 0.1")
     module = reference_module(ckpt.config.model, ckpt.params, ckpt.state).eval()
     tracked = [path.removesuffix(".weight") for path in _covered(ckpt.params)]
 
@@ -125,10 +127,7 @@ def run_kronfluence(ckpt, train_x, train_y, test_x, test_y, damping: float, mode
                         log_level=logging.WARNING)
     analyzer.fit_all_factors("ekfac", TensorDataset(train_x[fit_rows], train_y[fit_rows]), per_device_batch_size=chunk,
                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-    arguments = ScoreArguments(damping_factor=None if damping == 0.1 else damping)
-    if damping != 0.1:
-        raise SystemExit("Kronfluence's per-layer heuristic damping is 0.1 x the mean eigenvalue; other values are "
-                         "absolute there: use --damping 0.1")
+    arguments = ScoreArguments(damping_factor=None)  # its heuristic: 0.1 x each layer's mean eigenvalue
     if mode == "self":
         analyzer.compute_self_scores("self", "ekfac", TensorDataset(train_x, train_y),
                                      per_device_train_batch_size=chunk, score_args=arguments, overwrite_output_dir=True)
