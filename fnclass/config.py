@@ -215,6 +215,8 @@ class TrainConfig:
     accumulate_steps: int = 1  # average the gradients of this many batches per optimizer step (Optax's MultiSteps)
     ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off
     ema_warmup: bool = False  # ramp the EMA decay up as min(decay, (1 + t) / (10 + t)) over updates t (timm, TF)
+    calibrate: bool = False  # after the last epoch, fit a temperature on the validation split (data.val_size) and
+    # record it in last.safetensors: calibrated probabilities in predict and every export (fnclass calibrate)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -403,6 +405,9 @@ class Config:
             getattr(self, section).validate()
         _check(not self.optim.whiten_bias_epochs or self.model.whiten, "optim.whiten_bias_epochs",
                self.optim.whiten_bias_epochs, "0 unless model.whiten = true (there is no whitening bias to freeze)")
+        _check(not self.train.calibrate or self.data.val_size, "train.calibrate", self.train.calibrate,
+               "false unless data.val_size holds out a validation split to fit the temperature on (e.g. "
+               "data.val_size = 5000); fitting it on the test split would be dishonest")
         _check(not self.data.alternate_flips or self.data.flip, "data.alternate_flips", self.data.alternate_flips,
                "false when data.flip = false")
         if self.privacy.enabled:

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from fnclass.cli import config, data, export, grads, influence, train
+from fnclass.cli import config, data, evaluate, export, grads, influence, train
 from fnclass.cli.errors import OneLineGroup
 
 
@@ -27,9 +27,8 @@ def main() -> None:
     """
 
 
-for _command in (train.train, train.evaluate, train.info, config.config, data.data, grads.grads, influence.influence,
-                 export.export,
-                 export.predict_command, export.models):
+for _command in (train.train, evaluate.evaluate, evaluate.calibrate, train.info, config.config, data.data, grads.grads,
+                 influence.influence, export.export, export.predict_command, export.models):
     main.add_command(_command)
 
 if __name__ == "__main__":

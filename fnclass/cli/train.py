@@ -143,6 +143,13 @@ class RichReporter:
             for group in summary.get("groups", []):
                 setting = ", ".join(f"{k} = {v:g}" for k, v in group["hyperparameters"].items())
                 lines.append(f"  {setting:<19}{_spread(group, '')} ({group['members']} seeds)")
+        if "test_nll" in summary:  # the ensemble's, for members
+            lines.append(f"test NLL, ECE, Brier {summary['test_nll']:.4f}, {summary['test_ece']:.4f}, "
+                         f"{summary['test_brier']:.4f}" + (" (ensemble)" if "members" in summary else ""))
+        if "calibration" in summary:
+            fit, after = summary["calibration"], summary["calibration"]["test"]["after"]
+            lines.append(f"temperature          {fit['temperature']:.4f} (fitted on {fit['fitted_on']}): test NLL "
+                         f"{after['nll']:.4f}, ECE {after['ece']:.4f}, Brier {after['brier']:.4f}")
         if "privacy" in summary:
             dp = summary["privacy"]
             lines.append(f"privacy              epsilon {dp['epsilon']:.3f} at delta {dp['delta']:g} "
@@ -356,94 +363,6 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
         raise SystemExit(130) from None
 
 
-@click.command(name="eval")
-@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
-@click.option("--model", "model_name", metavar="NAME",
-              help="A pretrained model of the zoo (see `fnclass models`) instead of CHECKPOINT.")
-@click.option("--tta", is_flag=True, help="Also report test-time-augmented accuracy (flips, plus one-pixel "
-              "translations when the checkpoint's config sets train.tta_translate).")
-@options.data_dir
-@click.option("--split", type=click.Choice(["test", "train", "val"]), default="test", show_default=True,
-              help="val: the validation images the checkpoint's run held out (data.val_size).")
-@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of the split.")
-@options.device
-@options.no_download
-@options.weights
-@options.as_json("the result")
-@one_line_errors
-def evaluate(checkpoint, model_name, tta, data_dir, split, limit, device, no_download, weights, as_json):
-    """Evaluate a checkpoint, a safetensors export or a pretrained model on a data split.
-
-    \b
-    Examples:
-      fnclass eval runs/cpu/checkpoints/best.safetensors --tta --data-dir ../shared/data/cifar10
-      fnclass eval --model cifar10-cpu --tta --data-dir ../shared/data/cifar10
-    """
-    from fnclass.core.tree import tree_to
-    from fnclass.core.tree import tree_unstack as unstack
-    from fnclass.data import resolve_data_dir
-    from fnclass.io import pick_device
-    from fnclass.run.export import load_for_evaluation
-    from fnclass.training.evaluate import evaluate_members
-    from fnclass.training.members import member_name
-    from fnclass.training.step import make_eval_step
-
-    checkpoint = _model_file(checkpoint, model_name)
-    ckpt = load_for_evaluation(checkpoint, weights=weights)
-    dev = pick_device(device)
-    folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
-    images, labels = _eval_split(ckpt, folder, split, limit)
-    ckpt.check_split(folder, images, labels)
-    params, state = tree_to((ckpt.params, ckpt.state), dev)
-    models = list(zip(unstack(params), unstack(state))) if ckpt.members else [(params, state)]
-    results = evaluate_members(make_eval_step(ckpt.model), models, images.to(dev), labels.to(dev),
-                               mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,
-                               tta=(1 + ckpt.config.train.tta_translate) if tta else 0)
-    result = results["ensemble"] or results["members"][0]  # a stacked checkpoint: its ensemble (mean logits)
-    output = {"checkpoint": str(checkpoint), "weights": ckpt.weights, "split": split, "images": len(labels),
-              "loss": result["loss"],
-              "accuracy": result["accuracy"],
-              "per_class_accuracy": dict(zip(ckpt.classes, result["per_class_accuracy"]))}
-    if "top5_accuracy" in result:
-        output["top5_accuracy"] = result["top5_accuracy"]
-    if tta:
-        output["accuracy_tta"] = result["tta_accuracy"]
-    if ckpt.members:
-        output["members"] = [{"member": i, **member, "accuracy": r["accuracy"],
-                              **({"accuracy_tta": r["tta_accuracy"]} if tta else {})}
-                             for i, (member, r) in enumerate(zip(ckpt.members, results["members"]))]
-    if as_json:
-        click.echo(json.dumps(output))
-        return
-    lines = [f"{split} images  {len(labels)}", f"weights      {ckpt.weights}", f"loss         {result['loss']:.4f}",
-             f"accuracy     {result['accuracy']:.2%}"]
-    if "top5_accuracy" in result:
-        lines.append(f"top-5        {result['top5_accuracy']:.2%}")
-    if tta:
-        lines.append(f"TTA          {result['tta_accuracy']:.2%}")
-    if ckpt.members:
-        lines[2] += f" (ensemble of {len(ckpt.members)} members: the mean of their logits)"
-        for entry, member in zip(output["members"], ckpt.members):
-            lines.append(f"member {entry['member']:<5} {entry['accuracy']:.2%}  ({member_name(member)})")
-    _show(Console(), str(checkpoint), lines, output["per_class_accuracy"])
-
-
-def _eval_split(ckpt, folder: Path, split: str, limit: int | None):
-    """``(images, labels)`` of a split; ``val`` is rebuilt from the run's data.val_size and data.val_seed (and the
-    training images it chose: data.train_limit or data.train_indices)."""
-    from fnclass.data import load_split, validation_split
-
-    if split != "val":
-        return load_split(folder, split, limit=limit)
-    data = ckpt.config.data
-    if not data.val_size:
-        raise UsageProblem("--split val: this checkpoint's run held out no validation split (data.val_size = 0); "
-                           "use --split test")
-    images, labels = load_split(folder, "train", limit=data.train_limit, indices=data.train_indices)
-    val = validation_split(labels, data.val_size, data.val_seed)[1][:limit]
-    return images[val], labels[val]
-
-
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @options.as_json("the facts")
@@ -481,4 +400,4 @@ def info(checkpoint, as_json):
     Console().print(table)
 
 
-__all__ = ["train", "evaluate", "info"]
+__all__ = ["train", "info"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,6 +57,7 @@ class Checkpoint(NamedTuple):
     tensors: dict[str, torch.Tensor]
     members: tuple[dict, ...] = ()  # a run of K members: params and state stacked (K, ...), one dict per member
     weights: str = "raw"  # "ema": params and state are the run's exponential moving average (train.ema_decay)
+    temperature: float = 1.0  # divides the logits for calibrated probabilities (fitted by `fnclass calibrate`)
 
     def member(self, index: int) -> Checkpoint:
         """Member ``index`` of a stacked checkpoint as a single model's checkpoint (config: its seed and values)."""
@@ -73,13 +75,18 @@ class Checkpoint(NamedTuple):
                 config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section),
                                                                                      **{name: value})})
         tensors = {k: v[index] for k, v in self.tensors.items()}
+        # a temperature fitted to the ensemble's logits says nothing about one member's: dropped
         return self._replace(params=tree.tree_index(self.params, index), state=tree.tree_index(self.state, index),
-                             config=config, tensors=tensors, members=())
+                             config=config, tensors=tensors, members=(), temperature=1.0)
 
     def logits(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 (N, H, W, 3) images -> float32 logits in eval mode (members: the mean of their logits)."""
         return ensemble_logits(self.model, self.params, self.state, self.mean, self.std, dtype, images,
                                len(self.members))
+
+    def calibrated_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` divided by the checkpoint's temperature: their softmax is the calibrated probabilities."""
+        return self.logits(images) / self.temperature
 
     def check_split(self, folder, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Refuse a data split this model cannot be run on: another image size, or labels beyond its classes."""
@@ -286,7 +293,42 @@ def load_checkpoint(path: str | Path, *, weights: str = "auto") -> Checkpoint:
     params, state = restore_model(path, model, tensors, members=len(members),
                                   prefix="ema." if chosen == "ema" else "")
     return Checkpoint(model, params, state, config, classes, mean, std, input_size, int(metadata.get("step", 0)),
-                      metadata, tensors, members, chosen)
+                      metadata, tensors, members, chosen, read_temperature(path, metadata, chosen))
+
+
+def read_temperature(path, metadata: dict, weights: str) -> float:
+    """The temperature a file records for ``weights`` (1.0 when none was fitted, or fitted to the other weights)."""
+    if "temperature" not in metadata:
+        return 1.0
+    temperature = _metadata_json(path, metadata, "temperature")
+    if type(temperature) not in (int, float) or not 0 < temperature < float("inf"):
+        raise CheckpointError(f"{path}: metadata 'temperature' is {temperature!r}, not a positive number (the file "
+                              "was altered); fit it again with `fnclass calibrate`")
+    fitted_to = metadata.get("temperature_weights", weights)
+    return float(temperature) if fitted_to == weights else 1.0
+
+
+def set_temperature(path: str | Path, temperature: float, *, weights: str, calibration: dict,
+                    out: str | Path | None = None) -> None:
+    """Record a fitted temperature in a checkpoint's metadata (its tensors unchanged), atomically.
+
+    Args:
+      path: the checkpoint (its checksum is verified first).
+      temperature: the fitted temperature (finite, positive).
+      weights: the weights it was fitted to (``"raw"`` or ``"ema"``): loading the other ones ignores it.
+      calibration: what to record beside it (the split, its size, NLL and ECE before and after): JSON.
+      out: write the result here instead of over ``path``.
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CheckpointError(f"temperature {temperature!r}: expected a finite positive number; nothing written")
+    tensors, metadata = read_file(path)
+    if metadata.get("format") not in (FORMAT, "fnclass.checkpoint/1"):
+        raise CheckpointError(f"{path}: not an fnclass training checkpoint (format {metadata.get('format')!r}); "
+                              "calibrate the training checkpoint, then export it again")
+    metadata = {**metadata, "format": FORMAT, "temperature": json.dumps(float(temperature)),
+                "temperature_weights": weights, "calibration": json.dumps(calibration)}
+    metadata.pop(CHECKSUM, None)
+    write_atomic(out if out is not None else path, serialize(tensors, metadata))
 
 
 def read_members(path, metadata: dict) -> tuple[dict, ...]:

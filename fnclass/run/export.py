@@ -14,6 +14,11 @@
 
 ``--dtype`` casts the weights and runs the program in that dtype; logits come out as float32. Every file is
 written to a temporary name and renamed.
+
+A checkpoint calibrated by ``fnclass calibrate`` (or ``train.calibrate``) carries its temperature ``T`` into every
+format: the metadata's ``temperature``, and the pt2 and ONNX programs return ``logits / T``, so their softmax is the
+calibrated probabilities (the argmax, and so the accuracy, is unchanged). A safetensors export stores the weights
+as trained and ``T`` in its metadata; :class:`Exported` and ``fnclass predict`` divide by it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from fnclass.run.checkpoint import (
     read_file,
     read_members,
     read_model_metadata,
+    read_temperature,
     restore_model,
     serialize,
 )
@@ -77,9 +83,19 @@ class Exported(NamedTuple):
         return ensemble_logits(self.model, self.params, self.state, self.mean, self.std, self.dtype, images,
                                len(self.members))
 
+    @property
+    def temperature(self) -> float:
+        """The temperature the export carries (1.0: not calibrated)."""
+        return float(json.loads(self.metadata.get("temperature", "1.0")))
+
+    def calibrated_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` divided by the temperature: their softmax is the calibrated probabilities."""
+        return self.logits(images) / self.temperature
+
 
 class Predictor(NamedTuple):
-    """Any model file as one function: uint8 (N, H, W, 3) images -> float32 logits, plus what it knows."""
+    """Any model file as one function: uint8 (N, H, W, 3) images -> float32 logits (divided by the file's
+    temperature, when it carries one: their softmax is the calibrated probabilities), plus what it knows."""
 
     logits: Callable[[torch.Tensor], torch.Tensor]
     classes: tuple[str, ...]
@@ -102,6 +118,8 @@ def export_metadata(ckpt: Checkpoint, *, dtype: str, source_sha256: str) -> dict
         "source_sha256": source_sha256,
         "source_step": str(ckpt.step),
         "weights": ckpt.weights,
+        "temperature": json.dumps(ckpt.temperature),
+        "output": "logits divided by the temperature: their softmax is the calibrated probabilities (pt2, onnx)",
         **({"members": json.dumps(list(ckpt.members))} if ckpt.members else {}),
     }
 
@@ -126,8 +144,9 @@ class _Program(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         leaves = [getattr(self, f"w{i}") for i in range(self.treespec.num_leaves)]
         weights = tree.tree_unflatten(self.treespec, leaves)
-        return ensemble_logits(self.ckpt.model, weights["params"], weights["state"], self.ckpt.mean, self.ckpt.std,
-                               self.dtype, images, len(self.ckpt.members))
+        logits = ensemble_logits(self.ckpt.model, weights["params"], weights["state"], self.ckpt.mean,
+                                 self.ckpt.std, self.dtype, images, len(self.ckpt.members))
+        return logits if self.ckpt.temperature == 1.0 else logits / self.ckpt.temperature
 
 
 def export_program(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.export.ExportedProgram:
@@ -188,7 +207,7 @@ def _check_export(ckpt: Checkpoint, out: Path, count: int = 16) -> float:
     height, width = ckpt.input_size
     images = random.randint(random.key(0), (count, height, width, 3), 0, 256).to(torch.uint8)
     with torch.no_grad():
-        expected = ckpt.logits(images)
+        expected = ckpt.calibrated_logits(images)
         return float((load_predictor(out, trust_program=True).logits(images) - expected).abs().max())
 
 
@@ -244,6 +263,7 @@ def load_exported(path: str | Path) -> Exported:
     dtype = DTYPES[metadata["dtype"]]
     members = read_members(path, metadata)
     params, state = restore_model(path, model, tensors, dtype, members=len(members))
+    read_temperature(path, metadata, metadata.get("weights", "raw"))  # refuses a damaged value
     return Exported(model, params, state, config.model, classes, mean, std, input_size, dtype, metadata, members)
 
 
@@ -269,7 +289,7 @@ def load_for_evaluation(path: str | Path, *, weights: str = "auto") -> Checkpoin
     params, state = tree.tree_map(widen, (exported.params, exported.state))
     return Checkpoint(exported.model, params, state, config, exported.classes, exported.mean, exported.std,
                       exported.input_size, int(metadata.get("source_step", 0)), metadata, {}, exported.members,
-                      recorded)
+                      recorded, exported.temperature)
 
 
 def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predictor:
@@ -297,10 +317,9 @@ def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predicto
         _, metadata = read_file(path)
         if metadata.get("format") in READ_FORMATS:
             exported = load_exported(path)
-            return Predictor(exported.logits, exported.classes, exported.input_size, "safetensors")
+            return Predictor(exported.calibrated_logits, exported.classes, exported.input_size, "safetensors")
         ckpt = load_checkpoint(path)
-        return Predictor(ckpt.logits,
-                         ckpt.classes, ckpt.input_size, "checkpoint")
+        return Predictor(ckpt.calibrated_logits, ckpt.classes, ckpt.input_size, "checkpoint")
     if path.suffix == ".onnx" or head[:1] == b"\x08":  # an ONNX ModelProto starts with field 1 (ir_version)
         return _onnx_predictor(path)
     raise CheckpointError(f"{path}: not a checkpoint, safetensors, pt2 or ONNX model file; pass a file written by "

@@ -9,6 +9,7 @@ import torch
 from fnclass import data
 from fnclass.core.losses import per_example_cross_entropy
 from fnclass.io import fault_point
+from fnclass.training import calibration
 
 TOP5_MIN_CLASSES = 5  # top-5 accuracy is reported with more classes than this (with 5 or fewer it is always 1)
 
@@ -35,7 +36,9 @@ def tta_logits(eval_step: Callable, params, state, images: torch.Tensor, level: 
 
 def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, labels: torch.Tensor, *,
                      mean, std, batch_size: int, tta: int = 0, process=None) -> dict:
-    """Logits-based metrics over a whole uint8 split: loss, accuracy, per-class accuracy (and TTA accuracy).
+    """Logits-based metrics over a whole uint8 split: loss, accuracy, per-class accuracy (and TTA accuracy), and
+    calibration (:mod:`fnclass.training.calibration`): ``nll`` (equal to ``loss``: evaluation has no label
+    smoothing), ``ece``, ``brier`` and the ``reliability`` table, of the plain view's logits.
 
     With more than 5 classes (CIFAR-100), also ``top5_accuracy``: the share whose label is among the 5 highest
     logits (of the plain view).
@@ -48,12 +51,14 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
 
 
 def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, labels: torch.Tensor, *,
-                     mean, std, batch_size: int, tta: int = 0, process=None) -> dict:
+                     mean, std, batch_size: int, tta: int = 0, process=None, temperature: float = 1.0) -> dict:
     """:func:`evaluate_dataset` for each of several ``(params, state)`` and for their ensemble.
 
     The ensemble's logits are the mean of the members' logits (and its TTA logits the mean of theirs). With a
     data-parallel ``process`` (:mod:`fnclass.distributed`) each process evaluates a contiguous shard of the split
     and the per-image results are gathered, so every process returns the metrics of the whole split.
+    ``temperature`` divides the logits of the model the file stands for (the ensemble's with two or more models,
+    else the one model's) before loss and calibration; the members' own stay as they are.
 
     Returns:
       ``{"members": [metrics of each], "ensemble": metrics of the mean logits}`` (the ensemble's only when
@@ -62,7 +67,8 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
     from fnclass.distributed import gather_rows, split_rows
 
     count = len(models)
-    kinds = {"loss": torch.float32, "prediction": torch.int64, "top5": torch.bool, "tta": torch.int64}
+    kinds = {"loss": torch.float32, "prediction": torch.int64, "top5": torch.bool, "tta": torch.int64,
+             "confidence": torch.float64, "brier": torch.float64}
     rows = [{kind: [] for kind in kinds} for _ in range(count + 1)]
     local_images, local_labels = split_rows(images, process), split_rows(labels, process)
     for start in range(0, len(local_images), batch_size):
@@ -78,9 +84,14 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
         if count > 1:
             batch_logits.append(torch.stack(batch_logits).mean(dim=0))
             batch_tta += [torch.stack(batch_tta).mean(dim=0)] if tta else []
+        if temperature != 1.0:
+            batch_logits[-1] = batch_logits[-1] / temperature
         for i, logits in enumerate(batch_logits):
             rows[i]["loss"].append(per_example_cross_entropy(logits, y))
             rows[i]["prediction"].append(logits.argmax(dim=-1))
+            calibrated = calibration.per_example(logits, y)
+            rows[i]["confidence"].append(calibrated["confidence"])
+            rows[i]["brier"].append(calibrated["brier"])
             if logits.shape[-1] > TOP5_MIN_CLASSES:
                 rows[i]["top5"].append((logits.topk(5, dim=-1).indices == y[:, None]).any(dim=-1))
             if tta:
@@ -92,10 +103,21 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
 
     top5 = any(part["top5"] for part in rows) or (process is not None and _more_than_five(
         models, eval_step, images, mean, std))  # a process with an empty shard must still join the gather
-    results = [_metrics(whole(r["loss"], "loss").sum(), whole(r["prediction"], "prediction"), labels,
-                        whole(r["tta"], "tta") if tta else None, whole(r["top5"], "top5") if top5 else None)
+    results = [_metrics(whole(r["loss"], "loss"), whole(r["prediction"], "prediction"), labels,
+                        whole(r["tta"], "tta") if tta else None, whole(r["top5"], "top5") if top5 else None,
+                        {kind: whole(r[kind], kind) for kind in ("confidence", "brier")})
                for r in rows[:count + (count > 1)]]
     return {"members": results[:count], "ensemble": results[count] if count > 1 else None}
+
+
+def split_logits(eval_step: Callable, models: list, images: torch.Tensor, *, mean, std,
+                 batch_size: int) -> torch.Tensor:
+    """The logits of a whole uint8 split (the mean of the models' logits: an ensemble's), float32 on the CPU."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        x = data.normalize(images[start:start + batch_size], mean, std)
+        parts.append(torch.stack([eval_step(params, state, x).float() for params, state in models]).mean(dim=0))
+    return torch.cat(parts).cpu() if parts else torch.empty(0)
 
 
 def _more_than_five(models: list, eval_step: Callable, images: torch.Tensor, mean, std) -> bool:
@@ -104,14 +126,15 @@ def _more_than_five(models: list, eval_step: Callable, images: torch.Tensor, mea
     return eval_step(params, state, data.normalize(images[:1], mean, std)).shape[-1] > TOP5_MIN_CLASSES
 
 
-def _metrics(loss_sum: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
-             tta_predictions: torch.Tensor | None, top5_hits: torch.Tensor | None = None) -> dict:
-    """Loss, accuracy, per-class accuracy (and TTA and top-5 accuracy) of one model's predictions over a split."""
+def _metrics(losses: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
+             tta_predictions: torch.Tensor | None, top5_hits: torch.Tensor | None, rows: dict) -> dict:
+    """Loss, accuracy, per-class accuracy, calibration (and TTA and top-5 accuracy) of one model over a split."""
     correct = predictions == labels
     per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, correct.float())
     counts = torch.bincount(labels, minlength=len(per_class)).clamp(min=1)
-    result = {"loss": loss_sum.item() / len(labels), "accuracy": correct.float().mean().item(),
-              "per_class_accuracy": (per_class / counts).tolist(), "predictions": predictions.cpu()}
+    result = {"loss": losses.sum().item() / len(labels), "accuracy": correct.float().mean().item(),
+              "per_class_accuracy": (per_class / counts).tolist(), "predictions": predictions.cpu(),
+              **calibration.summarize({"nll": losses, "correct": correct, **rows})}
     if top5_hits is not None:
         result["top5_accuracy"] = top5_hits.float().mean().item()
     if tta_predictions is not None:
@@ -121,5 +144,6 @@ def _metrics(loss_sum: torch.Tensor, predictions: torch.Tensor, labels: torch.Te
 
 def split_metrics(result: dict, split: str) -> dict:
     """An evaluation's numbers under the split's names: ``val_loss``, ``val_accuracy``, ``val_top5_accuracy``..."""
-    names = {"loss": "loss", "accuracy": "accuracy", "top5_accuracy": "top5_accuracy", "tta_accuracy": "accuracy_tta"}
+    names = {"loss": "loss", "accuracy": "accuracy", "top5_accuracy": "top5_accuracy", "tta_accuracy": "accuracy_tta",
+             "nll": "nll", "ece": "ece", "brier": "brier"}
     return {f"{split}_{name}": result[key] for key, name in names.items() if key in result}

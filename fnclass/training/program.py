@@ -33,9 +33,10 @@ from fnclass.errors import InputError
 from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.models import resolve_config
 from fnclass.privacy.sources import PoissonSource
+from fnclass.run.checkpoint import copy_checkpoint, read_file, set_temperature
 from fnclass.run.directory import Reporter, RunDirectory
-from fnclass.training import finetune, members, recipe
-from fnclass.training.evaluate import evaluate_members, split_metrics
+from fnclass.training import calibration, finetune, members, recipe
+from fnclass.training.evaluate import evaluate_members, split_logits, split_metrics
 from fnclass.training.hooks import FiniteCheck, GradStats, StepCheckpoint, StepLog, TrainingDiverged
 from fnclass.training.loop import EpochLoop, step_of
 from fnclass.training.step import (
@@ -324,10 +325,39 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
     test = evaluation if split == "test" else evaluate(setup, program, train_state, "test", final=True)
     clock["final_eval"] += time.perf_counter() - tick
     summary = make_summary(setup, program, train_state, evaluation, test, split, best, start_step)
+    tables = {"test": test[""]["ensemble"]}
+    if config.train.calibrate:
+        summary["calibration"], tables = calibrate(setup, program, train_state)
+    if run.writes:
+        calibration.plot_reliability(run.path / "plots" / "reliability.png", tables,
+                                     f"{run.path.name}: the test split (the plain view's logits)")
     if setup.stacked:
         members.plot_members(run, setup.members)
     run.finish(summary)
     return train_state, summary
+
+
+def calibrate(setup: Setup, program: Program, train_state: TrainState) -> tuple[dict, dict]:
+    """``train.calibrate``: fit a temperature to the validation split's logits (the ensemble's, for members) and
+    record it in ``last.safetensors`` (and ``best.safetensors`` when it holds the same step). Returns the summary's
+    ``calibration`` and the test split's metrics before and after it (for the reliability diagram)."""
+    weights = "ema" if train_state.ema is not None else "raw"  # what `fnclass eval` and export load by default
+    params, state = ((train_state.ema["params"], train_state.ema["state"]) if train_state.ema is not None
+                     else (train_state.params, train_state.state))
+    models = ([(tree.tree_index(params, i), tree.tree_index(state, i)) for i in range(len(setup.members))]
+              if setup.stacked else [(params, state)])
+    logits = {name: split_logits(program.eval_step, models, setup.ds.split(name)[0], mean=setup.ds.mean_t,
+                                 std=setup.ds.std_t, batch_size=setup.config.train.eval_batch_size)
+              for name in ("val", "test")}
+    labels = {name: setup.ds.split(name)[1].cpu() for name in ("val", "test")}
+    report, tables = calibration.fit_report(logits, labels, weights=weights)
+    temperature = report["temperature"]
+    if setup.run.writes:
+        set_temperature(setup.run.last, temperature, weights=weights, calibration=report)
+        best = setup.run.checkpoints / "best.safetensors"
+        if best.exists() and read_file(best)[1].get("step") == read_file(setup.run.last)[1].get("step"):
+            copy_checkpoint(setup.run.last, best)  # the same weights: the same temperature
+    return report, {"test, T = 1": tables["test"]["before"], f"test, T = {temperature:.3f}": tables["test"]["after"]}
 
 
 def _start(setup: Setup, program: Program, start_step: int) -> None:
