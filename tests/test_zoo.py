@@ -45,6 +45,9 @@ def test_shipped_weights_reach_their_cards_accuracy_on_the_real_test_set(cifar_d
     assert measured["images"] == entry["data"]["test_images"]
     assert abs(measured["accuracy"] - entry["accuracy"]["test"]) <= 1e-4, (measured["accuracy"], entry["accuracy"])
     assert abs(measured["accuracy_tta"] - entry["accuracy"]["test_tta"]) <= 1e-4, (measured, entry["accuracy"])
+    for metric in ("nll", "ece", "brier"):  # the card's calibration figures, measured the same way
+        assert abs(measured[metric] - entry["calibration"]["test"][metric]) <= 1e-4, (metric, measured[metric])
+    assert measured["temperature"] == (entry["calibration"]["temperature"] or 1.0)
 
 
 def test_pretrained_is_the_export_computed_in_float32(cifar_dir):

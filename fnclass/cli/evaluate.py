@@ -148,6 +148,7 @@ def _corruption_set(folder: Path, ckpt):
 
 def _evaluate_corruptions(ckpt, corruption_set, dev, plot_path, clean: dict, checkpoint, *, quiet: bool) -> dict:
     """Every corruption and severity (a rich progress bar unless ``quiet``), and the PNG when asked."""
+    import torch
     from rich.progress import Progress
 
     from fnclass.analysis.robustness import evaluate_corruptions, plot_corruptions
@@ -157,8 +158,8 @@ def _evaluate_corruptions(ckpt, corruption_set, dev, plot_path, clean: dict, che
     params, state = tree_to((ckpt.params, ckpt.state), dev)
 
     def logits_of(images):
-        return ensemble_logits(ckpt.model, params, state, ckpt.mean, ckpt.std, __import__("torch").float32,
-                               images.to(dev), len(ckpt.members))
+        return ensemble_logits(ckpt.model, params, state, ckpt.mean, ckpt.std, torch.float32, images.to(dev),
+                               len(ckpt.members))
 
     with Progress(disable=quiet, transient=True) as bar:
         task = bar.add_task("corruptions", total=len(corruption_set.corruptions))

@@ -140,15 +140,16 @@ def models(as_json):
         click.echo(json.dumps(list(entries.values())))
         return
     table = Table(title="fnclass model zoo (weights ship with the package)")
-    for column in ("name", "model", "params", "weights", "test acc", "TTA acc"):
-        table.add_column(column, no_wrap=True, justify="right" if column in ("params", "test acc", "TTA acc")
-                         else "left")
+    numbers = ("params", "test acc", "TTA acc", "NLL", "ECE")
+    for column in ("name", "model", *numbers[:1], "weights", *numbers[1:]):
+        table.add_column(column, no_wrap=True, justify="right" if column in numbers else "left")
     notes = []
     for name, entry in entries.items():
-        accuracy, trained = entry["accuracy"], entry["trained"]
+        accuracy, trained, calibration = entry["accuracy"], entry["trained"], entry.get("calibration", {}).get("test")
         table.add_row(name, entry["model"], f"{entry.get('parameters', 0):,}",
                       f"{entry['dtype']} {entry.get('weights_bytes', 0) / 1e6:.1f} MB", f"{accuracy['test']:.2%}",
-                      f"{accuracy['test_tta']:.2%}" if "test_tta" in accuracy else "-")
+                      f"{accuracy['test_tta']:.2%}" if "test_tta" in accuracy else "-",
+                      *((f"{calibration['nll']:.3f}", f"{calibration['ece']:.3f}") if calibration else ("-", "-")))
         notes.append(f"{name}: {entry['summary']}; config {entry['config']}, seed {entry['seed']}, trained "
                      f"{trained.get('date', '?')} in {trained.get('wall', '?')} on {trained.get('machine', '?')}")
     console = Console()
