@@ -30,19 +30,29 @@ from benchmarks.common import device_name, publish
 METRICS = ("accuracy", "nll", "ece", "brier")
 
 
-def measure(logits_of, images: torch.Tensor, labels: torch.Tensor, corruption_set, temperature: float,
-            cache: dict, name: str) -> dict:
-    """Clean and corrupted metrics of one model (its clean test logits cached by ``name``)."""
-    from fnclass.analysis.robustness import evaluate_corruptions
+def split_logits(logits_of, images: torch.Tensor) -> torch.Tensor:
+    """A model's logits of a whole uint8 split, in batches of 1,000."""
+    with torch.no_grad():
+        return torch.cat([logits_of(images[i:i + 1000]).float().cpu() for i in range(0, len(images), 1000)])
+
+
+def corrupted_logits(logits_of, corruption_set) -> list[torch.Tensor]:
+    """The logits of every corruption's 5N images (computed once; every temperature reuses them)."""
+    return [split_logits(logits_of, torch.from_numpy(corruption_set.load(name)))
+            for name in corruption_set.corruptions]
+
+
+def measure(clean: torch.Tensor, labels: torch.Tensor, corrupted: list[torch.Tensor], corruption_set,
+            temperature: float) -> dict:
+    """Clean and corrupted metrics (the mean over the 75 corrupted sets) of cached logits at one temperature."""
     from fnclass.training.calibration import calibration_metrics
 
-    if name not in cache:
-        with torch.no_grad():
-            cache[name] = torch.cat([logits_of(images[i:i + 1000]) for i in range(0, len(images), 1000)])
-    clean = calibration_metrics(cache[name], labels, temperature)
-    corrupted = evaluate_corruptions(logits_of, corruption_set, temperature=temperature)
-    return {"temperature": temperature, "clean": {k: clean[k] for k in METRICS}, "corrupted": corrupted["mean"],
-            "by_severity": corrupted["by_severity"]}
+    n, corrupted_labels = corruption_set.images, torch.from_numpy(corruption_set.labels)
+    rows = [calibration_metrics(logits[s * n:(s + 1) * n], corrupted_labels, temperature)
+            for logits in corrupted for s in range(len(corruption_set.severities))]
+    metrics = calibration_metrics(clean, labels, temperature)
+    return {"temperature": temperature, "clean": {k: metrics[k] for k in METRICS},
+            "corrupted": {k: statistics.fmean(r[k] for r in rows) for k in METRICS}}
 
 
 def main() -> None:
@@ -89,28 +99,30 @@ def main() -> None:
     ckpt = load_checkpoint(run / "checkpoints/last.safetensors")
     val = validation_split(train_labels, ckpt.config.data.val_size, ckpt.config.data.val_seed)[1]
     val_images, val_labels = train_images[val], train_labels[val]
-    cache, results = {}, {}
+    results = {}
     tick = time.perf_counter()
     shipped = fnclass.pretrained("cifar10-cpu")
     results["cifar10-cpu (shipped; trained on all 50,000: no temperature)"] = measure(
-        shipped.logits, test_images, test_labels, corruption_set, 1.0, cache, "shipped")
-    members = []
+        split_logits(shipped.logits, test_images), test_labels, corrupted_logits(shipped.logits, corruption_set),
+        corruption_set, 1.0)
+    members, member_logits = [], []
     for i in range(len(ckpt.members)):
         member = ckpt.member(i)
         logits_of = lambda images, m=member: ensemble_logits(m.model, m.params, m.state, m.mean, m.std,
                                                              torch.float32, images)
-        with torch.no_grad():
-            val_logits = torch.cat([logits_of(val_images[j:j + 1000]) for j in range(0, len(val_images), 1000)])
-        temperature = fit_temperature(val_logits, val_labels)
+        clean, corrupted = split_logits(logits_of, test_images), corrupted_logits(logits_of, corruption_set)
+        temperature = fit_temperature(split_logits(logits_of, val_images), val_labels)
+        member_logits.append((clean, corrupted))
         members.append({"seed": ckpt.members[i]["seed"],
-                        "before": measure(logits_of, test_images, test_labels, corruption_set, 1.0, cache, f"m{i}"),
-                        "after": measure(logits_of, test_images, test_labels, corruption_set, temperature, cache,
-                                         f"m{i}")})
+                        "before": measure(clean, test_labels, corrupted, corruption_set, 1.0),
+                        "after": measure(clean, test_labels, corrupted, corruption_set, temperature)})
         print(f"member {i}: T = {temperature:.4f}", flush=True)
-    ensemble_of = lambda images: ckpt.logits(images)
-    results["ensemble"] = measure(ensemble_of, test_images, test_labels, corruption_set, 1.0, cache, "ensemble")
-    results["ensemble + T"] = measure(ensemble_of, test_images, test_labels, corruption_set, ckpt.temperature, cache,
-                                      "ensemble")
+    # the ensemble's logits are the mean of the members' (Checkpoint.logits of the stacked file)
+    clean = torch.stack([c for c, _ in member_logits]).mean(dim=0)
+    corrupted = [torch.stack([m[1][j] for m in member_logits]).mean(dim=0)
+                 for j in range(len(corruption_set.corruptions))]
+    results["ensemble"] = measure(clean, test_labels, corrupted, corruption_set, 1.0)
+    results["ensemble + T"] = measure(clean, test_labels, corrupted, corruption_set, ckpt.temperature)
     seconds["measure"] = time.perf_counter() - tick
     mean_member = {when: {split: {k: statistics.fmean(m[when][split][k] for m in members) for k in METRICS}
                           for split in ("clean", "corrupted")} for when in ("before", "after")}
