@@ -203,6 +203,8 @@ class TrainConfig:
     compile: bool = False  # compile the whole step; pays on a GPU, not on a CPU
     channels_last: bool = False  # channels-last images (faster convolutions on GPUs and with oneDNN on CPUs)
     eval_batch_size: int = 1000
+    eval_every: int = 1  # evaluate after every N-th epoch and after the last (0: after the last only); an epoch row
+    # not evaluated has no val/test columns, and "best" is chosen among the evaluated epochs
     tta: bool = False  # also report flip test-time-augmented accuracy after the last epoch
     tta_translate: bool = False  # TTA also averages one-pixel translations (airbench's level 2)
     log_every_steps: int = 50  # metrics.jsonl line and progress-bar loss every N steps (0: epoch ends only)
@@ -229,6 +231,8 @@ class TrainConfig:
         _check(1 <= self.accumulate_steps <= 1024, "train.accumulate_steps", self.accumulate_steps,
                "an integer in 1..1024 (1: no accumulation)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
+        _check(type(self.eval_every) is int and self.eval_every >= 0, "train.eval_every", self.eval_every,
+               "an integer >= 0 (0: evaluate after the last epoch only)")
         _check(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps, "an integer >= 0")
         _check(self.grad_stats_every >= 0, "train.grad_stats_every", self.grad_stats_every, "an integer >= 0")
         _check(self.grad_stats_examples >= 2, "train.grad_stats_examples", self.grad_stats_examples, "an integer >= 2")

@@ -122,6 +122,7 @@ def test_every_key_refuses_every_wrong_type(tmp_path, section, field):
     ("train.precision", '"fp8"', '"fp32", "bf16" or "fp16"'),
     ("train.accumulate_steps", "0", "an integer in 1..1024"),
     ("train.ema_decay", "1.0", "a number in [0, 1)"),
+    ("train.eval_every", "-1", "an integer >= 0 (0: evaluate after the last epoch only)"),
     ("train.logger", '"wandb"', '"none" or "tensorboard"'),
     ("data.mixup_alpha", "-0.1", "a number in [0, 100]"),
     ("data.mix_prob", "1.5", "a probability in [0, 1]"),

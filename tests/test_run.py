@@ -2,6 +2,9 @@
 
 import json
 
+import optree
+import torch
+
 import fnclass
 from fnclass.config import load_config
 from fnclass.core import optim
@@ -101,3 +104,38 @@ def test_a_second_writer_is_refused_until_the_first_process_dies(tmp_path):
     second = RunDirectory(tmp_path / "run", CONFIG)
     second.start(step=0, info={}, **META)  # closed: free again in the same process
     second.close()
+
+
+def test_eval_every_leaves_training_unchanged_and_chooses_best_among_the_evaluated_epochs(cifar_dir, tmp_path):
+    """``train.eval_every``: the same weights as evaluating every epoch (evaluation does not touch training), rows
+    of epochs not evaluated carry no test columns (not a stale or made-up value), and ``best`` is the best of the
+    evaluated epochs only; the last epoch is always evaluated, with the numbers an every-epoch run logs."""
+    from fnclass.run.checkpoint import load_checkpoint
+    from fnclass.training.program import train
+
+    quick = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.whiten=false", "optim.muon=false",
+             "optim.whiten_bias_epochs=0", "data.train_limit=256", "data.test_limit=200", "train.batch_size=64",
+             "train.epochs=3", "train.log_every_steps=0", "train.tta=false", "checkpoint.keep=0"]
+    runs = {}
+    for every in (1, 2, 0):
+        out = tmp_path / f"every{every}"
+        train(load_config("cpu", quick + [f"train.eval_every={every}"]), out, data_dir=str(cifar_dir))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[every] = (out, [row for row in rows if row["kind"] == "epoch"])
+    every_epoch = runs[1][1]
+    for every, evaluated in ((2, [2, 3]), (0, [3])):
+        out, rows = runs[every]
+        assert [row["epoch"] for row in rows if "test_accuracy" in row] == evaluated
+        assert not any("test_loss" in row for row in rows if row["epoch"] not in evaluated)
+        for row, reference in zip(rows, every_epoch):
+            assert row["train_loss"] == reference["train_loss"]  # bit for bit: evaluation changes nothing
+            if row["epoch"] in evaluated:
+                assert row["test_accuracy"] == reference["test_accuracy"]
+        best = max((row for row in rows if "test_accuracy" in row), key=lambda row: row["test_accuracy"])
+        assert load_checkpoint(out / "checkpoints/best.safetensors").step == best["step"]
+        last, reference = (load_checkpoint(path / "checkpoints/last.safetensors") for path in (out, runs[1][0]))
+        assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(last.params),
+                                                     optree.tree_leaves(reference.params)))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["best_test_accuracy"] == best["test_accuracy"]
+    assert (runs[0][0] / "plots/curves.png").is_file()

@@ -94,7 +94,7 @@ class RichReporter:
         if self.mode != "normal":
             return
         split = self.split
-        values = [fmt.format(row[key]) for key, (_, _, fmt) in zip(
+        values = [fmt.format(row[key]) if key in row else "-" for key, (_, _, fmt) in zip(  # "-": not evaluated
             ["epoch", "train_loss", "train_accuracy", f"{split}_loss", f"{split}_accuracy", "lr", "seconds"], COLUMNS)]
         self.console.print(_row(values), highlight=False)
         if f"ema_{split}_accuracy" in row:
@@ -104,7 +104,8 @@ class RichReporter:
             overflow = f", {row['poisson_overflow']} sampled examples over the padded batch" if row.get(
                 "poisson_overflow") else ""
             self.console.print(f"{'':>7}privacy spent: epsilon {row['epsilon']:.3f}{overflow}", highlight=False)
-        if "members" in row:  # the evaluation columns are the ensemble's; the members' spread follows
+        if "members" in row and f"{split}_accuracy" in row:  # the evaluation columns are the ensemble's; the
+            # members' spread follows
             self.console.print(f"{'':>7}{row['members']} members: {_spread(row, f'{split}_accuracy')}, ensemble "
                                f"{row[f'{split}_accuracy']:.2%}", highlight=False)
             for group in row.get("groups", []):

@@ -190,7 +190,7 @@ class RunDirectory:
 
     def best_accuracy(self) -> float | None:
         """The best :attr:`selection` accuracy logged in metrics.jsonl so far (for a resumed run)."""
-        accuracies = [row[self.selection] for row in self.epoch_rows()]
+        accuracies = [row[self.selection] for row in self.epoch_rows() if self.selection in row]  # evaluated
         return max(accuracies) if accuracies else None
 
     def finish(self, summary: dict) -> None:
@@ -306,8 +306,9 @@ class RunDirectory:
         epochs = self.epoch_rows()
         if not any(row["step"] == step for row in epochs) or not source.is_file():
             return  # not resumed from an epoch end
-        best = max(epochs, key=lambda row: row[self.selection])  # the first of equals, as end_epoch keeps it
-        if self.config.checkpoint.keep_best and best["step"] == step:
+        evaluated = [row for row in epochs if self.selection in row]  # train.eval_every: not every epoch's row
+        best = max(evaluated, key=lambda row: row[self.selection], default=None)  # the first of equals, as end_epoch
+        if self.config.checkpoint.keep_best and best is not None and best["step"] == step:
             copy_checkpoint(source, self.checkpoints / "best.safetensors")
         kept = self.checkpoints / f"step-{step:08d}.safetensors"
         if self.config.checkpoint.keep and not kept.is_file():
@@ -339,11 +340,13 @@ class RunDirectory:
         epochs = [r["epoch"] for r in rows]
         split = self.selection.removeprefix("ema_").split("_")[0]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        evaluated = [r for r in rows if f"{split}_accuracy" in r]  # train.eval_every: the evaluated epochs only
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], label=split)
+        ax_loss.plot([r["epoch"] for r in evaluated], [r[f"{split}_loss"] for r in evaluated], marker=".", label=split)
         ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
         ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
-        ax_acc.plot(epochs, [r[f"{split}_accuracy"] for r in rows], label=split)
+        ax_acc.plot([r["epoch"] for r in evaluated], [r[f"{split}_accuracy"] for r in evaluated], marker=".",
+                    label=split)
         ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)

@@ -111,10 +111,10 @@ def plot_members(run: RunDirectory, members: list[dict]) -> None:
     rows, key = run.member_rows(), run.selection
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, member in enumerate(members):
-        mine = [r for r in rows if r["member"] == i]
+        mine = [r for r in rows if r["member"] == i and key in r]  # the evaluated epochs (train.eval_every)
         ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], alpha=0.6, linewidth=1,
                 label=member_name(member) if len(members) <= 10 else None)
-    epochs = run.epoch_rows()
+    epochs = [r for r in run.epoch_rows() if key in r]
     ax.plot([r["epoch"] for r in epochs], [r[key] for r in epochs], color="black", linewidth=2,
             label="ensemble (mean logits)")
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=f"{len(members)} members")

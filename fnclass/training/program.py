@@ -200,7 +200,7 @@ def build_program(setup: Setup) -> Program:
                      blocks=setup.blocks)
     eval_step = make_eval_step(model, compile=config.train.compile, precision=config.train.precision,
                                channels_last=config.train.channels_last)
-    clock = {"whitening": whitening, "compile": 0.0, "train": 0.0, "final_eval": 0.0}
+    clock = {"whitening": whitening, "compile": 0.0, "train": 0.0, "final_eval": 0.0, "eval": 0.0}
     return Program(train_state, loop, eval_step, schedule, lr_scales, init_source, clock)
 
 
@@ -308,15 +308,18 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
         train_state = blocks.gather(own)  # every member (the loop's metrics are every member's already)
         progress = None  # only the epoch a run resumes in started before this process
         clock["train"] += seconds
-        tick = time.perf_counter()
-        evaluation = evaluate(setup, program, train_state, split, final=epoch + 1 == config.train.epochs)
+        tick, final = time.perf_counter(), epoch + 1 == config.train.epochs
+        evaluated = evaluates(config, epoch)
+        evaluation = evaluate(setup, program, train_state, split, final=final) if evaluated else None
         clock["final_eval"] = time.perf_counter() - tick  # evaluation ends with .item(): synchronised
+        clock["eval"] += clock["final_eval"]
         row = epoch_row(setup, program, train_state, epoch, train_metrics, evaluation, split, seconds)
         mean_lr = recipe.interval_learning_rate(config, program.schedule, epoch + 1, step_of(train_state),
                                                 setup.steps_per_epoch)
         learning_rate = [mean_lr * scale for scale in program.lr_scales] if setup.stacked else mean_lr
-        run.end_epoch(row, train_state, best=best is None or row[run.selection] > best, learning_rate=learning_rate)
-        best = row[run.selection] if best is None else max(best, row[run.selection])
+        better = evaluated and (best is None or row[run.selection] > best)
+        run.end_epoch(row, train_state, best=better, learning_rate=learning_rate)
+        best = row[run.selection] if better else best
     if evaluation is None:  # resumed a finished run: evaluate what is there
         train_state = blocks.gather(own)
         evaluation = evaluate(setup, program, train_state, split, final=True)
@@ -324,6 +327,7 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
     tick = time.perf_counter()
     test = evaluation if split == "test" else evaluate(setup, program, train_state, "test", final=True)
     clock["final_eval"] += time.perf_counter() - tick
+    clock["eval"] += time.perf_counter() - tick
     summary = make_summary(setup, program, train_state, evaluation, test, split, best, start_step)
     tables = {"test": test[""]["ensemble"]}
     if config.train.calibrate:
@@ -402,6 +406,12 @@ def evaluate(setup: Setup, program: Program, train_state: TrainState, split: str
     return evaluation
 
 
+def evaluates(config: Config, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) is evaluated: every ``train.eval_every``-th one and always the last."""
+    every = config.train.eval_every
+    return epoch + 1 == config.train.epochs or (every > 0 and (epoch + 1) % every == 0)
+
+
 def _scores(evaluation: dict, split: str) -> dict:
     """The ensemble's (a single run's) metrics under their row names: ``val_accuracy``, ``ema_val_accuracy``, ...,
     and the per-class accuracies as ``per_class_accuracy`` / ``ema_per_class_accuracy``."""
@@ -414,14 +424,15 @@ def _scores(evaluation: dict, split: str) -> dict:
 
 def epoch_row(setup: Setup, program: Program, train_state: TrainState, epoch: int, train_metrics: dict,
               evaluation: dict, split: str, seconds: float) -> dict:
-    """The metrics.jsonl row of an epoch (its evaluation is of the split "best" is chosen on); with members, the
-    ensemble's metrics, the members' spread and a ``member_epoch`` line each (logged here)."""
+    """The metrics.jsonl row of an epoch (its evaluation is of the split "best" is chosen on; ``None``: the epoch
+    was not evaluated, ``train.eval_every``, and the row has no evaluation columns); with members, the ensemble's
+    metrics, the members' spread and a ``member_epoch`` line each (logged here)."""
     step, lr = step_of(train_state), float(program.schedule(step_of(train_state) - 1))
     mean = lambda values: statistics.fmean(values) if isinstance(values, list) else values
     total = lambda values: sum(values) if isinstance(values, list) else values
     row = {"kind": "epoch", "step": step, "epoch": epoch + 1, "train_loss": mean(train_metrics["loss"]),
            "train_accuracy": mean(train_metrics["accuracy"]),
-           **{name: value for name, value in _scores(evaluation, split).items() if "per_class" not in name},
+           **{name: value for name, value in _scores(evaluation or {}, split).items() if "per_class" not in name},
            "lr": lr, "seconds": seconds, "images_per_second": train_metrics["images_per_second"],
            "skipped_steps": total(train_metrics["skipped_steps"])}
     if "poisson_overflow" in train_metrics:
@@ -429,10 +440,11 @@ def epoch_row(setup: Setup, program: Program, train_state: TrainState, epoch: in
     if setup.privacy_plan is not None:  # the budget spent so far, by the accountant (null: no noise, no privacy)
         row["epsilon"] = _finite(privacy.epsilon(setup.privacy_plan, step))
     if setup.stacked:
-        for member_row in members.member_rows(setup.members, epoch, train_state, train_metrics, evaluation, split,
-                                              lr, program.lr_scales):
+        for member_row in members.member_rows(setup.members, epoch, train_state, train_metrics, evaluation or {},
+                                              split, lr, program.lr_scales):
             setup.run.log(member_row)
-        row.update(members.epoch_spread(setup.members, evaluation, split))
+        row.update(members.epoch_spread(setup.members, evaluation, split) if evaluation else
+                   {"members": len(setup.members)})
     return row
 
 
@@ -474,7 +486,7 @@ def run_facts(setup: Setup, clock: dict, images_seen: int, steps: int, start_ste
     seeds = [m["seed"] for m in setup.members]
     return {
         "train_seconds": clock["train"], "compile_seconds": clock["compile"], "whitening_seconds": clock["whitening"],
-        "final_eval_seconds": clock["final_eval"],
+        "final_eval_seconds": clock["final_eval"], "eval_seconds": clock["eval"],
         "images_per_second": images_seen / clock["train"] if clock["train"] else None,
         "steps": steps, "epochs": config.train.epochs, "resumed_from_step": start_step or None,
         "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
