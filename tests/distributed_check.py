@@ -82,10 +82,16 @@ def main(data_dir: str, out: str, steps: int = 4, batch: int = 128) -> None:
             f32, metrics = single(f32, (images_i, labels_i), fnclass.fold_in(start.key, i))
             f64, _ = single(f64, (images_i.double(), labels_i), fnclass.fold_in(start.key, i))
             single_logged.append((float(metrics["loss"]), int(metrics["correct"])))
+            if i == 0:  # one update: rounding not yet amplified by later steps
+                f32_one, f64_one = f32, f64
         result = {"world_size": process.world_size,
                   "parallel_vs_single": relative_distance((state.params, state.state), (f32.params, f32.state)),
                   "single_vs_float64": relative_distance((f32.params, f32.state), (f64.params, f64.state)),
                   "parallel_vs_float64": relative_distance((state.params, state.state), (f64.params, f64.state)),
+                  "first_single_vs_float64": relative_distance((f32_one.params, f32_one.state),
+                                                               (f64_one.params, f64_one.state)),
+                  "first_parallel_vs_float64": relative_distance((eager_one.params, eager_one.state),
+                                                                 (f64_one.params, f64_one.state)),
                   "logged": logged, "single_logged": single_logged,
                   "ranks_identical": all(torch.equal(everyone[0], row) for row in everyone),
                   "unsynced_ranks_identical": all(torch.equal(own_everyone[0], row) for row in own_everyone),

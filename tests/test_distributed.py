@@ -54,17 +54,22 @@ def _rows(out):
 def test_data_parallel_steps_are_one_process_steps(cifar_dir, tmp_path):
     """2 processes x 64 images against 1 x 128, synchronised BatchNorm, 4 steps of Nesterov SGD on real images.
 
-    Tolerance: float32 rounding differs with the summation order (per-shard sums, then an all-reduce), and a few
-    steps amplify such differences far beyond eps (this small BatchNorm net is chaotic at lr 0.05). So the measure
-    is float64: the data-parallel run must be no farther from the float64 run than the single float32 run is
-    (both are float32 computations of the same steps); the first step's loss agrees to float32 rounding."""
+    Tolerance: float32 rounding differs with the summation order (per-shard sums, then an all-reduce), so the
+    measure is float64: the data-parallel run and the single float32 run are two float32 computations of the same
+    steps, and neither sums in the better order, so each is as far from the float64 run as the other only in
+    distribution. The bound is twice the single run's distance, after one update (rounding alone; measured on the
+    2-core AMD EPYC: data parallel 2.1e-6, single 3.3e-5) and after four (this small BatchNorm net at lr 0.05
+    amplifies rounding about a thousandfold, through max-pool choices: 0.031 and 0.093). A data-parallel step that
+    does not synchronise BatchNorm is 0.57 off after one update and 1.02 after four; the first step's loss agrees to
+    float32 rounding."""
     out = tmp_path / "check.json"
     result = torchrun("-m", "tests.distributed_check", str(cifar_dir), str(out))  # this checkout, not an install
     assert result.returncode == 0, result.stderr[-3000:]
     check = json.loads(out.read_text())
     assert check["world_size"] == 2 and check["ranks_identical"]  # every process holds the same TrainState
     assert check["unsynced_ranks_identical"]  # also with train.sync_batchnorm = false
-    assert check["parallel_vs_float64"] <= 2 * check["single_vs_float64"] + 1e-6, check
+    assert check["first_parallel_vs_float64"] <= 2 * check["first_single_vs_float64"], check
+    assert check["parallel_vs_float64"] <= 2 * check["single_vs_float64"], check
     assert (check["compiled_graphs"], check["compiled_breaks"]) == (1, 0)  # the all-reduces trace into the graph
     assert check["compiled_vs_eager"] < 1e-4, check  # one update: rounding apart (inductor reorders the sums)
     (loss, correct), (single_loss, single_correct) = check["logged"][0], check["single_logged"][0]
@@ -72,16 +77,21 @@ def test_data_parallel_steps_are_one_process_steps(cifar_dir, tmp_path):
 
 
 def test_torchrun_train_matches_one_process_and_resumes_in_one(cifar_dir, tmp_path):
+    """`fnclass train` under torchrun against one process, through the whole command: the losses of the first two
+    steps (the second is the loss after one update) agree to float32 rounding of the reduction order (measured:
+    1.6e-7 and 0 relative on the 2-core AMD EPYC). Later steps drift apart as rounding is amplified (0.26% by step
+    8, measured) and the 200-image test accuracy after 8 steps is near chance, so neither is compared;
+    tests.distributed_check compares the parameters against float64."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert fnclass(*_train_args(cifar_dir, one)).returncode == 0
     result = torchrun("-m", "fnclass", *_train_args(cifar_dir, two))
     assert result.returncode == 0, result.stderr[-3000:]
     rows_one, rows_two = _rows(one), _rows(two)
     assert [(r["kind"], r["step"]) for r in rows_one] == [(r["kind"], r["step"]) for r in rows_two]  # logged once
-    assert rows_two[0]["loss"] == pytest.approx(rows_one[0]["loss"], rel=1e-6)  # step 1: rounding apart
+    for step in (0, 1):  # the loss before and after the first update: rounding apart
+        assert rows_two[step]["loss"] == pytest.approx(rows_one[step]["loss"], rel=1e-5), (step, rows_two[step])
     summary = json.loads((two / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["train_images"] == 512
-    assert abs(summary["test_accuracy"] - json.loads((one / "summary.json").read_text())["test_accuracy"]) <= 0.05
     assert not list(two.glob("**/.*.tmp"))  # one writer: no half-written leftovers of a second one
     # the evaluation was sharded over the 2 processes and gathered: exactly one process's evaluation of the weights
     evaluated = fnclass("eval", str(two / "checkpoints/last.safetensors"), "--data-dir", str(cifar_dir), "--limit",
@@ -374,34 +384,24 @@ def test_members_that_leave_a_process_without_one_are_refused_in_one_line():
                                   "--nproc-per-node 3), or train more members")
 
 
-@pytest.mark.parametrize("joined", [True, False])
-def test_a_process_of_a_job_leaves_with_its_exit_code_and_flushed_output(monkeypatch, capsys, joined):
-    """After a command, a process that joined a job exits through ``os._exit`` (no interpreter finalization, where a
-    Gloo worker thread can abort it) with the command's own exit code and its output flushed; one that joined no job
-    exits normally."""
-    import click
-
-    from fnclass import distributed
-    from fnclass.cli.errors import OneLineGroup
-
-    left, destroyed = [], []
-    monkeypatch.setattr(distributed, "_joined", joined)
-    monkeypatch.setattr(distributed, "_shut_down", lambda: destroyed.append(True))
-    monkeypatch.setattr(distributed.os, "_exit", lambda code: (left.append(code), sys.exit(code)))
-
-    @click.group(cls=OneLineGroup)
-    def app():
-        pass
-
-    @app.command()
-    @click.option("--code", type=int)
-    def work(code):
-        print("the report")
-        sys.exit(code)
-
-    for code in (0, 2, 7):
-        with pytest.raises(SystemExit) as exit:
-            app.main(["work", "--code", str(code)])
-        assert exit.value.code == code
-    assert left == ([0, 2, 7] if joined else []) and len(destroyed) == len(left)
-    assert capsys.readouterr().out == "the report\n" * 3
+def test_a_process_of_a_job_leaves_with_its_exit_code_and_flushed_output(cifar_dir, tmp_path):
+    """Real torchrun jobs of the command line (tests/exit_check.py: ``python -m fnclass`` with an interpreter-exit
+    handler that reports the interpreter's finalization): every process that joined the job leaves through
+    ``os._exit`` (no finalization, where a Gloo worker thread can abort it) with the command's own exit code, its
+    output flushed; a process that joined no job exits normally."""
+    finalized = "interpreter finalization ran"
+    args = [arg if arg != "--quiet" else "--json" for arg in _train_args(cifar_dir, tmp_path / "done",
+                                                                          [*SMALL, "train.epochs=1"])]
+    done = torchrun("-m", "tests.exit_check", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["steps"] == 4  # rank 0's report (the only one), flushed and whole
+    assert finalized not in done.stdout + done.stderr
+    refused = torchrun("-m", "tests.exit_check", *_train_args(cifar_dir, tmp_path / "odd",
+                                                               [*SMALL, "train.batch_size=127"]))
+    assert refused.returncode != 0 and refused.stderr.count("exitcode  : 2") == 2  # both ranks: the command's code
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: train.batch_size = 127 does not divide among 2 processes: set it to a multiple of 2 (e.g. 126)"]
+    assert finalized not in refused.stderr
+    alone = subprocess.run([sys.executable, "-m", "tests.exit_check", "train", "--set", "optim.lr=-1"],
+                           capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert alone.returncode == 2 and finalized in alone.stderr  # no job joined: a normal exit
