@@ -2,8 +2,13 @@
 
 Run by hand from the repository root, not by pytest::
 
-    python -m benchmarks.stateful_twin --config cpu --train-limit 2000 --epochs 1 --data-dir ../shared/data/cifar10
+    python -m benchmarks.stateful_twin --config cpu --train-limit 10000 --epochs 2 --set train.tta=false \
+        --rounds 5 --data-dir ../shared/data/cifar10          # README's ratio (RESULTS.md, issue 29)
     python -m benchmarks.stateful_twin --config fast --set model.name=tiny --set train.compile=false --json twin.json
+
+Both programs train ``--rounds`` times (default 5) in one process, the order alternating from round to round (the
+first round's first program is ``--order``); the ratio is the median of the per-round ratios of images/s, with
+its range.
 
 The run config (a shipped name or a TOML file, after ``--set`` overrides, ``--epochs`` and ``--train-limit``) is
 loaded with fnclass's own loader and trained twice from the same initial parameters:
@@ -42,8 +47,9 @@ choices and grows about tenfold a step (fnclass against itself with parameters m
 the two programs' accuracies differ as two seeds' do; tests/test_stateful_twin.py checks every step's update from
 a shared starting point instead. ``fnclass.train`` sets glibc's malloc thresholds for the whole process
 (``fnclass.io.keep_freed_memory``); they are set here before either run, so both programs run under the same
-allocator whichever goes first (``--order``). The program that runs first pays the process's one-time library
-start-up beyond what the check already warmed.
+allocator whichever goes first (``--order``). The program that runs first in the first round pays the process's
+one-time library start-up beyond what the check already warmed; alternating the order over several rounds and
+taking the median keeps that round from deciding the ratio.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -371,7 +378,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     parser.add_argument("--data-dir", default=os.environ.get("FNCLASS_DATA"),
                         help="a canonical CIFAR-10 folder (default: $FNCLASS_DATA, else the config's or the cache)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--order", choices=PROGRAMS, default="stateful", help="the program that runs first")
+    parser.add_argument("--order", choices=PROGRAMS, default="stateful", help="the program that runs first in the "
+                        "first round (the order alternates from round to round)")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds: both programs trained once each")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.overrides += [f"train.epochs={args.epochs}"] * (args.epochs is not None)
@@ -396,7 +405,8 @@ def render(results: dict) -> str:
              f"{results['model']}, {results['train_images']:,} training images, {results['steps_per_epoch']} steps of "
              f"{results['batch_size']} an epoch, {results['epochs']} epoch(s); {results['device_name']}, torch "
              f"{results['torch']}, {results['precision']}, channels_last {results['channels_last']}, compile "
-             f"{results['compile']}; {results['order'][0]} ran first",
+             f"{results['compile']}; {len(results['rounds'])} paired rounds, {results['order'][0]} first in the first, "
+             "the order alternating",
              f"first step from the same start on the same batch: max |fnclass - stateful| {check['params']:.2g} over "
              f"the parameters ({check['params_relative']:.2g} of a leaf's step), {check['state']:.2g} over the state",
              "",
@@ -408,7 +418,11 @@ def render(results: dict) -> str:
         lines.append(f"{name:<10}{r['train_seconds']:>10.2f}{r['images_per_second']:>11.1f}"
                      f"{r['compile_seconds']:>11.1f}{r['train_loss']:>12.4f}{100 * r['test_accuracy']:>9.2f}%"
                      f"{tta:>10}")
-    lines += ["", f"functional / stateful images/s: {results['functional_over_stateful']:.3f}x"]
+    ratio = results["functional_over_stateful"]
+    lines += ["(each figure the median over the rounds; each program's accuracy is the same in every round)",
+              "", f"functional / stateful images/s, per round: "
+                  f"{', '.join(format(r['ratio'], '.3f') for r in results['rounds'])}",
+              f"median {ratio['median']:.3f}x (min {ratio['min']:.3f}, max {ratio['max']:.3f})"]
     return "\n".join(lines)
 
 
@@ -423,8 +437,18 @@ def main(argv: list[str] | None = None) -> None:
     run = {"stateful": lambda: train_stateful(config, ds, initial, steps_per_epoch, device),
            "fnclass": lambda: train_fnclass(config, args.data_dir, args.device)}
     order = (args.order, *(name for name in PROGRAMS if name != args.order))
-    programs = {name: run[name]() for name in order}
-    speed = {name: result["images_per_second"] for name, result in programs.items()}
+    rounds = []
+    for round_ in range(args.rounds):  # the order alternates: a slow spell of the machine hits both sides alike
+        this_order = order if round_ % 2 == 0 else order[::-1]
+        programs = {name: run[name]() for name in this_order}
+        rounds.append({"order": list(this_order), "programs": programs,
+                       "ratio": programs["fnclass"]["images_per_second"] / programs["stateful"]["images_per_second"]})
+        print(f"round {round_ + 1}: {this_order[0]} first, functional / stateful {rounds[-1]['ratio']:.3f}x",
+              flush=True)
+    ratios = [r["ratio"] for r in rounds]
+    programs = {name: {key: statistics.median(r["programs"][name][key] for r in rounds)
+                       if isinstance(rounds[0]["programs"][name][key], float) else rounds[0]["programs"][name][key]
+                       for key in rounds[0]["programs"][name]} for name in PROGRAMS}
     results = {
         "config": args.config, "overrides": args.overrides, "model": config.model.name,
         "train_images": len(ds.train_images), "batch_size": config.train.batch_size,
@@ -432,8 +456,8 @@ def main(argv: list[str] | None = None) -> None:
         "channels_last": config.train.channels_last, "compile": config.train.compile, "order": list(order),
         "device_name": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "first_step_max_abs_diff": check, "programs": programs,
-        "functional_over_stateful": speed["fnclass"] / speed["stateful"],
+        "first_step_max_abs_diff": check, "programs": programs, "rounds": rounds,
+        "functional_over_stateful": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
     }
     publish(results, render(results), args.json)
 
