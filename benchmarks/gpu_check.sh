@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks in one run of under 8 minutes, from a bare copy of the repository (nothing installed):
+# The GPU checks in one run of under 9 minutes, from a bare copy of the repository (nothing installed):
 # that fast.toml's compiled bf16 step traces as one graph, time to accuracy of configs/fast.toml over SEEDS seeds,
-# train-step throughput (functional against stateful, eager and compiled) and per-example gradients/s, each under
-# its own timeout, then a summary table.
+# train-step throughput (functional against stateful, eager and compiled), per-example gradients/s, K = 1 and 8
+# members of fast.toml under vmap (compiled) against K runs one after another, and the private (DP-SGD) step (vmap
+# at two chunk sizes and ghost clipping, against Opacus when its wheel is there), each under its own timeout, then a
+# summary table.
 #
 #   bash benchmarks/gpu_check.sh                      # on a machine with one CUDA GPU; writes $OUT
 #
@@ -12,15 +14,14 @@
 # per-example Opacus rows). Relative paths are taken from the repository root.
 # Knobs (environment):
 #   OUT                  where the log and the JSON files go (default benchmarks/out)
-#   SEEDS                seeds of the time-to-accuracy run (default 5)
+#   SEEDS                seeds of the time-to-accuracy run (default 3)
 #   GPU_CHECK_DEVICE     cuda (default), or cpu for a dry run with small settings
 #   GPU_CHECK_SETS       extra space-separated key=value config overrides for the time-to-accuracy run
 #   GPU_CHECK_MODEL      model of the step and per-example benchmarks (default fast on cuda, tiny otherwise)
-#   GPU_CHECK_PARTS      which parts to run (default "bf16_graph accuracy throughput per_example"; "" checks the
-#                        set-up only; "dp" is the DP-SGD step against Opacus, benchmarks/dp.py, not in the
-#                        default: run it in the time left after the default parts)
-#   GPU_CHECK_{BF16_GRAPH,ACCURACY,THROUGHPUT,PER_EXAMPLE,DP}_S   each part's timeout in seconds (default 60, 200,
-#                        150, 90, 90)
+#   GPU_CHECK_PARTS      which parts to run (default "bf16_graph accuracy throughput per_example members dp";
+#                        "" checks the set-up only)
+#   GPU_CHECK_{BF16_GRAPH,ACCURACY,THROUGHPUT,PER_EXAMPLE,MEMBERS,DP}_S   each part's timeout in seconds (default
+#                        45, 150, 100, 60, 120, 75: 550 in all, estimates, as no GPU has run them yet)
 # Dry run on a CPU: GPU_CHECK_DEVICE=cpu SEEDS=1 GPU_CHECK_SETS="model.name=tiny data.train_limit=2000
 #   data.test_limit=500 train.epochs=1 train.compile=false" bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -39,20 +40,25 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$repo:/tmp/fnclass-site${PYTHONPATH:+:$PYTHONPATH}"
 
 device="${GPU_CHECK_DEVICE:-cuda}"
-seeds="${SEEDS:-5}"
-parts="${GPU_CHECK_PARTS-bf16_graph accuracy throughput per_example}"  # set but empty: environment and data only
+seeds="${SEEDS:-3}"
+parts="${GPU_CHECK_PARTS-bf16_graph accuracy throughput per_example members dp}"  # set but empty: environment and data only
 read -r -a sets <<<"${GPU_CHECK_SETS:-}"
 if [[ $device == cuda ]]; then
     model="${GPU_CHECK_MODEL:-fast}"
     # Compiling per-example gradients takes minutes (eval-mode BatchNorm has no vmap rule under
     # torch.compile, so the trace loops over the examples; benchmarks/RESULTS.md): eager only here.
-    throughput_args=(--rounds 7)
+    throughput_args=(--rounds 5)
     per_example_args=(--rounds 10 --no-compile)
+    # fast.toml as `fnclass train --config fast --seeds 0-7` steps it: vmap, compiled, bf16 (no fresh processes for
+    # peak memory: each would compile again)
+    members_args=(--config fast --members 1 8 --strategies vmap --compile --steps 10 --rounds 5 --no-memory)
     dp_args=(--batch-size 1024 --rounds 5 --chunk-sizes 256 1024)
 else
     model="${GPU_CHECK_MODEL:-tiny}"  # a dry run: every code path once, no meaningful figures
     throughput_args=(--batch-size 32 --rounds 2 --steps 1 --warmup 1)
     per_example_args=(--batch-size 8 --rounds 1 --chunk-sizes 8 --no-compile)
+    members_args=(--config fast --set model.name=tiny --set train.batch_size=16 --set train.precision=fp32
+                  --members 1 2 --strategies vmap --steps 1 --rounds 2 --no-memory)
     dp_args=(--batch-size 16 --rounds 1 --chunk-sizes 16)
 fi
 
@@ -140,7 +146,7 @@ run_part() {  # NAME JSON TIMEOUT COMMAND...: run one part; a failure or a timeo
 }
 
 json="$OUT/bf16_graph.json"
-run_part bf16_graph "$json" "${GPU_CHECK_BF16_GRAPH_S:-60}" python3 - "$device" "$model" "$json" <<'EOF'
+run_part bf16_graph "$json" "${GPU_CHECK_BF16_GRAPH_S:-45}" python3 - "$device" "$model" "$json" <<'EOF'
 """fast.toml's compiled step with bf16 autocast traces as one graph with no break: the variant tests/test_step.py
 cannot trace, autocast being CUDA-only (on a CPU dry run it is a no-op, and the result says so)."""
 import functools
@@ -190,17 +196,20 @@ for item in "${sets[@]}"; do
     set_args+=(--set "$item")
 done
 json="$OUT/time_to_accuracy.json"
-run_part accuracy "$json" "${GPU_CHECK_ACCURACY_S:-200}" python3 -m benchmarks.time_to_accuracy \
+run_part accuracy "$json" "${GPU_CHECK_ACCURACY_S:-150}" python3 -m benchmarks.time_to_accuracy \
     --config fast --seeds "$seeds" --device "$device" --data-dir "$FNCLASS_DATA" --out "$json" \
     "${set_args[@]}"
 json="$OUT/step_throughput.json"
-run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-150}" python3 -m benchmarks.step_throughput \
+run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-100}" python3 -m benchmarks.step_throughput \
     --device "$device" --model "$model" "${throughput_args[@]}" --json "$json"
 json="$OUT/per_example_grads.json"
-run_part per_example "$json" "${GPU_CHECK_PER_EXAMPLE_S:-90}" python3 -m benchmarks.per_example_grads \
+run_part per_example "$json" "${GPU_CHECK_PER_EXAMPLE_S:-60}" python3 -m benchmarks.per_example_grads \
     --device "$device" --model "$model" "${per_example_args[@]}" --json "$json"
+json="$OUT/members.json"
+run_part members "$json" "${GPU_CHECK_MEMBERS_S:-120}" python3 -m benchmarks.members --device "$device" \
+    "${members_args[@]}" --json "$json"
 json="$OUT/dp_step.json"
-run_part dp "$json" "${GPU_CHECK_DP_S:-90}" python3 -m benchmarks.dp speed --device "$device" "${dp_args[@]}" \
+run_part dp "$json" "${GPU_CHECK_DP_S:-75}" python3 -m benchmarks.dp speed --device "$device" "${dp_args[@]}" \
     --json "$json"
 
 echo
@@ -253,6 +262,17 @@ def dp(results):
         yield f"{name} examples/s", f"{row['examples_per_second']:.0f}{ratio}"
 
 
+def members(results):
+    yield "setting", (f"{results['model']}, batch {results['batch_size']}, {results['precision']}, compile "
+                      f"{results['compile']}, {results['device_name']}")
+    for row in results["rows"]:
+        for name in results["strategies"]:
+            ratio = row[f"sequential_over_{name}"]
+            yield (f"K={row['members']} {name} img/s", f"{row['images_per_second'][name]:.0f} (sequential "
+                   f"{row['images_per_second']['sequential']:.0f}; {ratio['median']:.2f}x [{ratio['min']:.2f}, "
+                   f"{ratio['max']:.2f}], goal >= 3x at K=8)")
+
+
 def bf16_graph(results):
     autocast = results["autocast_dtype"] if results["autocast_dtype"] == "bfloat16" else "none (a no-op off CUDA)"
     yield "setting", f"{results['model']}, {results['precision']} on {results['device']}, autocast {autocast}"
@@ -260,7 +280,8 @@ def bf16_graph(results):
 
 
 parts = {"bf16_graph": ("bf16_graph.json", bf16_graph), "accuracy": ("time_to_accuracy.json", accuracy), "throughput": ("step_throughput.json", throughput),
-         "per_example": ("per_example_grads.json", per_example), "dp": ("dp_step.json", dp)}
+         "per_example": ("per_example_grads.json", per_example), "members": ("members.json", members),
+         "dp": ("dp_step.json", dp)}
 rows, results = [], {}  # rows: (part, figure, value)
 for part, s in status.items():
     outcome = "ok" if s["exit"] == 0 else "TIMED OUT" if s["exit"] in (124, 137) else f"FAILED (exit {s['exit']})"

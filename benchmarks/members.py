@@ -215,9 +215,11 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.common import device_name, publish
+    from fnclass.io import keep_freed_memory
 
     argv = sys.argv[1:] if argv is None else argv
     args, config = parse_args(argv)
+    keep_freed_memory()  # the allocator settings fnclass.train runs under (glibc's malloc thresholds)
     device = torch.device(args.device)
     if args.one:
         print(json.dumps(measure_one(args, config, device)))
