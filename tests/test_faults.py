@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 QUICK = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "data.train_limit=600",
          "data.test_limit=200", "train.epochs=3", "train.batch_size=100", "train.log_every_steps=2",
-         "checkpoint.every_steps=4", "checkpoint.keep=2", "train.tta=true"]
+         "checkpoint.every_steps=4", "checkpoint.keep=2", "train.tta=true",
+         "train.eval_every=1"]  # every epoch evaluated (cpu.toml evaluates the last only): kill points inside each
 CLI = [sys.executable, "-c", "from fnclass.cli import main; main()"]
 
 
