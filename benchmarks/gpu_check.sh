@@ -21,7 +21,7 @@
 #   GPU_CHECK_PARTS      which parts to run (default "bf16_graph accuracy throughput per_example members dp";
 #                        "" checks the set-up only)
 #   GPU_CHECK_{BF16_GRAPH,ACCURACY,THROUGHPUT,PER_EXAMPLE,MEMBERS,DP}_S   each part's timeout in seconds (default
-#                        45, 150, 100, 60, 120, 75: 550 in all, estimates, as no GPU has run them yet)
+#                        45, 150, 90, 60, 150, 60: 555 in all, estimates, as no GPU has run them yet; compiling the members steps took 2 min on the 2-core CPU)
 # Dry run on a CPU: GPU_CHECK_DEVICE=cpu SEEDS=1 GPU_CHECK_SETS="model.name=tiny data.train_limit=2000
 #   data.test_limit=500 train.epochs=1 train.compile=false" bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -200,16 +200,16 @@ run_part accuracy "$json" "${GPU_CHECK_ACCURACY_S:-150}" python3 -m benchmarks.t
     --config fast --seeds "$seeds" --device "$device" --data-dir "$FNCLASS_DATA" --out "$json" \
     "${set_args[@]}"
 json="$OUT/step_throughput.json"
-run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-100}" python3 -m benchmarks.step_throughput \
+run_part throughput "$json" "${GPU_CHECK_THROUGHPUT_S:-90}" python3 -m benchmarks.step_throughput \
     --device "$device" --model "$model" "${throughput_args[@]}" --json "$json"
 json="$OUT/per_example_grads.json"
 run_part per_example "$json" "${GPU_CHECK_PER_EXAMPLE_S:-60}" python3 -m benchmarks.per_example_grads \
     --device "$device" --model "$model" "${per_example_args[@]}" --json "$json"
 json="$OUT/members.json"
-run_part members "$json" "${GPU_CHECK_MEMBERS_S:-120}" python3 -m benchmarks.members --device "$device" \
+run_part members "$json" "${GPU_CHECK_MEMBERS_S:-150}" python3 -m benchmarks.members --device "$device" \
     "${members_args[@]}" --json "$json"
 json="$OUT/dp_step.json"
-run_part dp "$json" "${GPU_CHECK_DP_S:-75}" python3 -m benchmarks.dp speed --device "$device" "${dp_args[@]}" \
+run_part dp "$json" "${GPU_CHECK_DP_S:-60}" python3 -m benchmarks.dp speed --device "$device" "${dp_args[@]}" \
     --json "$json"
 
 echo
