@@ -21,7 +21,8 @@
 #   GPU_CHECK_PARTS      which parts to run (default "bf16_graph accuracy throughput per_example members dp";
 #                        "" checks the set-up only)
 #   GPU_CHECK_{BF16_GRAPH,ACCURACY,THROUGHPUT,PER_EXAMPLE,MEMBERS,DP}_S   each part's timeout in seconds (default
-#                        45, 150, 90, 60, 150, 60: 555 in all, estimates, as no GPU has run them yet; compiling the members steps took 2 min on the 2-core CPU)
+#                        45, 150, 90, 60, 150, 60: 555 in all; estimates, as no GPU has run them yet: compiling
+#                        the members' steps of tiny took 2 min on the 2-core CPU)
 # Dry run on a CPU: GPU_CHECK_DEVICE=cpu SEEDS=1 GPU_CHECK_SETS="model.name=tiny data.train_limit=2000
 #   data.test_limit=500 train.epochs=1 train.compile=false" bash benchmarks/gpu_check.sh
 set -euo pipefail
