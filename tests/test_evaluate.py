@@ -38,3 +38,38 @@ def test_split_metrics_names_the_split():
     result = {"loss": 1.0, "accuracy": 0.5, "top5_accuracy": 0.9, "tta_accuracy": 0.6, "predictions": None}
     assert split_metrics(result, "val") == {"val_loss": 1.0, "val_accuracy": 0.5, "val_top5_accuracy": 0.9,
                                             "val_accuracy_tta": 0.6}
+
+
+def test_images_with_a_nan_or_inf_logit_in_any_view_are_counted():
+    """``nonfinite_logits`` counts the images one of whose views (plain, mirrored, translated) had a nan or inf
+    logit: an eval step that poisons image 3's plain view, image 5's mirrored view only and image 9 with inf, on
+    images whose views all differ, counted against the hand-made list; the members and their ensemble alike."""
+    from fnclass.training.evaluate import evaluate_members
+
+    count = 40
+    table, images, _ = _fixed_logits(10, count)
+    images[:, 0, 1] = 0  # each image's index in the first pixel, 0 beside it: a mirrored view has them swapped
+
+    def step_of(poison: bool):
+        def eval_step(params, state, x):
+            first, second = x[:, 0, 0, 0].round().long(), x[:, 0, 0, -1].round().long()
+            index, mirrored = first + second, second != 0
+            logits = table[index].clone()
+            if poison:
+                logits[(index == 3) & ~mirrored] = float("nan")  # the plain view of image 3
+                logits[(index == 5) & mirrored] = float("nan")  # the mirrored view only
+                logits[index == 9, 2] = float("inf")
+            return logits
+        return eval_step
+
+    labels = torch.randint(0, 10, (count,), generator=torch.Generator().manual_seed(1))
+    args = dict(mean=torch.zeros(1, 3, 1, 1), std=torch.full((1, 3, 1, 1), 1 / 255), batch_size=16)
+    clean = evaluate_dataset(step_of(False), None, None, images, labels, tta=1, **args)
+    assert clean["nonfinite_logits"] == 0
+    plain = evaluate_dataset(step_of(True), None, None, images, labels, **args)
+    assert plain["nonfinite_logits"] == 2  # images 3 and 9: the mirrored view is not evaluated without TTA
+    with_tta = evaluate_dataset(step_of(True), None, None, images, labels, tta=1, **args)
+    assert with_tta["nonfinite_logits"] == 3  # and image 5's mirror
+    both = evaluate_members(lambda p, s, x: step_of(p)(p, s, x), [(False, None), (True, None)], images, labels,
+                            tta=1, **args)
+    assert [m["nonfinite_logits"] for m in both["members"]] == [0, 3] and both["ensemble"]["nonfinite_logits"] == 3

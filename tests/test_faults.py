@@ -202,3 +202,54 @@ def test_a_nan_with_policy_skip_skips_that_update_and_counts_it(cifar_dir, tmp_p
     assert all(math.isfinite(r["train_loss"]) for r in epochs)  # the skipped step's loss is left out
     steps = {r["step"]: r for r in _rows(out) if r["kind"] == "step"}
     assert steps[8]["skipped_steps"] == 0 and steps[10]["skipped_steps"] == 1
+
+
+def test_weights_whose_evaluation_overflows_end_the_run_with_exit_3_and_no_best(cifar_dir, tmp_path):
+    """A typo'd learning rate (1e8): the steps' losses, gradients and weights stay finite (the weights reach about
+    2e8) but the evaluation's logits do not. The run ends with exit 3 and one error line naming the evaluation,
+    before any checkpoint: no ``best`` chosen from a nan evaluation, no epoch row, no summary."""
+    out = tmp_path / "run"
+    sets = ["data.train_limit=1000", "data.test_limit=200", "train.epochs=1", "optim.lr=1e8"]
+    result = subprocess.run([*CLI, "train", "--config", "cpu", "--data-dir", str(cifar_dir), "--out", str(out),
+                             *[arg for item in sets for arg in ("--set", item)]], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: training diverged: evaluating epoch 1 (step 2) on the test split gave nan/inf (the weights: 200 of "
+        "200 images with nan/inf logits, loss nan)"), result.stderr
+    assert "no checkpoint was written before it" in errors[0] and "nan_policy" not in errors[0]
+    assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+    assert not [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line] if (
+        out / "metrics.jsonl").exists() else True
+
+
+def test_a_nan_evaluation_of_one_members_ema_stops_the_run_and_keeps_the_last_good_best(cifar_dir, tmp_path,
+                                                                                           monkeypatch):
+    """Every evaluation is checked, the EMA weights' and each member's included: member 1's EMA weights made to
+    give nan logits in epoch 2's evaluation (injected into its result) end the run naming them, and best/last
+    stay epoch 1's."""
+    from fnclass.config import load_config
+    from fnclass.run.checkpoint import load_checkpoint
+    from fnclass.training import program
+    from fnclass.training.hooks import TrainingDiverged
+
+    real = program.evaluate
+
+    def evaluate(setup, prog, train_state, split, *, final):
+        evaluation = real(setup, prog, train_state, split, final=final)
+        if int(train_state.step.reshape(-1)[0]) > 6:  # epoch 2
+            evaluation["ema_"]["members"][1]["nonfinite_logits"] = 7
+        return evaluation
+
+    monkeypatch.setattr(program, "evaluate", evaluate)
+    out = tmp_path / "run"
+    sets = [s for s in NAN_RUN if not s.startswith("checkpoint.every_steps")]
+    config = load_config("cpu", sets + ["members.seeds=[0, 1]", "train.ema_decay=0.9"])
+    with pytest.raises(TrainingDiverged) as info:
+        program.train(config, out, data_dir=str(cifar_dir))
+    assert str(info.value).startswith("training diverged: evaluating epoch 2 (step 12) on the test split gave "
+                                      "nan/inf (the EMA weights, member 1: 7 of 200 images with nan/inf logits")
+    assert f"{out / 'checkpoints/last.safetensors'} holds the last good state" in str(info.value)
+    assert [r["epoch"] for r in _rows(out) if r["kind"] == "epoch"] == [1]
+    for name in ("last", "best"):
+        assert load_checkpoint(out / f"checkpoints/{name}.safetensors").step == 6

@@ -251,6 +251,26 @@ def test_a_skipped_non_finite_step_changes_nothing_but_the_step_count(poison):
     assert not all(torch.isfinite(leaf).all() for leaf in tree.tree_leaves(unguarded.params))
 
 
+def test_an_update_that_overflows_the_weights_is_not_finite_and_skipping_keeps_the_old_state():
+    """A finite loss and finite gradients whose update makes parameters inf (SGD at lr 1e38 on 1,000 x the
+    cross-entropy: lr x a gradient above 3.4 overflows float32's 3.4e38) flag the step as not finite, and the skip
+    guard keeps the old state; the update does overflow (the plain step's parameters, checked)."""
+    model = fnclass.build_model(SMALL)
+    opt = optim.sgd(1e38, momentum=0.0)
+    ts = fnclass.create_train_state(model, opt, fnclass.key(0))
+    loss_fn = lambda logits, labels: 1000.0 * losses.cross_entropy(logits, labels)  # noqa: E731
+    plain = fnclass.make_train_step(model, loss_fn, opt)
+    grads = step.mean_gradient(lambda p, s, x, y, k: (loss_fn(model.apply(p, s, x, train=True, key=k)[0], y),
+                                                      (s, None)))(ts.params, ts.state, *_batch(0), fnclass.key(1))[0]
+    assert all(torch.isfinite(g).all() for g in tree.tree_leaves(grads))  # the loss and gradients are finite
+    unguarded, metrics = plain(ts, _batch(0), fnclass.key(1))
+    assert torch.isfinite(metrics["loss"])
+    assert not all(torch.isfinite(leaf).all() for leaf in tree.tree_leaves(unguarded.params))  # the update is not
+    assert not bool(metrics["finite"])
+    after, _ = wrappers.skip_nonfinite(plain)(ts, _batch(0), fnclass.key(1))
+    assert _equal_trees((after.params, after.state, after.opt_state), (ts.params, ts.state, ts.opt_state))
+
+
 def test_a_finite_step_is_the_same_with_or_without_the_skip_guard():
     model = fnclass.build_model(SMALL)
     opt = optim.adam(1e-3)

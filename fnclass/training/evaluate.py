@@ -68,7 +68,7 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
 
     count = len(models)
     kinds = {"loss": torch.float32, "prediction": torch.int64, "top5": torch.bool, "tta": torch.int64,
-             "confidence": torch.float64, "brier": torch.float64}
+             "confidence": torch.float64, "brier": torch.float64, "nonfinite": torch.bool}
     rows = [{kind: [] for kind in kinds} for _ in range(count + 1)]
     local_images, local_labels = split_rows(images, process), split_rows(labels, process)
     for start in range(0, len(local_images), batch_size):
@@ -94,8 +94,11 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
             rows[i]["brier"].append(calibrated["brier"])
             if logits.shape[-1] > TOP5_MIN_CLASSES:
                 rows[i]["top5"].append((logits.topk(5, dim=-1).indices == y[:, None]).any(dim=-1))
+            nonfinite = ~torch.isfinite(logits).all(dim=-1)  # an image whose logits (any view's) are nan or inf
             if tta:
                 rows[i]["tta"].append(batch_tta[i].argmax(dim=-1))
+                nonfinite |= ~torch.isfinite(batch_tta[i]).all(dim=-1)
+            rows[i]["nonfinite"].append(nonfinite)
 
     def whole(parts: list, kind: str) -> torch.Tensor:
         local = torch.cat(parts) if parts else torch.empty(0, dtype=kinds[kind], device=images.device)
@@ -105,7 +108,8 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
         models, eval_step, images, mean, std))  # a process with an empty shard must still join the gather
     results = [_metrics(whole(r["loss"], "loss"), whole(r["prediction"], "prediction"), labels,
                         whole(r["tta"], "tta") if tta else None, whole(r["top5"], "top5") if top5 else None,
-                        {kind: whole(r[kind], kind) for kind in ("confidence", "brier")})
+                        {kind: whole(r[kind], kind) for kind in ("confidence", "brier")}, whole(r["nonfinite"],
+                                                                                               "nonfinite"))
                for r in rows[:count + (count > 1)]]
     return {"members": results[:count], "ensemble": results[count] if count > 1 else None}
 
@@ -127,14 +131,17 @@ def _more_than_five(models: list, eval_step: Callable, images: torch.Tensor, mea
 
 
 def _metrics(losses: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
-             tta_predictions: torch.Tensor | None, top5_hits: torch.Tensor | None, rows: dict) -> dict:
-    """Loss, accuracy, per-class accuracy, calibration (and TTA and top-5 accuracy) of one model over a split."""
+             tta_predictions: torch.Tensor | None, top5_hits: torch.Tensor | None, rows: dict,
+             nonfinite: torch.Tensor) -> dict:
+    """Loss, accuracy, per-class accuracy, calibration (and TTA and top-5 accuracy) of one model over a split, and
+    ``nonfinite_logits``: how many images had a nan or inf logit in any view."""
     correct = predictions == labels
     per_class = torch.zeros(int(labels.max()) + 1, device=labels.device).index_add_(0, labels, correct.float())
     counts = torch.bincount(labels, minlength=len(per_class)).clamp(min=1)
     result = {"loss": losses.sum().item() / len(labels), "accuracy": correct.float().mean().item(),
               "per_class_accuracy": (per_class / counts).tolist(), "predictions": predictions.cpu(),
-              **calibration.summarize({"nll": losses, "correct": correct, **rows})}
+              **calibration.summarize({"nll": losses, "correct": correct, **rows}),
+              "nonfinite_logits": int(nonfinite.sum())}
     if top5_hits is not None:
         result["top5_accuracy"] = top5_hits.float().mean().item()
     if tta_predictions is not None:

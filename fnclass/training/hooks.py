@@ -19,11 +19,26 @@ from fnclass.data.batches import RunData, normalized
 
 
 class TrainingDiverged(Exception):
-    """A loss or gradient became nan or inf; the last good checkpoint is kept. The CLI exits with code 3."""
+    """A loss, a gradient, the updated state or an evaluation became nan or inf; the last good checkpoint is kept.
+    The CLI exits with code 3."""
 
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
         self.step = step
+
+
+def diverged(config: Config, what: str, last: Path, step: int | None = None, *, skip: bool = True
+             ) -> TrainingDiverged:
+    """The error of a run that went non-finite: ``what`` (where, and at which step or epoch), the likely causes,
+    the checkpoint with the last good state, and what to change (``skip``: suggest ``train.nan_policy = "skip"``,
+    which helps with a non-finite step, not with weights whose evaluation overflows)."""
+    optim = config.optim
+    kept = f"{last} holds the last good state" if last.is_file() else "no checkpoint was written before it"
+    return TrainingDiverged(
+        f"training diverged: {what}; likely causes: a learning rate too high (optim.lr = {optim.lr}), no gradient "
+        f"clipping (optim.clip_norm = {optim.clip_norm}), bf16 overflow (train.precision = "
+        f"{config.train.precision!r}) or bad input data; {kept}; lower optim.lr"
+        + (', or set train.nan_policy = "skip" to skip such updates' if skip else ""), step=step)
 
 
 class StepEvent(NamedTuple):
@@ -60,7 +75,7 @@ class FiniteCheck:
         self.first_bad = torch.where((self.first_bad == 0) & ~metrics["finite"], train_state.step, self.first_bad)
 
     def check(self) -> None:
-        """Raise :class:`TrainingDiverged` if a step of this epoch had a non-finite loss or gradient (policy stop).
+        """Raise :class:`TrainingDiverged` if a step of this epoch went non-finite (policy stop).
 
         Detection comes at most ``min(train.log_every_steps, checkpoint.every_steps, steps left in the epoch)``
         steps late; the message names the exact step.
@@ -72,15 +87,9 @@ class FiniteCheck:
         if bad:
             bad, member = min(bad)
             who = f" in member {member} ({self.member_names[member]})" if len(self.member_names) > 1 else ""
-            optim, last = self.config.optim, self.last
-            kept = f"{last} holds the last good state" if last.is_file() else "no checkpoint was written before it"
-            raise TrainingDiverged(
-                f"training diverged: the loss or a gradient is nan/inf at step {bad} (epoch "
-                f"{(bad - 1) // self.steps_per_epoch + 1}){who}; likely causes: a learning rate too high (optim.lr = "
-                f"{optim.lr}), no gradient clipping (optim.clip_norm = {optim.clip_norm}), bf16 overflow "
-                f"(train.precision = {self.config.train.precision!r}) or bad input data; {kept}; lower optim.lr, "
-                "or set train.nan_policy = \"skip\" to skip such updates",
-                step=bad)
+            raise diverged(self.config, f"the loss, a gradient or the updated state (parameters, BatchNorm "
+                                        f"statistics, optimizer state) is nan/inf at step {bad} (epoch "
+                                        f"{(bad - 1) // self.steps_per_epoch + 1}){who}", self.last, step=bad)
 
 
 class StepLog:

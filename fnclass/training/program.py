@@ -37,7 +37,7 @@ from fnclass.run.checkpoint import copy_checkpoint, read_file, set_temperature
 from fnclass.run.directory import Reporter, RunDirectory
 from fnclass.training import calibration, finetune, members, recipe
 from fnclass.training.evaluate import evaluate_members, split_logits, split_metrics
-from fnclass.training.hooks import FiniteCheck, GradStats, StepCheckpoint, StepLog, TrainingDiverged
+from fnclass.training.hooks import FiniteCheck, GradStats, StepCheckpoint, StepLog, TrainingDiverged, diverged
 from fnclass.training.loop import EpochLoop, step_of
 from fnclass.training.step import (
     TrainState,
@@ -311,6 +311,8 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
         tick, final = time.perf_counter(), epoch + 1 == config.train.epochs
         evaluated = evaluates(config, epoch)
         evaluation = evaluate(setup, program, train_state, split, final=final) if evaluated else None
+        if evaluation is not None:  # before the epoch's row and checkpoint: a non-finite evaluation saves nothing
+            check_evaluation(setup, evaluation, split, f"epoch {epoch + 1} (step {step_of(train_state)})")
         clock["final_eval"] = time.perf_counter() - tick  # evaluation ends with .item(): synchronised
         clock["eval"] += clock["final_eval"]
         row = epoch_row(setup, program, train_state, epoch, train_metrics, evaluation, split, seconds)
@@ -323,9 +325,12 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
     if evaluation is None:  # resumed a finished run: evaluate what is there
         train_state = blocks.gather(own)
         evaluation = evaluate(setup, program, train_state, split, final=True)
+        check_evaluation(setup, evaluation, split, f"the final weights (step {step_of(train_state)})")
         best = max(best or 0.0, _scores(evaluation, split)[run.selection])
     tick = time.perf_counter()
     test = evaluation if split == "test" else evaluate(setup, program, train_state, "test", final=True)
+    if test is not evaluation:
+        check_evaluation(setup, test, "test", f"the final weights (step {step_of(train_state)})")
     clock["final_eval"] += time.perf_counter() - tick
     clock["eval"] += time.perf_counter() - tick
     summary = make_summary(setup, program, train_state, evaluation, test, split, best, start_step)
@@ -404,6 +409,25 @@ def evaluate(setup: Setup, program: Program, train_state: TrainState, split: str
             result["ensemble"] = result["members"][0]
         evaluation[prefix] = result
     return evaluation
+
+
+def check_evaluation(setup: Setup, evaluation: dict, split: str, when: str) -> None:
+    """Raise :class:`TrainingDiverged` (exit 3) if any model of ``evaluation`` (raw or EMA weights, each member,
+    the ensemble; the plain view or a TTA view) had a nan or inf logit, loss or calibration figure."""
+    bad = []
+    for prefix, result in evaluation.items():
+        models = list(enumerate(result["members"])) if len(result["members"]) > 1 else [(None, result["members"][0])]
+        models += [("ensemble", result["ensemble"])] if len(result["members"]) > 1 else []
+        for who, metrics in models:
+            numbers = {name: metrics[name] for name in ("loss", "nll", "ece", "brier") if name in metrics}
+            if metrics["nonfinite_logits"] or not all(math.isfinite(value) for value in numbers.values()):
+                name = ("the EMA weights" if prefix else "the weights") + ("" if who is None else f", member {who}"
+                                                                            if who != "ensemble" else ", ensemble")
+                bad.append(f"{name}: {metrics['nonfinite_logits']} of {len(metrics['predictions'])} images with "
+                           f"nan/inf logits, loss {numbers['loss']:.4g}")
+    if bad:
+        raise diverged(setup.config, f"evaluating {when} on the {split} split gave nan/inf ({'; '.join(bad)})",
+                       setup.run.last, skip=False)
 
 
 def evaluates(config: Config, epoch: int) -> bool:

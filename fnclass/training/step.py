@@ -109,11 +109,27 @@ def mean_gradient(loss_and_aux: Callable, *, compile: bool = False, transformabl
 
 
 def all_finite(loss: torch.Tensor | None, grads) -> torch.Tensor:
-    """A 0-d bool device tensor: ``loss`` (unless None) and every element of the gradient tree are finite (no host
-    sync)."""
-    checks = [torch.isfinite(g).all() for g in optree.tree_leaves(grads)]
+    """A 0-d bool device tensor: ``loss`` (unless None) and every floating-point element of the tree ``grads`` (or
+    any tree of dicts, lists and tuples of tensors) are finite (no host sync)."""
+    checks = [torch.isfinite(g).all() for g in _float_leaves(grads, [])]
     checks += [torch.isfinite(loss).all()] if loss is not None else []
     return torch.stack(checks).all()
+
+
+def _float_leaves(tree, out: list) -> list:
+    """The floating-point tensors of a tree of dicts, lists and tuples, appended to ``out``. Walked by hand, not
+    with optree: under torch.compile, Dynamo's optree support breaks the graph on the dicts the step itself built
+    (the new optimizer state's; "SourcelessBuilder ... DictMetaData", torch 2.14), and a plain walk traces."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            out.append(tree)
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            _float_leaves(value, out)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _float_leaves(value, out)
+    return out
 
 
 def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform, *, gradient: Callable = mean_gradient,
@@ -127,8 +143,8 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
     noised gradient); :func:`fnclass.training.recipe.create_train_step` builds a run's composition from its config.
     Inputs are never mutated and no buffer is donated: the returned TrainState is made of new tensors (its ``ema``
     and ``loss_scale`` passed through unchanged). ``metrics`` holds 0-d device tensors ``loss`` (mean over the
-    batch), ``correct`` (count) and ``finite`` (bool: the loss and every gradient element are finite); nothing is
-    synchronised with the host.
+    batch), ``correct`` (count) and ``finite`` (bool: the loss, every gradient element and the updated parameters,
+    model state and optimizer state are finite); nothing is synchronised with the host.
 
     Args:
       model: the model to train.
@@ -176,8 +192,10 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
         params = optim.apply_updates(train_state.params, updates)
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # soft (mixed) targets: their larger part
-        metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(),
-                   "finite": all_finite(None if scale else loss, grads)}  # GradScaler looks at the gradients alone
+        # Finite: the loss (GradScaler looks at the gradients alone), every gradient, and what the update made: the
+        # parameters, the model state (BatchNorm statistics) and the optimizer state.
+        finite = all_finite(None if scale else loss, grads) & all_finite(None, (params, new_state, opt_state))
+        metrics = {"loss": loss.detach(), "correct": (logits.argmax(dim=-1) == hard).sum(), "finite": finite}
         return train_state._replace(step=train_state.step + 1, params=params, state=new_state,
                                     opt_state=opt_state), metrics
 
