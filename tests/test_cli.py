@@ -190,7 +190,8 @@ def test_grads_bad_flags_are_one_line(quick_run, flag, value):
 def test_a_validation_split_chooses_best_and_the_test_split_is_evaluated_once(cifar_dir, tmp_path):
     out = tmp_path / "val"
     result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(out), "--json",
-                                       *_sets([*QUICK, "train.epochs=3", "data.val_size=200", "data.val_seed=3"])])
+                                       *_sets([*QUICK, "train.epochs=3", "data.val_size=200", "data.val_seed=3",
+                                               "train.eval_every=1"])])  # every epoch (cpu.toml: the last only)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
