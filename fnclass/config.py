@@ -231,7 +231,7 @@ class TrainConfig:
         _check(1 <= self.accumulate_steps <= 1024, "train.accumulate_steps", self.accumulate_steps,
                "an integer in 1..1024 (1: no accumulation)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
-        _check(type(self.eval_every) is int and self.eval_every >= 0, "train.eval_every", self.eval_every,
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every,
                "an integer >= 0 (0: evaluate after the last epoch only)")
         _check(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps, "an integer >= 0")
         _check(self.grad_stats_every >= 0, "train.grad_stats_every", self.grad_stats_every, "an integer >= 0")

@@ -108,8 +108,8 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
         models, eval_step, images, mean, std))  # a process with an empty shard must still join the gather
     results = [_metrics(whole(r["loss"], "loss"), whole(r["prediction"], "prediction"), labels,
                         whole(r["tta"], "tta") if tta else None, whole(r["top5"], "top5") if top5 else None,
-                        {kind: whole(r[kind], kind) for kind in ("confidence", "brier")}, whole(r["nonfinite"],
-                                                                                               "nonfinite"))
+                        {kind: whole(r[kind], kind) for kind in ("confidence", "brier")},
+                        whole(r["nonfinite"], "nonfinite"))
                for r in rows[:count + (count > 1)]]
     return {"members": results[:count], "ensemble": results[count] if count > 1 else None}
 

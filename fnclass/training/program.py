@@ -331,8 +331,9 @@ def run_epochs(setup: Setup, program: Program) -> tuple[TrainState, dict]:
     test = evaluation if split == "test" else evaluate(setup, program, train_state, "test", final=True)
     if test is not evaluation:
         check_evaluation(setup, test, "test", f"the final weights (step {step_of(train_state)})")
-    clock["final_eval"] += time.perf_counter() - tick
-    clock["eval"] += time.perf_counter() - tick
+    seconds = time.perf_counter() - tick
+    clock["final_eval"] += seconds
+    clock["eval"] += seconds
     summary = make_summary(setup, program, train_state, evaluation, test, split, best, start_step)
     tables = {"test": test[""]["ensemble"]}
     if config.train.calibrate:
@@ -416,15 +417,14 @@ def check_evaluation(setup: Setup, evaluation: dict, split: str, when: str) -> N
     the ensemble; the plain view or a TTA view) had a nan or inf logit, loss or calibration figure."""
     bad = []
     for prefix, result in evaluation.items():
-        models = list(enumerate(result["members"])) if len(result["members"]) > 1 else [(None, result["members"][0])]
-        models += [("ensemble", result["ensemble"])] if len(result["members"]) > 1 else []
-        for who, metrics in models:
-            numbers = {name: metrics[name] for name in ("loss", "nll", "ece", "brier") if name in metrics}
-            if metrics["nonfinite_logits"] or not all(math.isfinite(value) for value in numbers.values()):
-                name = ("the EMA weights" if prefix else "the weights") + ("" if who is None else f", member {who}"
-                                                                            if who != "ensemble" else ", ensemble")
-                bad.append(f"{name}: {metrics['nonfinite_logits']} of {len(metrics['predictions'])} images with "
-                           f"nan/inf logits, loss {numbers['loss']:.4g}")
+        models = result["members"]
+        named = [("", models[0])] if len(models) == 1 else [*((f", member {i}", m) for i, m in enumerate(models)),
+                                                             (", ensemble", result["ensemble"])]
+        for who, metrics in named:
+            numbers = [metrics[name] for name in ("loss", "nll", "ece", "brier") if name in metrics]
+            if metrics["nonfinite_logits"] or not all(math.isfinite(value) for value in numbers):
+                bad.append(f"{'the EMA weights' if prefix else 'the weights'}{who}: {metrics['nonfinite_logits']} of "
+                           f"{len(metrics['predictions'])} images with nan/inf logits, loss {metrics['loss']:.4g}")
     if bad:
         raise diverged(setup.config, f"evaluating {when} on the {split} split gave nan/inf ({'; '.join(bad)})",
                        setup.run.last, skip=False)
