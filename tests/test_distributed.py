@@ -77,19 +77,21 @@ def test_data_parallel_steps_are_one_process_steps(cifar_dir, tmp_path):
 
 
 def test_torchrun_train_matches_one_process_and_resumes_in_one(cifar_dir, tmp_path):
-    """`fnclass train` under torchrun against one process, through the whole command: the losses of the first two
-    steps (the second is the loss after one update) agree to float32 rounding of the reduction order (measured:
-    1.6e-7 and 0 relative on the 2-core AMD EPYC). Later steps drift apart as rounding is amplified (0.26% by step
-    8, measured) and the 200-image test accuracy after 8 steps is near chance, so neither is compared;
-    tests.distributed_check compares the parameters against float64."""
+    """`fnclass train` under torchrun against one process, through the whole command: the losses of the first three
+    steps agree closely. cpu.toml's warm-up starts at lr 0, so the first update is zero and step 3's loss is the
+    first to follow a real update: measured 1.6e-7, 0 and 1.6e-6 relative on the 2-core AMD EPYC, where summing the
+    shards' gradients instead of averaging them (a 2x update) moves step 3 by 2.5e-2; the bound 1e-4 sits between.
+    Later steps drift apart as rounding is amplified (0.26% by step 8, measured) and the 200-image test accuracy
+    after 8 steps is near chance, so neither is compared; tests.distributed_check compares the parameters against
+    float64."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert fnclass(*_train_args(cifar_dir, one)).returncode == 0
     result = torchrun("-m", "fnclass", *_train_args(cifar_dir, two))
     assert result.returncode == 0, result.stderr[-3000:]
     rows_one, rows_two = _rows(one), _rows(two)
     assert [(r["kind"], r["step"]) for r in rows_one] == [(r["kind"], r["step"]) for r in rows_two]  # logged once
-    for step in (0, 1):  # the loss before and after the first update: rounding apart
-        assert rows_two[step]["loss"] == pytest.approx(rows_one[step]["loss"], rel=1e-5), (step, rows_two[step])
+    for step in (0, 1, 2):  # the losses before and after the first two updates (the first is zero: warm-up)
+        assert rows_two[step]["loss"] == pytest.approx(rows_one[step]["loss"], rel=1e-4), (step, rows_two[step])
     summary = json.loads((two / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["train_images"] == 512
     assert not list(two.glob("**/.*.tmp"))  # one writer: no half-written leftovers of a second one
