@@ -42,6 +42,9 @@ class RichReporter:
         if info.get("rejected_checkpoints"):
             click.echo(f"warning: resuming from {Path(info['resumed_from']).name} (step {info['start_step']}), the "
                        "newest checkpoint that verifies", err=True)
+        if info.get("inputs_unchecked"):
+            click.echo("warning: the run recorded no inputs.json (made before fnclass fingerprinted its inputs): its "
+                       "data and files were not checked; they are recorded now", err=True)
         self.split = info.get("selection_split", "test")
         if self.mode != "normal":
             return

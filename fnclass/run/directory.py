@@ -1,8 +1,9 @@
 """The run directory: every file a training run writes, and the reporter that shows its progress.
 
-``RunDirectory`` owns ``config.toml``, ``metrics.jsonl``, ``checkpoints/`` (``last``, ``best`` and the
-``checkpoint.keep`` most recent epoch ends), ``summary.json``, ``plots/`` and, with ``train.logger =
-"tensorboard"``, ``tb/`` (TensorBoard events mirroring metrics.jsonl). Every write of a run goes through
+``RunDirectory`` owns ``config.toml``, ``inputs.json`` (the input files' fingerprints, see
+:mod:`fnclass.run.inputs`), ``metrics.jsonl``, ``checkpoints/`` (``last``, ``best`` and the ``checkpoint.keep``
+most recent epoch ends), ``summary.json``, ``plots/`` and, with ``train.logger = "tensorboard"``, ``tb/``
+(TensorBoard events mirroring metrics.jsonl). Every write of a run goes through
 it, so a run that must not write (another process of a data-parallel run) sets ``writes=False`` once. A writing
 run holds an OS lock on ``.lock`` in the directory from :meth:`RunDirectory.start` to :meth:`RunDirectory.close`:
 a second writer is refused, and the kernel releases the lock when the process dies, so a killed run never
@@ -20,6 +21,7 @@ from fnclass.config import Config, config_to_dict, config_to_toml
 from fnclass.errors import InputError
 from fnclass.io import WriteError, fault_point, fsync_folder, save_figure, write_atomic, write_json
 from fnclass.run.checkpoint import CheckpointError, copy_checkpoint, read_train_state, save_checkpoint
+from fnclass.run.inputs import INPUTS_FILE
 
 LOCK_NAME = ".lock"
 
@@ -95,8 +97,10 @@ class RunDirectory:
         raise CheckpointError(f"{self.path}: no checkpoint verifies ({self.rejected[0][1]}); start a new run"
                               if self.rejected else f"{self.path}: no checkpoint to resume from")
 
-    def start(self, *, step: int, info: dict, classes, mean, std, input_size, members: list | None = None) -> None:
-        """Begin (``step == 0``) or continue a run: forget metrics logged after ``step``, write config.toml.
+    def start(self, *, step: int, info: dict, classes, mean, std, input_size, members: list | None = None,
+              inputs: dict | None = None) -> None:
+        """Begin (``step == 0``) or continue a run: forget metrics logged after ``step``, write config.toml (and
+        ``inputs``, the record of the input files, as inputs.json where there is none yet or the run begins).
 
         ``members`` (a run of stacked members) is recorded in every checkpoint's metadata.
         """
@@ -117,6 +121,8 @@ class RunDirectory:
             if self._new_secret is not None:
                 self._write_secret()
             write_atomic(self.path / "config.toml", config_to_toml(self.config).encode())
+            if inputs is not None and (not step or not (self.path / INPUTS_FILE).exists()):
+                write_json(self.path / INPUTS_FILE, inputs)
         self.reporter.start({**info, "config": self.config, "workdir": str(self.path)})
 
     def log(self, row: dict) -> None:

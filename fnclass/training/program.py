@@ -33,6 +33,7 @@ from fnclass.errors import InputError
 from fnclass.io import keep_freed_memory, pick_device, synchronize
 from fnclass.models import resolve_config
 from fnclass.privacy.sources import PoissonSource
+from fnclass.run import inputs
 from fnclass.run.checkpoint import copy_checkpoint, read_file, set_temperature
 from fnclass.run.directory import Reporter, RunDirectory
 from fnclass.training import calibration, finetune, members, recipe
@@ -80,6 +81,7 @@ class Setup(NamedTuple):
     privacy_plan: privacy.Plan | None
     run: RunDirectory
     resume: bool
+    inputs: dict  # the input files' record (fnclass.run.inputs): inputs.json and summary.json
 
 
 class Program(NamedTuple):
@@ -117,6 +119,8 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
       ``TrainResult(train_state, summary)``.
 
     Raises:
+      InputChanged: on resume, when an input file (data folder, selection, weights, fine-tuning source) is missing
+        or its bytes differ from those recorded in ``inputs.json`` when the run started; nothing is written.
       TrainingInterrupted: on Ctrl-C, after writing ``last.safetensors``.
       TrainingDiverged: when a loss or gradient is not finite and ``train.nan_policy = "stop"`` (the last good
         checkpoint stays). Non-finite values are flagged on the device at every step and looked at where the
@@ -150,7 +154,9 @@ def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool
     if process is not None:  # one download, by rank 0, before the others look for the files
         distributed.first_on_rank_zero(process, lambda: data.resolve_data_dir(data_dir or config.data.data_dir,
                                                                               config.data.dataset, download=download))
-    config, ds = load_run_data(config, data_dir, download, dev)
+    folder = data.resolve_data_dir(data_dir or config.data.data_dir, config.data.dataset, download=download)
+    recorded = run_inputs(config, workdir, folder, resume)  # a resume refuses changed inputs, before any write
+    config, ds = load_run_data(config, folder, download, dev)
     steps_per_epoch = len(ds.train_images) // config.train.batch_size  # the last partial batch is dropped
     if steps_per_epoch * config.train.epochs < config.train.accumulate_steps:
         raise InputError(f"train.accumulate_steps = {config.train.accumulate_steps} is more than the run's "
@@ -166,7 +172,17 @@ def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool
     writes = process is None or process.writes
     run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
     return Setup(config, ds, dev, process, config.member_list(), config.members.active, blocks, steps_per_epoch, plan,
-                 run, resume)
+                 run, resume, recorded)
+
+
+def run_inputs(config: Config, workdir, folder, resume: bool) -> dict:
+    """The record of the run's input files: checked against the files now on resume (:class:`InputChanged`
+    when one changed), else made now (a new run, or one started before fnclass recorded its inputs)."""
+    record = inputs.read_inputs(workdir) if resume else None
+    if record is None:
+        return {**inputs.fingerprint_inputs(config, folder), "recorded_on_resume": resume}
+    inputs.check_inputs(record, config, folder)
+    return record
 
 
 def build_program(setup: Setup) -> Program:
@@ -383,9 +399,10 @@ def _start(setup: Setup, program: Program, start_step: int) -> None:
             "privacy": plan._asdict() if plan else None,
             "init_from": program.init_source._asdict() if program.init_source else None,
             "resumed_from": str(setup.run.resumed_from) if setup.resume else None,
-            "rejected_checkpoints": setup.run.rejected}
+            "rejected_checkpoints": setup.run.rejected,
+            "inputs_unchecked": bool(setup.inputs.get("recorded_on_resume"))}
     setup.run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
-                    input_size=tuple(ds.train_images.shape[1:3]),
+                    input_size=tuple(ds.train_images.shape[1:3]), inputs=setup.inputs,
                     **({"members": setup.members} if setup.stacked else {}), info=info)
 
 
@@ -520,6 +537,7 @@ def run_facts(setup: Setup, clock: dict, images_seen: int, steps: int, start_ste
         "seed": seeds if setup.stacked else seeds[0], "num_params": num_params, "model": config.model.name,
         "data_dir": str(ds.folder), "train_images": len(ds.train_images), "test_images": len(ds.test_images),
         "val_images": 0 if ds.val_images is None else len(ds.val_images), "run_dir": str(run.path),
+        "inputs": setup.inputs,
     }
 
 
