@@ -61,11 +61,11 @@ def naive_gradients(model, params, state, images, labels):
     return torch.stack(rows)
 
 
-def naive_tracin(paths, train_x, train_y, test_x, test_y):
-    """sum over checkpoints and (averaged) members of lr * <g(train), g(test)>, by hand."""
+def naive_tracin(paths, train_x, train_y, test_x, test_y, weights="raw"):
+    """sum over checkpoints and (averaged) members of lr * <g(train), g(test)>, by hand, at the ``weights``."""
     scores = torch.zeros(len(test_x), len(train_x))
     for path in paths:
-        ckpt = load_checkpoint(path, weights="raw")
+        ckpt = load_checkpoint(path, weights=weights)
         rates = json.loads(ckpt.metadata["learning_rate"])
         rates = rates if isinstance(rates, list) else [rates]
         members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
@@ -90,7 +90,8 @@ def test_tracin_equals_a_naive_double_loop_over_the_checkpoints(cifar_dir, run_d
                                  chunk_size=4, top=3, device="cpu")
     paths = sorted((source / "checkpoints").glob("epoch-*.safetensors"))
     assert [p.name for p in paths] == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
-    assert report["checkpoints"] == [{"path": str(p), "learning_rates": report["checkpoints"][i]["learning_rates"]}
+    assert report["checkpoints"] == [{"path": str(p), "weights": "raw",
+                                      "learning_rates": report["checkpoints"][i]["learning_rates"]}
                                      for i, p in enumerate(paths)]
     train_x, train_y = first(cifar_dir, "train", 10)
     test_x, test_y = first(cifar_dir, "test", 8)

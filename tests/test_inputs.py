@@ -142,3 +142,19 @@ def test_a_run_from_before_the_record_resumes_with_a_warning_and_records_its_inp
     assert record["recorded_on_resume"] is True
     assert [f["sha256"] for f in record["files"]] == [
         f["sha256"] for f in json.loads((root / "run" / INPUTS_FILE).read_text())["files"]]
+
+
+def test_metagrad_refuses_to_replay_a_run_on_changed_data(fine_tuned):
+    from tests.oneline import one_error_line
+
+    root, data = fine_tuned
+    path = data / "train_labels.npy"
+    original = path.read_bytes()
+    _flip_a_byte(path)
+    try:
+        one_error_line(["influence", str(root / "source"), "--method", "metagrad", "--test-indices", "0",
+                        "--data-dir", str(data), "--out", str(root / "metagrad")],
+                       "--method metagrad: data folder file", "train_labels.npy changed since the run started")
+    finally:
+        path.write_bytes(original)
+    assert not (root / "metagrad").exists()

@@ -243,8 +243,12 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
 
 def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = "train", limit: int | None = None,
                        chunk_size: int | str = "auto", max_memory: int | None = None, top: int = 64,
-                       device: str = "auto", download: bool = True, progress: Callable | None = None) -> dict:
+                       device: str = "auto", download: bool = True, progress: Callable | None = None,
+                       weights: str = "auto") -> dict:
     """Per-example gradient analysis of a checkpoint on a data split, written to ``out_dir``.
+
+    ``weights``: ``"auto"`` (the EMA when the checkpoint has one), ``"ema"`` or ``"raw"``; the report's ``weights``
+    names those analysed.
 
     Writes ``per_example.csv`` (index, label, predicted, loss, grad_norm, one column per layer group,
     cos_to_mean), ``report.json`` (every aggregate), ``top_examples.png`` (the ``top`` highest-norm
@@ -261,7 +265,7 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     from fnclass import distributed
 
     process, ckpt, dev, raw_images, labels, model = _open_split(checkpoint_path, data_dir, split, limit, device,
-                                                                download)
+                                                                download, weights)
     params, state = tree.tree_to((ckpt.params, ckpt.state), dev)
     images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
     if chunk_size == "auto":
@@ -272,7 +276,7 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     seconds = time.perf_counter() - start
     report = build_report(stats, labels.cpu(), ckpt.classes, split=split, chunk_size=chunk_size, seconds=seconds,
                           checkpoint=str(checkpoint_path), top=top)
-    report["processes"] = process.world_size if process else 1
+    report["processes"], report["weights"] = process.world_size if process else 1, ckpt.weights
     if process is None or process.writes:
         write_outputs(Path(out_dir), stats, labels.cpu(), raw_images, ckpt.classes, report)
     distributed.finish(process)
@@ -430,7 +434,7 @@ def kept_indices(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, split: str = "train",
                      limit: int | None = None, chunk_size: int | str = "auto", max_memory: int | None = None,
                      keep_fraction: float | None = None, top: int = 10, device: str = "auto", download: bool = True,
-                     progress: Callable | None = None) -> dict:
+                     progress: Callable | None = None, weights: str = "auto") -> dict:
     """Data-valuation scores of every example of a split (``fnclass grads --score``), written to ``out_dir``.
 
     A stacked checkpoint's score is the mean of its members' (each :meth:`Checkpoint.member`): the expectation over
@@ -443,13 +447,14 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
       checkpoint_path: a checkpoint (one model or members).
       out_dir: the output folder (created if needed).
       method: ``"el2n"`` or ``"grand"`` (:data:`SCORES`).
-      data_dir, split, limit, chunk_size, max_memory, device, download: as :func:`analyze_checkpoint`.
+      data_dir, split, limit, chunk_size, max_memory, device, download, weights: as :func:`analyze_checkpoint`.
       keep_fraction: in (0, 1]: also write ``kept_indices.txt``.
       top: how many of the highest-scoring examples the summary lists.
       progress: called with the number of examples done (over all members) after each chunk.
 
     Returns:
-      The summary (also ``scores.json``): ``method``, ``definition``, ``checkpoint``, ``split``, ``num_examples``,
+      The summary (also ``scores.json``): ``method``, ``definition``, ``checkpoint``, ``weights``, ``split``,
+      ``num_examples``,
       ``members`` (how many were averaged) and ``member_settings``, ``mean_score``, ``keep_fraction`` and ``kept``,
       ``chunk_size``, ``seconds`` and ``top`` (rank, index, label, class and score of the highest scores).
 
@@ -463,7 +468,7 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
     from fnclass import distributed
 
     process, ckpt, dev, raw_images, labels, model = _open_split(checkpoint_path, data_dir, split, limit, device,
-                                                                download)
+                                                                download, weights)
     members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
     n, start = len(labels), time.perf_counter()
     # Each process preprocesses and scores its shard only; an example's score depends on that example alone.
@@ -485,7 +490,8 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
     summary = {
         "method": method,
         "definition": SCORES[method] + (f"; the mean over {len(members)} members" if ckpt.members else ""),
-        "checkpoint": str(checkpoint_path), "split": split, "num_examples": n, "members": len(members),
+        "checkpoint": str(checkpoint_path), "weights": ckpt.weights, "split": split, "num_examples": n,
+        "members": len(members),
         "member_settings": list(ckpt.members), "mean_score": float(scores.mean()),
         "keep_fraction": keep_fraction, "kept": None, "chunk_size": chunk_size,
         "processes": process.world_size if process else 1, "seconds": time.perf_counter() - start,
@@ -511,13 +517,13 @@ def _write_scores(out_dir: Path, summary: dict, labels, scores, per_member: list
     write_json(out_dir / "scores.json", summary)
 
 
-def _open_split(checkpoint_path, data_dir, split: str, limit, device: str, download: bool):
-    """A torchrun job joined (or None), the checkpoint, the device, the split's uint8 images and labels (checked
-    against the checkpoint) and the vmappable model: what the analysis commands start from."""
+def _open_split(checkpoint_path, data_dir, split: str, limit, device: str, download: bool, weights: str):
+    """A torchrun job joined (or None), the checkpoint (its ``weights``), the device, the split's uint8 images and
+    labels (checked against the checkpoint) and the vmappable model: what the analysis commands start from."""
     from fnclass import distributed
 
     process = distributed.from_environment(device)
-    ckpt = load_checkpoint(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path, weights=weights)
     dev = distributed.device_of(process, pick_device(device))
     folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
     raw_images, labels = data.load_split(folder, split, limit=limit)

@@ -87,12 +87,14 @@ def checkpoint_paths(sources: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def load_along(sources: Sequence[str | Path], *, uniform: bool = False) -> list[AlongRun]:
+def load_along(sources: Sequence[str | Path], *, uniform: bool = False, weights: str = "auto") -> list[AlongRun]:
     """Load the checkpoints of ``sources`` (see :func:`checkpoint_paths`) with their learning rates.
 
     Args:
       sources: checkpoint files and run directories.
       uniform: weigh every checkpoint 1 instead of its learning rate (for files without the record).
+      weights: ``"auto"`` (each checkpoint's EMA when it has one, as ``fnclass eval`` takes it), ``"ema"`` or
+        ``"raw"`` (the trained weights, whose steps the recorded learning rates scale: TracIn's derivation).
 
     Raises:
       CheckpointError: one line, for a file without a learning rate (unless ``uniform``), or checkpoints of
@@ -100,7 +102,7 @@ def load_along(sources: Sequence[str | Path], *, uniform: bool = False) -> list[
     """
     along = []
     for path in checkpoint_paths(sources):
-        ckpt = load_checkpoint(path, weights="raw")
+        ckpt = load_checkpoint(path, weights=weights)
         count = max(len(ckpt.members), 1)
         if uniform:
             rates = (1.0,) * count
@@ -491,7 +493,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
               proj_dim: int | None = None, damping: float | None = None, train_limit: int | None = None,
               chunk_size: int | str = "auto", max_memory: int | None = None, uniform: bool = False, seed: int = 0,
               device: str = "auto", download: bool = True, factor_examples: int | None = None,
-              progress: Callable | None = None) -> dict:
+              progress: Callable | None = None, weights: str = "auto") -> dict:
     """Attribute test examples (``test_indices`` of the test split, or the images ``image_paths``, which are
     attributed for the class the last checkpoint predicts) to the training examples, and write ``out_dir``:
     ``influence.csv`` and ``influence.json`` (each test example's ``top`` proponents and opponents),
@@ -501,6 +503,9 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     Under torchrun (``torchrun --nproc-per-node N -m fnclass influence ...``) the training rows are sharded over the
     processes (:func:`tracin_scores`, :func:`trak_scores`) and rank 0 writes the files; every process returns the
     report.
+
+    ``weights`` (``"auto"``: the EMA where a checkpoint has one; ``"ema"``; ``"raw"``) chooses each checkpoint's
+    weights (:func:`load_along`); the report's ``weights`` names them.
 
     Returns:
       The report (also ``influence.json``).
@@ -515,7 +520,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
         _one_process(process)
         sources, uniform = [final_checkpoint(sources)], True
     along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
-                                                                      train_limit, process)
+                                                                      train_limit, process, weights)
     if image_paths:
         test_raw = torch.stack([torch.tensor(data.read_image(Path(p), last.input_size)) for p in image_paths])
         test_labels = _predict(last, test_raw)
@@ -548,8 +553,8 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     pick = lambda idx, t: [{"index": int(rows[i]), "label": int(train_labels[i]), "score": float(scores[t, i])}
                            for i in idx]
     report = {
-        "method": method, "proj_dim": proj_dim, "damping": damping, "seed": seed,
-        "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
+        "method": method, "proj_dim": proj_dim, "damping": damping, "seed": seed, "weights": _weights(along),
+        "checkpoints": _checkpoints(along),
         "models": models, "train_examples": len(train_images), "chunk_size": size,
         "processes": process.world_size if process else 1, "seconds": seconds,
         "gradients_per_second": gradients / seconds if seconds else None, "classes": list(last.classes), **extra,
@@ -566,12 +571,13 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
                         train_limit: int | None = None, chunk_size: int | str = "auto",
                         max_memory: int | None = None, uniform: bool = False, device: str = "auto",
                         download: bool = True, method: str = "tracin", damping: float | None = None, seed: int = 0,
-                        factor_examples: int | None = None, progress: Callable | None = None) -> dict:
+                        factor_examples: int | None = None, progress: Callable | None = None,
+                        weights: str = "auto") -> dict:
     """Rank every training example by self-influence and write ``out_dir``: ``self_influence.csv`` (rank,
     index, label, predicted, score; highest first), ``self_influence.json`` and ``self_influence.png`` (the
     ``top`` first, titled ``label / predicted``). ``method``: ``"tracin"`` (``sum_k lr_k |g_k(z)|^2`` over the
     checkpoints) or ``"ekfac"`` (``g(z)^T H^-1 g(z) / N`` at the final checkpoint, :mod:`fnclass.analysis.ekfac`,
-    labels drawn from ``seed``'s key, ``damping`` as there).
+    labels drawn from ``seed``'s key, ``damping`` as there). ``weights`` as :func:`attribute`.
 
     Under torchrun (TracIn only) the training rows are sharded over the processes (:func:`self_influence`, and the
     predictions) and rank 0 writes the files; every process returns the report.
@@ -595,7 +601,7 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
         _one_process(process)
         sources, uniform = [final_checkpoint(sources)], True
     along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
-                                                                      train_limit, process)
+                                                                      train_limit, process, weights)
     model = vmap_model(last)
     images = prepare(last, train_raw, dev)
     size = _chunk(chunk_size, along, model, images, max_memory, method)
@@ -615,8 +621,8 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     order = torch.argsort(scores, descending=True, stable=True)
     models = sum(len(item.learning_rates) for item in along)
     report = {
-        "method": f"{method}-self", **extra,
-        "checkpoints": [{"path": str(item.path), "learning_rates": list(item.learning_rates)} for item in along],
+        "method": f"{method}-self", **extra, "weights": _weights(along),
+        "checkpoints": _checkpoints(along),
         "models": models, "train_examples": len(images), "chunk_size": size,
         "processes": process.world_size if process else 1, "seconds": seconds,
         "gradients_per_second": models * len(images) / seconds if seconds else None,
@@ -645,16 +651,29 @@ def _write_self_influence(out: Path, report: dict, scores, order, predicted, tra
     _plot_self(out / "self_influence.png", train_raw, train_labels, predicted, scores, order[:top], rows, classes)
 
 
-def _open(sources, uniform: bool, device: str, data_dir, download: bool, train_limit: int | None, process):
-    """What both commands start from: the checkpoints, the last one, this process's device, the data folder and the
-    run's training split (see :func:`_training_split`)."""
+def _open(sources, uniform: bool, device: str, data_dir, download: bool, train_limit: int | None, process,
+          weights: str):
+    """What both commands start from: the checkpoints (their ``weights``), the last one, this process's device, the
+    data folder and the run's training split (see :func:`_training_split`)."""
     from fnclass.distributed import device_of
     from fnclass.io import pick_device
 
-    along = load_along(sources, uniform=uniform)
+    along = load_along(sources, uniform=uniform, weights=weights)
     last = along[-1].checkpoint
     folder = data_folder(process, data_dir, last.config.data.dataset, download)
     return along, last, device_of(process, pick_device(device)), folder, _training_split(last, folder, train_limit)
+
+
+def _checkpoints(along: list[AlongRun]) -> list[dict]:
+    """The report's ``checkpoints``: each file, the weights taken from it and its learning rates."""
+    return [{"path": str(item.path), "weights": item.checkpoint.weights, "learning_rates": list(item.learning_rates)}
+            for item in along]
+
+
+def _weights(along: list[AlongRun]) -> str:
+    """The report's ``weights``: ``ema`` or ``raw`` when every checkpoint gave the same, else ``mixed``."""
+    chosen = {item.checkpoint.weights for item in along}
+    return chosen.pop() if len(chosen) == 1 else "mixed"
 
 
 def _chunk(chunk_size: int | str, along, model, images: torch.Tensor, max_memory: int | None,

@@ -62,6 +62,7 @@ def export(checkpoint, format_, dtype, out, member, ensemble, weights, as_json):
     table = Table(title=f"exported {checkpoint}", show_header=False)
     for name, value in [("file", summary["path"]), ("format", format_), ("dtype", dtype),
                         ("bytes", f"{summary['bytes']:,}"), ("model", metadata["model"]),
+                        ("weights", metadata.get("weights", "raw")),
                         ("classes", ", ".join(json.loads(metadata["classes"]))),
                         ("input", f"uint8 (N, {', '.join(map(str, json.loads(metadata['input_size'])))}, 3)"),
                         ("members", str(len(json.loads(metadata["members"]))) + " (logits: their mean)"
@@ -81,9 +82,10 @@ def export(checkpoint, format_, dtype, out, member, ensemble, weights, as_json):
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
 @click.option("--trust-program", is_flag=True,
               help="Allow a pt2 MODEL: loading a torch.export program runs code stored in it.")
+@options.weights
 @options.as_json("the predictions")
 @one_line_errors
-def predict_command(model, images, model_name, top, trust_program, as_json):
+def predict_command(model, images, model_name, top, trust_program, weights, as_json):
     """Classify PNG/JPEG images with a checkpoint, any exported model file or a pretrained model.
 
     Images of any size are resized to the model's input size.
@@ -107,11 +109,11 @@ def predict_command(model, images, model_name, top, trust_program, as_json):
     elif model is None or not images:
         raise UsageProblem("give a MODEL file and one or more images, or --model NAME and images "
                            "(see `fnclass models`)")
-    result = predict(model, images, top=top, trust_program=trust_program, predictor=predictor)
+    result = predict(model, images, top=top, trust_program=trust_program, predictor=predictor, weights=weights)
     if as_json:
         click.echo(json.dumps(result))
         return
-    table = Table(title=f"{model} ({result['format']})")
+    table = Table(title=f"{model} ({result['format']}, {result['weights']} weights)")
     for column in ("image", "rank", "class", "probability"):
         table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
     for prediction in result["predictions"]:

@@ -76,11 +76,12 @@ def _progress_bar(console: Console, what: str, quiet: bool) -> Progress:
               help="With --score: also write kept_indices.txt, the ceil(F x N) highest-scoring examples "
                    "(0 < F <= 1), for data.train_indices.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grads"), show_default=True)
+@options.weights
 @options.device
 @options.no_download
 @options.as_json("the report")
 @one_line_errors
-def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, out, device,
+def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, out, weights, device,
           no_download, as_json):
     """Per-example gradients of a checkpoint: noise scale, layer shares, hardest examples; or data-valuation scores.
 
@@ -104,11 +105,12 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
             summary = score_checkpoint(checkpoint, out, method=score, data_dir=data_dir, split=split, limit=limit,
                                        chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
                                        keep_fraction=keep_fraction, top=top or 10, device=device,
-                                       download=not no_download, progress=progress)
+                                       download=not no_download, progress=progress, weights=weights)
         else:
             report = analyze_checkpoint(checkpoint, out, data_dir=data_dir, split=split, limit=limit,
                                         chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
-                                        top=top or 64, device=device, download=not no_download, progress=progress)
+                                        top=top or 64, device=device, download=not no_download, progress=progress,
+                                        weights=weights)
     if not speaks():  # a torchrun job: rank 0 reports
         return
     if score is not None:
@@ -118,8 +120,9 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
         click.echo(json.dumps(report, default=float))
         return
     noise = report["noise_scale"]
-    console.print(f"{report['num_examples']} {split} examples, {report['examples_per_second']:.0f} examples/s "
-                  f"(chunk {report['chunk_size']}); loss analysed: {report['loss']}", highlight=False)
+    console.print(f"{report['num_examples']} {split} examples, {report['weights']} weights, "
+                  f"{report['examples_per_second']:.0f} examples/s (chunk {report['chunk_size']}); loss analysed: "
+                  f"{report['loss']}", highlight=False)
     console.print(f"gradient noise scale B_simple = {noise['b_simple']:.4g}  (tr Sigma {noise['trace_sigma']:.4g}, "
                   f"|G|^2 {noise['mean_grad_sq_norm']:.4g}); mean loss {report['mean_loss']:.4f}, "
                   f"accuracy {report['accuracy']:.2%}", highlight=False)
@@ -146,7 +149,8 @@ def _show_scores(console: Console, summary: dict, out: Path, as_json: bool) -> N
         return
     name = {"el2n": "EL2N", "grand": "GraNd"}[summary["method"]]
     members = f", the mean of {summary['members']} members" if summary["member_settings"] else ""
-    console.print(f"{summary['num_examples']} {summary['split']} examples scored by {name}{members}: mean "
+    console.print(f"{summary['num_examples']} {summary['split']} examples scored by {name} ({summary['weights']} "
+                  f"weights){members}: mean "
                   f"{summary['mean_score']:.4g}; {summary['definition']}", highlight=False)
     table = Table(title=f"highest {name} scores")
     for column in ("rank", "index", "label", "class", "score"):

@@ -45,6 +45,7 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
                    "scores still cover every training example.")
 @click.option("--chunk-size", default="auto", show_default=True, help="Examples per vmap call: auto or K.")
 @click.option("--max-memory", help="Budget for --chunk-size auto, e.g. 4GB.")
+@options.weights
 @click.option("--uniform", is_flag=True, help="Weigh every checkpoint 1 (for files without a recorded learning rate).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Key of the random projections (tracin, trak) and of EK-FAC's labels drawn from the model.")
@@ -55,7 +56,7 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
 @options.as_json("the report")
 @one_line_errors
 def influence(sources, data_dir, test_indices, image_paths, self_mode, method, proj_dim, damping, top, train_limit,
-              factor_examples, chunk_size, max_memory, uniform, seed, out, device, no_download, as_json):
+              factor_examples, chunk_size, max_memory, weights, uniform, seed, out, device, no_download, as_json):
     """Which training examples made these predictions: TracIn over the checkpoints of a run, or TRAK.
 
     A run directory stands for the checkpoints it kept along the run (train it with
@@ -80,13 +81,16 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         raise UsageProblem("--method metagrad replays one run directory for test-split examples: give one RUN_DIR "
                            "and --test-indices; drop --self, --images, --proj-dim, --damping, --train-limit, "
                            "--factor-examples and --uniform")
+    if method == "metagrad" and weights == "ema":
+        raise UsageProblem("--method metagrad replays the run's training, which ends on the raw weights: drop "
+                           "--weights ema (auto takes the raw weights here)")
     console = Console(stderr=as_json)
     with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal or as_json or not speaks()) as bar:
         task = bar.add_task("influence", total=None)
         progress = lambda done: bar.update(task, completed=done)
         common = dict(data_dir=data_dir, train_limit=train_limit, chunk_size=_parse_chunk(chunk_size),
-                      max_memory=_parse_memory(max_memory), uniform=uniform, device=device,
+                      max_memory=_parse_memory(max_memory), uniform=uniform, device=device, weights=weights,
                       download=not no_download, progress=progress)
         if method == "metagrad":
             from fnclass.training import metagrad
@@ -116,11 +120,12 @@ def _print_report(console: Console, report: dict, method: str, self_mode: bool, 
     if method == "metagrad":
         ratio = f" ({report['seconds'] / report['train_seconds']:.1f}x the run's training)" \
             if report["train_seconds"] else ""
-        console.print(f"metagrad: through {report['steps']} replayed steps (the replay ends on the run's last "
-                      f"checkpoint to {report['replay_error']:.1g}), {report['train_examples']} training examples, "
-                      f"{report['seconds']:.1f} s{ratio}", highlight=False)
+        console.print(f"metagrad (raw weights): through {report['steps']} replayed steps (the replay ends on the "
+                      f"run's last checkpoint to {report['replay_error']:.1g}), {report['train_examples']} training "
+                      f"examples, {report['seconds']:.1f} s{ratio}", highlight=False)
     else:
-        console.print(f"{report['method']}: {report['models']} model(s) over {len(report['checkpoints'])} "
+        console.print(f"{report['method']} ({report['weights']} weights): {report['models']} model(s) over "
+                      f"{len(report['checkpoints'])} "
                       f"checkpoint(s), {report['train_examples']} training examples, {speed:,.0f} per-example "
                       f"gradients/s (chunk {report['chunk_size']})", highlight=False)
     if "ekfac_layers" in report:

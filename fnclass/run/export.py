@@ -101,6 +101,7 @@ class Predictor(NamedTuple):
     classes: tuple[str, ...]
     input_size: tuple[int, int]
     format: str
+    weights: str = "raw"  # "ema" or "raw": the weights of the run that the file holds
 
 
 def export_metadata(ckpt: Checkpoint, *, dtype: str, source_sha256: str) -> dict[str, str]:
@@ -279,10 +280,7 @@ def load_for_evaluation(path: str | Path, *, weights: str = "auto") -> Checkpoin
     _, metadata = read_file(path)
     if metadata.get("format") not in READ_FORMATS:
         return load_checkpoint(path, weights=weights)
-    recorded = metadata.get("weights", "raw")
-    if weights not in ("auto", recorded):
-        raise CheckpointError(f"{path} is an export of the {recorded} weights, not the {weights} ones: export the "
-                              f"training checkpoint again with --weights {weights}")
+    recorded = _exported_weights(path, metadata.get("weights", "raw"), weights)
     exported = load_exported(path)
     config, *_ = read_model_metadata(path, metadata)
     widen = lambda leaf: leaf.float() if leaf.is_floating_point() else leaf
@@ -292,13 +290,24 @@ def load_for_evaluation(path: str | Path, *, weights: str = "auto") -> Checkpoin
                       recorded, exported.temperature)
 
 
-def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predictor:
+def _exported_weights(path, recorded: str, weights: str) -> str:
+    """The weights an export holds (``recorded``), when they are the ones asked for (``auto`` takes either)."""
+    if weights not in ("auto", recorded):
+        raise CheckpointError(f"{path} is an export of the {recorded} weights, not the {weights} ones: export the "
+                              f"training checkpoint again with --weights {weights}")
+    return recorded
+
+
+def load_predictor(path: str | Path, *, trust_program: bool = False, weights: str = "auto") -> Predictor:
     """Open any model file (training checkpoint, safetensors export, pt2 or ONNX) as a :class:`Predictor`.
 
     The format is recognised from the file's first bytes, not its name. A pt2 archive is a program: loading
     it evaluates Python code stored in it (torch.export's guards and shape expressions), so it is opened only
     with ``trust_program=True`` — for files you made or trust; checkpoints, safetensors exports and ONNX
     models are data and need no trust.
+
+    ``weights``: ``"auto"`` (a checkpoint's EMA when it has one; an export's own), ``"ema"`` or ``"raw"``; an export
+    of the other weights is refused. The predictor's ``weights`` names those it runs.
 
     Raises:
       CheckpointError: when the file is missing, of no known format, damaged, or an untrusted pt2 program.
@@ -312,16 +321,22 @@ def load_predictor(path: str | Path, *, trust_program: bool = False) -> Predicto
         if not trust_program:
             raise CheckpointError(f"{path}: a pt2 program, and loading one runs code it contains; pass "
                                   "--trust-program if you made it or trust its source (or use a safetensors export)")
-        return _pt2_predictor(path)
-    if _looks_like_safetensors(path, head):
+        predictor = _pt2_predictor(path)
+    elif _looks_like_safetensors(path, head):
         _, metadata = read_file(path)
-        if metadata.get("format") in READ_FORMATS:
-            exported = load_exported(path)
-            return Predictor(exported.calibrated_logits, exported.classes, exported.input_size, "safetensors")
-        ckpt = load_checkpoint(path)
-        return Predictor(ckpt.calibrated_logits, ckpt.classes, ckpt.input_size, "checkpoint")
-    if path.suffix == ".onnx" or head[:1] == b"\x08":  # an ONNX ModelProto starts with field 1 (ir_version)
-        return _onnx_predictor(path)
+        if metadata.get("format") not in READ_FORMATS:
+            ckpt = load_checkpoint(path, weights=weights)
+            return Predictor(ckpt.calibrated_logits, ckpt.classes, ckpt.input_size, "checkpoint", ckpt.weights)
+        exported = load_exported(path)
+        predictor = Predictor(exported.calibrated_logits, exported.classes, exported.input_size, "safetensors",
+                              exported.metadata.get("weights", "raw"))
+    elif path.suffix == ".onnx" or head[:1] == b"\x08":  # an ONNX ModelProto starts with field 1 (ir_version)
+        predictor = _onnx_predictor(path)
+    else:
+        raise CheckpointError(f"{path}: not a checkpoint, safetensors, pt2 or ONNX model file; pass a file written "
+                              "by `fnclass train` or `fnclass export`")
+    _exported_weights(path, predictor.weights, weights)
+    return predictor
     raise CheckpointError(f"{path}: not a checkpoint, safetensors, pt2 or ONNX model file; pass a file written by "
                           "`fnclass train` or `fnclass export`")
 
@@ -335,14 +350,17 @@ def _looks_like_safetensors(path: Path, head: bytes) -> bool:
         return handle.read(1) == b"{"
 
 
-def _program_metadata(path: Path, text: str | None) -> tuple[tuple[str, ...], tuple[int, int]]:
-    """Classes and input size from a program's embedded metadata JSON."""
+def _program_metadata(path: Path, text: str | None) -> tuple[tuple[str, ...], tuple[int, int], str]:
+    """Classes, input size and weights (``ema`` or ``raw``) from a program's embedded metadata JSON."""
     try:
         metadata = json.loads(text) if isinstance(text, str) else text
         classes, size = json.loads(metadata["classes"]), json.loads(metadata["input_size"])
         if metadata.get("format") not in READ_FORMATS or not all(isinstance(c, str) for c in classes):
             raise ValueError
-        return tuple(classes), (int(size[0]), int(size[1]))
+        weights = metadata.get("weights", "raw")
+        if weights not in ("ema", "raw"):
+            raise ValueError
+        return tuple(classes), (int(size[0]), int(size[1])), weights
     except (TypeError, KeyError, ValueError, IndexError):
         raise CheckpointError(f"{path}: no fnclass metadata in this model file (was it written by "
                               "`fnclass export`?)") from None
@@ -365,8 +383,8 @@ def _pt2_predictor(path: Path) -> Predictor:
         reason = "it holds objects that are not tensors" if "eights only" in str(error) else first_line(error)
         raise CheckpointError(f"{path}: not a readable pt2 program ({reason}); "
                               "export it again with `fnclass export --format pt2`") from None
-    classes, size = _program_metadata(path, extra[METADATA_NAME])
-    return Predictor(lambda images: module(images), classes, size, "pt2")
+    classes, size, weights = _program_metadata(path, extra[METADATA_NAME])
+    return Predictor(lambda images: module(images), classes, size, "pt2", weights)
 
 
 @contextlib.contextmanager
@@ -413,16 +431,16 @@ def _onnx_predictor(path: Path) -> Predictor:
     except Exception as error:  # onnxruntime raises its own exception types for every kind of bad file
         raise CheckpointError(f"{path}: not a readable ONNX model ({first_line(error)}); "
                               "export it again with `fnclass export --format onnx`") from None
-    classes, size = _program_metadata(path, session.get_modelmeta().custom_metadata_map)
+    classes, size, weights = _program_metadata(path, session.get_modelmeta().custom_metadata_map)
     name = session.get_inputs()[0].name
 
     def logits(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: images.cpu().numpy()})[0])
-    return Predictor(logits, classes, size, "onnx")
+    return Predictor(logits, classes, size, "onnx", weights)
 
 
 def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool = False,
-            predictor: Predictor | None = None) -> dict:
+            predictor: Predictor | None = None, weights: str = "auto") -> dict:
     """Classify image files with any model file: the top-``top`` classes and probabilities of each.
 
     Args:
@@ -431,15 +449,20 @@ def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool 
       top: how many classes to report per image.
       trust_program: allow a pt2 program (see :func:`load_predictor`).
       predictor: an already loaded model (e.g. :func:`fnclass.run.zoo.predictor`); ``path`` then only names it.
+      weights: ``"auto"``, ``"ema"`` or ``"raw"`` (see :func:`load_predictor`).
 
     Returns:
-      ``{"model": ..., "format": ..., "predictions": [{"image", "top": [{"class", "probability"}]}]}``.
+      ``{"model": ..., "format": ..., "weights": ..., "predictions": [{"image", "top": [{"class",
+      "probability"}]}]}``.
 
     Raises:
       CheckpointError, DataError: for a bad model file or an image that cannot be decoded.
     """
 
-    predictor = predictor or load_predictor(path, trust_program=trust_program)
+    if predictor is None:
+        predictor = load_predictor(path, trust_program=trust_program, weights=weights)
+    else:
+        _exported_weights(path, predictor.weights, weights)
     height, width = predictor.input_size
     images = torch.stack([torch.tensor(read_image(Path(p), (height, width))) for p in image_paths])
     try:
@@ -453,4 +476,4 @@ def predict(path: str | Path, image_paths, *, top: int = 5, trust_program: bool 
     predictions = [{"image": str(p), "top": [{"class": predictor.classes[int(i)], "probability": float(v)}
                                              for v, i in zip(row_v, row_i)]}
                    for p, row_v, row_i in zip(image_paths, values, indices)]
-    return {"model": str(path), "format": predictor.format, "predictions": predictions}
+    return {"model": str(path), "format": predictor.format, "weights": predictor.weights, "predictions": predictions}

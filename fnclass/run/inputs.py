@@ -70,34 +70,35 @@ def read_inputs(run_dir: str | Path) -> dict | None:
                            "from a backup, or start a new run with --out") from None
 
 
-def check_inputs(record: dict, config: Config, data_folder: str | Path) -> None:
-    """Raise :class:`InputChanged` (one line: which input, what changed, the fix) unless every input recorded when
-    the run started is there now with the same bytes; the data folder may have moved (``--data-dir``)."""
+def check_inputs(record: dict, config: Config, data_folder: str | Path, *, action: str = "--resume") -> None:
+    """Raise :class:`InputChanged` (one line: ``action``, which input, what changed, the fix) unless every input
+    recorded when the run started is there now with the same bytes; the data folder may have moved
+    (``--data-dir``)."""
     recorded = {(f["input"], Path(f["path"]).name if f["input"] == "data" else f["path"]): f
                 for f in record["files"]}
     for name, path in _named_files(config, Path(data_folder)):
         key = (name, path.name if name == "data" else str(path))
         was = recorded.pop(key, None)
         what = f"data folder file {path}" if name == "data" else f"{name} file {path}"
-        fix = ("put the original back (its SHA-256 is in inputs.json), or start a new run with --out: a resumed run "
-               "trains on the inputs it started with")
+        fix = ("put the original back (its SHA-256 is in inputs.json), or start a new run with --out: a resumed or "
+               "replayed run trains on the inputs it started with")
         if was is None:
-            raise InputChanged(f"--resume: the run did not record {what} as an input; start a new run with --out")
+            raise InputChanged(f"{action}: the run did not record {what} as an input; start a new run with --out")
         try:
             stat = os.stat(path)
         except OSError:
-            raise InputChanged(f"--resume: {what} is missing (the run started with it); {fix}") from None
+            raise InputChanged(f"{action}: {what} is missing (the run started with it); {fix}") from None
         if stat.st_size != was["bytes"]:
-            raise InputChanged(f"--resume: {what} changed since the run started ({stat.st_size} bytes now, "
+            raise InputChanged(f"{action}: {what} changed since the run started ({stat.st_size} bytes now, "
                                f"{was['bytes']} then); {fix}")
         if stat.st_mtime_ns != was["mtime_ns"]:  # rewritten, or copied: the bytes decide
             now = file_sha256(path)
             if now != was["sha256"]:
-                raise InputChanged(f"--resume: {what} changed since the run started (SHA-256 {now[:12]}... now, "
+                raise InputChanged(f"{action}: {what} changed since the run started (SHA-256 {now[:12]}... now, "
                                    f"{was['sha256'][:12]}... then); {fix}")
     if recorded:
         name, path = next(iter(recorded))
-        raise InputChanged(f"--resume: the run started with {name} {path}, which this run's config does not name; "
+        raise InputChanged(f"{action}: the run started with {name} {path}, which this run's config does not name; "
                            "start a new run with --out")
 
 

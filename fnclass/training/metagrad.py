@@ -41,6 +41,7 @@ from fnclass.data.sources import PermutedSource
 from fnclass.distributed.members import member_blocks
 from fnclass.errors import InputError
 from fnclass.io import pick_device
+from fnclass.run import inputs
 from fnclass.run.checkpoint import load_checkpoint, restore_train_state
 from fnclass.training import recipe
 from fnclass.training.program import Setup, initial_state
@@ -100,7 +101,11 @@ def replay_of(run: str | Path, *, data_dir=None, device: str = "cpu", download: 
     config = _last_checkpoint(run).config
     _refuse(config, run)
     dev = pick_device(device)
-    config, ds = load_run_data(config, data_dir or config.data.data_dir, download, dev)
+    folder = data.resolve_data_dir(data_dir or config.data.data_dir, config.data.dataset, download=download)
+    record = inputs.read_inputs(run)
+    if record is not None:  # the replay must see the data (and fine-tuning source) the run trained on
+        inputs.check_inputs(record, config, folder, action="--method metagrad")
+    config, ds = load_run_data(config, folder, download, dev)
     steps_per_epoch = len(ds.train_images) // config.train.batch_size
     model = recipe.create_model(config)
     optimizer = recipe.create_run_optimizer(config, model.param_labels, steps_per_epoch)
@@ -114,7 +119,7 @@ def replay_of(run: str | Path, *, data_dir=None, device: str = "cpu", download: 
     math_model = recipe.create_model(dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                                            attn_impl="math")))
     setup = Setup(config, ds, dev, None, config.member_list(), False, member_blocks(1, None), steps_per_epoch, None,
-                  None, False)
+                  None, False, record or {})
     start = initial_state(setup, model, optimizer)[0]
     source = PermutedSource(ds, config.data, start.key, config.train.batch_size)
     weights = ds.train_weights if ds.train_weights is not None else torch.ones(len(ds.train_images), device=dev)
@@ -306,7 +311,8 @@ def attribute(run: str | Path, out_dir: str | Path, *, test_indices: str | None 
     pick = lambda idx, t: [{"index": int(result.rows[i]), "label": int(train_labels[i]),
                             "score": float(result.scores[t, i])} for i in idx]
     report = {
-        "method": "metagrad", "objective": "margin", "steps": result.steps, "replay_error": result.replay_error,
+        "method": "metagrad", "weights": "raw", "objective": "margin", "steps": result.steps,
+        "replay_error": result.replay_error,
         "seconds": result.seconds, "train_seconds": result.train_seconds,
         "train_examples": len(result.rows), "classes": list(last.classes), "checkpoints": [],
         "models": 1, "chunk_size": None, "gradients_per_second": None,

@@ -97,7 +97,8 @@ def predictor(name: str, folder: str | Path | None = None):
     from fnclass.run.export import Predictor
 
     model = pretrained(name, folder=folder)
-    return Predictor(model.calibrated_logits, model.classes, model.input_size, "pretrained")
+    return Predictor(model.calibrated_logits, model.classes, model.input_size, "pretrained",
+                     model.metadata.get("weights", "raw"))
 
 
 def _folder(folder: str | Path | None) -> Path:
