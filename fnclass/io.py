@@ -11,7 +11,6 @@ import io
 import json
 import os
 import secrets
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -30,34 +29,6 @@ class WriteError(InputError):
     """A file could not be written (full disk, unwritable folder); the previous file, if any, is intact."""
 
 
-FAULT_ENV = "FNCLASS_KILL_AT"
-_fault_arrivals: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """A test hook: ``FNCLASS_KILL_AT=NAME[:N][@RANK]`` kills this process with SIGKILL on its N-th arrival here
-    (1st); with ``@RANK``, only the process of that rank in a torchrun job (``RANK`` in the environment).
-
-    The named points are ``step`` (after a train step), ``eval`` (between evaluation batches) and
-    ``write:FILE`` (halfway through writing FILE: a checkpoint, ``metrics.jsonl``, ``summary.json``, ...).
-    The tests use it to hit each moment of a run deterministically; unset, it costs one dict lookup.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    spec, _, rank = spec.partition("@")
-    if rank and rank != os.environ.get("RANK", "0"):
-        return
-    target, _, count = spec.rpartition(":")
-    if not count.isdigit():
-        target, count = spec, "1"
-    if target != name:
-        return
-    _fault_arrivals[name] = _fault_arrivals.get(name, 0) + 1
-    if _fault_arrivals[name] == int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def write_temp(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) -> Path:
     """Write ``payload`` (bytes, or a function writing to a binary handle) to a fresh hidden file beside ``path``.
 
@@ -72,10 +43,7 @@ def write_temp(path: str | Path, payload: bytes | Callable[[BinaryIO], None]) ->
             if callable(payload):
                 payload(handle)
             else:
-                handle.write(payload[:len(payload) // 2])
-                handle.flush()
-                fault_point(f"write:{path.name}")
-                handle.write(payload[len(payload) // 2:])
+                handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:

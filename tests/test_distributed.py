@@ -38,7 +38,9 @@ def torchrun(*args, nproc=2, env=None, timeout=300, extra=()):
 
 
 def fnclass(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fnclass", *args], capture_output=True, text=True, cwd=ROOT,
+    """``python -m fnclass ARGS``; with ``FNCLASS_KILL_AT`` in ``env``, through tests/faults.py (the kill wrapped)."""
+    module = "tests.faults" if (env or {}).get("FNCLASS_KILL_AT") else "fnclass"
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
                           env=env or _env(), timeout=300)
 
 
@@ -104,7 +106,7 @@ def test_torchrun_train_matches_one_process_and_resumes_in_one(cifar_dir, tmp_pa
     # rank 1 dies mid-epoch 2 (step 6): torchrun ends the job; the epoch-1 checkpoint is intact and a single
     # process resumes it (another world size: the global batch is what counts)
     dead = tmp_path / "dead"
-    killed = torchrun("-m", "fnclass", *_train_args(cifar_dir, dead), env=_env(FNCLASS_KILL_AT="step:6@1"))
+    killed = torchrun("-m", "tests.faults", *_train_args(cifar_dir, dead), env=_env(FNCLASS_KILL_AT="step:6@1"))
     assert killed.returncode != 0
     assert load_checkpoint(dead / "checkpoints/last.safetensors").step == 4
     resumed = fnclass("train", "--resume", str(dead), "--data-dir", str(cifar_dir), "--quiet")
@@ -349,7 +351,8 @@ def test_members_killed_under_torchrun_resume_in_one_process(cifar_dir, members_
     safe kill: both processes met at step 7, after rank 0 had written step 6."""
     out = tmp_path / "killed"
     sets = [*MEMBERS, "checkpoint.every_steps=3"]
-    killed = torchrun("-m", "fnclass", *_members_args(cifar_dir, out, sets), env=_env(FNCLASS_KILL_AT="step:8@1"))
+    killed = torchrun("-m", "tests.faults", *_members_args(cifar_dir, out, sets),
+                      env=_env(FNCLASS_KILL_AT="step:8@1"))
     assert killed.returncode != 0
     assert load_checkpoint(out / "checkpoints/last.safetensors").step == 6
     resumed = fnclass("train", "--resume", str(out), "--data-dir", str(cifar_dir), "--quiet")

@@ -1,9 +1,10 @@
 """Faults: a hard kill at each moment of a run, then --resume, ends bit-identical to an uninterrupted run.
 
-Every run is a real `fnclass train` subprocess on a real CIFAR-10 subset. ``FNCLASS_KILL_AT=POINT:N`` makes the
-process SIGKILL itself on its N-th arrival at a named point (``fnclass.io.fault_point``): after a step, between
-evaluation batches, or halfway through writing a file. One more run is killed from outside at a moment chosen by
-the clock. The run: 3 epochs of 6 steps, ``last`` saved every 4 steps and at every epoch end, 2 kept copies.
+Every run is a real `fnclass train` subprocess on a real CIFAR-10 subset, started through ``tests/faults.py``:
+``FNCLASS_KILL_AT=POINT:N`` makes the process SIGKILL itself on its N-th arrival at a moment that module wraps
+(after a step, before an evaluation batch, halfway through writing a file); fnclass itself holds no test hook. One
+more run is killed from outside at a moment chosen by the clock. The run: 3 epochs of 6 steps, ``last`` saved every
+4 steps and at every epoch end, 2 kept copies.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ QUICK = ["model.name=tiny", "model.widths=[8, 16, 16]", "model.stem_width=8", "d
          "data.test_limit=200", "train.epochs=3", "train.batch_size=100", "train.log_every_steps=2",
          "checkpoint.every_steps=4", "checkpoint.keep=2", "train.tta=true",
          "train.eval_every=1"]  # every epoch evaluated (cpu.toml evaluates the last only): kill points inside each
-CLI = [sys.executable, "-c", "from fnclass.cli import main; main()"]
+CLI = [sys.executable, "-m", "tests.faults"]  # the fnclass CLI, with the kill FNCLASS_KILL_AT names
 
 
 def _train(cifar_dir, out, *extra, kill_at=None, sets=QUICK):

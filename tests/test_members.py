@@ -236,7 +236,8 @@ def test_a_killed_stacked_run_resumes_bit_exact(cifar_dir, tmp_path, strategy):
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "run"
-    killed = subprocess.run([*command, "--out", str(out), *sets], capture_output=True, text=True, timeout=300,
+    killed = subprocess.run([sys.executable, "-m", "tests.faults", *command[3:], "--out", str(out), *sets],
+                            capture_output=True, text=True, timeout=300,
                             env={**os.environ, "FNCLASS_KILL_AT": "step:7"})
     assert killed.returncode == -signal.SIGKILL
     resumed = subprocess.run([*command[:3], "train", "--quiet", "--data-dir", str(cifar_dir), "--resume", str(out)],

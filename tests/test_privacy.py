@@ -275,8 +275,8 @@ RUN = ["model.widths=[8, 16, 16]", "model.stem_width=8", "model.norm_groups=4", 
 CLI = [sys.executable, "-c", "from fnclass.cli import main; main()"]
 # The same secret for two runs, so that a killed-and-resumed run can be compared with an uninterrupted one (never
 # do this for runs you publish: two models trained with the same noise give it away in their difference).
-SAME_SECRET = [sys.executable, "-c", "import fnclass.privacy as p, fnclass.core.random as r; "
-               "p.new_secret = lambda: r.key(1234); from fnclass.cli import main; main()"]
+SAME_SECRET = [sys.executable, "-c", "import fnclass.privacy as p, fnclass.core.random as r, tests.faults as f; "
+               "p.new_secret = lambda: r.key(1234); f.main()"]  # with the kill FNCLASS_KILL_AT names
 
 
 def _train(cifar_dir, out, *extra, env=None, cli=CLI):

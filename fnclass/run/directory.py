@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fnclass.config import Config, config_to_dict, config_to_toml
 from fnclass.errors import InputError
-from fnclass.io import WriteError, fault_point, fsync_folder, save_figure, write_atomic, write_json
+from fnclass.io import WriteError, fsync_folder, save_figure, write_atomic, write_json
 from fnclass.run.checkpoint import CheckpointError, copy_checkpoint, read_train_state, save_checkpoint
 from fnclass.run.inputs import INPUTS_FILE
 
@@ -132,12 +132,8 @@ class RunDirectory:
         checkpoint it resumes from: the resumed run logs those steps again, once.
         """
         if self.writes:
-            line = json.dumps(row) + "\n"
             with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(line[:len(line) // 2])
-                handle.flush()
-                fault_point("write:metrics.jsonl")
-                handle.write(line[len(line) // 2:])
+                handle.write(json.dumps(row) + "\n")
             if self._tensorboard is not None:
                 self._tensorboard.row(row)
 

@@ -8,7 +8,6 @@ import torch
 
 from fnclass import data
 from fnclass.core.losses import per_example_cross_entropy
-from fnclass.io import fault_point
 from fnclass.training import calibration
 
 TOP5_MIN_CLASSES = 5  # top-5 accuracy is reported with more classes than this (with 5 or fewer it is always 1)
@@ -72,7 +71,6 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
     rows = [{kind: [] for kind in kinds} for _ in range(count + 1)]
     local_images, local_labels = split_rows(images, process), split_rows(labels, process)
     for start in range(0, len(local_images), batch_size):
-        fault_point("eval")
         x = data.normalize(local_images[start:start + batch_size], mean, std)
         y = local_labels[start:start + batch_size]
         batch_logits, batch_tta = [], []

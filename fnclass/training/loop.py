@@ -15,7 +15,7 @@ import time
 import torch
 
 from fnclass.distributed.members import MemberBlocks
-from fnclass.io import fault_point, synchronize
+from fnclass.io import synchronize
 from fnclass.training.hooks import FiniteCheck, StepEvent
 
 
@@ -93,7 +93,6 @@ class EpochLoop:
                 sums["overflow"] += batch.overflow
             step, images = step + 1, images + self.batch_size
             sums["images"] += self.batch_size
-            fault_point("step")
             event = StepEvent(train_state, metrics, step, epoch, epoch_step + 1, self.steps_per_epoch,
                               images * (self.members or 1) / max(time.perf_counter() - start, 1e-9),
                               sums["skipped"], self.progress, batch.examples)
