@@ -46,10 +46,14 @@ def _named_files(config: Config, data_folder: Path) -> list[tuple[str, Path]]:
 
 
 def fingerprint_inputs(config: Config, data_folder: str | Path) -> dict:
-    """The record of a run's inputs (written to inputs.json): each file's size, modification time and SHA-256."""
+    """The record of a run's inputs (written to inputs.json): each file's size, modification time and SHA-256.
+
+    A file that is not there is left out: the run cannot start without it, and its loader says why in one line.
+    """
     files = []
     for name, path in _named_files(config, Path(data_folder)):
-        files.append({"input": name, "path": str(path), **_fingerprint(path)})
+        if path.is_file():
+            files.append({"input": name, "path": str(path), **_fingerprint(path)})
     listing = "".join(f"{f['sha256']}  {Path(f['path']).name}\n" for f in files if f["input"] == "data")
     return {"format": FORMAT, "data_folder": str(Path(data_folder).resolve()),
             "data_sha256_all": hashlib.sha256(listing.encode("utf-8")).hexdigest(), "files": files}
