@@ -198,8 +198,9 @@ class TrainConfig:
     batch_size: int = 128  # the paper's batch
     seed: int = 0
     label_smoothing: float = 0.0
-    precision: str = "fp32"  # "bf16" autocasts on CUDA (params and BN statistics stay float32); "fp16" too, with
-    # dynamic loss scaling (GradScaler's rules), for GPUs without fast bf16 (V100, T4)
+    precision: str = "fp32"  # "bf16" autocasts on CUDA and the CPU (params and BN statistics stay float32); "fp16"
+    # on CUDA, with dynamic loss scaling (GradScaler's rules), for GPUs without fast bf16 (V100, T4); "auto": bf16
+    # where the device has native bf16 units (AMX or AVX-512 BF16 on a CPU), else fp32, recorded as resolved
     compile: bool = False  # compile the whole step; pays on a GPU, not on a CPU
     channels_last: bool = False  # channels-last images (faster convolutions on GPUs and with oneDNN on CPUs)
     eval_batch_size: int = 1000
@@ -226,8 +227,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
         _check(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
-        _check(self.precision in ("fp32", "bf16", "fp16"), "train.precision", self.precision,
-               '"fp32", "bf16" or "fp16"')
+        _check(self.precision in ("fp32", "bf16", "fp16", "auto"), "train.precision", self.precision,
+               '"fp32", "bf16", "fp16" or "auto"')
         _check(1 <= self.accumulate_steps <= 1024, "train.accumulate_steps", self.accumulate_steps,
                "an integer in 1..1024 (1: no accumulation)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")

@@ -154,6 +154,60 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_bf16_units() -> str | None:
+    """The CPU's native bf16 matrix units, as torch's CPU capability checks report them: ``"AMX"`` (tiles),
+    ``"AVX-512 BF16"``, or None (bf16 then runs emulated, slower than float32)."""
+    import torch
+
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+    for name, check in checks:  # private but stable since torch 2.3; missing on other builds: no units
+        if getattr(torch.cpu, check, lambda: False)():
+            return name
+    return None
+
+
+def _cpu_bf16_probe() -> None:
+    """Run a convolution and a matrix product under CPU bf16 autocast (raises where this torch build cannot)."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.nn.functional.conv2d(torch.ones(1, 3, 4, 4), torch.ones(2, 3, 3, 3))
+        torch.nn.functional.linear(x.flatten(1), torch.ones(2, x[0].numel()))
+
+
+def resolve_precision(precision: str, device: torch.device, *, units: Callable[[], str | None] | None = None,
+                      probe: Callable[[], None] | None = None) -> tuple[str, str]:
+    """The precision a run computes in, and why: ``train.precision`` with ``"auto"`` resolved.
+
+    ``"auto"`` is ``"bf16"`` where the device has native bf16 matrix units (a CUDA device with bf16 support; a CPU
+    with AMX or AVX-512 BF16, from ``units``) and ``"fp32"`` elsewhere; it never fails. ``"bf16"`` asked for on the
+    CPU is checked by ``probe``. ``units`` and ``probe`` default to :func:`cpu_bf16_units` and a bf16 convolution
+    and matrix product under CPU autocast (looked up when called, so a test can replace either).
+
+    Raises:
+      DeviceError: ``"bf16"`` on a CPU whose torch build cannot run bf16 autocast.
+    """
+    import torch
+
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cpu":
+            try:
+                (probe or _cpu_bf16_probe)()
+            except Exception as error:  # noqa: BLE001 - whatever the build raises, the answer is one line
+                raise DeviceError(f"train.precision = \"bf16\": this torch build cannot run bf16 on the CPU "
+                                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); use "
+                                  "\"fp32\", or \"auto\" (which picks fp32 here)") from None
+        return precision, "train.precision"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {torch.cuda.get_device_name(device)} computes in bf16 natively"
+        return "fp32", f"auto: {torch.cuda.get_device_name(device)} has no native bf16"
+    found = (units or cpu_bf16_units)()
+    if found:
+        return "bf16", f"auto: the CPU has {found} units"
+    return "fp32", "auto: the CPU has no AMX or AVX-512 BF16 units"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (a clock read after it then includes that work); nothing on the CPU."""
     import torch

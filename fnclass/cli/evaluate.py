@@ -31,12 +31,15 @@ from fnclass.cli.train import _model_file, _show
 @click.option("--corruptions-plot", type=click.Path(dir_okay=False, path_type=Path),
               help="With --corruptions: write accuracy and ECE per corruption and severity (PNG) here.")
 @options.device
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+              help="Compute in this precision: bf16 autocast (on CUDA and the CPU) reproduces a bf16 run's own "
+                   "evaluations; auto: bf16 where the device has native bf16 units.")
 @options.no_download
 @options.weights
 @options.as_json("the result")
 @one_line_errors
 def evaluate(checkpoint, model_name, tta, data_dir, split, limit, plot, corruptions_dir, corruptions_plot, device,
-             no_download, weights, as_json):
+             precision, no_download, weights, as_json):
     """Evaluate a checkpoint, a safetensors export or a pretrained model on a data split.
 
     Reports accuracy and calibration: NLL, ECE (15 confidence bins, L1) and Brier score, with the checkpoint's
@@ -51,7 +54,7 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, plot, corrupti
     from fnclass.core.tree import tree_to
     from fnclass.core.tree import tree_unstack as unstack
     from fnclass.data import resolve_data_dir
-    from fnclass.io import pick_device
+    from fnclass.io import pick_device, resolve_precision
     from fnclass.run.export import load_for_evaluation
     from fnclass.training.evaluate import evaluate_members
     from fnclass.training.step import make_eval_step
@@ -62,16 +65,17 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, plot, corrupti
     ckpt = load_for_evaluation(checkpoint, weights=weights)
     corruption_set = _corruption_set(corruptions_dir, ckpt) if corruptions_dir is not None else None
     dev = pick_device(device)
+    precision, _ = resolve_precision(precision, dev)
     folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
     images, labels = _eval_split(ckpt, folder, split, limit)
     ckpt.check_split(folder, images, labels)
     params, state = tree_to((ckpt.params, ckpt.state), dev)
     models = list(zip(unstack(params), unstack(state))) if ckpt.members else [(params, state)]
-    results = evaluate_members(make_eval_step(ckpt.model), models, images.to(dev), labels.to(dev),
+    results = evaluate_members(make_eval_step(ckpt.model, precision=precision), models, images.to(dev), labels.to(dev),
                                mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,
                                tta=(1 + ckpt.config.train.tta_translate) if tta else 0, temperature=ckpt.temperature)
     result = results["ensemble"] or results["members"][0]  # a stacked checkpoint: its ensemble (mean logits)
-    output = _eval_output(checkpoint, ckpt, split, labels, result, results, tta)
+    output = {**_eval_output(checkpoint, ckpt, split, labels, result, results, tta), "precision": precision}
     if plot is not None:
         from fnclass.training.calibration import plot_reliability
 
@@ -109,7 +113,8 @@ def _print_eval(output: dict, ckpt, result: dict, split: str, count: int, tta: b
     from fnclass.training.members import member_name
 
     temperature = f" (temperature {ckpt.temperature:.4f})" if ckpt.temperature != 1.0 else ""
-    lines = [f"{split} images  {count}", f"weights      {ckpt.weights}", f"loss         {result['loss']:.4f}",
+    lines = [f"{split} images  {count}", f"weights      {ckpt.weights}", f"precision    {output['precision']}",
+             f"loss         {result['loss']:.4f}",
              f"accuracy     {result['accuracy']:.2%}",
              f"NLL          {result['nll']:.4f}{temperature}", f"ECE          {result['ece']:.4f} (15 bins)",
              f"Brier        {result['brier']:.4f}"]
@@ -118,7 +123,7 @@ def _print_eval(output: dict, ckpt, result: dict, split: str, count: int, tta: b
     if tta:
         lines.append(f"TTA          {result['tta_accuracy']:.2%}")
     if ckpt.members:
-        lines[2] += f" (ensemble of {len(ckpt.members)} members: the mean of their logits)"
+        lines[3] += f" (ensemble of {len(ckpt.members)} members: the mean of their logits)"
         for entry, member in zip(output["members"], ckpt.members):
             lines.append(f"member {entry['member']:<5} {entry['accuracy']:.2%}, NLL {entry['nll']:.4f}, ECE "
                          f"{entry['ece']:.4f}  ({member_name(member)})")

@@ -64,6 +64,7 @@ class RichReporter:
             f"{info['train_images']} train / {held}{info['test_images']} test images from {info['data_dir']}, "
             f"{info['steps_per_epoch']} steps/epoch x {cfg.train.epochs} epochs{resumed} -> {info['workdir']}",
             highlight=False)
+        self.console.print(f"precision {info['precision']} ({info['precision_reason']})", highlight=False)
         plan = info.get("privacy")
         if plan:
             target = f"to spend epsilon {plan['target_epsilon']:g}" if plan["target_epsilon"] else "(no target epsilon)"
@@ -262,9 +263,11 @@ def _default_config(device: str) -> tuple[str, str]:
 def _differences(given, recorded) -> list[str]:
     """``section.key: given vs recorded`` for every key where two configs differ."""
     a, b = config_to_dict(given), config_to_dict(recorded)
-    # A key left out of the given config (model.num_classes: taken from the data) agrees with any recorded value.
+    # A key left out of the given config (model.num_classes: taken from the data) agrees with any recorded value,
+    # and train.precision = "auto" with the choice the run recorded.
     return [f"{section}.{key} = {a[section].get(key)!r} here but {b[section].get(key)!r} in the run"
-            for section in a for key in sorted(a[section]) if a[section].get(key) != b[section].get(key)]
+            for section in a for key in sorted(a[section]) if a[section].get(key) != b[section].get(key)
+            and not (section, key, a[section].get(key)) == ("train", "precision", "auto")]
 
 
 def _resume_config(run_dir: Path, config_path, overrides, out):

@@ -30,7 +30,7 @@ from fnclass.data.sources import PermutedSource, Stacked
 from fnclass.distributed.members import MemberBlocks, member_blocks
 from fnclass.distributed.sources import Sharded
 from fnclass.errors import InputError
-from fnclass.io import keep_freed_memory, pick_device, synchronize
+from fnclass.io import keep_freed_memory, pick_device, resolve_precision, synchronize
 from fnclass.models import resolve_config
 from fnclass.privacy.sources import PoissonSource
 from fnclass.run import inputs
@@ -82,6 +82,7 @@ class Setup(NamedTuple):
     run: RunDirectory
     resume: bool
     inputs: dict  # the input files' record (fnclass.run.inputs): inputs.json and summary.json
+    precision_reason: str = ""  # why config.train.precision (resolved from "auto") is what it is
 
 
 class Program(NamedTuple):
@@ -151,6 +152,11 @@ def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool
     if not config.members.active:
         distributed.check_batch(process, config.train.batch_size)
     dev = distributed.device_of(process, pick_device(device))
+    # "auto" resolved once, recorded as resolved in config.toml: a resumed run keeps the choice.
+    precision, precision_reason = resolve_precision(config.train.precision, dev)
+    if resume:
+        precision_reason = "the run's recorded choice (config.toml)"
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
     if process is not None:  # one download, by rank 0, before the others look for the files
         distributed.first_on_rank_zero(process, lambda: data.resolve_data_dir(data_dir or config.data.data_dir,
                                                                               config.data.dataset, download=download))
@@ -172,7 +178,7 @@ def set_up_run(config: Config, workdir, *, data_dir, device: str, download: bool
     writes = process is None or process.writes
     run = RunDirectory(workdir, config, reporter=reporter if writes else None, writes=writes)
     return Setup(config, ds, dev, process, config.member_list(), config.members.active, blocks, steps_per_epoch, plan,
-                 run, resume, recorded)
+                 run, resume, recorded, precision_reason)
 
 
 def run_inputs(config: Config, workdir, folder, resume: bool) -> dict:
@@ -400,7 +406,8 @@ def _start(setup: Setup, program: Program, start_step: int) -> None:
             "init_from": program.init_source._asdict() if program.init_source else None,
             "resumed_from": str(setup.run.resumed_from) if setup.resume else None,
             "rejected_checkpoints": setup.run.rejected,
-            "inputs_unchecked": bool(setup.inputs.get("recorded_on_resume"))}
+            "inputs_unchecked": bool(setup.inputs.get("recorded_on_resume")),
+            "precision": config.train.precision, "precision_reason": setup.precision_reason}
     setup.run.start(step=start_step, classes=ds.classes, mean=ds.mean, std=ds.std,
                     input_size=tuple(ds.train_images.shape[1:3]), inputs=setup.inputs,
                     **({"members": setup.members} if setup.stacked else {}), info=info)
@@ -533,7 +540,8 @@ def run_facts(setup: Setup, clock: dict, images_seen: int, steps: int, start_ste
         "resumed_from_checkpoint": run.resumed_from.name if run.resumed_from else None,
         "skipped_steps": sum(row.get("skipped_steps", 0) for row in run.epoch_rows()),
         "nan_policy": config.train.nan_policy, "init_from": config.train.init_from,
-        "device": device_name(setup.dev), "torch_version": torch.__version__, "fnclass_version": __version__,
+        "device": device_name(setup.dev), "precision": config.train.precision,
+        "precision_reason": setup.precision_reason, "torch_version": torch.__version__, "fnclass_version": __version__,
         "seed": seeds if setup.stacked else seeds[0], "num_params": num_params, "model": config.model.name,
         "data_dir": str(ds.folder), "train_images": len(ds.train_images), "test_images": len(ds.test_images),
         "val_images": 0 if ds.val_images is None else len(ds.val_images), "run_dir": str(run.path),

@@ -73,9 +73,10 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _autocast(device_type: str, precision: str):
-    """bf16 or fp16 autocast on CUDA when asked for; float32 everywhere else."""
-    if precision in AUTOCAST and device_type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=AUTOCAST[precision])
+    """bf16 autocast on CUDA or the CPU, fp16 autocast on CUDA, when asked for; float32 otherwise (fp16 on the CPU,
+    which has no loss-scaled path here)."""
+    if precision == "bf16" and device_type in ("cuda", "cpu") or precision == "fp16" and device_type == "cuda":
+        return torch.autocast(device_type=device_type, dtype=AUTOCAST[precision])
     return contextlib.nullcontext()
 
 
@@ -159,8 +160,9 @@ def make_train_step(model: Model, loss_fn: Callable, optimizer: optim.Transform,
         holds a loss scale (fp16), ``grad_and_value`` also gets the scale as a last argument
         (:func:`fnclass.training.wrappers.loss_scaled_gradient`).
       compile: compile the whole step (gradient and update) as one graph with ``torch.compile``.
-      precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` for that autocast on CUDA (params, optimizer state and
-        BatchNorm statistics stay float32; ignored on the CPU). fp16 needs loss scaling around the step
+      precision: ``"fp32"``, ``"bf16"`` (autocast on CUDA and the CPU) or ``"fp16"`` (autocast on CUDA; ignored
+        on the CPU); params, optimizer state and BatchNorm statistics stay float32. fp16 needs loss scaling around
+        the step
         (:func:`fnclass.training.wrappers.with_loss_scaling`).
       channels_last: feed images in channels-last memory format (faster convolutions on recent GPUs, and
         about 1.5x faster on this project's 2-core CPU with oneDNN).
@@ -257,7 +259,7 @@ def make_eval_step(model: Model, *, compile: bool = False, precision: str = "fp3
     Args:
       model: the model.
       compile: compile the forward pass with ``torch.compile``.
-      precision: ``"fp32"`` or ``"bf16"`` (autocast on CUDA only).
+      precision: ``"fp32"`` or ``"bf16"`` (autocast, on CUDA and the CPU).
       channels_last: feed images in channels-last memory format.
 
     Returns:
