@@ -119,7 +119,7 @@ def test_every_key_refuses_every_wrong_type(tmp_path, section, field):
     ("train.seed", "9223372036854775808", "a 64-bit integer"),  # 2**63: TOML integers are 64-bit
     ("train.epochs", "-9223372036854775809", "a 64-bit integer"),
     ("train.label_smoothing", "1.0", "a number in [0, 1)"),
-    ("train.precision", '"fp8"', '"fp32", "bf16" or "fp16"'),
+    ("train.precision", '"fp8"', '"fp32", "bf16", "fp16" or "auto"'),
     ("train.accumulate_steps", "0", "an integer in 1..1024"),
     ("train.ema_decay", "1.0", "a number in [0, 1)"),
     ("train.eval_every", "-1", "an integer >= 0 (0: evaluate after the last epoch only)"),
