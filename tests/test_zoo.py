@@ -32,6 +32,7 @@ def test_the_zoo_ships_the_cpu_model_with_a_complete_card():
                                             "test_labels.npy", "classes.txt"}
     for key in ("date", "device", "machine", "torch", "train_seconds", "wall"):
         assert entry["trained"][key], key
+    assert entry["trained"]["precision"] in ("fp32", "bf16")  # which arithmetic trained the weights (issue 31)
 
 
 @pytest.mark.parametrize("name", ENTRIES)
