@@ -267,7 +267,7 @@ def _differences(given, recorded) -> list[str]:
     # and train.precision = "auto" with the choice the run recorded.
     return [f"{section}.{key} = {a[section].get(key)!r} here but {b[section].get(key)!r} in the run"
             for section in a for key in sorted(a[section]) if a[section].get(key) != b[section].get(key)
-            and not (section, key, a[section].get(key)) == ("train", "precision", "auto")]
+            and (section, key, a[section].get(key)) != ("train", "precision", "auto")]
 
 
 def _resume_config(run_dir: Path, config_path, overrides, out):

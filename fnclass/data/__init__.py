@@ -758,6 +758,12 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def listing_sha256(sha256: dict[str, str]) -> str:
+    """The SHA-256 of the ``sha256sum`` listing of :data:`FILES` (file name -> hex digest), in that order."""
+    listing = "".join(f"{sha256[name]}  {name}\n" for name in FILES)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
 def dataset_info(folder: str | Path) -> dict:
     """Describe a canonical data folder: counts, statistics, shape and checksums.
 
@@ -781,7 +787,6 @@ def dataset_info(folder: str | Path) -> dict:
     dataset = load_dataset(folder)
     mean, std = channel_stats(dataset.train_images)
     sha256 = {name: file_sha256(folder / name) for name in FILES}
-    listing = "".join(f"{sha256[name]}  {name}\n" for name in FILES)
     return {
         "folder": str(folder),
         "classes": list(dataset.classes),
@@ -793,7 +798,7 @@ def dataset_info(folder: str | Path) -> dict:
         "mean": list(mean),
         "std": list(std),
         "sha256": sha256,
-        "sha256_all": hashlib.sha256(listing.encode("utf-8")).hexdigest(),
+        "sha256_all": listing_sha256(sha256),
     }
 
 

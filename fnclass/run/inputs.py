@@ -13,13 +13,12 @@ folder) is hashed again, and passes when its bytes are the same. The SHA-256 of 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from fnclass.config import Config
-from fnclass.data import FILES, file_sha256
+from fnclass.data import FILES, file_sha256, listing_sha256
 from fnclass.errors import InputError
 
 INPUTS_FILE = "inputs.json"
@@ -54,9 +53,9 @@ def fingerprint_inputs(config: Config, data_folder: str | Path) -> dict:
     for name, path in _named_files(config, Path(data_folder)):
         if path.is_file():
             files.append({"input": name, "path": str(path), **_fingerprint(path)})
-    listing = "".join(f"{f['sha256']}  {Path(f['path']).name}\n" for f in files if f["input"] == "data")
+    data = {Path(f["path"]).name: f["sha256"] for f in files if f["input"] == "data"}
     return {"format": FORMAT, "data_folder": str(Path(data_folder).resolve()),
-            "data_sha256_all": hashlib.sha256(listing.encode("utf-8")).hexdigest(), "files": files}
+            "data_sha256_all": listing_sha256(data) if len(data) == len(FILES) else None, "files": files}
 
 
 def read_inputs(run_dir: str | Path) -> dict | None:
