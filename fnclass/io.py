@@ -176,11 +176,13 @@ def _cpu_bf16_probe() -> None:
 
 
 def resolve_precision(precision: str, device: torch.device, *, units: Callable[[], str | None] | None = None,
-                      probe: Callable[[], None] | None = None) -> tuple[str, str]:
+                      probe: Callable[[], None] | None = None, name: str = "train.precision") -> tuple[str, str]:
     """The precision a run computes in, and why: ``train.precision`` with ``"auto"`` resolved.
 
     ``"auto"`` is ``"bf16"`` where the device has native bf16 matrix units (a CUDA device with bf16 support; a CPU
-    with AMX or AVX-512 BF16, from ``units``) and ``"fp32"`` elsewhere; it never fails. ``"bf16"`` asked for on the
+    with AMX or AVX-512 BF16, from ``units``) and ``"fp32"`` elsewhere, or always ``"fp32"`` with the environment
+    variable ``FNCLASS_AUTO_PRECISION=fp32`` (the same numbers on every machine: the test suite sets it); it never
+    fails on its own. ``"bf16"`` asked for on the
     CPU is checked by ``probe``. ``units`` and ``probe`` default to :func:`cpu_bf16_units` and a bf16 convolution
     and matrix product under CPU autocast (looked up when called, so a test can replace either).
 
@@ -194,10 +196,19 @@ def resolve_precision(precision: str, device: torch.device, *, units: Callable[[
             try:
                 (probe or _cpu_bf16_probe)()
             except Exception as error:  # noqa: BLE001 - whatever the build raises, the answer is one line
-                raise DeviceError(f"train.precision = \"bf16\": this torch build cannot run bf16 on the CPU "
+                setting = name.startswith("train.")  # a config key's values are TOML strings; a flag's are not
+                asked, fp32, auto = (f'{name} = "bf16"', '"fp32"', '"auto"') if setting else \
+                    (f"{name} bf16", "fp32", "auto")
+                raise DeviceError(f"{asked}: this torch build cannot run bf16 on the CPU "
                                   f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); use "
-                                  "\"fp32\", or \"auto\" (which picks fp32 here)") from None
-        return precision, "train.precision"
+                                  f"{fp32}, or {auto} (which picks fp32 here)") from None
+        return precision, name
+    pinned = os.environ.get("FNCLASS_AUTO_PRECISION")
+    if pinned:
+        if pinned != "fp32":
+            raise DeviceError(f"FNCLASS_AUTO_PRECISION={pinned}: the only value is fp32 (auto then always picks "
+                              "fp32); unset it to let auto choose")
+        return "fp32", "auto: FNCLASS_AUTO_PRECISION=fp32"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bf16", f"auto: {torch.cuda.get_device_name(device)} computes in bf16 natively"
@@ -206,6 +217,36 @@ def resolve_precision(precision: str, device: torch.device, *, units: Callable[[
     if found:
         return "bf16", f"auto: the CPU has {found} units"
     return "fp32", "auto: the CPU has no AMX or AVX-512 BF16 units"
+
+
+AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def autocast(device_type: str, precision: str):
+    """bf16 autocast on CUDA or the CPU, fp16 autocast on CUDA, when asked for; float32 otherwise (fp16 on the CPU,
+    which has no loss-scaled path here)."""
+    import contextlib
+
+    import torch
+
+    if precision == "bf16" and device_type in ("cuda", "cpu") or precision == "fp16" and device_type == "cuda":
+        return torch.autocast(device_type=device_type, dtype=getattr(torch, AUTOCAST[precision]))
+    return contextlib.nullcontext()
+
+
+def in_precision(model, precision: str):
+    """``model`` (a :class:`fnclass.models.Model`) whose ``apply`` computes under ``precision``'s autocast on its
+    images' device and returns float32 logits (the loss and scores stay float32); ``"fp32"``: ``model`` itself.
+    What the analysis commands' ``--precision`` runs; parameters and gradients stay float32."""
+    if precision == "fp32":
+        return model
+
+    def apply(params, state, images, **kwargs):
+        with autocast(images.device.type, precision):
+            logits, new_state = model.apply(params, state, images, **kwargs)
+        return logits.float(), new_state
+
+    return model._replace(apply=apply)
 
 
 def synchronize(device: torch.device) -> None:

@@ -32,7 +32,7 @@ from fnclass import data
 from fnclass.core import tree
 from fnclass.core.losses import per_example_cross_entropy
 from fnclass.core.per_example import per_example_grad_and_value
-from fnclass.io import pick_device, save_figure, write_atomic, write_json
+from fnclass.io import in_precision, pick_device, resolve_precision, save_figure, write_atomic, write_json
 from fnclass.models import Model, build_model
 from fnclass.run.checkpoint import load_checkpoint
 
@@ -62,10 +62,11 @@ def make_per_example_grad_fn(model: Model, state, *, loss_fn: Callable = per_exa
     return per_example_grad_and_value(example_loss)
 
 
-def vmap_model(ckpt) -> Model:
+def vmap_model(ckpt, precision: str = "fp32") -> Model:
     """A checkpoint's model with attention on its explicit ``math`` path, which vectorises under vmap (the fused
-    SDPA kernels have no batching rule); the parameters and the function are the same."""
-    return build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))
+    SDPA kernels have no batching rule); the parameters and the function are the same. ``precision``: ``"bf16"``
+    computes it under bf16 autocast (:func:`fnclass.io.in_precision`), float32 logits and gradients."""
+    return in_precision(build_model(dataclasses.replace(ckpt.config.model, attn_impl="math")), precision)
 
 
 def data_folder(process, data_dir, dataset: str, download: bool) -> Path:
@@ -244,11 +245,13 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
 def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = "train", limit: int | None = None,
                        chunk_size: int | str = "auto", max_memory: int | None = None, top: int = 64,
                        device: str = "auto", download: bool = True, progress: Callable | None = None,
-                       weights: str = "auto") -> dict:
+                       weights: str = "auto", precision: str = "fp32") -> dict:
     """Per-example gradient analysis of a checkpoint on a data split, written to ``out_dir``.
 
     ``weights``: ``"auto"`` (the EMA when the checkpoint has one), ``"ema"`` or ``"raw"``; the report's ``weights``
-    names those analysed.
+    names those analysed. ``precision``: ``"fp32"``, ``"bf16"`` (autocast; the gradients stay float32) or
+    ``"auto"`` (bf16 where the device has bf16 units, :func:`fnclass.io.resolve_precision`); the report's
+    ``precision`` names the one used.
 
     Writes ``per_example.csv`` (index, label, predicted, loss, grad_norm, one column per layer group,
     cos_to_mean), ``report.json`` (every aggregate), ``top_examples.png`` (the ``top`` highest-norm
@@ -264,8 +267,8 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     """
     from fnclass import distributed
 
-    process, ckpt, dev, raw_images, labels, model = _open_split(checkpoint_path, data_dir, split, limit, device,
-                                                                download, weights)
+    process, ckpt, dev, raw_images, labels, model, precision = _open_split(checkpoint_path, data_dir, split, limit,
+                                                                           device, download, weights, precision)
     params, state = tree.tree_to((ckpt.params, ckpt.state), dev)
     images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
     if chunk_size == "auto":
@@ -277,6 +280,7 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     report = build_report(stats, labels.cpu(), ckpt.classes, split=split, chunk_size=chunk_size, seconds=seconds,
                           checkpoint=str(checkpoint_path), top=top)
     report["processes"], report["weights"] = process.world_size if process else 1, ckpt.weights
+    report["precision"] = precision
     if process is None or process.writes:
         write_outputs(Path(out_dir), stats, labels.cpu(), raw_images, ckpt.classes, report)
     distributed.finish(process)
@@ -434,7 +438,7 @@ def kept_indices(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, split: str = "train",
                      limit: int | None = None, chunk_size: int | str = "auto", max_memory: int | None = None,
                      keep_fraction: float | None = None, top: int = 10, device: str = "auto", download: bool = True,
-                     progress: Callable | None = None, weights: str = "auto") -> dict:
+                     progress: Callable | None = None, weights: str = "auto", precision: str = "fp32") -> dict:
     """Data-valuation scores of every example of a split (``fnclass grads --score``), written to ``out_dir``.
 
     A stacked checkpoint's score is the mean of its members' (each :meth:`Checkpoint.member`): the expectation over
@@ -447,13 +451,15 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
       checkpoint_path: a checkpoint (one model or members).
       out_dir: the output folder (created if needed).
       method: ``"el2n"`` or ``"grand"`` (:data:`SCORES`).
-      data_dir, split, limit, chunk_size, max_memory, device, download, weights: as :func:`analyze_checkpoint`.
+      data_dir, split, limit, chunk_size, max_memory, device, download, weights, precision: as
+        :func:`analyze_checkpoint`.
       keep_fraction: in (0, 1]: also write ``kept_indices.txt``.
       top: how many of the highest-scoring examples the summary lists.
       progress: called with the number of examples done (over all members) after each chunk.
 
     Returns:
-      The summary (also ``scores.json``): ``method``, ``definition``, ``checkpoint``, ``weights``, ``split``,
+      The summary (also ``scores.json``): ``method``, ``definition``, ``checkpoint``, ``weights``, ``precision``,
+      ``split``,
       ``num_examples``,
       ``members`` (how many were averaged) and ``member_settings``, ``mean_score``, ``keep_fraction`` and ``kept``,
       ``chunk_size``, ``seconds`` and ``top`` (rank, index, label, class and score of the highest scores).
@@ -467,8 +473,8 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
     """
     from fnclass import distributed
 
-    process, ckpt, dev, raw_images, labels, model = _open_split(checkpoint_path, data_dir, split, limit, device,
-                                                                download, weights)
+    process, ckpt, dev, raw_images, labels, model, precision = _open_split(checkpoint_path, data_dir, split, limit,
+                                                                           device, download, weights, precision)
     members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
     n, start = len(labels), time.perf_counter()
     # Each process preprocesses and scores its shard only; an example's score depends on that example alone.
@@ -490,7 +496,8 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
     summary = {
         "method": method,
         "definition": SCORES[method] + (f"; the mean over {len(members)} members" if ckpt.members else ""),
-        "checkpoint": str(checkpoint_path), "weights": ckpt.weights, "split": split, "num_examples": n,
+        "checkpoint": str(checkpoint_path), "weights": ckpt.weights, "precision": precision, "split": split,
+        "num_examples": n,
         "members": len(members),
         "member_settings": list(ckpt.members), "mean_score": float(scores.mean()),
         "keep_fraction": keep_fraction, "kept": None, "chunk_size": chunk_size,
@@ -517,18 +524,21 @@ def _write_scores(out_dir: Path, summary: dict, labels, scores, per_member: list
     write_json(out_dir / "scores.json", summary)
 
 
-def _open_split(checkpoint_path, data_dir, split: str, limit, device: str, download: bool, weights: str):
+def _open_split(checkpoint_path, data_dir, split: str, limit, device: str, download: bool, weights: str,
+                precision: str):
     """A torchrun job joined (or None), the checkpoint (its ``weights``), the device, the split's uint8 images and
-    labels (checked against the checkpoint) and the vmappable model: what the analysis commands start from."""
+    labels (checked against the checkpoint), the vmappable model in ``precision`` and that precision resolved:
+    what the analysis commands start from."""
     from fnclass import distributed
 
     process = distributed.from_environment(device)
     ckpt = load_checkpoint(checkpoint_path, weights=weights)
     dev = distributed.device_of(process, pick_device(device))
+    precision, _ = resolve_precision(precision, dev, name="--precision")
     folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
     raw_images, labels = data.load_split(folder, split, limit=limit)
     ckpt.check_split(folder, raw_images, labels)
-    return process, ckpt, dev, raw_images, labels, vmap_model(ckpt)
+    return process, ckpt, dev, raw_images, labels, vmap_model(ckpt, precision), precision
 
 
 def _scores_csv(labels: torch.Tensor, scores: torch.Tensor, per_member: list[torch.Tensor]) -> bytes:

@@ -493,7 +493,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
               proj_dim: int | None = None, damping: float | None = None, train_limit: int | None = None,
               chunk_size: int | str = "auto", max_memory: int | None = None, uniform: bool = False, seed: int = 0,
               device: str = "auto", download: bool = True, factor_examples: int | None = None,
-              progress: Callable | None = None, weights: str = "auto") -> dict:
+              progress: Callable | None = None, weights: str = "auto", precision: str = "fp32") -> dict:
     """Attribute test examples (``test_indices`` of the test split, or the images ``image_paths``, which are
     attributed for the class the last checkpoint predicts) to the training examples, and write ``out_dir``:
     ``influence.csv`` and ``influence.json`` (each test example's ``top`` proponents and opponents),
@@ -505,7 +505,9 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     report.
 
     ``weights`` (``"auto"``: the EMA where a checkpoint has one; ``"ema"``; ``"raw"``) chooses each checkpoint's
-    weights (:func:`load_along`); the report's ``weights`` names them.
+    weights (:func:`load_along`); the report's ``weights`` names them. ``precision`` (``"fp32"``; ``"bf16"``:
+    the per-example gradients under bf16 autocast, still float32; ``"auto"``) as
+    :func:`fnclass.analysis.gradients.analyze_checkpoint`; EK-FAC computes in float32.
 
     Returns:
       The report (also ``influence.json``).
@@ -519,8 +521,8 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     if method == "ekfac":
         _one_process(process)
         sources, uniform = [final_checkpoint(sources)], True
-    along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
-                                                                      train_limit, process, weights)
+    along, last, dev, folder, (train_raw, train_labels, rows), precision = _open(
+        sources, uniform, device, data_dir, download, train_limit, process, weights, precision, method)
     if image_paths:
         test_raw = torch.stack([torch.tensor(data.read_image(Path(p), last.input_size)) for p in image_paths])
         test_labels = _predict(last, test_raw)
@@ -534,7 +536,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
         raise InputError(f"--damping 0 with --proj-dim {proj_dim or DEFAULT_TRAK_DIM} and {len(train_raw)} training "
                          "examples: Phi^T Phi is singular when the dimension reaches their number; raise --damping "
                          "or lower --proj-dim")
-    model = vmap_model(last)
+    model = vmap_model(last, precision)
     train_images = prepare(last, train_raw, dev)
     size = _chunk(chunk_size, along, model, train_images, max_memory, method)
     problem = Problem(model, train_images, train_labels.to(dev), prepare(last, test_raw, dev), test_labels.to(dev),
@@ -554,6 +556,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
                            for i in idx]
     report = {
         "method": method, "proj_dim": proj_dim, "damping": damping, "seed": seed, "weights": _weights(along),
+        "precision": precision,
         "checkpoints": _checkpoints(along),
         "models": models, "train_examples": len(train_images), "chunk_size": size,
         "processes": process.world_size if process else 1, "seconds": seconds,
@@ -572,12 +575,12 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
                         max_memory: int | None = None, uniform: bool = False, device: str = "auto",
                         download: bool = True, method: str = "tracin", damping: float | None = None, seed: int = 0,
                         factor_examples: int | None = None, progress: Callable | None = None,
-                        weights: str = "auto") -> dict:
+                        weights: str = "auto", precision: str = "fp32") -> dict:
     """Rank every training example by self-influence and write ``out_dir``: ``self_influence.csv`` (rank,
     index, label, predicted, score; highest first), ``self_influence.json`` and ``self_influence.png`` (the
     ``top`` first, titled ``label / predicted``). ``method``: ``"tracin"`` (``sum_k lr_k |g_k(z)|^2`` over the
     checkpoints) or ``"ekfac"`` (``g(z)^T H^-1 g(z) / N`` at the final checkpoint, :mod:`fnclass.analysis.ekfac`,
-    labels drawn from ``seed``'s key, ``damping`` as there). ``weights`` as :func:`attribute`.
+    labels drawn from ``seed``'s key, ``damping`` as there). ``weights`` and ``precision`` as :func:`attribute`.
 
     Under torchrun (TracIn only) the training rows are sharded over the processes (:func:`self_influence`, and the
     predictions) and rank 0 writes the files; every process returns the report.
@@ -600,9 +603,9 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     if method == "ekfac":
         _one_process(process)
         sources, uniform = [final_checkpoint(sources)], True
-    along, last, dev, folder, (train_raw, train_labels, rows) = _open(sources, uniform, device, data_dir, download,
-                                                                      train_limit, process, weights)
-    model = vmap_model(last)
+    along, last, dev, folder, (train_raw, train_labels, rows), precision = _open(
+        sources, uniform, device, data_dir, download, train_limit, process, weights, precision, method)
+    model = vmap_model(last, precision)
     images = prepare(last, train_raw, dev)
     size = _chunk(chunk_size, along, model, images, max_memory, method)
     problem = Problem(model, images, train_labels.to(dev), images[:0], train_labels[:0].to(dev), size)
@@ -621,7 +624,7 @@ def rank_self_influence(sources: Sequence[str | Path], out_dir: str | Path, *, d
     order = torch.argsort(scores, descending=True, stable=True)
     models = sum(len(item.learning_rates) for item in along)
     report = {
-        "method": f"{method}-self", **extra, "weights": _weights(along),
+        "method": f"{method}-self", **extra, "weights": _weights(along), "precision": precision,
         "checkpoints": _checkpoints(along),
         "models": models, "train_examples": len(images), "chunk_size": size,
         "processes": process.world_size if process else 1, "seconds": seconds,
@@ -652,16 +655,21 @@ def _write_self_influence(out: Path, report: dict, scores, order, predicted, tra
 
 
 def _open(sources, uniform: bool, device: str, data_dir, download: bool, train_limit: int | None, process,
-          weights: str):
+          weights: str, precision: str, method: str):
     """What both commands start from: the checkpoints (their ``weights``), the last one, this process's device, the
-    data folder and the run's training split (see :func:`_training_split`)."""
+    data folder, the run's training split (see :func:`_training_split`) and ``precision`` resolved."""
     from fnclass.distributed import device_of
-    from fnclass.io import pick_device
+    from fnclass.io import pick_device, resolve_precision
 
+    if method == "ekfac" and precision == "bf16":
+        raise InputError("--precision bf16 with --method ekfac: EK-FAC fits its curvature in float32; drop "
+                         "--precision (auto picks fp32 for it)")
     along = load_along(sources, uniform=uniform, weights=weights)
     last = along[-1].checkpoint
+    dev = device_of(process, pick_device(device))
+    precision = "fp32" if method == "ekfac" else resolve_precision(precision, dev, name="--precision")[0]
     folder = data_folder(process, data_dir, last.config.data.dataset, download)
-    return along, last, device_of(process, pick_device(device)), folder, _training_split(last, folder, train_limit)
+    return along, last, dev, folder, _training_split(last, folder, train_limit), precision
 
 
 def _checkpoints(along: list[AlongRun]) -> list[dict]:

@@ -31,9 +31,7 @@ from fnclass.cli.train import _model_file, _show
 @click.option("--corruptions-plot", type=click.Path(dir_okay=False, path_type=Path),
               help="With --corruptions: write accuracy and ECE per corruption and severity (PNG) here.")
 @options.device
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
-              help="Compute in this precision: bf16 autocast (on CUDA and the CPU) reproduces a bf16 run's own "
-                   "evaluations; auto: bf16 where the device has native bf16 units.")
+@options.precision
 @options.no_download
 @options.weights
 @options.as_json("the result")
@@ -65,7 +63,7 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, plot, corrupti
     ckpt = load_for_evaluation(checkpoint, weights=weights)
     corruption_set = _corruption_set(corruptions_dir, ckpt) if corruptions_dir is not None else None
     dev = pick_device(device)
-    precision, _ = resolve_precision(precision, dev)
+    precision, _ = resolve_precision(precision, dev, name="--precision")
     folder = resolve_data_dir(data_dir, ckpt.config.data.dataset, download=not no_download)
     images, labels = _eval_split(ckpt, folder, split, limit)
     ckpt.check_split(folder, images, labels)

@@ -77,12 +77,13 @@ def _progress_bar(console: Console, what: str, quiet: bool) -> Progress:
                    "(0 < F <= 1), for data.train_indices.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grads"), show_default=True)
 @options.weights
+@options.precision
 @options.device
 @options.no_download
 @options.as_json("the report")
 @one_line_errors
-def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, out, weights, device,
-          no_download, as_json):
+def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, out, weights,
+          precision, device, no_download, as_json):
     """Per-example gradients of a checkpoint: noise scale, layer shares, hardest examples; or data-valuation scores.
 
     \b
@@ -105,12 +106,13 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
             summary = score_checkpoint(checkpoint, out, method=score, data_dir=data_dir, split=split, limit=limit,
                                        chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
                                        keep_fraction=keep_fraction, top=top or 10, device=device,
-                                       download=not no_download, progress=progress, weights=weights)
+                                       download=not no_download, progress=progress, weights=weights,
+                                       precision=precision)
         else:
             report = analyze_checkpoint(checkpoint, out, data_dir=data_dir, split=split, limit=limit,
                                         chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
                                         top=top or 64, device=device, download=not no_download, progress=progress,
-                                        weights=weights)
+                                        weights=weights, precision=precision)
     if not speaks():  # a torchrun job: rank 0 reports
         return
     if score is not None:
@@ -120,7 +122,8 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
         click.echo(json.dumps(report, default=float))
         return
     noise = report["noise_scale"]
-    console.print(f"{report['num_examples']} {split} examples, {report['weights']} weights, "
+    console.print(f"{report['num_examples']} {split} examples, {report['weights']} weights in "
+                  f"{report['precision']}, "
                   f"{report['examples_per_second']:.0f} examples/s (chunk {report['chunk_size']}); loss analysed: "
                   f"{report['loss']}", highlight=False)
     console.print(f"gradient noise scale B_simple = {noise['b_simple']:.4g}  (tr Sigma {noise['trace_sigma']:.4g}, "
@@ -150,7 +153,7 @@ def _show_scores(console: Console, summary: dict, out: Path, as_json: bool) -> N
     name = {"el2n": "EL2N", "grand": "GraNd"}[summary["method"]]
     members = f", the mean of {summary['members']} members" if summary["member_settings"] else ""
     console.print(f"{summary['num_examples']} {summary['split']} examples scored by {name} ({summary['weights']} "
-                  f"weights){members}: mean "
+                  f"weights in {summary['precision']}){members}: mean "
                   f"{summary['mean_score']:.4g}; {summary['definition']}", highlight=False)
     table = Table(title=f"highest {name} scores")
     for column in ("rank", "index", "label", "class", "score"):

@@ -46,6 +46,7 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
 @click.option("--chunk-size", default="auto", show_default=True, help="Examples per vmap call: auto or K.")
 @click.option("--max-memory", help="Budget for --chunk-size auto, e.g. 4GB.")
 @options.weights
+@options.precision
 @click.option("--uniform", is_flag=True, help="Weigh every checkpoint 1 (for files without a recorded learning rate).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Key of the random projections (tracin, trak) and of EK-FAC's labels drawn from the model.")
@@ -56,7 +57,8 @@ from fnclass.cli.grads import _parse_chunk, _parse_memory
 @options.as_json("the report")
 @one_line_errors
 def influence(sources, data_dir, test_indices, image_paths, self_mode, method, proj_dim, damping, top, train_limit,
-              factor_examples, chunk_size, max_memory, weights, uniform, seed, out, device, no_download, as_json):
+              factor_examples, chunk_size, max_memory, weights, precision, uniform, seed, out, device, no_download,
+              as_json):
     """Which training examples made these predictions: TracIn over the checkpoints of a run, or TRAK.
 
     A run directory stands for the checkpoints it kept along the run (train it with
@@ -81,6 +83,8 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         raise UsageProblem("--method metagrad replays one run directory for test-split examples: give one RUN_DIR "
                            "and --test-indices; drop --self, --images, --proj-dim, --damping, --train-limit, "
                            "--factor-examples and --uniform")
+    if method == "metagrad" and precision == "bf16":
+        raise UsageProblem("--method metagrad replays the run in float32 (or float64): drop --precision bf16")
     if method == "metagrad" and weights == "ema":
         raise UsageProblem("--method metagrad replays the run's training, which ends on the raw weights: drop "
                            "--weights ema (auto takes the raw weights here)")
@@ -91,7 +95,7 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         progress = lambda done: bar.update(task, completed=done)
         common = dict(data_dir=data_dir, train_limit=train_limit, chunk_size=_parse_chunk(chunk_size),
                       max_memory=_parse_memory(max_memory), uniform=uniform, device=device, weights=weights,
-                      download=not no_download, progress=progress)
+                      precision=precision, download=not no_download, progress=progress)
         if method == "metagrad":
             from fnclass.training import metagrad
 
@@ -124,7 +128,8 @@ def _print_report(console: Console, report: dict, method: str, self_mode: bool, 
                       f"run's last checkpoint to {report['replay_error']:.1g}), {report['train_examples']} training "
                       f"examples, {report['seconds']:.1f} s{ratio}", highlight=False)
     else:
-        console.print(f"{report['method']} ({report['weights']} weights): {report['models']} model(s) over "
+        console.print(f"{report['method']} ({report['weights']} weights, {report['precision']}): {report['models']} "
+                      "model(s) over "
                       f"{len(report['checkpoints'])} "
                       f"checkpoint(s), {report['train_examples']} training examples, {speed:,.0f} per-example "
                       f"gradients/s (chunk {report['chunk_size']})", highlight=False)

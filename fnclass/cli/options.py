@@ -13,6 +13,11 @@ data_dir = click.option("--data-dir", type=click.Path(path_type=Path),
 weights = click.option("--weights", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
                        help="ema: the moving average a run with train.ema_decay keeps; raw: the trained weights; "
                             "auto: the EMA when the checkpoint has one.")
+precision = click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+    help="Compute the model in this precision: bf16 autocast (on CUDA and the CPU; parameters, gradients and "
+         "results stay float32) is faster where the device has bf16 units and rounds to ~3 significant digits; "
+         "auto: bf16 where it has them.")
 no_download = click.option("--no-download", is_flag=True, help="Never download a data set through torchvision.")
 
 

@@ -146,7 +146,10 @@ def batch_norm(params: dict, state: dict, x: torch.Tensor, *, train: bool, momen
     if _DIFFERENTIABLE_STATISTICS.get():
         return _differentiable_batch_norm(params, state, x, train=train, momentum=momentum, eps=eps)
     if not train:
-        y = F.batch_norm(x, state["mean"], state["var"], params["scale"], params["bias"], False, 0.0, eps)
+        # bf16 autocast hands a bf16 x to float32 statistics; under vmap (per-example gradients) the mixed kernel
+        # is not there, so normalise in float32 and round back, as the mixed kernel does.
+        y = F.batch_norm(x.to(state["mean"].dtype), state["mean"], state["var"], params["scale"], params["bias"],
+                         False, 0.0, eps).to(x.dtype)
         return y, state
     if axis is not None:
         return _global_batch_norm(params, state, x, axis, momentum, eps)
@@ -190,7 +193,8 @@ def layer_norm_init(features: int) -> dict:
 
 def layer_norm(params: dict, x: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
     """Layer normalisation over the last axis."""
-    return F.layer_norm(x, params["scale"].shape, params["scale"], params["bias"], eps)
+    dtype = params["scale"].dtype
+    return F.layer_norm(x.to(dtype), params["scale"].shape, params["scale"], params["bias"], eps).to(x.dtype)
 
 
 def attention_init(key, dim: int) -> dict:

@@ -6,7 +6,6 @@ pytrees: it can be compiled as one graph, stacked under ``vmap``, and its gradie
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -15,6 +14,7 @@ import torch
 
 from fnclass.core import loss_scale, optim, random
 from fnclass.core.tree import tree_index, tree_stack
+from fnclass.io import autocast
 from fnclass.models import Model
 
 
@@ -69,15 +69,9 @@ def create_train_state(model: Model, optimizer: optim.Transform, key: torch.Tens
     return start_ema(train_state) if ema else train_state
 
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _autocast(device_type: str, precision: str):
-    """bf16 autocast on CUDA or the CPU, fp16 autocast on CUDA, when asked for; float32 otherwise (fp16 on the CPU,
-    which has no loss-scaled path here)."""
-    if precision == "bf16" and device_type in ("cuda", "cpu") or precision == "fp16" and device_type == "cuda":
-        return torch.autocast(device_type=device_type, dtype=AUTOCAST[precision])
-    return contextlib.nullcontext()
+    """The autocast of ``precision`` on ``device_type`` (:func:`fnclass.io.autocast`)."""
+    return autocast(device_type, precision)
 
 
 def _eager_grad_and_value(loss_and_aux: Callable) -> Callable:
