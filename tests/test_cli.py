@@ -47,9 +47,10 @@ def test_train_writes_the_run_directory(quick_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
     assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4, 6, 8, 10, 12]
-    # config.toml is the resolved config: model.num_classes, left out, is the data folder's 10 classes
-    assert load_config(out / "config.toml") == resolve_config(load_config("configs/cpu.toml",
-                                                                          [*QUICK, "model.num_classes=10"]))
+    # config.toml is the resolved config: model.num_classes, left out, is the data folder's 10 classes, and
+    # cpu.toml's train.precision = "auto" the precision it chose (fp32: the suite pins auto, tests/conftest.py)
+    assert load_config(out / "config.toml") == resolve_config(load_config(
+        "configs/cpu.toml", [*QUICK, "model.num_classes=10", "train.precision=fp32"]))
     assert "final test accuracy" in output and "accuracy airplane" in output  # plain lines off a terminal
     assert "╭" not in output
     assert (out / "plots/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -153,7 +153,7 @@ def _show_scores(console: Console, summary: dict, out: Path, as_json: bool) -> N
     name = {"el2n": "EL2N", "grand": "GraNd"}[summary["method"]]
     members = f", the mean of {summary['members']} members" if summary["member_settings"] else ""
     console.print(f"{summary['num_examples']} {summary['split']} examples scored by {name} ({summary['weights']} "
-                  f"weights in {summary['precision']}){members}: mean "
+                  f"weights) in {summary['precision']}{members}: mean "
                   f"{summary['mean_score']:.4g}; {summary['definition']}", highlight=False)
     table = Table(title=f"highest {name} scores")
     for column in ("rank", "index", "label", "class", "score"):

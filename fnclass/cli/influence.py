@@ -128,11 +128,9 @@ def _print_report(console: Console, report: dict, method: str, self_mode: bool, 
                       f"run's last checkpoint to {report['replay_error']:.1g}), {report['train_examples']} training "
                       f"examples, {report['seconds']:.1f} s{ratio}", highlight=False)
     else:
-        console.print(f"{report['method']} ({report['weights']} weights, {report['precision']}): {report['models']} "
-                      "model(s) over "
-                      f"{len(report['checkpoints'])} "
-                      f"checkpoint(s), {report['train_examples']} training examples, {speed:,.0f} per-example "
-                      f"gradients/s (chunk {report['chunk_size']})", highlight=False)
+        console.print(f"{report['method']} ({report['weights']} weights): {_models(report)}, "
+                      f"{report['train_examples']:,} training examples, {speed:,.0f} per-example gradients/s in "
+                      f"{report['precision']} (chunk {report['chunk_size']})", highlight=False)
     if "ekfac_layers" in report:
         console.print(f"EK-FAC over {len(report['ekfac_layers'])} convolution/linear layers (damping "
                       f"{report['damping']:g}); left out: {len(report['ekfac_left_out'])} normalisation and frozen-"
@@ -156,3 +154,13 @@ def _print_report(console: Console, report: dict, method: str, self_mode: bool, 
     console.print(table)
     console.print(f"wrote influence.csv, influence.json, scores.npy, train_indices.npy, influence.png to {out}",
                   highlight=False)
+
+
+def _models(report: dict) -> str:
+    """``2 checkpoints of the run``, or with members ``6 models (3 members at each of 2 checkpoints)``."""
+    count, models = len(report["checkpoints"]), report["models"]
+    said = f"{count} checkpoint{'s' if count != 1 else ''}"
+    if models == count:
+        return said
+    return f"{models} models ({models // count} members at each of {said})" if models % count == 0 else \
+        f"{models} models over {said}"
