@@ -217,7 +217,8 @@ class TrainConfig:
     init_from: str | None = None  # start from this checkpoint's (EMA) or export's weights: fine-tuning (--init-from)
     accumulate_steps: int = 1  # average the gradients of this many batches per optimizer step (Optax's MultiSteps)
     ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off
-    ema_warmup: bool = False  # ramp the EMA decay up as min(decay, (1 + t) / (10 + t)) over updates t (timm, TF)
+    ema_warmup: bool = True  # ramp the EMA decay up as min(decay, (1 + t) / (10 + t)) over updates t (timm, TF):
+    # without it a short run's EMA still holds mostly its random initialisation
     calibrate: bool = False  # after the last epoch, fit a temperature on the validation split (data.val_size) and
     # record it in last.safetensors: calibrated probabilities in predict and every export (fnclass calibrate)
 

@@ -297,7 +297,7 @@ def fit(model, params, state, images: torch.Tensor, *, key: torch.Tensor, dampin
             sums_a[i] = sums_a[i] + (a.T @ a).double()
             sums_s[i] = sums_s[i] + (g.T @ g).double()
         if progress:
-            progress(part.stop)
+            progress(part.stop, 2 * len(images))
     q_a = [torch.linalg.eigh(a / len(images)).eigenvectors for a in sums_a]
     q_s = [torch.linalg.eigh(s / len(images)).eigenvectors for s in sums_s]
     factors = Factors(tapped.layers, q_a, q_s, [], [], train_size or len(images), tapped.left_out, only)
@@ -308,7 +308,7 @@ def fit(model, params, state, images: torch.Tensor, *, key: torch.Tensor, dampin
             rotated = factors.rotated(i, a, g)
             eigenvalues[i] = eigenvalues[i] + (rotated * rotated).sum(0, dtype=torch.float64)
         if progress:
-            progress(len(images) + part.stop)
+            progress(len(images) + part.stop, 2 * len(images))
     eigenvalues = [lam / len(images) for lam in eigenvalues]
     return factors._replace(eigenvalues=eigenvalues, damping=[damping * float(lam.mean()) for lam in eigenvalues])
 
@@ -332,7 +332,7 @@ def scores(factors: Factors, model, params, state, train_images: torch.Tensor, t
             grads = example_gradients(a, g).flatten(1)
             out[:, part] -= (v.to(grads) @ grads.T).double()
         if progress:
-            progress(part.stop)
+            progress(part.stop, out.shape[-1])
     return (out / factors.examples).float()
 
 
@@ -345,7 +345,7 @@ def self_influence(factors: Factors, model, params, state, images: torch.Tensor,
         for i, (a, g) in enumerate(tapped.pairs()):
             out[part] += factors.quadratic(i, a, g)
         if progress:
-            progress(part.stop)
+            progress(part.stop, out.shape[-1])
     return (out / factors.examples).float()
 
 

@@ -34,7 +34,7 @@ from fnclass.core.losses import per_example_cross_entropy
 from fnclass.core.per_example import per_example_grad_and_value
 from fnclass.io import in_precision, pick_device, resolve_precision, save_figure, write_atomic, write_json
 from fnclass.models import Model, build_model
-from fnclass.run.checkpoint import load_checkpoint
+from fnclass.run.checkpoint import Checkpoint, load_checkpoint
 
 LOSS_DESCRIPTION = ("per-example cross-entropy without label smoothing or weight decay; BatchNorm in eval mode "
                     "(running statistics), so each example's gradient depends on that example alone")
@@ -67,6 +67,22 @@ def vmap_model(ckpt, precision: str = "fp32") -> Model:
     SDPA kernels have no batching rule); the parameters and the function are the same. ``precision``: ``"bf16"``
     computes it under bf16 autocast (:func:`fnclass.io.in_precision`), float32 logits and gradients."""
     return in_precision(build_model(dataclasses.replace(ckpt.config.model, attn_impl="math")), precision)
+
+
+def training_rows(ckpt: Checkpoint, labels: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+    """The rows of the training split (``labels``: all of it) that ``ckpt``'s run trained on, as
+    :func:`fnclass.data.batches.load_run_data` chose them (``data.train_limit`` or ``data.train_indices``, without the
+    images ``data.val_size`` held out), the first ``limit`` of them."""
+    config = ckpt.config.data
+    rows = torch.arange(len(labels))
+    if config.train_indices:
+        rows = data.read_indices(config.train_indices, len(labels))
+    elif config.train_limit:
+        rows = rows[:config.train_limit]
+    if config.val_size:
+        kept, _ = data.validation_split(labels[rows], config.val_size, config.val_seed)
+        rows = rows[kept]
+    return rows[:limit] if limit else rows
 
 
 def data_folder(process, data_dir, dataset: str, download: bool) -> Path:
@@ -181,7 +197,8 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
       chunk_size: examples per vmap call (None: all at once); see :func:`auto_chunk_size`.
       loss_fn: per-example loss; default plain cross-entropy.
       cosine: also compute each example's cosine to the mean gradient (a second pass over the data).
-      progress: called with the number of examples done (by this process) after each chunk of each pass.
+      progress: ``progress(done, total)`` after each chunk of each pass: examples done by this process, of its
+        ``total`` (its shard, twice with ``cosine``).
       process: a :class:`fnclass.distributed.Process`, or None.
 
     Returns:
@@ -197,6 +214,7 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
     images, labels = split_rows(images, process), split_rows(labels, process)
     whole = lambda parts, like: gather_rows(torch.cat(parts) if parts else like.new_empty(0), n, process)
     chunks = _chunks(len(images), chunk_size)
+    passes = 2 if cosine else 1
     sums = [torch.zeros_like(leaf) for leaf in tree.tree_leaves(params)]
     losses, predicted, group_sq = [], [], {group: [] for group in groups}
     for part in chunks:
@@ -210,7 +228,7 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
         losses.append(loss.detach())
         predicted.append(logits.argmax(-1))
         if progress:
-            progress(part.stop)
+            progress(part.stop, passes * len(images))
     if process is not None:
         sums = all_sum(sums, process)
     mean_leaves = [total / n for total in sums]
@@ -230,7 +248,7 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
             dots.append(sum((leaf.flatten(1) * mean.flatten()).sum(1)
                             for leaf, mean in zip(tree.tree_leaves(grads), mean_leaves)))
             if progress:
-                progress(len(images) + part.stop)
+                progress(len(images) + part.stop, passes * len(images))
         per_example["cos_to_mean"] = whole(dots, empty).cpu() / (per_example["grad_norm"] * mean_norm).clamp(min=1e-30)
     return {
         "per_example": per_example,
@@ -245,13 +263,16 @@ def gradient_statistics(model: Model, params, state, images: torch.Tensor, label
 def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = "train", limit: int | None = None,
                        chunk_size: int | str = "auto", max_memory: int | None = None, top: int = 64,
                        device: str = "auto", download: bool = True, progress: Callable | None = None,
-                       weights: str = "auto", precision: str = "fp32") -> dict:
+                       weights: str = "auto", precision: str = "fp32", rows: str = "run") -> dict:
     """Per-example gradient analysis of a checkpoint on a data split, written to ``out_dir``.
 
     ``weights``: ``"auto"`` (the EMA when the checkpoint has one), ``"ema"`` or ``"raw"``; the report's ``weights``
     names those analysed. ``precision``: ``"fp32"``, ``"bf16"`` (autocast; the gradients stay float32) or
     ``"auto"`` (bf16 where the device has bf16 units, :func:`fnclass.io.resolve_precision`); the report's
-    ``precision`` names the one used.
+    ``precision`` names the one used. ``rows`` (``split = "train"`` only): ``"run"``, the rows the checkpoint's run
+    trained on (``data.train_limit``, ``data.train_indices``, less ``data.val_size``: those ``fnclass influence``
+    takes), or ``"split"``, every row; the first ``limit`` of them. ``per_example.csv``'s ``index`` and the report's
+    ``top_indices`` are rows of the split.
 
     Writes ``per_example.csv`` (index, label, predicted, loss, grad_norm, one column per layer group,
     cos_to_mean), ``report.json`` (every aggregate), ``top_examples.png`` (the ``top`` highest-norm
@@ -267,8 +288,8 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     """
     from fnclass import distributed
 
-    process, ckpt, dev, raw_images, labels, model, precision = _open_split(checkpoint_path, data_dir, split, limit,
-                                                                           device, download, weights, precision)
+    process, ckpt, dev, raw_images, labels, chosen, model, precision = _open_split(
+        checkpoint_path, data_dir, split, limit, device, download, weights, precision, rows)
     params, state = tree.tree_to((ckpt.params, ckpt.state), dev)
     images, labels = ckpt.preprocess(raw_images.to(dev)), labels.to(dev)
     if chunk_size == "auto":
@@ -280,9 +301,10 @@ def analyze_checkpoint(checkpoint_path, out_dir, *, data_dir=None, split: str = 
     report = build_report(stats, labels.cpu(), ckpt.classes, split=split, chunk_size=chunk_size, seconds=seconds,
                           checkpoint=str(checkpoint_path), top=top)
     report["processes"], report["weights"] = process.world_size if process else 1, ckpt.weights
-    report["precision"] = precision
+    report["precision"], report["rows"] = precision, rows if split == "train" else "split"
+    positions, report["top_indices"] = report["top_indices"], chosen[report["top_indices"]].tolist()
     if process is None or process.writes:
-        write_outputs(Path(out_dir), stats, labels.cpu(), raw_images, ckpt.classes, report)
+        write_outputs(Path(out_dir), stats, labels.cpu(), raw_images, ckpt.classes, report, chosen, positions)
     distributed.finish(process)
     return report
 
@@ -312,8 +334,13 @@ def build_report(stats: dict, labels: torch.Tensor, classes, *, split: str, chun
     }
 
 
-def write_outputs(out_dir, stats: dict, labels: torch.Tensor, raw_images: torch.Tensor, classes, report: dict) -> None:
-    """per_example.csv, report.json, top_examples.png and norms.png, each written atomically."""
+def write_outputs(out_dir, stats: dict, labels: torch.Tensor, raw_images: torch.Tensor, classes, report: dict,
+                  rows: torch.Tensor | None = None, top_positions: list[int] | None = None) -> None:
+    """per_example.csv, report.json, top_examples.png and norms.png, each written atomically. ``rows``: each
+    example's row of the split (default its position); ``top_positions``: the positions of the report's
+    ``top_indices``."""
+    rows = torch.arange(len(labels)) if rows is None else rows
+    top_positions = report["top_indices"] if top_positions is None else top_positions
     out_dir.mkdir(parents=True, exist_ok=True)
     per = stats["per_example"]
     groups = list(per["group_norms"])
@@ -323,18 +350,18 @@ def write_outputs(out_dir, stats: dict, labels: torch.Tensor, raw_images: torch.
                      "cos_to_mean"])
     cos = per.get("cos_to_mean")
     for i in range(stats["num_examples"]):
-        writer.writerow([i, int(labels[i]), int(per["predicted"][i]), f"{float(per['loss'][i]):.6g}",
+        writer.writerow([int(rows[i]), int(labels[i]), int(per["predicted"][i]), f"{float(per['loss'][i]):.6g}",
                          f"{float(per['grad_norm'][i]):.6g}",
                          *[f"{float(per['group_norms'][g][i]):.6g}" for g in groups],
                          f"{float(cos[i]):.6g}" if cos is not None else ""])
     write_atomic(out_dir / "per_example.csv", buffer.getvalue().encode())
     write_json(out_dir / "report.json", report)
-    _plot_top_examples(out_dir / "top_examples.png", raw_images, labels, per, classes, report["top_indices"])
+    _plot_top_examples(out_dir / "top_examples.png", raw_images, labels, per, classes, top_positions, rows)
     _plot_norms(out_dir / "norms.png", labels, per["grad_norm"], classes)
 
 
-def _plot_top_examples(path, raw_images, labels, per, classes, indices) -> None:
-    """The highest-norm examples as an image grid titled ``true / predicted``."""
+def _plot_top_examples(path, raw_images, labels, per, classes, indices, rows) -> None:
+    """The highest-norm examples (``indices``: positions) as an image grid titled ``#row``, ``true / predicted``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,7 +375,7 @@ def _plot_top_examples(path, raw_images, labels, per, classes, indices) -> None:
     for ax, index in zip(axes.flat, indices):
         true, guess = classes[int(labels[index])], classes[int(per["predicted"][index])]
         ax.imshow(raw_images[index].numpy())
-        ax.set_title(f"#{index}\n{true} / {guess}", fontsize=7, color="black" if true == guess else "red")
+        ax.set_title(f"#{int(rows[index])}\n{true} / {guess}", fontsize=7, color="black" if true == guess else "red")
     fig.suptitle("highest per-example gradient norms (true / predicted)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
@@ -390,7 +417,7 @@ def el2n_scores(model: Model, params, state, images: torch.Tensor, labels: torch
       images: (N, C, H, W) float images as ``Checkpoint.preprocess`` returns them.
       labels: (N,) int64 labels.
       chunk_size: examples per call (None: all at once); the scores do not depend on it.
-      progress: called with the number of examples done after each chunk.
+      progress: ``progress(done, N)`` after each chunk.
 
     Returns:
       The (N,) float32 scores, on the images' device.
@@ -403,7 +430,7 @@ def el2n_scores(model: Model, params, state, images: torch.Tensor, labels: torch
             one_hot = torch.nn.functional.one_hot(labels[part], probabilities.shape[-1]).to(probabilities.dtype)
             scores.append((probabilities - one_hot).norm(dim=-1))
             if progress:
-                progress(part.stop)
+                progress(part.stop, len(images))
     return torch.cat(scores) if scores else images.new_zeros(0)
 
 
@@ -417,7 +444,7 @@ def grand_scores(model: Model, params, state, images: torch.Tensor, labels: torc
         grads, _ = grad_fn(params, images[part], labels[part])
         scores.append(sum(leaf.flatten(1).pow(2).sum(1) for leaf in tree.tree_leaves(grads)).sqrt())
         if progress:
-            progress(part.stop)
+            progress(part.stop, len(images))
     return torch.cat(scores) if scores else images.new_zeros(0)
 
 
@@ -438,7 +465,8 @@ def kept_indices(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, split: str = "train",
                      limit: int | None = None, chunk_size: int | str = "auto", max_memory: int | None = None,
                      keep_fraction: float | None = None, top: int = 10, device: str = "auto", download: bool = True,
-                     progress: Callable | None = None, weights: str = "auto", precision: str = "fp32") -> dict:
+                     progress: Callable | None = None, weights: str = "auto", precision: str = "fp32",
+                     rows: str = "run") -> dict:
     """Data-valuation scores of every example of a split (``fnclass grads --score``), written to ``out_dir``.
 
     A stacked checkpoint's score is the mean of its members' (each :meth:`Checkpoint.member`): the expectation over
@@ -451,11 +479,12 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
       checkpoint_path: a checkpoint (one model or members).
       out_dir: the output folder (created if needed).
       method: ``"el2n"`` or ``"grand"`` (:data:`SCORES`).
-      data_dir, split, limit, chunk_size, max_memory, device, download, weights, precision: as
-        :func:`analyze_checkpoint`.
+      data_dir, split, limit, chunk_size, max_memory, device, download, weights, precision, rows: as
+        :func:`analyze_checkpoint` (``scores.csv``'s ``index``, the summary's ``top`` and ``kept_indices.txt`` hold
+        rows of the split).
       keep_fraction: in (0, 1]: also write ``kept_indices.txt``.
       top: how many of the highest-scoring examples the summary lists.
-      progress: called with the number of examples done (over all members) after each chunk.
+      progress: ``progress(done, total)`` after each chunk: examples done over all members (this process's shard).
 
     Returns:
       The summary (also ``scores.json``): ``method``, ``definition``, ``checkpoint``, ``weights``, ``precision``,
@@ -473,8 +502,8 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
     """
     from fnclass import distributed
 
-    process, ckpt, dev, raw_images, labels, model, precision = _open_split(checkpoint_path, data_dir, split, limit,
-                                                                           device, download, weights, precision)
+    process, ckpt, dev, raw_images, labels, chosen, model, precision = _open_split(
+        checkpoint_path, data_dir, split, limit, device, download, weights, precision, rows)
     members = [ckpt.member(i) for i in range(len(ckpt.members))] if ckpt.members else [ckpt]
     n, start = len(labels), time.perf_counter()
     # Each process preprocesses and scores its shard only; an example's score depends on that example alone.
@@ -487,7 +516,8 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
             chunk_size = auto_chunk_size(model, params, state, ckpt.preprocess(raw_images[:1].to(dev))[0],
                                          max_memory=max_memory, limit=len(images))
         before = number * len(images)
-        done = (lambda count, before=before: progress(before + count)) if progress else None
+        done = (lambda count, _, before=before: progress(before + count, len(members) * len(images))) \
+            if progress else None
         scores = SCORE_FUNCTIONS[method](model, params, state, images, shard_labels, chunk_size=chunk_size,
                                          progress=done)
         per_member.append(distributed.gather_rows(scores, n, process).cpu())
@@ -497,56 +527,69 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
         "method": method,
         "definition": SCORES[method] + (f"; the mean over {len(members)} members" if ckpt.members else ""),
         "checkpoint": str(checkpoint_path), "weights": ckpt.weights, "precision": precision, "split": split,
-        "num_examples": n,
+        "rows": rows if split == "train" else "split", "num_examples": n,
         "members": len(members),
         "member_settings": list(ckpt.members), "mean_score": float(scores.mean()),
         "keep_fraction": keep_fraction, "kept": None, "chunk_size": chunk_size,
         "processes": process.world_size if process else 1, "seconds": time.perf_counter() - start,
-        "top": [{"rank": rank + 1, "index": int(i), "label": int(labels[i]), "class": ckpt.classes[int(labels[i])],
-                 "score": float(scores[i])} for rank, i in enumerate(order[:top])],
+        "top": [{"rank": rank + 1, "index": int(chosen[i]), "label": int(labels[i]),
+                 "class": ckpt.classes[int(labels[i])], "score": float(scores[i])}
+                for rank, i in enumerate(order[:top])],
     }
     if keep_fraction is not None:
-        kept = kept_indices(scores, keep_fraction)
+        kept = torch.sort(chosen[kept_indices(scores, keep_fraction)]).values
         summary["kept"] = len(kept)
     if process is None or process.writes:
         _write_scores(Path(out_dir), summary, labels, scores, per_member if ckpt.members else [],
-                      kept if keep_fraction is not None else None)
+                      kept if keep_fraction is not None else None, chosen)
     distributed.finish(process)
     return summary
 
 
-def _write_scores(out_dir: Path, summary: dict, labels, scores, per_member: list, kept) -> None:
+def _write_scores(out_dir: Path, summary: dict, labels, scores, per_member: list, kept, rows) -> None:
     """scores.csv, scores.json and (with a keep fraction) kept_indices.txt, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if kept is not None:
         write_atomic(out_dir / "kept_indices.txt", "".join(f"{i}\n" for i in kept.tolist()).encode())
-    write_atomic(out_dir / "scores.csv", _scores_csv(labels, scores, per_member))
+    write_atomic(out_dir / "scores.csv", _scores_csv(labels, scores, per_member, rows))
     write_json(out_dir / "scores.json", summary)
 
 
 def _open_split(checkpoint_path, data_dir, split: str, limit, device: str, download: bool, weights: str,
-                precision: str):
-    """A torchrun job joined (or None), the checkpoint (its ``weights``), the device, the split's uint8 images and
-    labels (checked against the checkpoint), the vmappable model in ``precision`` and that precision resolved:
-    what the analysis commands start from."""
+                precision: str, rows: str):
+    """A torchrun job joined (or None), the checkpoint (its ``weights``), the device, the uint8 images and labels
+    analysed (checked against the checkpoint) with their rows of the split, the vmappable model in ``precision``
+    and that precision resolved: what the analysis commands start from. ``rows``: ``"run"`` takes, of the training
+    split, the rows the checkpoint's run trained on (:func:`training_rows`, as ``fnclass influence``); ``"split"``
+    every row; the first ``limit`` of them either way."""
     from fnclass import distributed
 
     process = distributed.from_environment(device)
     ckpt = load_checkpoint(checkpoint_path, weights=weights)
     dev = distributed.device_of(process, pick_device(device))
     precision, _ = resolve_precision(precision, dev, name="--precision")
+    if rows not in ("run", "split"):
+        raise ValueError(f"rows {rows!r}: expected run or split")
     folder = data_folder(process, data_dir, ckpt.config.data.dataset, download)
-    raw_images, labels = data.load_split(folder, split, limit=limit)
-    ckpt.check_split(folder, raw_images, labels)
-    return process, ckpt, dev, raw_images, labels, vmap_model(ckpt, precision), precision
+    if split == "train" and rows == "run":
+        raw_images, labels = data.load_split(folder, split)
+        ckpt.check_split(folder, raw_images, labels)
+        chosen = training_rows(ckpt, labels, limit)
+        raw_images, labels = raw_images[chosen], labels[chosen]
+    else:
+        raw_images, labels = data.load_split(folder, split, limit=limit)
+        ckpt.check_split(folder, raw_images, labels)
+        chosen = torch.arange(len(labels))
+    return process, ckpt, dev, raw_images, labels, chosen, vmap_model(ckpt, precision), precision
 
 
-def _scores_csv(labels: torch.Tensor, scores: torch.Tensor, per_member: list[torch.Tensor]) -> bytes:
-    """scores.csv: index, label, score and one score_member<i> column per member (9 digits: float32 exactly)."""
+def _scores_csv(labels: torch.Tensor, scores: torch.Tensor, per_member: list[torch.Tensor], rows) -> bytes:
+    """scores.csv: index (the row of the split), label, score and one score_member<i> column per member (9 digits:
+    float32 exactly)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["index", "label", "score", *[f"score_member{i}" for i in range(len(per_member))]])
     columns = [scores.tolist(), *[member.tolist() for member in per_member]]
-    for i, label in enumerate(labels.tolist()):
-        writer.writerow([i, label, *[f"{column[i]:.9g}" for column in columns]])
+    for i, (row, label) in enumerate(zip(rows.tolist(), labels.tolist())):
+        writer.writerow([row, label, *[f"{column[i]:.9g}" for column in columns]])
     return buffer.getvalue().encode()

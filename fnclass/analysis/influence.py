@@ -42,7 +42,14 @@ import torch
 
 from fnclass import data
 from fnclass.analysis import ekfac
-from fnclass.analysis.gradients import _chunks, auto_chunk_size, data_folder, make_per_example_grad_fn, vmap_model
+from fnclass.analysis.gradients import (
+    _chunks,
+    auto_chunk_size,
+    data_folder,
+    make_per_example_grad_fn,
+    training_rows,
+    vmap_model,
+)
 from fnclass.core import random, tree
 from fnclass.core.losses import margin, per_example_cross_entropy
 from fnclass.errors import InputError
@@ -128,22 +135,6 @@ def load_along(sources: Sequence[str | Path], *, uniform: bool = False, weights:
             raise CheckpointError(f"{item.path}: another model, classes or normalisation than {along[0].path}; "
                                   "pass checkpoints of one run")
     return along
-
-
-def training_rows(ckpt: Checkpoint, labels: torch.Tensor, limit: int | None = None) -> torch.Tensor:
-    """The rows of the training split (``labels``: all of it) that ``ckpt``'s run trained on, as
-    :func:`fnclass.data.batches.load_run_data` chose them (``data.train_limit`` or ``data.train_indices``, without the
-    images ``data.val_size`` held out), the first ``limit`` of them."""
-    config = ckpt.config.data
-    rows = torch.arange(len(labels))
-    if config.train_indices:
-        rows = data.read_indices(config.train_indices, len(labels))
-    elif config.train_limit:
-        rows = rows[:config.train_limit]
-    if config.val_size:
-        kept, _ = data.validation_split(labels[rows], config.val_size, config.val_seed)
-        rows = rows[kept]
-    return rows[:limit] if limit else rows
 
 
 class Projection:
@@ -240,7 +231,7 @@ def tracin_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int 
     device = problem.train_images.device
     scores = torch.zeros(len(problem.test_images), len(problem.train_images), device=device)
     key = random.key(0) if key is None else key
-    done = 0
+    done, total = 0, _gradients_total(along, len(problem.train_images))
     for k, item in enumerate(along):
         models = item.models(device)
         for m, (params, state) in enumerate(models):
@@ -257,8 +248,13 @@ def tracin_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int 
                 scores[:, part] += weight * (test @ train.T)
                 done += part.stop - part.start
                 if progress:
-                    progress(done)
+                    progress(done, total)
     return _gather_columns(scores, n, process)
+
+
+def _gradients_total(along: Sequence[AlongRun], rows: int) -> int:
+    """The progress total of a pass over ``rows`` training rows at every model of ``along``."""
+    return rows * sum(len(item.learning_rates) for item in along)
 
 
 def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Callable | None = None,
@@ -271,7 +267,7 @@ def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Cal
     problem = _training_shard(problem, process)
     device = problem.train_images.device
     scores = torch.zeros(len(problem.train_images), device=device)
-    done = 0
+    done, total = 0, _gradients_total(along, len(problem.train_images))
     for item in along:
         models = item.models(device)
         for m, (params, state) in enumerate(models):
@@ -282,7 +278,7 @@ def self_influence(along: Sequence[AlongRun], problem: Problem, *, progress: Cal
                 scores[part] += item.learning_rates[m] / len(models) * squares
                 done += part.stop - part.start
                 if progress:
-                    progress(done)
+                    progress(done, total)
     return gather_rows(scores, n, process)
 
 
@@ -305,7 +301,7 @@ def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = 
     key = random.key(0) if key is None else key
     total = torch.zeros(len(problem.test_images), len(problem.train_images), device=device, dtype=torch.float64)
     residual = torch.zeros(len(problem.train_images), device=device, dtype=torch.float64)
-    count, done = 0, 0
+    count, done, steps = 0, 0, _gradients_total(along, len(problem.train_images))
     for k, item in enumerate(along):
         for m, (params, state) in enumerate(item.models(device)):
             sizes = [leaf.numel() for leaf in tree.tree_leaves(params)]
@@ -319,7 +315,7 @@ def trak_scores(along: Sequence[AlongRun], problem: Problem, *, proj_dim: int = 
                 correct[part] = logits.float().softmax(-1).gather(1, problem.train_labels[part, None])[:, 0].double()
                 done += part.stop - part.start
                 if progress:
-                    progress(done)
+                    progress(done, steps)
             test = torch.cat([f.double() for _, f, _ in features(
                 problem.model, params, state, problem.test_images, problem.test_labels,
                 chunk_size=problem.chunk_size, output=margin, project=project)])
@@ -360,11 +356,13 @@ def _ekfac_mean(item: AlongRun, problem: Problem, key: torch.Tensor, damping: fl
         rows = random.permutation(random.fold_in(key, -1), n)[:factor_examples].sort().values
         fitted = problem.train_images[rows.to(fitted.device)]
     models = item.models(problem.train_images.device)
-    ticks = (lambda start: lambda done: progress(start + done)) if progress else (lambda start: None)
+    each = 2 * len(fitted) + n  # two passes over the fitted rows (factors, eigenvalue correction), one to score
+    ticks = (lambda start: lambda done, _: progress(start + done, each * len(models))) if progress else \
+        (lambda start: None)
     for m, (params, state) in enumerate(models):
         factors = ekfac.fit(problem.model, params, state, fitted, key=random.fold_in(key, m), damping=damping,
-                            chunk_size=problem.chunk_size, train_size=n, progress=ticks(3 * n * m))
-        total = total + score(factors, params, state, ticks(3 * n * m + 2 * len(fitted)))
+                            chunk_size=problem.chunk_size, train_size=n, progress=ticks(each * m))
+        total = total + score(factors, params, state, ticks(each * m + 2 * len(fitted)))
     return total / len(models), {"damping": damping, "factor_examples": len(fitted),
                                  "ekfac_layers": [layer.weight for layer in factors.layers],
                                  "ekfac_left_out": factors.left_out}

@@ -9,14 +9,14 @@ from fnclass.cli.errors import one_line_errors
 from fnclass.config import config_to_toml, load_config, shipped_configs
 
 
-@click.group()
-def config() -> None:
-    """Show run configs (shipped: cpu, fast, fast95, seed).
+@click.group(help=f"""Show run configs (shipped: {options.shipped_names()}).
 
     \b
     Example:
       fnclass config show --config fast95 --set train.epochs=4
-    """
+    """)
+def config() -> None:
+    """Show run configs."""
 
 
 @config.command("show")

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from fnclass.cli import options
 from fnclass.cli.errors import UsageProblem, one_line_errors
+from fnclass.cli.progress import Progress
 from fnclass.cli.train import _model_file, _show
 
 
@@ -59,7 +60,7 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, plot, corrupti
 
     if corruptions_plot is not None and corruptions_dir is None:
         raise UsageProblem("--corruptions-plot needs --corruptions DIR")
-    checkpoint = _model_file(checkpoint, model_name)
+    checkpoint = options.run_checkpoint(_model_file(checkpoint, model_name), quiet=as_json)
     ckpt = load_for_evaluation(checkpoint, weights=weights)
     corruption_set = _corruption_set(corruptions_dir, ckpt) if corruptions_dir is not None else None
     dev = pick_device(device)
@@ -69,9 +70,12 @@ def evaluate(checkpoint, model_name, tta, data_dir, split, limit, plot, corrupti
     ckpt.check_split(folder, images, labels)
     params, state = tree_to((ckpt.params, ckpt.state), dev)
     models = list(zip(unstack(params), unstack(state))) if ckpt.members else [(params, state)]
-    results = evaluate_members(make_eval_step(ckpt.model, precision=precision), models, images.to(dev), labels.to(dev),
-                               mean=ckpt.mean, std=ckpt.std, batch_size=ckpt.config.train.eval_batch_size,
-                               tta=(1 + ckpt.config.train.tta_translate) if tta else 0, temperature=ckpt.temperature)
+    with Progress(Console(stderr=True), f"evaluating {split} images", quiet=as_json) as progress:
+        results = evaluate_members(make_eval_step(ckpt.model, precision=precision), models, images.to(dev),
+                                   labels.to(dev), mean=ckpt.mean, std=ckpt.std,
+                                   batch_size=ckpt.config.train.eval_batch_size,
+                                   tta=(1 + ckpt.config.train.tta_translate) if tta else 0,
+                                   temperature=ckpt.temperature, progress=progress)
     result = results["ensemble"] or results["members"][0]  # a stacked checkpoint: its ensemble (mean logits)
     output = {**_eval_output(checkpoint, ckpt, split, labels, result, results, tta), "precision": precision}
     if plot is not None:

@@ -44,6 +44,8 @@ def export(checkpoint, format_, dtype, out, member, ensemble, weights, as_json):
     """
     from fnclass.run.export import export_checkpoint
 
+    checkpoint = options.run_checkpoint(checkpoint, quiet=as_json)
+
     out = out if out is not None else checkpoint.with_name(checkpoint.stem + SUFFIXES[format_])
     if out.is_dir():
         raise UsageProblem(f"--out {out}: is a folder; give a file name such as {out / ('model' + SUFFIXES[format_])}")
@@ -109,6 +111,7 @@ def predict_command(model, images, model_name, top, trust_program, weights, as_j
     elif model is None or not images:
         raise UsageProblem("give a MODEL file and one or more images, or --model NAME and images "
                            "(see `fnclass models`)")
+    model = options.run_checkpoint(model, quiet=as_json) if model_name is None else model
     result = predict(model, images, top=top, trust_program=trust_program, predictor=predictor, weights=weights)
     if as_json:
         click.echo(json.dumps(result))

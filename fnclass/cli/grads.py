@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fnclass.cli import options
 from fnclass.cli.errors import UsageProblem, one_line_errors, speaks
+from fnclass.cli.progress import Progress
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
@@ -52,12 +52,6 @@ def _check_keep_fraction(fraction: float | None, score: str | None, split: str) 
                            "which selects training images; use --split train")
 
 
-def _progress_bar(console: Console, what: str, quiet: bool) -> Progress:
-    """The bar of examples done (off when quiet or not on a terminal)."""
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True, disable=not console.is_terminal or quiet or not speaks())
-
-
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @options.data_dir
@@ -75,6 +69,9 @@ def _progress_bar(console: Console, what: str, quiet: bool) -> Progress:
 @click.option("--keep-fraction", type=float, metavar="F",
               help="With --score: also write kept_indices.txt, the ceil(F x N) highest-scoring examples "
                    "(0 < F <= 1), for data.train_indices.")
+@click.option("--rows", type=click.Choice(["run", "split"]), default="run", show_default=True,
+              help="With --split train: run: the rows the checkpoint's run trained on (data.train_limit, "
+                   "data.train_indices, less data.val_size), as `fnclass influence` takes; split: every row.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grads"), show_default=True)
 @options.weights
 @options.precision
@@ -82,7 +79,7 @@ def _progress_bar(console: Console, what: str, quiet: bool) -> Progress:
 @options.no_download
 @options.as_json("the report")
 @one_line_errors
-def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, out, weights,
+def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, rows, out, weights,
           precision, device, no_download, as_json):
     """Per-example gradients of a checkpoint: noise scale, layer shares, hardest examples; or data-valuation scores.
 
@@ -95,24 +92,21 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
     from fnclass.analysis.gradients import analyze_checkpoint, score_checkpoint
 
     _check_keep_fraction(keep_fraction, score, split)
+    checkpoint = options.run_checkpoint(checkpoint, quiet=as_json)
     console = Console(stderr=as_json)
-    with _progress_bar(console, f"{score} scores" if score else "per-example gradients", as_json) as bar:
-        task = bar.add_task("grads", total=None)
-
-        def progress(done):
-            bar.update(task, completed=done)
-
+    with Progress(Console(stderr=True), f"{score} scores" if score else "per-example gradients",
+                  quiet=as_json) as progress:
         if score is not None:
             summary = score_checkpoint(checkpoint, out, method=score, data_dir=data_dir, split=split, limit=limit,
                                        chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
                                        keep_fraction=keep_fraction, top=top or 10, device=device,
                                        download=not no_download, progress=progress, weights=weights,
-                                       precision=precision)
+                                       precision=precision, rows=rows)
         else:
             report = analyze_checkpoint(checkpoint, out, data_dir=data_dir, split=split, limit=limit,
                                         chunk_size=_parse_chunk(chunk_size), max_memory=_parse_memory(max_memory),
                                         top=top or 64, device=device, download=not no_download, progress=progress,
-                                        weights=weights, precision=precision)
+                                        weights=weights, precision=precision, rows=rows)
     if not speaks():  # a torchrun job: rank 0 reports
         return
     if score is not None:
@@ -122,7 +116,7 @@ def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score
         click.echo(json.dumps(report, default=float))
         return
     noise = report["noise_scale"]
-    console.print(f"{report['num_examples']} {split} examples, {report['weights']} weights in "
+    console.print(f"{report['num_examples']} {split} examples{_rows(report)}, {report['weights']} weights in "
                   f"{report['precision']}, "
                   f"{report['examples_per_second']:.0f} examples/s (chunk {report['chunk_size']}); loss analysed: "
                   f"{report['loss']}", highlight=False)
@@ -152,7 +146,8 @@ def _show_scores(console: Console, summary: dict, out: Path, as_json: bool) -> N
         return
     name = {"el2n": "EL2N", "grand": "GraNd"}[summary["method"]]
     members = f", the mean of {summary['members']} members" if summary["member_settings"] else ""
-    console.print(f"{summary['num_examples']} {summary['split']} examples scored by {name} ({summary['weights']} "
+    console.print(f"{summary['num_examples']} {summary['split']} examples{_rows(summary)} scored by {name} "
+                  f"({summary['weights']} "
                   f"weights) in {summary['precision']}{members}: mean "
                   f"{summary['mean_score']:.4g}; {summary['definition']}", highlight=False)
     table = Table(title=f"highest {name} scores")
@@ -164,3 +159,10 @@ def _show_scores(console: Console, summary: dict, out: Path, as_json: bool) -> N
     kept = (f", kept_indices.txt ({summary['kept']} of {summary['num_examples']} kept: the highest scores)"
             if summary["kept"] is not None else "")
     console.print(f"wrote scores.csv, scores.json{kept} to {out}", highlight=False)
+
+
+def _rows(report: dict) -> str:
+    """Which training rows were analysed, for the first line."""
+    if report["split"] != "train":
+        return ""
+    return " (the rows the run trained on)" if report["rows"] == "run" else " (every row of the split)"

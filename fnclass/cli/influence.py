@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fnclass.cli import options
 from fnclass.cli.errors import UsageProblem, one_line_errors, speaks
 from fnclass.cli.grads import _parse_chunk, _parse_memory
+from fnclass.cli.progress import Progress
 
 
 @click.command()
@@ -89,10 +89,8 @@ def influence(sources, data_dir, test_indices, image_paths, self_mode, method, p
         raise UsageProblem("--method metagrad replays the run's training, which ends on the raw weights: drop "
                            "--weights ema (auto takes the raw weights here)")
     console = Console(stderr=as_json)
-    with Progress(TextColumn("per-example gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not console.is_terminal or as_json or not speaks()) as bar:
-        task = bar.add_task("influence", total=None)
-        progress = lambda done: bar.update(task, completed=done)
+    what = {"metagrad": "replayed steps", "ekfac": "EK-FAC passes"}.get(method, "per-example gradients")
+    with Progress(Console(stderr=True), f"{method}: {what}", quiet=as_json) as progress:
         common = dict(data_dir=data_dir, train_limit=train_limit, chunk_size=_parse_chunk(chunk_size),
                       max_memory=_parse_memory(max_memory), uniform=uniform, device=device, weights=weights,
                       precision=precision, download=not no_download, progress=progress)

@@ -26,10 +26,45 @@ def as_json(what: str):
     return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as one JSON object.")
 
 
+def shipped_names() -> str:
+    """``cpu, dp, fast, fast95, seed``: the shipped configs' names, read from the package's configs folder."""
+    from fnclass.config import shipped_configs
+
+    return ", ".join(shipped_configs())
+
+
+def complete_config(ctx, param, incomplete: str):
+    """Shell completion of ``--config``: the shipped names, then TOML files (the shell's own file completion)."""
+    from click.shell_completion import CompletionItem
+
+    from fnclass.config import shipped_configs
+
+    names = [CompletionItem(name) for name in shipped_configs() if name.startswith(incomplete)]
+    return names + [CompletionItem(incomplete, type="file")]
+
+
 def config_options(command):
     """``--config`` and ``--set``: a shipped config by name or a TOML file, and overrides."""
     command = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                            help="Override a config key, e.g. optim.lr=3e-4 (repeatable; the value is TOML).")(command)
-    return click.option("--config", "config_path", metavar="NAME|FILE",
-                        help="A shipped config by name (cpu, dp, fast, fast95, seed) or a TOML file (default: fast on "
-                             "a GPU, cpu on the CPU).")(command)
+    return click.option("--config", "config_path", metavar="NAME|FILE", shell_complete=complete_config,
+                        help=f"A shipped config by name ({shipped_names()}) or a TOML file (default: fast on a GPU, "
+                             "cpu on the CPU).")(command)
+
+
+def run_checkpoint(path: Path, *, quiet: bool = False) -> Path:
+    """A model file as given, or for a run folder (as ``fnclass influence`` takes) its best checkpoint, else its
+    last, said on standard error unless ``quiet``."""
+    from fnclass.cli.errors import UsageProblem, speaks
+
+    if not Path(path).is_dir():
+        return path
+    folder = Path(path) / "checkpoints"
+    for name, meaning in (("best", "the run's best checkpoint"), ("last", "the run's last checkpoint")):
+        chosen = folder / f"{name}.safetensors"
+        if chosen.is_file():
+            if not quiet and speaks():
+                click.echo(f"{path}: using {chosen} ({meaning}; give a file to choose another)", err=True)
+            return chosen
+    raise UsageProblem(f"{path} is a folder without checkpoints/best.safetensors or last.safetensors; give a "
+                       "checkpoint or model file, or the folder of a run that has saved one")

@@ -2,9 +2,10 @@
 
 Every long-running library function takes ``progress(done, total)`` (units of work: examples, gradients, steps,
 batches), called after each chunk; :class:`Progress` renders it. In a terminal it is a transient rich bar; with
-the output piped or redirected it prints ``WHAT: DONE/TOTAL (P%), E s, about L s left`` at most every
-:data:`PLAIN_EVERY_SECONDS` and once when the work is done, so a log file shows that a command is alive. Quiet
-(``--json`` on stdout, a torchrun rank > 0) prints nothing.
+the output piped or redirected it prints ``WHAT: DONE/TOTAL (P%), E s, about L s left`` every
+:data:`PLAIN_EVERY_SECONDS` and, after such a line, once when the work is done, so a log shows that a long command
+is alive (a short one prints none). Quiet (``--json``, a torchrun rank > 0) prints nothing. The commands hand it a
+stderr console: their results stay alone on stdout.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Progress:
         self.quiet = quiet or not speaks()
         self.bar = self.task = None
         self.start = self.last = time.perf_counter()
-        self.finished = False
+        self.said = self.finished = False
 
     def __enter__(self) -> Progress:
         if not self.quiet and self.console.is_terminal:
@@ -47,9 +48,9 @@ class Progress:
             return
         now = time.perf_counter()
         over = total is not None and done >= total
-        if over and self.finished or not over and now - self.last < PLAIN_EVERY_SECONDS:
+        if over and (self.finished or not self.said) or not over and now - self.last < PLAIN_EVERY_SECONDS:
             return
-        self.last, self.finished = now, over
+        self.last, self.finished, self.said = now, over, True
         self.console.print(plain_line(self.what, done, total, now - self.start), highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:

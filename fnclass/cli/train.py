@@ -32,9 +32,10 @@ class RichReporter:
     def __init__(self, console: Console, *, mode: str):
         self.console, self.mode = console, mode
         self.split = "test"  # the split evaluated each epoch: "val" when the run holds one out
+        self.base_lr = None  # with an optim.lr sweep: the lr column is the schedule's multiplier of each member's lr
         self.progress = None
         self.task = None
-        self.loss = float("nan")
+        self.loss = "-"  # the last logged loss, formatted ("-" until the first logging step)
 
     def start(self, info):
         for name, reason in info.get("rejected_checkpoints") or []:  # said even when quiet: a checkpoint is bad
@@ -74,18 +75,23 @@ class RichReporter:
                 f"({'Poisson, padded to ' + str(plan['max_batch_size']) if plan['poisson_sampling'] else 'shuffled'})"
                 f", {plan['accountant'].upper()} accountant", highlight=False, soft_wrap=True)
         header = [name.replace("test", self.split) for name, _, _ in COLUMNS]
+        if cfg.members.lr:
+            self.base_lr = cfg.optim.lr
+            header[5] = "lr scale"
+            self.console.print("lr scale: the schedule's multiple of each member's swept optim.lr (its learning rate "
+                               "is that lr times the scale)", highlight=False)
         self.console.print(_row(header), style="bold", highlight=False)
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-                TextColumn("{task.fields[ips]:,.0f} img/s"), TextColumn("loss {task.fields[loss]:.3f}"),
+                TextColumn("{task.fields[ips]:,.0f} img/s"), TextColumn("loss {task.fields[loss]}"),
                 TextColumn("lr {task.fields[lr]:.2e}"), TimeRemainingColumn(), console=self.console, transient=True)
             self.progress.start()
 
     def step(self, info):
         if self.progress is None:
             return
-        self.loss = info.get("loss", self.loss)
+        self.loss = f"{info['loss']:.3f}" if "loss" in info else self.loss
         if self.task is None or info["epoch_step"] == 1 and self.progress.tasks[0].fields["epoch"] != info["epoch"] + 1:
             if self.task is not None:
                 self.progress.remove_task(self.task)
@@ -100,6 +106,8 @@ class RichReporter:
         split = self.split
         values = [fmt.format(row[key]) if key in row else "-" for key, (_, _, fmt) in zip(  # "-": not evaluated
             ["epoch", "train_loss", "train_accuracy", f"{split}_loss", f"{split}_accuracy", "lr", "seconds"], COLUMNS)]
+        if self.base_lr:
+            values[5] = f"{row['lr'] / self.base_lr:.4f}"
         self.console.print(_row(values), highlight=False)
         if f"ema_{split}_accuracy" in row:
             self.console.print(f"{'':>7}EMA: {split} loss {row[f'ema_{split}_loss']:.4f}, {split} accuracy "
@@ -114,8 +122,7 @@ class RichReporter:
                                f"{row[f'{split}_accuracy']:.2%}", highlight=False)
             for group in row.get("groups", []):
                 setting = ", ".join(f"{k} = {v:g}" for k, v in group["hyperparameters"].items())
-                self.console.print(f"{'':>9}{setting}: {_spread(group, '')} ({group['members']} seeds)",
-                                   highlight=False)
+                self.console.print(f"{'':>9}{setting}: {_spread(group, '')}", highlight=False)
 
     def end(self, summary):
         if self.progress is not None:
@@ -134,7 +141,7 @@ class RichReporter:
         if held_out:
             lines.append(f"final val accuracy   {summary['val_accuracy']:.2%}")
         if f"best_{selection}" in summary:
-            lines.append(f"best {selection.replace('_', ' '):<16}{summary[f'best_{selection}']:.2%}")
+            lines.append(f"{'best ' + selection.replace('_', ' '):<20} {summary[f'best_{selection}']:.2%}")
         if "test_top5_accuracy" in summary:
             lines.append(f"test top-5 accuracy  {summary['test_top5_accuracy']:.2%}")
         if "members" in summary:
@@ -147,7 +154,7 @@ class RichReporter:
                           f"{summary['ensemble_test_accuracy_tta']:.2%}"]
             for group in summary.get("groups", []):
                 setting = ", ".join(f"{k} = {v:g}" for k, v in group["hyperparameters"].items())
-                lines.append(f"  {setting:<19}{_spread(group, '')} ({group['members']} seeds)")
+                lines.append(f"  {setting:<19}{_spread(group, '')}")
         if "test_nll" in summary:  # the ensemble's, for members
             lines.append(f"test NLL, ECE, Brier {summary['test_nll']:.4f}, {summary['test_ece']:.4f}, "
                          f"{summary['test_brier']:.4f}" + (" (ensemble)" if "members" in summary else ""))
@@ -170,10 +177,15 @@ class RichReporter:
 
 
 def _spread(values: dict, prefix: str) -> str:
-    """``85.12% ± 0.31 (84.70–85.50)``: mean ± sample std in points, min–max."""
+    """``85.12% ± 0.31 (84.70–85.50)``: mean ± sample std in points, min–max; a sweep's group adds ``(3 seeds)``,
+    and a group of one seed is its value alone: ``84.70% (1 seed)``."""
     key = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)
+    count = values.get("members") if not prefix else None  # a group of a sweep: how many seeds it averages
+    if count == 1:
+        return f"{values[key('mean')]:.2%} (1 seed)"
+    seeds = f" ({count} seeds)" if count else ""
     return (f"{values[key('mean')]:.2%} ± {100 * values[key('std')]:.2f} ({values[key('min')]:.2%}–"
-            f"{values[key('max')]:.2%})")
+            f"{values[key('max')]:.2%}){seeds}")
 
 
 def _model_file(path: Path | None, model_name: str | None) -> Path:
@@ -270,9 +282,28 @@ def _differences(given, recorded) -> list[str]:
             and (section, key, a[section].get(key)) != ("train", "precision", "auto")]
 
 
+def _finished(run_dir: Path, config, console: Console, reporter: RichReporter) -> bool:
+    """Whether the run to resume has finished (its summary.json covers every epoch): then it says so and shows
+    that summary, and nothing is trained or rewritten."""
+    summary_path = run_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    except (OSError, ValueError):
+        return False  # unreadable: resuming writes it again
+    if not isinstance(summary, dict) or summary.get("epochs") != config.train.epochs:
+        return False
+    if reporter.mode == "normal":
+        console.print(f"--resume {run_dir}: the run already finished its {config.train.epochs} epochs (step "
+                      f"{summary.get('steps')}); nothing to train. Its summary (summary.json):", highlight=False)
+    reporter.end(summary)
+    return True
+
+
 def _resume_config(run_dir: Path, config_path, overrides, out):
     """The recorded config of a run to resume, after checking that the given options agree with it."""
     recorded_path, checkpoints = run_dir / "config.toml", run_dir / "checkpoints"
+    if not run_dir.is_dir():
+        raise UsageProblem(f"--resume {run_dir}: no such folder; give the folder a run was started in (its --out)")
     saved = (checkpoints / "last.safetensors").is_file() or any(checkpoints.glob("step-*.safetensors"))
     if not saved or not recorded_path.is_file():
         raise UsageProblem(f"--resume {run_dir}: no config.toml and checkpoints/last.safetensors there; "
@@ -355,6 +386,8 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
             raise UsageProblem(f"--out {workdir} already holds a run: continue it with --resume {workdir} "
                                "or choose another --out")
     reporter = RichReporter(console, mode="json" if as_json else "quiet" if quiet else "normal")
+    if resume is not None and _finished(resume, config, console, reporter):
+        return
     try:
         run_training(config, workdir, data_dir=data_dir, device=device, download=not no_download,
                      resume=resume is not None, reporter=reporter)

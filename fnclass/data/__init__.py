@@ -360,6 +360,37 @@ def channel_stats(images: torch.Tensor, chunk: int = 10_000) -> tuple[tuple[floa
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+def as_images(images) -> torch.Tensor:
+    """uint8 RGB images as a model file takes them, from a torch tensor or a NumPy array (``np.load`` of the data
+    set, ``np.asarray`` of a PIL image): ``(N, H, W, 3)``, or one ``(H, W, 3)`` image made a batch of one.
+
+    Raises:
+      InputError: another dtype or layout, naming what came and the fix.
+    """
+    import numpy as np
+
+    if not isinstance(images, torch.Tensor):
+        array = np.asarray(images)
+        if array.dtype == object:
+            raise InputError(f"images: got {type(images).__name__}, not an array; pass a uint8 NumPy array or torch "
+                             "tensor of shape (N, H, W, 3)")
+        array = np.ascontiguousarray(array)
+        images = torch.from_numpy(array if array.flags.writeable else array.copy())  # np.load(mmap_mode="r")
+    if images.ndim == 3 and images.shape[-1] == 3:
+        images = images[None]
+    shape = tuple(images.shape)
+    if images.dtype != torch.uint8:
+        fix = ("scale to 0-255 and convert, e.g. (x * 255).round().astype(np.uint8)" if images.is_floating_point()
+               else "convert with .astype(np.uint8) / .to(torch.uint8)")
+        raise InputError(f"images: expected uint8 RGB (N, H, W, 3), got {str(images.dtype).removeprefix('torch.')} "
+                         f"{shape}; {fix}")
+    if images.ndim != 4 or shape[-1] != 3:
+        fix = (", channels last: x.transpose(0, 2, 3, 1) (NumPy) or x.permute(0, 2, 3, 1) (torch)"
+               if images.ndim == 4 and shape[1] == 3 else "")
+        raise InputError(f"images: expected uint8 RGB (N, H, W, 3), got shape {shape}{fix}")
+    return images
+
+
 def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NHWC images -> normalised float NCHW: ``(x / 255 - mean) / std`` per channel."""
     mean_t = torch.as_tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)

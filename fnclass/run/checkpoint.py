@@ -79,8 +79,9 @@ class Checkpoint(NamedTuple):
         return self._replace(params=tree.tree_index(self.params, index), state=tree.tree_index(self.state, index),
                              config=config, tensors=tensors, members=(), temperature=1.0)
 
-    def logits(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images -> float32 logits in eval mode (members: the mean of their logits)."""
+    def logits(self, images, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images (a torch tensor or NumPy array) -> float32 logits in eval mode (members: the
+        mean of their logits)."""
         return ensemble_logits(self.model, self.params, self.state, self.mean, self.std, dtype, images,
                                len(self.members))
 
@@ -350,10 +351,13 @@ def ensemble_logits(model: Model, params, state, mean, std, dtype: torch.dtype, 
     """Normalise uint8 NHWC images in ``dtype`` and run the model in eval mode: float32 logits.
 
     With ``members`` > 0, ``params`` and ``state`` are stacked and the logits are the mean of the members'.
+    ``images``: a uint8 torch tensor or NumPy array (:func:`fnclass.data.as_images`).
     """
-    from fnclass.data import normalize
+    from fnclass.data import as_images, normalize
 
-    x = normalize(images, mean, std, dtype)
+    images = as_images(images)
+    device = next(iter(tree.tree_leaves(params)), images).device
+    x = normalize(images.to(device), mean, std, dtype)
     if not members:
         return model.apply(params, state, x, train=False)[0].float()
     total = None

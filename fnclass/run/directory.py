@@ -31,7 +31,9 @@ class RunLockedError(InputError):
 
 
 class Reporter:
-    """Receives a run's progress; the CLI renders it, the library itself prints nothing."""
+    """Receives a run's progress. This base class is silent (``fnclass.train(..., reporter=Reporter())``); the CLI
+    renders it with rich, :class:`PlainReporter` (``fnclass.train``'s default) prints plain lines. Subclass it and
+    override any method to take the progress elsewhere (a logger, a notebook widget)."""
 
     def start(self, info: dict) -> None:
         """Called once with the run's facts (device, sizes, steps, resumed step)."""
@@ -45,6 +47,50 @@ class Reporter:
 
     def end(self, summary: dict) -> None:
         """Called once with the summary.json contents."""
+
+
+class PlainReporter(Reporter):
+    """``fnclass.train``'s default: plain lines on ``stream`` (standard error) — the run's start, a step line every
+    ``every_seconds``, each epoch's metrics and the summary's figures."""
+
+    def __init__(self, stream=None, every_seconds: float = 30.0):
+        self.stream, self.every = stream, every_seconds
+        self.last = None
+        self.loss = None
+
+    def _print(self, text: str) -> None:
+        import sys
+        import time
+
+        print(text, file=self.stream or sys.stderr, flush=True)
+        self.last = time.perf_counter()
+
+    def start(self, info: dict) -> None:
+        cfg = info["config"]
+        self._print(f"fnclass: training {cfg.model.name} on {info['device']} ({info['precision']}), "
+                    f"{info['train_images']} training images, {info['steps_per_epoch']} steps/epoch x "
+                    f"{cfg.train.epochs} epochs -> {info['workdir']}")
+
+    def step(self, info: dict) -> None:
+        import time
+
+        self.loss = info.get("loss", self.loss)
+        if self.last is not None and time.perf_counter() - self.last < self.every:
+            return
+        loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+        self._print(f"epoch {info['epoch'] + 1} step {info['epoch_step']}/{info['steps_per_epoch']}: "
+                    f"{info['images_per_second']:,.0f} images/s{loss}")
+
+    def epoch(self, row: dict) -> None:
+        shown = [f"{key.replace('_', ' ')} {row[key]:.2%}" if "accuracy" in key else f"{key.replace('_', ' ')} "
+                 f"{row[key]:.4f}" for key in ("train_loss", "test_loss", "test_accuracy", "val_loss", "val_accuracy")
+                 if key in row]
+        self._print(f"epoch {row['epoch']}: {', '.join(shown)} ({row.get('seconds', 0):.1f} s)")
+
+    def end(self, summary: dict) -> None:
+        tta = f" ({summary['test_accuracy_tta']:.2%} with TTA)" if "test_accuracy_tta" in summary else ""
+        self._print(f"done: test accuracy {summary['test_accuracy']:.2%}{tta}, {summary['train_seconds']:.1f} s of "
+                    f"training -> {summary['run_dir']}")
 
 
 class RunDirectory:

@@ -39,7 +39,7 @@ import torch
 from fnclass._version import __version__
 from fnclass.config import ModelConfig, config_to_dict
 from fnclass.core import random, tree
-from fnclass.data import file_sha256, read_image
+from fnclass.data import as_images, file_sha256, read_image
 from fnclass.io import write_atomic
 from fnclass.models import Model, build_model
 from fnclass.run.checkpoint import (
@@ -78,8 +78,9 @@ class Exported(NamedTuple):
     metadata: dict
     members: tuple[dict, ...] = ()  # an ensemble export: stacked weights, logits are the members' mean
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images -> float32 logits (N, classes), computed in the export's dtype."""
+    def logits(self, images) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images (a torch tensor or NumPy array) -> float32 logits (N, classes), computed in the
+        export's dtype."""
         return ensemble_logits(self.model, self.params, self.state, self.mean, self.std, self.dtype, images,
                                len(self.members))
 
@@ -384,7 +385,7 @@ def _pt2_predictor(path: Path) -> Predictor:
         raise CheckpointError(f"{path}: not a readable pt2 program ({reason}); "
                               "export it again with `fnclass export --format pt2`") from None
     classes, size, weights = _program_metadata(path, extra[METADATA_NAME])
-    return Predictor(lambda images: module(images), classes, size, "pt2", weights)
+    return Predictor(lambda images: module(as_images(images)), classes, size, "pt2", weights)
 
 
 @contextlib.contextmanager
@@ -435,7 +436,7 @@ def _onnx_predictor(path: Path) -> Predictor:
     name = session.get_inputs()[0].name
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: images.cpu().numpy()})[0])
+        return torch.from_numpy(session.run(None, {name: as_images(images).cpu().numpy()})[0])
     return Predictor(logits, classes, size, "onnx", weights)
 
 

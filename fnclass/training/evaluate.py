@@ -50,14 +50,16 @@ def evaluate_dataset(eval_step: Callable, params, state, images: torch.Tensor, l
 
 
 def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, labels: torch.Tensor, *,
-                     mean, std, batch_size: int, tta: int = 0, process=None, temperature: float = 1.0) -> dict:
+                     mean, std, batch_size: int, tta: int = 0, process=None, temperature: float = 1.0,
+                     progress: Callable | None = None) -> dict:
     """:func:`evaluate_dataset` for each of several ``(params, state)`` and for their ensemble.
 
     The ensemble's logits are the mean of the members' logits (and its TTA logits the mean of theirs). With a
     data-parallel ``process`` (:mod:`fnclass.distributed`) each process evaluates a contiguous shard of the split
     and the per-image results are gathered, so every process returns the metrics of the whole split.
     ``temperature`` divides the logits of the model the file stands for (the ensemble's with two or more models,
-    else the one model's) before loss and calibration; the members' own stay as they are.
+    else the one model's) before loss and calibration; the members' own stay as they are. ``progress(done, total)``
+    is called after each batch with the images done (of this process's shard).
 
     Returns:
       ``{"members": [metrics of each], "ensemble": metrics of the mean logits}`` (the ensemble's only when
@@ -97,6 +99,8 @@ def evaluate_members(eval_step: Callable, models: list, images: torch.Tensor, la
                 rows[i]["tta"].append(batch_tta[i].argmax(dim=-1))
                 nonfinite |= ~torch.isfinite(batch_tta[i]).all(dim=-1)
             rows[i]["nonfinite"].append(nonfinite)
+        if progress:
+            progress(start + len(y), len(local_images))
 
     def whole(parts: list, kind: str) -> torch.Tensor:
         local = torch.cat(parts) if parts else torch.empty(0, dtype=kinds[kind], device=images.device)

@@ -171,7 +171,7 @@ def metagradients(run: str | Path, test_indices: list[int], *, data_dir=None, de
       test_indices: rows of the test split.
       data_dir: the data folder (default: the run's, ``$FNCLASS_DATA``).
       segment: steps between the TrainStates kept during the forward replay (default ``ceil(sqrt(T))``).
-      progress: called with the number of steps gone back through.
+      progress: ``progress(done, total)``: the steps gone back through, of the run's ``total``.
       dtype: ``torch.float64`` replays the same run in double precision (its states, images and weights; the check
         against the last checkpoint is then skipped): to test the reverse pass against finite differences.
       max_memory: bytes the kept TrainStates may take (:func:`states_bytes`); a run that needs more is refused
@@ -242,7 +242,7 @@ def _metagradients(run, test_indices, *, data_dir, device, download, segment, pr
             scores.index_add_(1, rows, weight_grads.detach())
             done += 1
             if progress:
-                progress(done)
+                progress(done, total)
     summary = Path(run) / "summary.json"
     train_seconds = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
     return Result(scores.cpu(), replay.ds.train_rows, test_labels.cpu(), error, total,

@@ -35,7 +35,7 @@ from fnclass.models import resolve_config
 from fnclass.privacy.sources import PoissonSource
 from fnclass.run import inputs
 from fnclass.run.checkpoint import copy_checkpoint, read_file, set_temperature
-from fnclass.run.directory import Reporter, RunDirectory
+from fnclass.run.directory import PlainReporter, Reporter, RunDirectory
 from fnclass.training import calibration, finetune, members, recipe
 from fnclass.training.evaluate import evaluate_members, split_logits, split_metrics
 from fnclass.training.hooks import FiniteCheck, GradStats, StepCheckpoint, StepLog, TrainingDiverged, diverged
@@ -114,7 +114,9 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
       device: ``auto``, ``cpu`` or ``cuda``.
       download: allow fetching CIFAR-10/100 through torchvision when no data folder has it.
       resume: continue from the run directory's last checkpoint.
-      reporter: receives progress (see :class:`fnclass.run.directory.Reporter`).
+      reporter: receives progress (:class:`fnclass.run.directory.Reporter`); default a
+        :class:`~fnclass.run.directory.PlainReporter`, plain lines on standard error (the start, a step line every
+        30 s, each epoch, the result); ``Reporter()`` is silent.
 
     Returns:
       ``TrainResult(train_state, summary)``.
@@ -128,7 +130,7 @@ def train(config: Config, workdir: str | Path, *, data_dir: str | None = None, d
         loop synchronises anyway: logging steps, checkpoint saves and epoch ends.
     """
     setup = set_up_run(config, workdir, data_dir=data_dir, device=device, download=download, resume=resume,
-                       reporter=reporter)
+                       reporter=PlainReporter() if reporter is None else reporter)
     program = build_program(setup)
     try:  # the run directory's lock is released however the run ends
         train_state, summary = run_epochs(setup, program)
