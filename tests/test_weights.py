@@ -48,7 +48,7 @@ def test_grads_analyses_the_weights_asked_for(cifar_dir, ema_run, tmp_path, flag
     checkpoint = ema_run / "checkpoints/last.safetensors"
     result = _invoke(["grads", str(checkpoint), "--data-dir", str(cifar_dir), "--limit", "6", "--chunk-size", "3",
                       "--out", str(tmp_path), *flag])
-    assert f"6 train examples, {weights} weights" in result.output
+    assert f"6 train examples (the rows the run trained on), {weights} weights" in result.output
     assert json.loads((tmp_path / "report.json").read_text())["weights"] == weights
     ckpt = load_checkpoint(checkpoint, weights=weights)
     model = build_model(dataclasses.replace(ckpt.config.model, attn_impl="math"))

@@ -360,7 +360,7 @@ def write_outputs(out_dir, stats: dict, labels: torch.Tensor, raw_images: torch.
     _plot_norms(out_dir / "norms.png", labels, per["grad_norm"], classes)
 
 
-def _plot_top_examples(path, raw_images, labels, per, classes, indices, rows) -> None:
+def _plot_top_examples(path, raw_images, labels, per, classes, indices, row_of) -> None:
     """The highest-norm examples (``indices``: positions) as an image grid titled ``#row``, ``true / predicted``."""
     import matplotlib
 
@@ -375,7 +375,7 @@ def _plot_top_examples(path, raw_images, labels, per, classes, indices, rows) ->
     for ax, index in zip(axes.flat, indices):
         true, guess = classes[int(labels[index])], classes[int(per["predicted"][index])]
         ax.imshow(raw_images[index].numpy())
-        ax.set_title(f"#{int(rows[index])}\n{true} / {guess}", fontsize=7, color="black" if true == guess else "red")
+        ax.set_title(f"#{int(row_of[index])}\n{true} / {guess}", fontsize=7, color="black" if true == guess else "red")
     fig.suptitle("highest per-example gradient norms (true / predicted)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)

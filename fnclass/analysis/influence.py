@@ -563,7 +563,9 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
                    "opponents": pick(opponents[t], t)} for t, name in enumerate(names)],
     }
     if process is None or process.writes:
-        _write_attribution(Path(out_dir), report, scores, rows, test_raw, train_raw, last.classes, bool(image_paths))
+        predicted = test_labels if image_paths else _predict(last, test_raw)
+        _write_attribution(Path(out_dir), report, scores, rows, test_raw, train_raw, last.classes, bool(image_paths),
+                           predicted)
     distributed.finish(process)
     return report
 
@@ -712,8 +714,9 @@ def _predict(ckpt: Checkpoint, images: torch.Tensor) -> torch.Tensor:
 
 
 def _write_attribution(out: Path, report: dict, scores: torch.Tensor, rows: torch.Tensor, test_raw, train_raw,
-                       classes, images_given: bool) -> None:
-    """influence.csv/.json, scores.npy, train_indices.npy and influence.png, each written atomically."""
+                       classes, images_given: bool, predicted) -> None:
+    """influence.csv/.json, scores.npy, train_indices.npy and influence.png, each written atomically;
+    ``predicted``: the model's class for each test example (its row's title)."""
     import io as _io
 
     import numpy as np
@@ -734,11 +737,15 @@ def _write_attribution(out: Path, report: dict, scores: torch.Tensor, rows: torc
         np.save(buffer, array, allow_pickle=False)
         write_atomic(out / name, buffer.getvalue())
     by_row = {int(r): i for i, r in enumerate(rows.tolist())}
-    _plot_attribution(out / "influence.png", report, test_raw, train_raw, by_row, classes, images_given)
+    _plot_attribution(out / "influence.png", report, test_raw, train_raw, by_row, classes, images_given,
+                      predicted)
 
 
-def _plot_attribution(path, report, test_raw, train_raw, by_row, classes, images_given) -> None:
-    """One row per test example: the test image, its proponents (green titles), its opponents (red)."""
+def _plot_attribution(path, report, test_raw, train_raw, by_row, classes, images_given, predicted) -> None:
+    """One row per test example: the test image, titled with its test index (or file name), label and the
+    model's prediction, then its proponents (green captions: ``#index``, class, score) and its opponents (red).
+    Captions are 9 pt at the saved 100 dpi, on 1.3-inch panels; the test column is ``wide`` panels wide for its
+    title, its image padded to a panel's size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -748,25 +755,37 @@ def _plot_attribution(path, report, test_raw, train_raw, by_row, classes, images
 
     tests = report["tests"]
     k = max(len(tests[0]["proponents"]), 1)
-    fig, axes = plt.subplots(len(tests), 1 + 2 * k, figsize=((1 + 2 * k) * 1.3, len(tests) * 1.6), squeeze=False)
+    wide = 1.3
+    fig, axes = plt.subplots(len(tests), 1 + 2 * k, figsize=((wide + 2 * k) * 1.3, 0.5 + len(tests) * 1.9),
+                             squeeze=False, gridspec_kw={"width_ratios": [wide] + [1] * (2 * k)},
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for t, test in enumerate(tests):
         axes[t, 0].imshow(test_raw[t].numpy())
-        what = "predicted" if images_given else "test"
-        axes[t, 0].set_title(f"{what} {classes[test['label']]}", fontsize=7, fontweight="bold")
+        side = test_raw[t].shape[1] * (wide - 1) / 2
+        axes[t, 0].set_xlim(-0.5 - side, test_raw[t].shape[1] - 0.5 + side)
+        guess = classes[int(predicted[t])]
+        if images_given:
+            name = Path(test["test"]).name
+            name = name if len(name) <= 20 else f"{name[:9]}...{name[-8:]}"
+            title = f"{name}\npredicted {guess}"
+        else:
+            title = f"test {test['test']}\nlabel {classes[test['label']]}\npredicted {guess}"
+        axes[t, 0].set_title(title, fontsize=9, fontweight="bold")
         for j, (kind, color) in enumerate((("proponents", "green"), ("opponents", "red"))):
             for i, row in enumerate(test[kind]):
                 ax = axes[t, 1 + j * k + i]
                 ax.imshow(train_raw[by_row[row["index"]]].numpy())
-                ax.set_title(f"#{row['index']} {classes[row['label']]}\n{row['score']:.3g}", fontsize=6, color=color)
-    fig.suptitle(f"{report['method']}: proponents (green) and opponents (red) of each test image", fontsize=9)
-    fig.tight_layout()
+                ax.set_title(f"#{row['index']}\n{classes[row['label']]}\n{row['score']:.3g}", fontsize=9,
+                             color=color)
+    fig.suptitle(f"{report['method']}: proponents (green) and opponents (red) of each test image", fontsize=12)
     save_figure(fig, path)
 
 
 def _plot_self(path, train_raw, labels, predicted, scores, order, rows, classes) -> None:
-    """The highest self-influence examples, titled ``#index label / predicted`` (red when they differ)."""
+    """The highest self-influence examples, titled ``#index``, ``label / predicted`` (red when they differ),
+    9 pt at the saved 100 dpi."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -776,15 +795,14 @@ def _plot_self(path, train_raw, labels, predicted, scores, order, rows, classes)
 
     columns = 8
     count = max(len(order), 1)
-    fig, axes = plt.subplots(math.ceil(count / columns), columns, figsize=(columns * 1.6,
-                                                                           math.ceil(count / columns) * 1.9),
-                             squeeze=False)
+    lines = math.ceil(count / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(columns * 1.8, 0.4 + lines * 2.1), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, order.tolist()):
         label, guess = classes[int(labels[i])], classes[int(predicted[i])]
         ax.imshow(train_raw[i].numpy())
-        ax.set_title(f"#{int(rows[i])}\n{label} / {guess}", fontsize=7, color="black" if label == guess else "red")
-    fig.suptitle("highest self-influence (label / predicted)", fontsize=9)
-    fig.tight_layout()
+        ax.set_title(f"#{int(rows[i])}\n{label} / {guess}", fontsize=9, color="black" if label == guess else "red")
+    fig.suptitle("highest self-influence (label / predicted)", fontsize=12)
     save_figure(fig, path)

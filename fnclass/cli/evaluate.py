@@ -39,14 +39,14 @@ from fnclass.cli.train import _model_file, _show
 @one_line_errors
 def evaluate(checkpoint, model_name, tta, data_dir, split, limit, plot, corruptions_dir, corruptions_plot, device,
              precision, no_download, weights, as_json):
-    """Evaluate a checkpoint, a safetensors export or a pretrained model on a data split.
+    """Evaluate a checkpoint (or a run folder: its best checkpoint), a safetensors export or a pretrained model.
 
     Reports accuracy and calibration: NLL, ECE (15 confidence bins, L1) and Brier score, with the checkpoint's
     temperature when `fnclass calibrate` fitted one.
 
     \b
     Examples:
-      fnclass eval runs/cpu/checkpoints/best.safetensors --tta --data-dir ../shared/data/cifar10
+      fnclass eval runs/cpu --tta --data-dir ../shared/data/cifar10
       fnclass eval --model cifar10-cpu --plot reliability.png --data-dir ../shared/data/cifar10
       fnclass eval --model cifar10-cpu --corruptions data/cifar10-c --data-dir ../shared/data/cifar10
     """

@@ -34,7 +34,7 @@ SUFFIXES = {"safetensors": ".inference.safetensors", "pt2": ".pt2", "onnx": ".on
 @options.as_json("the summary")
 @one_line_errors
 def export(checkpoint, format_, dtype, out, member, ensemble, weights, as_json):
-    """Export a checkpoint for inference: pure data or a program that runs without fnclass.
+    """Export a checkpoint (or a run folder: its best checkpoint) for inference: data or a self-contained program.
 
     \b
     Examples:
@@ -88,7 +88,7 @@ def export(checkpoint, format_, dtype, out, member, ensemble, weights, as_json):
 @options.as_json("the predictions")
 @one_line_errors
 def predict_command(model, images, model_name, top, trust_program, weights, as_json):
-    """Classify PNG/JPEG images with a checkpoint, any exported model file or a pretrained model.
+    """Classify PNG/JPEG images with a checkpoint or run folder, any exported model file or a pretrained model.
 
     Images of any size are resized to the model's input size.
 

@@ -81,11 +81,13 @@ def _check_keep_fraction(fraction: float | None, score: str | None, split: str) 
 @one_line_errors
 def grads(checkpoint, data_dir, split, limit, chunk_size, max_memory, top, score, keep_fraction, rows, out, weights,
           precision, device, no_download, as_json):
-    """Per-example gradients of a checkpoint: noise scale, layer shares, hardest examples; or data-valuation scores.
+    """Per-example gradients of a checkpoint or run folder: noise scale, layer shares, hardest examples; or scores.
+
+    On the training split: the rows the run trained on (--rows split: every row), as `fnclass influence`.
 
     \b
     Examples:
-      fnclass grads runs/cpu/checkpoints/best.safetensors --limit 5000 --out grads/cpu
+      fnclass grads runs/cpu --limit 5000 --out grads/cpu
       fnclass grads runs/cpu/checkpoints/last.safetensors --score el2n --keep-fraction 0.7 --out scores/
       fnclass train --config cpu --set data.train_indices=scores/kept_indices.txt
     """

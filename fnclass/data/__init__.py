@@ -501,6 +501,30 @@ class _Unavailable(Exception):
     """torchvision could not provide a dataset; the message says why and where it looked."""
 
 
+def _new_folders(*folders: Path) -> set[Path]:
+    """For each of ``folders``, the topmost of it and its ancestors that does not exist yet (none if it exists)."""
+    made = set()
+    for folder in folders:
+        missing = [path for path in (folder, *folder.parents) if not path.exists()]
+        if missing and not folder.exists():
+            made.add(missing[-1])
+    return made
+
+
+def _torchvision_or_nothing(name: str, out_dir: Path, root: Path, *, download: bool, size: int | None = None) -> Path:
+    """:func:`_write_torchvision`, leaving nothing behind when it fails: a folder it created (torchvision's download
+    folder, the cache, ``out_dir``), with whatever partial download it holds, is removed again."""
+    import shutil
+
+    made = _new_folders(out_dir, root)
+    try:
+        return _write_torchvision(name, out_dir, root, download=download, size=size)
+    except _Unavailable:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _torchvision_split(name: str, root: Path, *, train: bool, download: bool):
     """One split as a torchvision dataset object; raises :class:`_Unavailable`."""
     import torchvision.datasets
@@ -600,7 +624,7 @@ def prepare_torchvision(name: str, out_dir: str | Path, *, size: int | None = No
     out_dir = Path(out_dir)
     root = Path(download_root) if download_root is not None else out_dir / "torchvision"
     try:
-        return _write_torchvision(name, out_dir, root, download=download, size=size)
+        return _torchvision_or_nothing(name, out_dir, root, download=download, size=size)
     except _Unavailable as problem:
         raise DataError(f"cannot prepare {name}: {problem}; run `fnclass data prepare {name} --out DIR` on a "
                         "machine with the data or internet access and copy DIR here, or point --data-dir at a "
@@ -891,6 +915,6 @@ def resolve_data_dir(data_dir: str | Path | None, dataset: str, *, download: boo
     if not download:
         raise DataError(f"no {dataset} data found (looked in {', '.join(looked)}) and downloading is off; {fix}")
     try:
-        return _write_torchvision(dataset, cache, cache / "torchvision", download=True)
+        return _torchvision_or_nothing(dataset, cache, cache / "torchvision", download=True)
     except _Unavailable as problem:
         raise DataError(f"no {dataset} data found (looked in {', '.join(looked)}); {problem}; {fix}") from None

@@ -381,6 +381,7 @@ class RunDirectory:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rows = self.epoch_rows()
         if not rows:
@@ -397,6 +398,7 @@ class RunDirectory:
                     label=split)
         ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         for ax in (ax_loss, ax_acc):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()

@@ -107,19 +107,21 @@ def plot_members(run: RunDirectory, members: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows, key = run.member_rows(), run.selection
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, member in enumerate(members):
         mine = [r for r in rows if r["member"] == i and key in r]  # the evaluated epochs (train.eval_every)
-        ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], alpha=0.6, linewidth=1,
+        ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], alpha=0.6, linewidth=1, marker=".",
                 label=member_name(member) if len(members) <= 10 else None)
     epochs = [r for r in run.epoch_rows() if key in r]
-    ax.plot([r["epoch"] for r in epochs], [r[key] for r in epochs], color="black", linewidth=2,
+    ax.plot([r["epoch"] for r in epochs], [r[key] for r in epochs], color="black", linewidth=2, marker="o",
             label="ensemble (mean logits)")
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=f"{len(members)} members")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     save_figure(fig, run.path / "plots" / "members.png")
 

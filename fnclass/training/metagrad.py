@@ -295,7 +295,7 @@ def attribute(run: str | Path, out_dir: str | Path, *, test_indices: str | None 
     """``fnclass influence RUN --method metagrad``: :func:`metagradients` of the test examples ``test_indices``
     (``"0-7"`` by default), written to ``out_dir`` as the other methods write theirs (``influence.csv``/``.json``,
     ``scores.npy``, ``train_indices.npy``, ``influence.png``). Returns the report."""
-    from fnclass.analysis.influence import _write_attribution, parse_indices, top_examples
+    from fnclass.analysis.influence import _predict, _write_attribution, parse_indices, top_examples
 
     last = _last_checkpoint(Path(run))
     folder = data.resolve_data_dir(data_dir or last.config.data.data_dir, last.config.data.dataset,
@@ -320,7 +320,7 @@ def attribute(run: str | Path, out_dir: str | Path, *, test_indices: str | None 
                    "opponents": pick(opponents[t], t)} for t, name in enumerate(chosen)],
     }
     _write_attribution(Path(out_dir), report, result.scores, result.rows, test_all[chosen], train_raw,
-                       last.classes, False)
+                       last.classes, False, _predict(last, test_all[chosen]))
     return report
 
 
