@@ -146,6 +146,7 @@ def test_auto_is_recorded_as_resolved_and_a_resume_keeps_it(cifar_dir, tmp_path,
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert (summary["precision"], summary["precision_reason"]) == ("bf16", "auto: the CPU has AMX units")
     monkeypatch.setattr(fnclass.io, "cpu_bf16_units", lambda: None)  # resumed where auto would pick fp32
+    (tmp_path / "run/summary.json").unlink()  # as if killed in its final evaluation: a finished run trains nothing
     resumed = _train(cifar_dir, None, "--resume", str(tmp_path / "run"), *sets)  # the original command line
     assert resumed.exit_code == 0, resumed.output
     again = json.loads((tmp_path / "run/summary.json").read_text())

@@ -324,5 +324,7 @@ def test_a_private_run_reports_the_accountants_epsilon_and_resumes_exactly(cifar
     theirs = safetensors.torch.load_file(tmp_path / "other/checkpoints/last.safetensors")
     assert not theirs["params.head.weight"].equal(want["params.head.weight"])
     key_file.unlink()  # without its secret a private run cannot be resumed: one line, nothing changed
+    (tmp_path / "reference/summary.json").unlink()  # as if killed in its final evaluation (a finished run has
+    # nothing to resume: it shows its summary)
     stopped = _train(cifar_dir, out, "--resume", str(tmp_path / "reference"))
     assert stopped.returncode == 2 and "privacy.key is missing" in stopped.stderr, stopped.stderr

@@ -282,16 +282,28 @@ def _differences(given, recorded) -> list[str]:
             and (section, key, a[section].get(key)) != ("train", "precision", "auto")]
 
 
-def _finished(run_dir: Path, config, console: Console, reporter: RichReporter) -> bool:
-    """Whether the run to resume has finished (its summary.json covers every epoch): then it says so and shows
-    that summary, and nothing is trained or rewritten."""
-    summary_path = run_dir / "summary.json"
+def _finished(run_dir: Path, config, console: Console, reporter: RichReporter, data_dir, download: bool) -> bool:
+    """Whether the run to resume has finished — its summary.json covers every epoch, at the step of its last
+    checkpoint — with the inputs it recorded: then it says so and shows that summary, and nothing is trained or
+    rewritten. A changed input is refused here as on any resume (:class:`fnclass.run.inputs.InputChanged`)."""
+    import safetensors
+
+    from fnclass.data import resolve_data_dir
+    from fnclass.run import inputs
+
+    summary_path, last = run_dir / "summary.json", run_dir / "checkpoints" / "last.safetensors"
     try:
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    except (OSError, ValueError):
-        return False  # unreadable: resuming writes it again
-    if not isinstance(summary, dict) or summary.get("epochs") != config.train.epochs:
+        with safetensors.safe_open(last, "pt") as handle:
+            step = int((handle.metadata() or {}).get("step", -1))
+    except (OSError, ValueError, safetensors.SafetensorError):
+        return False  # unreadable: the resume's own checks say what is wrong
+    record = inputs.read_inputs(run_dir)
+    if not isinstance(summary, dict) or summary.get("epochs") != config.train.epochs or \
+            summary.get("steps") != step or record is None:
         return False
+    folder = resolve_data_dir(data_dir or config.data.data_dir, config.data.dataset, download=download)
+    inputs.check_inputs(record, config, folder)
     if reporter.mode == "normal":
         console.print(f"--resume {run_dir}: the run already finished its {config.train.epochs} epochs (step "
                       f"{summary.get('steps')}); nothing to train. Its summary (summary.json):", highlight=False)
@@ -386,7 +398,7 @@ def train(config_path, overrides, out, device, seed, resume, data_dir, no_downlo
             raise UsageProblem(f"--out {workdir} already holds a run: continue it with --resume {workdir} "
                                "or choose another --out")
     reporter = RichReporter(console, mode="json" if as_json else "quiet" if quiet else "normal")
-    if resume is not None and _finished(resume, config, console, reporter):
+    if resume is not None and _finished(resume, config, console, reporter, data_dir, not no_download):
         return
     try:
         run_training(config, workdir, data_dir=data_dir, device=device, download=not no_download,
