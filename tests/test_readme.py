@@ -20,7 +20,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SHRINK = {"train": ["--set", "data.train_limit=500", "--set", "data.test_limit=200", "--set", "train.epochs=1",
                     "--set", "train.batch_size=50"],
           "eval": ["--limit", "200"], "grads": ["--limit", "100"], "influence": ["--train-limit", "60"]}
-REPLACED = {"data.val_size=5000": "data.val_size=100", "--test-indices 0-7": "--test-indices 0-2"}
+REPLACED = {"data.val_size=5000": "data.val_size=100", "--test-indices 0-7": "--test-indices 0-2",
+            "--seeds 0-3": "--seeds 0-1"}
 # Not run here: torchrun (two processes of the GPU recipe; tests/test_distributed.py runs torchrun on the CPU).
 LEFT_OUT = ("torchrun",)
 

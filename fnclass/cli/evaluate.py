@@ -156,7 +156,6 @@ def _corruption_set(folder: Path, ckpt):
 def _evaluate_corruptions(ckpt, corruption_set, dev, plot_path, clean: dict, checkpoint, *, quiet: bool) -> dict:
     """Every corruption and severity (a rich progress bar unless ``quiet``), and the PNG when asked."""
     import torch
-    from rich.progress import Progress
 
     from fnclass.analysis.robustness import evaluate_corruptions, plot_corruptions
     from fnclass.core.tree import tree_to
@@ -168,11 +167,9 @@ def _evaluate_corruptions(ckpt, corruption_set, dev, plot_path, clean: dict, che
         return ensemble_logits(ckpt.model, params, state, ckpt.mean, ckpt.std, torch.float32, images.to(dev),
                                len(ckpt.members))
 
-    with Progress(disable=quiet, transient=True) as bar:
-        task = bar.add_task("corruptions", total=len(corruption_set.corruptions))
+    with Progress(Console(stderr=True), "corruptions", quiet=quiet) as progress:
         result = evaluate_corruptions(logits_of, corruption_set, temperature=ckpt.temperature,
-                                      batch_size=ckpt.config.train.eval_batch_size,
-                                      progress=lambda done, total: bar.update(task, completed=done))
+                                      batch_size=ckpt.config.train.eval_batch_size, progress=progress)
     result["folder"] = str(corruption_set.folder)
     if plot_path is not None:
         plot_corruptions(plot_path, result, f"{checkpoint} on {corruption_set.folder}", clean)
@@ -250,7 +247,8 @@ def calibrate(checkpoint, data_dir, out, device, no_download, weights, as_json):
     splits = {name: _eval_split(ckpt, folder, name, None) for name in ("val", "test")}
     for images, labels in splits.values():
         ckpt.check_split(folder, images, labels)
-    report = fit_checkpoint(ckpt, checkpoint, splits, device=pick_device(device), out=out)
+    with Progress(Console(stderr=True), "evaluating val and test images", quiet=as_json) as progress:
+        report = fit_checkpoint(ckpt, checkpoint, splits, device=pick_device(device), out=out, progress=progress)
     if as_json:
         click.echo(json.dumps(report))
         return

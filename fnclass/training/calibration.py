@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -185,7 +186,8 @@ def fit_report(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
 
 
 def fit_checkpoint(ckpt, path: str | Path, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
-                   device: torch.device, out: str | Path | None = None, batch_size: int = 1000) -> dict:
+                   device: torch.device, out: str | Path | None = None, batch_size: int = 1000,
+                   progress: Callable | None = None) -> dict:
     """Fit a checkpoint's temperature on its validation split and record it in the file (``fnclass calibrate``).
 
     Args:
@@ -195,6 +197,7 @@ def fit_checkpoint(ckpt, path: str | Path, splits: dict[str, tuple[torch.Tensor,
       device: where the model runs.
       out: write the calibrated checkpoint here instead.
       batch_size: images per forward pass.
+      progress: ``progress(done, total)`` after each batch: images done over all splits.
 
     Returns:
       The report :func:`fit_report` gives, plus ``path`` (the file written).
@@ -203,9 +206,16 @@ def fit_checkpoint(ckpt, path: str | Path, splits: dict[str, tuple[torch.Tensor,
     from fnclass.run.checkpoint import set_temperature
 
     moved = ckpt._replace(params=tree_to(ckpt.params, device), state=tree_to(ckpt.state, device))
+    total, done, logits = sum(len(images) for images, _ in splits.values()), 0, {}
     with torch.no_grad():
-        logits = {name: torch.cat([moved.logits(images[i:i + batch_size].to(device)).cpu()
-                                   for i in range(0, len(images), batch_size)]) for name, (images, _) in splits.items()}
+        for name, (images, _) in splits.items():
+            parts = []
+            for i in range(0, len(images), batch_size):
+                parts.append(moved.logits(images[i:i + batch_size].to(device)).cpu())
+                done += len(parts[-1])
+                if progress:
+                    progress(done, total)
+            logits[name] = torch.cat(parts)
     report, _ = fit_report(logits, {name: labels for name, (_, labels) in splits.items()}, weights=ckpt.weights)
     set_temperature(path, report["temperature"], weights=ckpt.weights, calibration=report, out=out)
     return {**report, "path": str(out if out is not None else path)}
