@@ -178,7 +178,7 @@ def test_layer_groups():
 @pytest.mark.slow
 def test_flipped_labels_rise_to_the_top(cifar_dir, tmp_path):
     """Flip 10% of a real training subset's labels, train briefly, and find them by gradient norm."""
-    n_train, n_flip = 2000, 200
+    n_train, n_flip = 1200, 120
     train_images, train_labels = data.load_split(cifar_dir, "train", limit=n_train)
     test_images, test_labels = data.load_split(cifar_dir, "test", limit=1000)
     gen = torch.Generator().manual_seed(0)
@@ -204,8 +204,9 @@ def test_flipped_labels_rise_to_the_top(cifar_dir, tmp_path):
     is_flipped[flipped] = True
     auc = (norms[is_flipped][:, None] > norms[~is_flipped][None, :]).double().mean().item()
     print(f"AUC of the gradient norm, flipped against clean: {auc:.3f}")
-    # Measured 0.76 to 0.78 (three flipped sets); the AUC's standard error here is ~0.02, so 0.65 is over 5 of
-    # them below a correct implementation and over 7 above chance.
+    # Measured 0.727 and 0.714 (two flipped sets of 1,200 images; 0.76 to 0.78 with 2,000, which took twice as
+    # long); the AUC's standard error here is ~0.025, so 0.65 is about 3 of them below a correct implementation
+    # and 6 above chance.
     assert auc >= 0.65, auc
     assert json.loads((tmp_path / "grads/report.json").read_text())["num_examples"] == n_train
     for name in ("top_examples.png", "norms.png"):

@@ -45,12 +45,12 @@ def test_piped_long_commands_print_progress_lines_with_a_total(cifar_dir, run, t
     monkeypatch.setattr(progress_module, "PLAIN_EVERY_SECONDS", 0.0)
     commands = {
         "el2n scores": ["grads", run, "--score", "el2n", "--chunk-size", "50", "--out", tmp_path / "s"],
-        "per-example gradients": ["grads", run, "--limit", "60", "--chunk-size", "20", "--out", tmp_path / "g"],
-        "tracin: per-example gradients": ["influence", run, "--test-indices", "0-1", "--train-limit", "100",
-                                          "--chunk-size", "50", "--out", tmp_path / "i"],
+        "per-example gradients": ["grads", run, "--limit", "40", "--chunk-size", "20", "--out", tmp_path / "g"],
+        "tracin: per-example gradients": ["influence", run, "--test-indices", "0-1", "--train-limit", "40",
+                                          "--chunk-size", "20", "--out", tmp_path / "i"],
         "evaluating test images": ["eval", run, "--tta", "--limit", "100"],
     }
-    totals = {"el2n scores": 300, "per-example gradients": 120, "tracin: per-example gradients": 200,
+    totals = {"el2n scores": 300, "per-example gradients": 80, "tracin: per-example gradients": 80,
               "evaluating test images": 100}  # grads' two passes; influence at the 2 epochs' checkpoints
     for what, args in commands.items():
         result = _invoke(*args[:1], "--data-dir", cifar_dir, *args[1:])
@@ -100,7 +100,8 @@ def test_fnclass_train_prints_plain_progress_by_default_and_a_reporter_silences_
     assert err[-2].startswith("epoch 1: train loss ") and f"test accuracy {result.summary['test_accuracy']:.2%}" in \
         err[-2]
     assert err[-1].startswith(f"done: test accuracy {result.summary['test_accuracy']:.2%}")
-    fnclass.train(config, tmp_path / "silent", data_dir=str(cifar_dir), reporter=Reporter())
+    small = load_config(None, [*QUICK, "train.epochs=1", "data.train_limit=100"])
+    fnclass.train(small, tmp_path / "silent", data_dir=str(cifar_dir), reporter=Reporter())
     assert capsys.readouterr().err == ""
 
 
