@@ -527,8 +527,7 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
         "method": method,
         "definition": SCORES[method] + (f"; the mean over {len(members)} members" if ckpt.members else ""),
         "checkpoint": str(checkpoint_path), "weights": ckpt.weights, "precision": precision, "split": split,
-        "rows": rows if split == "train" else "split", "num_examples": n,
-        "members": len(members),
+        "rows": rows if split == "train" else "split", "num_examples": n, "members": len(members),
         "member_settings": list(ckpt.members), "mean_score": float(scores.mean()),
         "keep_fraction": keep_fraction, "kept": None, "chunk_size": chunk_size,
         "processes": process.world_size if process else 1, "seconds": time.perf_counter() - start,
@@ -536,12 +535,10 @@ def score_checkpoint(checkpoint_path, out_dir, *, method: str, data_dir=None, sp
                  "class": ckpt.classes[int(labels[i])], "score": float(scores[i])}
                 for rank, i in enumerate(order[:top])],
     }
-    if keep_fraction is not None:
-        kept = torch.sort(chosen[kept_indices(scores, keep_fraction)]).values
-        summary["kept"] = len(kept)
+    kept = None if keep_fraction is None else torch.sort(chosen[kept_indices(scores, keep_fraction)]).values
+    summary["kept"] = None if kept is None else len(kept)
     if process is None or process.writes:
-        _write_scores(Path(out_dir), summary, labels, scores, per_member if ckpt.members else [],
-                      kept if keep_fraction is not None else None, chosen)
+        _write_scores(Path(out_dir), summary, labels, scores, per_member if ckpt.members else [], kept, chosen)
     distributed.finish(process)
     return summary
 

@@ -540,8 +540,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
     problem = Problem(model, train_images, train_labels.to(dev), prepare(last, test_raw, dev), test_labels.to(dev),
                       size)
     if method == "trak":
-        proj_dim = proj_dim or DEFAULT_TRAK_DIM
-        damping = DEFAULT_TRAK_DAMPING if damping is None else damping
+        proj_dim, damping = proj_dim or DEFAULT_TRAK_DIM, DEFAULT_TRAK_DAMPING if damping is None else damping
     tick = time.perf_counter()
     scores, extra = _method_scores(method, along, problem, proj_dim, damping, seed, factor_examples, progress, process)
     damping = extra.get("damping", damping)
@@ -554,8 +553,7 @@ def attribute(sources: Sequence[str | Path], out_dir: str | Path, *, data_dir=No
                            for i in idx]
     report = {
         "method": method, "proj_dim": proj_dim, "damping": damping, "seed": seed, "weights": _weights(along),
-        "precision": precision,
-        "checkpoints": _checkpoints(along),
+        "precision": precision, "checkpoints": _checkpoints(along),
         "models": models, "train_examples": len(train_images), "chunk_size": size,
         "processes": process.world_size if process else 1, "seconds": seconds,
         "gradients_per_second": gradients / seconds if seconds else None, "classes": list(last.classes), **extra,

@@ -502,7 +502,7 @@ class _Unavailable(Exception):
 
 
 def _new_folders(*folders: Path) -> set[Path]:
-    """For each of ``folders``, the topmost of it and its ancestors that does not exist yet (none if it exists)."""
+    """For each of ``folders``, the topmost of it and its ancestors that is missing (none when the folder is there)."""
     made = set()
     for folder in folders:
         missing = [path for path in (folder, *folder.parents) if not path.exists()]
